@@ -1,0 +1,228 @@
+"""Batch feature engineering: events + items -> the feature tables the Feast feature views read.
+
+Every table carries `event_timestamp` = the moment its values became true, so Feast's point-in-time
+join gives a training row only what was known at the label's time:
+- item_features:   one row per item, as of its creation.
+- item_popularity: a snapshot per item at each day's end (windowed counts).
+- user_profile:    a snapshot per user at the end of each day the user was active (cumulative).
+- user_session:    a snapshot after every query / click / cart / purchase (the same values the
+                   feedback service pushes live, so training and serving see the same features).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import numpy as np
+import pandas as pd
+
+SESSION_RECENT_QUERIES = 5
+SESSION_RECENT_ITEMS = 10
+PROFILE_RECENT_ITEMS = 20
+PROFILE_TOP_K = 5
+# How much each interaction says about taste (impressions say nothing on their own).
+INTERACTION_WEIGHT = {"CLICK": 1.0, "ADD_TO_CART": 3.0, "PURCHASE": 5.0}
+PROFILE_HALF_LIFE_DAYS = 14.0
+UNKNOWN_CREATED_AT = pd.Timestamp("2000-01-01", tz="UTC")
+
+
+def _us(s: pd.Series) -> pd.Series:
+    return pd.to_datetime(s, utc=True).astype("datetime64[us, UTC]")
+
+
+def item_features(items: pd.DataFrame) -> pd.DataFrame:
+    out = items[["item_id", "title", "description", "category", "brand", "price"]].copy()
+    out["attributes"] = items["attributes"]  # already normalised JSON text
+    out["price"] = out["price"].astype("float64")
+    out["event_timestamp"] = _us(items["created_at"].fillna(UNKNOWN_CREATED_AT))
+    return out
+
+
+def _day_ends(events: pd.DataFrame) -> pd.DatetimeIndex:
+    first = events["timestamp"].min().floor("D")
+    last = events["timestamp"].max()
+    ends = pd.date_range(first + pd.Timedelta(days=1), last.ceil("D"), freq="D", tz="UTC")
+    # The last snapshot is at the newest event, never in the future of the data.
+    return ends[:-1].append(pd.DatetimeIndex([last])) if len(ends) else pd.DatetimeIndex([last])
+
+
+def item_popularity(events: pd.DataFrame) -> pd.DataFrame:
+    """Windowed counts per item at each day end: 7-day impressions/clicks/carts/purchases, 30-day purchases."""
+    ev = events[events["item_id"].notna()]
+    if ev.empty:
+        return _empty_popularity()
+    ends = _day_ends(events)
+    day = np.searchsorted(ends.asi8, ev["timestamp"].astype("datetime64[ns, UTC]").array.asi8, side="left")
+    items = pd.Index(sorted(ev["item_id"].unique()))
+    item_pos = items.get_indexer(ev["item_id"])
+    n_days = len(ends)
+    counts = {}
+    for etype in ("IMPRESSION", "CLICK", "ADD_TO_CART", "PURCHASE"):
+        mask = (ev["event_type"] == etype).to_numpy()
+        grid = np.zeros((len(items), n_days))
+        np.add.at(grid, (item_pos[mask], day[mask]), 1.0)
+        counts[etype] = grid
+    win7 = {k: _rolling(g, 7) for k, g in counts.items()}
+    purchases_30d = _rolling(counts["PURCHASE"], 30)
+    active = (_rolling(counts["IMPRESSION"] + counts["CLICK"], 30) + purchases_30d) > 0
+    ii, dd = np.nonzero(active)
+    imp, clk = win7["IMPRESSION"][ii, dd], win7["CLICK"][ii, dd]
+    crt, pur = win7["ADD_TO_CART"][ii, dd], win7["PURCHASE"][ii, dd]
+    out = pd.DataFrame(
+        {
+            "item_id": items[ii],
+            "impressions_7d": imp.astype("int64"),
+            "clicks_7d": clk.astype("int64"),
+            "carts_7d": crt.astype("int64"),
+            "purchases_7d": pur.astype("int64"),
+            "purchases_30d": purchases_30d[ii, dd].astype("int64"),
+            # Smoothed towards a 5% prior so 1 click out of 1 impression is not "100% CTR".
+            "ctr_7d": ((clk + 1.0) / (imp + 20.0)).astype("float32"),
+            "popularity_7d": np.log1p(clk + 3.0 * crt + 5.0 * pur).astype("float32"),
+            "event_timestamp": _us(pd.Series(ends[dd])),
+        }
+    )
+    return out.sort_values(["event_timestamp", "item_id"], kind="stable").reset_index(drop=True)
+
+
+def _empty_popularity() -> pd.DataFrame:
+    cols = ["item_id", "impressions_7d", "clicks_7d", "carts_7d", "purchases_7d", "purchases_30d", "ctr_7d",
+            "popularity_7d", "event_timestamp"]
+    return pd.DataFrame({c: [] for c in cols})
+
+
+def _rolling(grid: np.ndarray, window: int) -> np.ndarray:
+    c = np.cumsum(grid, axis=1)
+    shifted = np.zeros_like(c)
+    shifted[:, window:] = c[:, :-window]
+    return c - shifted
+
+
+def user_profile(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """Cumulative, time-decayed taste per user, snapshotted at the end of each active day."""
+    ev = events[events["event_type"].isin(list(INTERACTION_WEIGHT))].merge(
+        items[["item_id", "category", "brand", "price"]], on="item_id", how="left"
+    )
+    if ev.empty:
+        return pd.DataFrame()
+    # Price position of an item within its category, in log space: < 0 cheaper than typical.
+    median = items.groupby("category")["price"].median()
+    ev["price_pos"] = np.log((ev["price"].clip(lower=0.01)) / ev["category"].map(median).clip(lower=0.01))
+    ev["w"] = ev["event_type"].map(INTERACTION_WEIGHT)
+    ends = _day_ends(events)
+    ev["snap"] = ends[np.searchsorted(ends.asi8, ev["timestamp"].astype("datetime64[ns, UTC]").array.asi8)]
+    ev = ev.sort_values("timestamp", kind="stable")
+    rows = []
+    for user_id, g in ev.groupby("user_id", sort=True):
+        ts = g["timestamp"].astype("datetime64[ns, UTC]").array.asi8 / 86400e9
+        for snap in g["snap"].unique():
+            upto = (g["snap"] <= snap).to_numpy()
+            h = g[upto]
+            decay = 0.5 ** ((snap.value / 86400e9 - ts[upto]) / PROFILE_HALF_LIFE_DAYS)
+            w = h["w"].to_numpy() * decay
+            cats = _top_scores(h["category"].to_numpy(), w)
+            brands = _top_scores(h["brand"].to_numpy(), w)
+            price_pos = float(np.average(h["price_pos"].to_numpy(), weights=w))
+            recent = list(dict.fromkeys(h["item_id"].to_numpy()[::-1]))[:PROFILE_RECENT_ITEMS]
+            kinds = Counter(h["event_type"])
+            rows.append(
+                {
+                    "user_id": user_id,
+                    "top_categories": [c for c, _ in cats],
+                    "top_category_scores": [s for _, s in cats],
+                    "top_brands": [b for b, _ in brands],
+                    "top_brand_scores": [s for _, s in brands],
+                    "avg_price": float(np.average(h["price"].to_numpy(), weights=w)),
+                    "price_band": "budget" if price_pos < -0.25 else "premium" if price_pos > 0.25 else "mid",
+                    "n_clicks": int(kinds["CLICK"]),
+                    "n_carts": int(kinds["ADD_TO_CART"]),
+                    "n_purchases": int(kinds["PURCHASE"]),
+                    "recent_item_ids": recent,
+                    "event_timestamp": snap,
+                }
+            )
+    out = pd.DataFrame(rows)
+    out["event_timestamp"] = _us(out["event_timestamp"])
+    return out
+
+
+def _top_scores(keys: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
+    """Top-K keys by summed weight, with scores normalised to sum to 1 over all keys."""
+    totals: dict[str, float] = {}
+    for k, w in zip(keys, weights):
+        if isinstance(k, str) and k:
+            totals[k] = totals.get(k, 0.0) + float(w)
+    norm = sum(totals.values()) or 1.0
+    best = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:PROFILE_TOP_K]
+    return [(k, round(v / norm, 4)) for k, v in best]
+
+
+class SessionState:
+    """Live session features of one user. The feedback service applies the same updates online."""
+
+    def __init__(self, session_id: str):
+        self.session_id = session_id
+        self.queries: deque[str] = deque(maxlen=SESSION_RECENT_QUERIES)
+        self.clicked: deque[str] = deque(maxlen=SESSION_RECENT_ITEMS)
+        self.carted: deque[str] = deque(maxlen=SESSION_RECENT_ITEMS)
+        self.categories: Counter[str] = Counter()
+        self.event_count = 0
+
+    def apply(self, event_type: str, item_id: str | None, query: str | None, category: str | None) -> None:
+        self.event_count += 1
+        if event_type == "QUERY" and query:
+            self.queries.appendleft(query)
+        elif event_type == "CLICK" and item_id:
+            self.clicked.appendleft(item_id)
+        elif item_id and (event_type == "ADD_TO_CART" or (event_type == "PURCHASE" and item_id not in self.carted)):
+            # A purchase is usually of an item carted a moment ago: count it once.
+            self.carted.appendleft(item_id)
+        if category and event_type != "QUERY":
+            self.categories[category] += 1
+
+    def features(self) -> dict:
+        cats = self.categories.most_common()
+        return {
+            "session_id": self.session_id,
+            "recent_queries": list(self.queries),
+            "recent_clicked_item_ids": list(self.clicked),
+            "recent_carted_item_ids": list(self.carted),
+            "session_categories": [c for c, _ in cats],
+            "session_category_counts": [int(n) for _, n in cats],
+            "session_event_count": int(self.event_count),
+        }
+
+
+def user_session(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    ev = events[events["event_type"] != "IMPRESSION"].sort_values("timestamp", kind="stable")
+    category = dict(zip(items["item_id"], items["category"]))
+    states: dict[str, SessionState] = {}
+    rows = []
+    for user_id, session_id, etype, item_id, query, ts in ev[
+        ["user_id", "session_id", "event_type", "item_id", "query", "timestamp"]
+    ].itertuples(index=False):
+        state = states.get(user_id)
+        if state is None or state.session_id != session_id:
+            state = states[user_id] = SessionState(session_id)
+        state.apply(etype, item_id, query, category.get(item_id))
+        rows.append({"user_id": user_id, **state.features(), "event_timestamp": ts})
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["event_timestamp"] = _us(out["event_timestamp"])
+        # Two events of a user in the same microsecond: keep the last state (Feast keeps one row).
+        out = out.drop_duplicates(["user_id", "event_timestamp"], keep="last").reset_index(drop=True)
+    return out
+
+
+def build_all(items: pd.DataFrame, events: pd.DataFrame, progress=None) -> dict[str, pd.DataFrame]:
+    say = progress or (lambda msg: None)
+    say("item features")
+    tables = {"item_features": item_features(items)}
+    say("item popularity")
+    tables["item_popularity"] = item_popularity(events)
+    say("user profiles")
+    tables["user_profile"] = user_profile(items, events)
+    say("session snapshots")
+    tables["user_session"] = user_session(items, events)
+    return tables
+

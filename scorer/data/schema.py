@@ -1,0 +1,118 @@
+"""The generic import format: items, users, events (one file each, parquet or CSV).
+
+Documented for users in docs/data_format.md; keep the two in step. Every row is validated by these
+pydantic models, and cross-file rules (unique ids, events pointing at known items and users) are
+checked by scorer/data/importer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StringConstraints,
+    model_validator,
+)
+
+# Ids travel through gRPC, Redis keys and file names: keep them to a safe, printable alphabet.
+ID_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,128}$"
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def _empty_to_none(v: Any) -> Any:
+    # CSV and pandas turn missing values into "", NaN or pd.NA; all mean "not given".
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return None
+    if type(v).__name__ in ("NAType", "NaTType"):
+        return None
+    return v
+
+
+def _utc(v: datetime) -> datetime:
+    # Naive timestamps are taken as UTC (documented); aware ones are converted.
+    return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+
+
+def _attributes(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ValueError("must be a JSON object of string keys to string values")
+    return v
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+MaybeStr = Annotated[str | None, BeforeValidator(_empty_to_none)]
+MaybeId = Annotated[Id | None, BeforeValidator(_empty_to_none)]
+MaybeUtc = Annotated[UtcDatetime | None, BeforeValidator(_empty_to_none)]
+
+
+class EventType(str, Enum):
+    IMPRESSION = "IMPRESSION"
+    CLICK = "CLICK"
+    ADD_TO_CART = "ADD_TO_CART"
+    PURCHASE = "PURCHASE"
+    QUERY = "QUERY"
+
+
+class ItemRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: Id
+    title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300)]
+    description: Annotated[str, BeforeValidator(lambda v: _empty_to_none(v) or "")] = Field("", max_length=5000)
+    category: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    brand: Annotated[str, BeforeValidator(lambda v: _empty_to_none(v) or "")] = Field("", max_length=100)
+    price: float = Field(ge=0, allow_inf_nan=False)
+    attributes: Annotated[dict[str, str], BeforeValidator(_empty_to_none), BeforeValidator(_attributes)] = {}
+    created_at: MaybeUtc = None
+
+
+class UserRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: Id
+    created_at: MaybeUtc = None
+    country: MaybeStr = None
+
+
+class EventRow(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: Id
+    timestamp: UtcDatetime
+    user_id: Id
+    session_id: Id
+    event_type: EventType
+    item_id: MaybeId = None
+    query: Annotated[Annotated[str, StringConstraints(max_length=512)] | None, BeforeValidator(_empty_to_none)] = None
+    request_id: MaybeId = None
+    position: Annotated[PositiveInt | None, BeforeValidator(_empty_to_none)] = None  # 1-based rank shown
+    quantity: Annotated[PositiveInt | None, BeforeValidator(_empty_to_none)] = None
+
+    @model_validator(mode="after")
+    def _type_rules(self) -> "EventRow":
+        if self.event_type is EventType.QUERY:
+            if not self.query:
+                raise ValueError("query is required when event_type is QUERY")
+        elif self.item_id is None:
+            raise ValueError(f"item_id is required when event_type is {self.event_type.value}")
+        return self
+
+
+TABLES: dict[str, type[BaseModel]] = {"items": ItemRow, "users": UserRow, "events": EventRow}

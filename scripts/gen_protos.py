@@ -1,0 +1,42 @@
+"""Generate the Python gRPC code for protos/recsys/v1/*.proto, next to the .proto files.
+
+Run with `make protos`. The output is committed; tests/unit/test_protos_fresh.py regenerates into
+a temporary folder and fails when the committed files are stale.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+import grpc_tools
+
+PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
+
+
+def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
+    return sorted((root / "recsys" / "v1").glob("*.proto"))
+
+
+def generate(out_dir: Path, root: Path = PROTO_ROOT) -> None:
+    """Compile every recsys/v1 proto into out_dir (messages, .pyi stubs and gRPC stubs)."""
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+    args = [
+        "grpc_tools.protoc",
+        f"-I{root}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *[str(p.relative_to(root)) for p in proto_files(root)],
+    ]
+    # protoc resolves the relative .proto paths against the -I roots; run it from the root.
+    rc = protoc.main(args)
+    if rc != 0:
+        raise SystemExit(f"protoc failed with exit code {rc}")
+
+
+if __name__ == "__main__":
+    generate(PROTO_ROOT)
+    print(f"generated gRPC code for {len(proto_files())} protos in {PROTO_ROOT / 'recsys' / 'v1'}", file=sys.stderr)

@@ -17,7 +17,7 @@ protos: setup
 	.venv/bin/python -m scripts.gen_protos
 
 bench: setup
-	.venv/bin/python bench/online_reader_bench.py
+	.venv/bin/python -m bench.online_reader_bench
 
 # Re-pin after changing dependencies in pyproject.toml / requirements/triton.txt.
 lock:

@@ -28,6 +28,7 @@ class ViewSpec:
     join_key: str  # e.g. "user_id"
     features: tuple[str, ...]
     ttl: timedelta | None  # None: never expires
+    ttl_seconds: float | None  # the same, precomputed for the per-request check
     table: str  # SQLite table name: "<project>_<view>"
     redis_fields: tuple[bytes, ...]  # mmh3("<view>:<feature>") per feature, then b"_ts:<view>"
 
@@ -52,6 +53,7 @@ class FeatureLayout:
             if len(fv.entities) != 1 or len(fv.join_keys) != 1:
                 raise ValueError(f"feature view {fv.name!r}: the fast reader supports single-entity views only")
             features = tuple(f.name for f in projection.features)
+            ttl = fv.ttl if fv.ttl and fv.ttl > timedelta(0) else None  # Feast: ttl 0 = never expires
             for f in features:
                 # Results are keyed by feature name per entity (like Feast with full_feature_names=False),
                 # so two views of one entity must not share a feature name.
@@ -65,7 +67,8 @@ class FeatureLayout:
                     entity=fv.entities[0],
                     join_key=fv.join_keys[0],
                     features=features,
-                    ttl=fv.ttl if fv.ttl and fv.ttl > timedelta(0) else None,
+                    ttl=ttl,
+                    ttl_seconds=ttl.total_seconds() if ttl else None,
                     table=f"{store.project}_{fv.name}",
                     redis_fields=tuple(_mmh3(f"{fv.name}:{f}") for f in features) + (f"_ts:{fv.name}".encode(),),
                 )

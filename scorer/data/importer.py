@@ -32,6 +32,9 @@ class RowError:
     message: str
 
     def __str__(self) -> str:
+        if self.row < 0:  # a problem with a whole file or column, not a row
+            where = f"column '{self.field}'" if self.field != "-" else "file"
+            return f"{self.file}: {where}: {self.message}"
         return f"{self.file}: row {self.row}, field '{self.field}': {self.message}"
 
 

@@ -44,7 +44,7 @@ def _utc(v: datetime) -> datetime:
 
 
 def _attributes(v: Any) -> dict[str, str]:
-    if v is None:
+    if _empty_to_none(v) is None:
         return {}
     if isinstance(v, str):
         try:
@@ -79,7 +79,7 @@ class ItemRow(BaseModel):
     category: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
     brand: Annotated[str, BeforeValidator(lambda v: _empty_to_none(v) or "")] = Field("", max_length=100)
     price: float = Field(ge=0, allow_inf_nan=False)
-    attributes: Annotated[dict[str, str], BeforeValidator(_empty_to_none), BeforeValidator(_attributes)] = {}
+    attributes: Annotated[dict[str, str], BeforeValidator(_attributes)] = {}  # JSON object in files
     created_at: MaybeUtc = None
 
 

@@ -1,0 +1,61 @@
+"""The `recsys` command line, as an operator runs it (a real subprocess, the installed entry point)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+
+RECSYS = str(Path(sys.executable).with_name("recsys"))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RECSYS, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_then_import(tmp_path):
+    shop, repo = tmp_path / "shop", tmp_path / "repo"
+    done = run("data", "generate", "--size", "tiny", "--seed", "2", "--out", str(shop), "--end", "2026-10-01T00:00:00")
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in shop.iterdir()} == {"items.parquet", "users.parquet", "events.parquet", "user_latent.parquet"}
+    done = run("data", "import", str(shop), "--repo", str(repo))
+    assert done.returncode == 0, done.stderr
+    written = {p.stem for p in (repo / "data" / "offline").iterdir()}
+    assert written == {"items", "users", "events", "item_features", "item_popularity", "user_profile", "user_session"}
+    assert len(pd.read_parquet(repo / "data" / "offline" / "events.parquet")) == len(pd.read_parquet(shop / "events.parquet"))
+
+
+def test_import_of_bad_data_fails_with_a_clear_message(tmp_path):
+    shop = tmp_path / "shop"
+    assert run("data", "generate", "--size", "tiny", "--out", str(shop)).returncode == 0
+    items = pd.read_parquet(shop / "items.parquet")
+    items.loc[3, "price"] = -5.0
+    items.to_parquet(shop / "items.parquet")
+    done = run("data", "import", str(shop), "--repo", str(tmp_path / "repo"))
+    assert done.returncode == 1
+    out = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "import failed, nothing written" in out
+    assert "items.parquet: row 3, field 'price'" in out
+    assert not (tmp_path / "repo" / "data" / "offline").exists()
+
+
+def test_unknown_size_is_a_usage_error(tmp_path):
+    done = run("data", "generate", "--size", "huge", "--out", str(tmp_path))
+    assert done.returncode == 2 and "size must be one of tiny, small, demo" in " ".join(done.stderr.split())
+
+
+def test_features_show_reads_the_online_store(feature_repo):
+    items = feature_repo.shop.items["item_id"].head(3).tolist()
+    profiles = pd.read_parquet(feature_repo.offline / "user_profile.parquet")
+    user = profiles.sort_values("event_timestamp")["user_id"].iloc[-1]
+    done = run("features", "show", "--user", user, "--items", ",".join(items), "--repo", str(feature_repo.path))
+    assert done.returncode == 0, done.stderr
+    assert "user_profile: fresh" in done.stdout
+    for iid in items:
+        assert iid in done.stdout
+    assert "one round trip" in done.stdout

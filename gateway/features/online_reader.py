@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, Protocol
 
 import redis
 import redis.asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.features.layout import EntityKeyEncoder, FeatureLayout, ViewSpec
 from feast.protos.feast.types.Value_pb2 import Value
+
+from gateway.features.layout import EntityKeyEncoder, FeatureLayout, ViewSpec
 
 
 class ViewStatus(enum.Enum):
@@ -38,9 +41,10 @@ class ViewStatus(enum.Enum):
 
 @dataclass(slots=True)
 class EntityFeatures:
-    values: dict[str, Any] = field(default_factory=dict)  # feature name -> value (None if unavailable)
-    status: dict[str, ViewStatus] = field(default_factory=dict)  # view name -> status
-    timestamps: dict[str, float] = field(default_factory=dict)  # view name -> event time (epoch s) of its values
+    # All three are read-only mappings: decoded rows are cached and shared between requests.
+    values: Mapping[str, Any]  # feature name -> value (None if unavailable)
+    status: Mapping[str, ViewStatus]  # view name -> status
+    timestamps: Mapping[str, float]  # view name -> event time (epoch seconds) of its fresh values
 
     def has(self, view: str) -> bool:
         return self.status.get(view) is ViewStatus.FRESH
@@ -66,9 +70,8 @@ class OnlineFeatureReader(Protocol):
 def decode_value(raw: bytes | None) -> Any:
     """Feast `Value` proto bytes -> Python value (tuples for *_list_val, None for unset).
 
-    Decoding is most of a read's CPU time (~2.5 us per value; 100 items carry ~1,300 values) and the
-    same bytes come back request after request (a catalog changes slowly), so results are cached by
-    raw bytes. Lists therefore come back as (immutable) tuples: they are shared between requests.
+    Cached by raw bytes (values such as brands and categories repeat across items), so lists come
+    back as immutable tuples: they are shared between requests.
     """
     if not raw:
         return None
@@ -84,56 +87,103 @@ def decode_value(raw: bytes | None) -> Any:
     return x
 
 
-@lru_cache(maxsize=1 << 16)
 def _redis_ts(raw: bytes) -> float:
-    """Feast's `_ts:<view>` field (a protobuf Timestamp) -> epoch seconds; materialized rows share it."""
+    """Feast's `_ts:<view>` Redis field (a protobuf Timestamp) -> epoch seconds."""
     ts = Timestamp.FromString(raw)
     return ts.seconds + ts.nanos / 1e9
 
 
-def _fill(ent: EntityFeatures, view: ViewSpec, raws: Sequence[bytes | None] | None, ts: float | None,
-          now: float) -> None:
-    """Put one view's values into `ent`, withholding them when absent or older than the TTL."""
-    if raws is None or ts is None:
-        status = ViewStatus.MISSING
-    elif view.ttl_seconds is not None and now - ts > view.ttl_seconds:
-        status = ViewStatus.EXPIRED
-    else:
-        status = ViewStatus.FRESH
-    ent.status[view.name] = status
-    if status is ViewStatus.FRESH:
-        ent.timestamps[view.name] = ts
-        ent.values.update(zip(view.features, map(decode_value, raws)))
-    else:
-        ent.values.update(dict.fromkeys(view.features))
+def _sqlite_ts(v: Any) -> float:
+    """Stored event_ts -> epoch seconds. Feast 0.67 stores integer epoch seconds; older versions
+    stored naive-UTC ISO text."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    return datetime.fromisoformat(str(v)).replace(tzinfo=timezone.utc).timestamp()
+
+
+class _EntityDecoder:
+    """Turns one entity's stored row into EntityFeatures, for one entity kind (user or item).
+
+    The stored row is a flat tuple: each view's raw feature values followed by its raw timestamp
+    (or None), in layout order; exactly the shape of a Redis HMGET reply. Decoding it is the bulk
+    of a read's CPU time and the same rows come back request after request (a catalog changes
+    slowly, a user's features change per event, not per request), so decoded rows are cached by
+    their raw bytes. Only the TTL check depends on the time, and it runs on every read.
+    """
+
+    def __init__(self, views: tuple[ViewSpec, ...], parse_ts, cache_size: int = 1 << 16):
+        self.views = views
+        self._parse_ts = parse_ts
+        self._decode = lru_cache(maxsize=cache_size)(self._decode_row)
+        self._none = {v.name: dict.fromkeys(v.features) for v in views}
+
+    def _decode_row(self, row: tuple) -> tuple[EntityFeatures, float]:
+        """Decode a row as if read the moment it was written; also return when it first expires."""
+        values: dict[str, Any] = {}
+        status: dict[str, ViewStatus] = {}
+        stamps: dict[str, float] = {}
+        expires_at = math.inf
+        pos = 0
+        for view in self.views:
+            n = len(view.features)
+            raw_ts = row[pos + n]
+            if raw_ts is None:
+                values.update(self._none[view.name])
+                status[view.name] = ViewStatus.MISSING
+            else:
+                values.update(zip(view.features, map(decode_value, row[pos : pos + n])))
+                status[view.name] = ViewStatus.FRESH
+                stamps[view.name] = ts = self._parse_ts(raw_ts)
+                if view.ttl_seconds is not None:
+                    expires_at = min(expires_at, ts + view.ttl_seconds)
+            pos += n + 1
+        return EntityFeatures(MappingProxyType(values), MappingProxyType(status), MappingProxyType(stamps)), expires_at
+
+    def entity(self, row: tuple, now: float) -> EntityFeatures:
+        cached, expires_at = self._decode(row)
+        if now <= expires_at:
+            return cached  # the common case: shared, read-only, nothing to recompute
+        # Some view is past its TTL: withhold its values in a private copy.
+        values = dict(cached.values)
+        status = dict(cached.status)
+        stamps = dict(cached.timestamps)
+        for view in self.views:
+            ts = stamps.get(view.name)
+            if ts is not None and view.ttl_seconds is not None and now - ts > view.ttl_seconds:
+                status[view.name] = ViewStatus.EXPIRED
+                del stamps[view.name]
+                values.update(self._none[view.name])
+        return EntityFeatures(MappingProxyType(values), MappingProxyType(status), MappingProxyType(stamps))
 
 
 class _Base:
-    def __init__(self, layout: FeatureLayout):
+    def __init__(self, layout: FeatureLayout, parse_ts):
         self.layout = layout
         self._keys = EntityKeyEncoder(layout.entity_key_serialization_version)
-        self._user_views = layout.views_for("user")
-        self._item_views = layout.views_for("item")
-        if not self._user_views or not self._item_views:
+        user_views, item_views = layout.views_for("user"), layout.views_for("item")
+        if not user_views or not item_views:
             raise ValueError("the feature service must have at least one user view and one item view")
-        self._user_join_key = self._user_views[0].join_key
-        self._item_join_key = self._item_views[0].join_key
+        self._users = _EntityDecoder(user_views, parse_ts)
+        self._items = _EntityDecoder(item_views, parse_ts, cache_size=1 << 18)
+        self._user_join_key = user_views[0].join_key
+        self._item_join_key = item_views[0].join_key
 
 
 class RedisFeatureReader(_Base):
     """Reads Feast's Redis layout: hash per entity key (+ project), field per feature, `_ts:<view>`."""
 
     def __init__(self, layout: FeatureLayout, url: str, timeout_s: float = 0.05):
-        super().__init__(layout)
+        super().__init__(layout, _redis_ts)
         self._project = layout.project.encode()
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._aclient = redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         # Commands are packed here rather than by redis-py's pipeline, which spends ~5 us per
         # command re-encoding the same field list: only the key differs between the items' HMGETs.
-        self._user_tail = _resp_args(f for v in self._user_views for f in v.redis_fields)
-        self._item_tail = _resp_args(f for v in self._item_views for f in v.redis_fields)
-        self._user_nargs = 2 + sum(len(v.redis_fields) for v in self._user_views)
-        self._item_nargs = 2 + sum(len(v.redis_fields) for v in self._item_views)
+        user_fields = [f for v in self._users.views for f in v.redis_fields]
+        item_fields = [f for v in self._items.views for f in v.redis_fields]
+        self._user_tail, self._user_nargs = _resp_args(user_fields), 2 + len(user_fields)
+        self._item_tail, self._item_nargs = _resp_args(item_fields), 2 + len(item_fields)
+        self._item_command_cached = lru_cache(maxsize=1 << 20)(self._item_command)
 
     @classmethod
     def from_connection_string(cls, layout: FeatureLayout, conn: str, timeout_s: float = 0.05) -> "RedisFeatureReader":
@@ -144,34 +194,22 @@ class RedisFeatureReader(_Base):
         scheme = "rediss" if kv.get("ssl", "").lower() == "true" else "redis"
         return cls(layout, f"{scheme}://{auth}{host_port}/{kv.get('db', 0)}", timeout_s)
 
+    def _item_command(self, item_id: str) -> bytes:
+        key = self._keys.encode(self._item_join_key, item_id) + self._project
+        return _hmget_head(self._item_nargs, key) + self._item_tail
+
     def _packed(self, user_id: str, item_ids: list[str]) -> bytes:
-        """One buffer with all HMGETs in RESP: the user's first, then one per item."""
-        enc = self._keys.encode
-        parts = [_hmget_head(self._user_nargs, enc(self._user_join_key, user_id) + self._project), self._user_tail]
-        for i in item_ids:
-            parts.append(_hmget_head(self._item_nargs, enc(self._item_join_key, i) + self._project))
-            parts.append(self._item_tail)
-        return b"".join(parts)
+        """One buffer with all HMGETs in RESP: the user's first, then one per item (cached per item)."""
+        user_key = self._keys.encode(self._user_join_key, user_id) + self._project
+        head = _hmget_head(self._user_nargs, user_key) + self._user_tail
+        return head + b"".join(map(self._item_command_cached, item_ids))
 
-    def _assemble(self, user_id: str, item_ids: list[str], replies: list[list[bytes | None]], now: float) -> OnlineFeatures:
-        user = self._entity(self._user_views, replies[0], now)
-        items = {i: self._entity(self._item_views, r, now) for i, r in zip(item_ids, replies[1:])}
-        return OnlineFeatures(user=user, items=items)
-
-    @staticmethod
-    def _entity(views: tuple[ViewSpec, ...], reply: list[bytes | None], now: float) -> EntityFeatures:
-        # One HMGET reply holds every view of the entity: its features, then its `_ts:<view>` field.
-        ent = EntityFeatures()
-        pos = 0
-        for view in views:
-            n = len(view.features)
-            raw_ts = reply[pos + n]
-            if raw_ts is None:
-                _fill(ent, view, None, None, now)
-            else:
-                _fill(ent, view, reply[pos : pos + n], _redis_ts(raw_ts), now)
-            pos += n + 1
-        return ent
+    def _assemble(self, item_ids: list[str], replies: list[list[bytes | None]], now: float) -> OnlineFeatures:
+        item = self._items.entity
+        return OnlineFeatures(
+            user=self._users.entity(tuple(replies[0]), now),
+            items={i: item(tuple(r), now) for i, r in zip(item_ids, replies[1:])},
+        )
 
     def read(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
         item_ids = list(item_ids)
@@ -185,7 +223,7 @@ class RedisFeatureReader(_Base):
             raise
         finally:
             pool.release(conn)
-        return self._assemble(user_id, item_ids, replies, time.time() if now is None else now)
+        return self._assemble(item_ids, replies, time.time() if now is None else now)
 
     async def aread(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
         item_ids = list(item_ids)
@@ -199,7 +237,7 @@ class RedisFeatureReader(_Base):
             raise
         finally:
             await pool.release(conn)
-        return self._assemble(user_id, item_ids, replies, time.time() if now is None else now)
+        return self._assemble(item_ids, replies, time.time() if now is None else now)
 
     def close(self) -> None:
         self._client.close()
@@ -212,23 +250,20 @@ class SqliteFeatureReader(_Base):
     """Reads Feast's SQLite layout: a table per view, a row per (entity_key, feature_name)."""
 
     def __init__(self, layout: FeatureLayout, path: str | Path):
-        super().__init__(layout)
+        super().__init__(layout, _sqlite_ts)
         # Read-only URI: the serving path must never write (or lock) the embedded store.
         self._conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, check_same_thread=False)
         self._conn.execute("PRAGMA query_only = 1")
-        self._index = {v.name: (k, v) for k, v in enumerate(self.layout.views)}
-        self._sql_cache: dict[int, str] = {}
         self._lock = threading.Lock()
+        self._sql_cache: dict[int, str] = {}
 
     def _sql(self, n_items: int) -> str:
         sql = self._sql_cache.get(n_items)
         if sql is None:
             parts = []
-            for k, view in enumerate(self.layout.views):
+            for view in self.layout.views:
                 where = "entity_key = ?" if view.entity == "user" else f"entity_key IN ({','.join('?' * n_items)})"
-                parts.append(
-                    f'SELECT {k}, entity_key, feature_name, value, event_ts FROM "{view.table}" WHERE {where}'
-                )
+                parts.append(f"SELECT '{view.name}', entity_key, feature_name, value, event_ts FROM \"{view.table}\" WHERE {where}")
             sql = self._sql_cache[n_items] = " UNION ALL ".join(parts)
         return sql
 
@@ -240,30 +275,27 @@ class SqliteFeatureReader(_Base):
         params: list[bytes] = []
         for view in self.layout.views:
             params.extend([user_key] if view.entity == "user" else item_keys)
-        with self._lock:  # one connection shared by aread's worker threads
+        with self._lock:  # one connection, shared by aread's worker threads
             rows = self._conn.execute(self._sql(len(item_keys)), params).fetchall()
-        # (view index, entity key) -> {feature: raw}, and its timestamp
-        found: dict[tuple[int, bytes], dict[str, bytes]] = {}
-        stamps: dict[tuple[int, bytes], Any] = {}
-        for k, ek, name, raw, ts in rows:
-            found.setdefault((k, ek), {})[name] = raw
-            stamps[(k, ek)] = ts
+        found: dict[tuple[str, bytes], dict[str, Any]] = {}  # (view, entity key) -> {feature: raw, ...}
+        for view_name, ek, name, raw, ts in rows:
+            cell = found.setdefault((view_name, ek), {})
+            cell[name] = raw
+            cell[_TS] = ts
         now = time.time() if now is None else now
 
-        def entity(key: bytes, views: tuple[ViewSpec, ...]) -> EntityFeatures:
-            ent = EntityFeatures()
+        def row(key: bytes, views: tuple[ViewSpec, ...]) -> tuple:
+            # The same flat shape as a Redis HMGET reply: features then timestamp, per view.
+            out: list[Any] = []
             for view in views:
-                k = self._index[view.name][0]
-                raw = found.get((k, key))
-                if raw is None:
-                    _fill(ent, view, None, None, now)
-                else:
-                    _fill(ent, view, [raw.get(f) for f in view.features], _sqlite_ts(stamps[(k, key)]), now)
-            return ent
+                cell = found.get((view.name, key), {})
+                out.extend(cell.get(f) for f in view.features)
+                out.append(cell.get(_TS))
+            return tuple(out)
 
         return OnlineFeatures(
-            user=entity(user_key, self._user_views),
-            items={i: entity(key, self._item_views) for i, key in zip(item_ids, item_keys)},
+            user=self._users.entity(row(user_key, self._users.views), now),
+            items={i: self._items.entity(row(k, self._items.views), now) for i, k in zip(item_ids, item_keys)},
         )
 
     async def aread(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
@@ -272,6 +304,9 @@ class SqliteFeatureReader(_Base):
 
     def close(self) -> None:
         self._conn.close()
+
+
+_TS = "\0ts"  # key of a view's timestamp inside a row cell (cannot clash with a feature name)
 
 
 def _resp_bulk(b: bytes) -> bytes:
@@ -284,14 +319,6 @@ def _resp_args(args: Iterable[bytes]) -> bytes:
 
 def _hmget_head(nargs: int, key: bytes) -> bytes:
     return b"*%d\r\n$5\r\nHMGET\r\n%s" % (nargs, _resp_bulk(key))
-
-
-def _sqlite_ts(v: Any) -> float:
-    """Stored event_ts -> epoch seconds. Feast 0.67 stores integer epoch seconds; older versions
-    stored naive-UTC ISO text."""
-    if isinstance(v, (int, float)):
-        return float(v)
-    return datetime.fromisoformat(str(v)).replace(tzinfo=timezone.utc).timestamp()
 
 
 def open_reader(store_config: Any, layout: FeatureLayout, repo_path: Path) -> OnlineFeatureReader:

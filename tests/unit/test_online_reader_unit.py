@@ -8,7 +8,7 @@ import pytest
 from feast.protos.feast.types.Value_pb2 import FloatList, Int64List, StringList, Value
 
 from gateway.features.layout import EntityKeyEncoder, ViewSpec
-from gateway.features.online_reader import EntityFeatures, ViewStatus, _fill, _sqlite_ts, decode_value
+from gateway.features.online_reader import ViewStatus, _EntityDecoder, _sqlite_ts, decode_value
 
 
 @pytest.mark.parametrize(
@@ -52,25 +52,42 @@ def raw(v: Value) -> bytes:
     return v.SerializeToString()
 
 
-def test_fill_respects_ttl():
+def test_rows_decode_with_ttl_enforced():
+    dec = _EntityDecoder((VIEW, NO_TTL), parse_ts=float)
     now = datetime(2026, 1, 1, 12, tzinfo=timezone.utc).timestamp()
-    one, two = raw(Value(int64_val=1)), raw(Value(int64_val=2))
-    ent = EntityFeatures()
-    _fill(ent, VIEW, [one, two], now - 59 * 60, now)
-    assert ent.status["v"] is ViewStatus.FRESH and ent.values == {"a": 1, "b": 2}
-    assert ent.timestamps["v"] == now - 59 * 60
-    ent = EntityFeatures()
-    _fill(ent, VIEW, [one, two], now - 61 * 60, now)
-    assert ent.status["v"] is ViewStatus.EXPIRED and ent.values == {"a": None, "b": None}
-    ent = EntityFeatures()
-    _fill(ent, NO_TTL, [raw(Value(int64_val=5))], now - 3650 * 86400, now)
-    assert ent.has("w") and ent.values == {"c": 5}
-    ent = EntityFeatures()
-    _fill(ent, VIEW, None, None, now)
-    assert ent.status["v"] is ViewStatus.MISSING and ent.values == {"a": None, "b": None}
-    ent = EntityFeatures()
-    _fill(ent, VIEW, [one, None], now, now)  # a feature added to the view after materialization
-    assert ent.has("v") and ent.values == {"a": 1, "b": None}
+    one, two, five = raw(Value(int64_val=1)), raw(Value(int64_val=2)), raw(Value(int64_val=5))
+    old = now - 3650 * 86400
+
+    ent = dec.entity((one, two, now - 59 * 60, five, old), now)
+    assert ent.status == {"v": ViewStatus.FRESH, "w": ViewStatus.FRESH}  # "w" has no TTL
+    assert dict(ent.values) == {"a": 1, "b": 2, "c": 5}
+    assert ent.timestamps == {"v": now - 59 * 60, "w": old}
+
+    ent = dec.entity((one, two, now - 61 * 60, five, old), now)
+    assert ent.status["v"] is ViewStatus.EXPIRED and ent.has("w")
+    assert dict(ent.values) == {"a": None, "b": None, "c": 5}
+    assert "v" not in ent.timestamps
+
+    ent = dec.entity((None, None, None, None, None), now)
+    assert ent.status == {"v": ViewStatus.MISSING, "w": ViewStatus.MISSING}
+    assert dict(ent.values) == {"a": None, "b": None, "c": None}
+
+    ent = dec.entity((one, None, now, five, now), now)  # a feature added after materialization
+    assert ent.has("v") and dict(ent.values) == {"a": 1, "b": None, "c": 5}
+
+
+def test_cached_rows_are_shared_read_only_and_expire_per_read():
+    dec = _EntityDecoder((VIEW,), parse_ts=float)
+    now = 1_000_000.0
+    row = (raw(Value(int64_val=1)), raw(Value(int64_val=2)), now)
+    first = dec.entity(row, now)
+    with pytest.raises(TypeError):
+        first.values["a"] = 9  # shared between requests: must not be writable
+    assert dec.entity(row, now).values == first.values
+    # The same cached row an hour and a bit later: the TTL is checked on every read.
+    later = dec.entity(row, now + 3601)
+    assert later.status["v"] is ViewStatus.EXPIRED and later.values["a"] is None
+    assert first.values["a"] == 1  # the cached row itself is untouched
 
 
 def test_sqlite_timestamps_in_both_stored_forms():

@@ -25,7 +25,6 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Protocol
 
 import redis
-import redis.asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from feast.protos.feast.types.Value_pb2 import Value
@@ -168,6 +167,15 @@ class _Base:
         self._user_join_key = user_views[0].join_key
         self._item_join_key = item_views[0].join_key
 
+    def read(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
+        raise NotImplementedError
+
+    async def aread(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
+        """`read` off the event loop, in a worker thread. For Redis this beat redis.asyncio here
+        (1.6 vs 2.4 ms median for 1 user + 100 items): the asyncio client awaits once per reply,
+        101 times per read. sqlite3 is blocking anyway."""
+        return await asyncio.to_thread(self.read, user_id, list(item_ids), now)
+
 
 class RedisFeatureReader(_Base):
     """Reads Feast's Redis layout: hash per entity key (+ project), field per feature, `_ts:<view>`."""
@@ -176,7 +184,6 @@ class RedisFeatureReader(_Base):
         super().__init__(layout, _redis_ts)
         self._project = layout.project.encode()
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._aclient = redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         # Commands are packed here rather than by redis-py's pipeline, which spends ~5 us per
         # command re-encoding the same field list: only the key differs between the items' HMGETs.
         user_fields = [f for v in self._users.views for f in v.redis_fields]
@@ -225,25 +232,8 @@ class RedisFeatureReader(_Base):
             pool.release(conn)
         return self._assemble(item_ids, replies, time.time() if now is None else now)
 
-    async def aread(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
-        item_ids = list(item_ids)
-        pool = self._aclient.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command([self._packed(user_id, item_ids)])
-            replies = [await conn.read_response() for _ in range(1 + len(item_ids))]
-        except BaseException:  # includes cancellation by a request deadline
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        return self._assemble(item_ids, replies, time.time() if now is None else now)
-
     def close(self) -> None:
         self._client.close()
-
-    async def aclose(self) -> None:
-        await self._aclient.aclose()
 
 
 class SqliteFeatureReader(_Base):
@@ -297,10 +287,6 @@ class SqliteFeatureReader(_Base):
             user=self._users.entity(row(user_key, self._users.views), now),
             items={i: self._items.entity(row(k, self._items.views), now) for i, k in zip(item_ids, item_keys)},
         )
-
-    async def aread(self, user_id: str, item_ids: Iterable[str], now: float | None = None) -> OnlineFeatures:
-        # sqlite3 is blocking: keep it off the event loop.
-        return await asyncio.to_thread(self.read, user_id, list(item_ids), now)
 
     def close(self) -> None:
         self._conn.close()

@@ -1,0 +1,67 @@
+"""Export the encoder to ONNX as a new version of `encoder_onnx` (+ its tokenizer version).
+
+Writes <repo>/encoder_onnx/<v>/model.onnx and <repo>/text_tokenizer/<v>/{model.py, tokenizer.json};
+the `encoder` ensemble (TEXT -> EMBEDDING) always uses the latest of both. Optional int8: onnxruntime
+dynamic quantization with per-channel signed weights (drifts least vs fp32 on this model).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from scorer.export.triton_repo import MODEL_REPOSITORY, next_version
+from scorer.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
+
+TOKENIZER_MODEL = Path(__file__).resolve().parents[1] / "triton" / "tokenizer_model.py"
+OPSET = 17
+
+
+def export_onnx(encoder: TextEncoder, path: Path) -> None:
+    encoder = encoder.eval()
+    ids = torch.ones((2, 16), dtype=torch.long)
+    mask = torch.ones((2, 16), dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder, (ids, mask), str(path),
+            input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                          "embedding": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,  # the TorchScript exporter: stable for BERT-style graphs
+        )
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def export_encoder(repo: Path = MODEL_REPOSITORY, encoder: TextEncoder | None = None,
+                   config: EncoderConfig = EncoderConfig(), int8: bool = False, version: int | None = None) -> int:
+    """Write a new encoder version into `repo`; return its number."""
+    encoder = encoder or TextEncoder(config)
+    v = version or next_version(repo, "encoder_onnx", "text_tokenizer")
+    onnx_dir = repo / "encoder_onnx" / str(v)
+    tok_dir = repo / "text_tokenizer" / str(v)
+    try:
+        if int8:
+            fp32 = onnx_dir / "model.fp32.onnx"
+            export_onnx(encoder, fp32)
+            quantize_int8(fp32, onnx_dir / "model.onnx")
+            fp32.unlink()
+        else:
+            export_onnx(encoder, onnx_dir / "model.onnx")
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        load_tokenizer(encoder.config).save_pretrained(str(tok_dir / "hf"))
+        shutil.move(str(tok_dir / "hf" / "tokenizer.json"), tok_dir / "tokenizer.json")
+        shutil.rmtree(tok_dir / "hf")
+        shutil.copy2(TOKENIZER_MODEL, tok_dir / "model.py")
+    except BaseException:
+        shutil.rmtree(onnx_dir, ignore_errors=True)  # never leave a half-written version for Triton
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        raise
+    return v

@@ -65,3 +65,32 @@ def feature_repo(tmp_path_factory, tiny_shop, redis_server) -> Repo:
     feast_ops.apply(repo.path, yaml=REDIS_YAML, env=repo.redis_env, quiet=True)
     feast_ops.materialize_all(repo.path, end=end, yaml=REDIS_YAML, env=repo.redis_env, quiet=True)
     return repo
+
+
+@pytest.fixture(scope="session")
+def encoder_repo(tmp_path_factory):
+    """A Triton model repository (committed configs) with the zero-shot encoder exported as v1."""
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+
+    repo = copy_repository_configs(tmp_path_factory.mktemp("triton") / "models")
+    encoder = TextEncoder()
+    version = export_encoder(repo, encoder)
+    return repo, encoder, version
+
+
+def start_triton(repo: Path, workdir: Path):
+    from scorer.triton.launcher import TritonServer
+
+    server = TritonServer(model_repository=repo, workdir=workdir)
+    server.start(timeout_s=180)
+    return server
+
+
+@pytest.fixture(scope="session")
+def triton(encoder_repo, tmp_path_factory):
+    """A real tritonserver (nvidia-pytriton, CPU) serving `encoder_repo`."""
+    server = start_triton(encoder_repo[0], tmp_path_factory.mktemp("triton_run"))
+    yield server
+    server.stop()

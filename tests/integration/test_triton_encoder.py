@@ -15,29 +15,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def encoder_repo(tmp_path_factory):
-    from scorer.export.encoder_export import export_encoder
-    from scorer.export.triton_repo import copy_repository_configs
-    from scorer.models.encoder import TextEncoder
-
-    repo = copy_repository_configs(tmp_path_factory.mktemp("triton") / "models")
-    encoder = TextEncoder()
-    version = export_encoder(repo, encoder)
-    return repo, encoder, version
-
-
-@pytest.fixture(scope="session")
-def triton(encoder_repo, tmp_path_factory):
-    from scorer.triton.launcher import TritonServer
-
-    repo, _, _ = encoder_repo
-    server = TritonServer(model_repository=repo, workdir=tmp_path_factory.mktemp("triton_run"))
-    server.start(timeout_s=180)
-    yield server
-    server.stop()
-
-
 def _triton_embed(server, texts: list[str]) -> np.ndarray:
     import tritonclient.grpc as grpcclient
 
@@ -99,3 +76,55 @@ def test_encoder_knows_what_matches(triton):
 def test_empty_and_long_text(triton):
     got = _triton_embed(triton, ["", "shoe " * 500])
     assert got.shape == (2, 384) and np.isfinite(got).all()
+
+
+# --- the gateway's async client ---------------------------------------------------------------
+
+def test_async_client_embeds_in_chunks(encoder_repo, triton):
+    import asyncio
+
+    from gateway.triton_client import TritonClient
+
+    repo, _, version = encoder_repo
+    texts = [f"item number {n} waterproof jacket" for n in range(150)]  # > max batch 64: 3 chunks
+
+    async def go():
+        client = TritonClient(triton.grpc_url)
+        try:
+            return await client.embed(texts, timeout_s=30), await client.ready_versions("encoder_onnx")
+        finally:
+            await client.close()
+
+    got, versions = asyncio.run(go())
+    assert got.shape == (150, 384)
+    np.testing.assert_allclose(got[:5], _local_onnx_embed(repo, version, texts[:5]), atol=1e-5)
+    assert versions == [str(version)]
+
+
+def test_async_client_errors_are_clear(triton):
+    import asyncio
+
+    from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError, TritonUnavailable
+    from scorer.triton.launcher import free_port
+
+    async def go():
+        client = TritonClient(triton.grpc_url)
+        try:
+            with pytest.raises(TritonDeadlineExceeded, match="no answer within|Deadline"):
+                await client.embed(["x"] * 64, timeout_s=0.0005)
+            with pytest.raises(TritonError, match="v99") as e:
+                await client.embed(["x"], timeout_s=5, version="99")
+            assert not isinstance(e.value, (TritonUnavailable, TritonDeadlineExceeded))
+            with pytest.raises(ValueError):
+                await client.embed([], timeout_s=5)
+        finally:
+            await client.close()
+        down = TritonClient(f"127.0.0.1:{free_port()}")  # nothing listens there
+        try:
+            assert not await down.is_ready()
+            with pytest.raises((TritonUnavailable, TritonDeadlineExceeded)):
+                await down.embed(["x"], timeout_s=2)
+        finally:
+            await down.close()
+
+    asyncio.run(go())

@@ -1,0 +1,93 @@
+"""Async Triton client for the gateway: text in, embeddings (later: ranker scores) out.
+
+Wraps `tritonclient.grpc.aio` with what the request path needs: a deadline on every call, batches
+split to the model's max batch size and sent concurrently, an explicit model version when asked
+(hot-swap), and errors mapped to three exceptions the gateway can act on (degrade, retry, fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+class TritonError(RuntimeError):
+    """A Triton call failed; `status` is the gRPC status name (e.g. "StatusCode.NOT_FOUND")."""
+
+    def __init__(self, message: str, status: str = ""):
+        super().__init__(message)
+        self.status = status
+
+
+class TritonUnavailable(TritonError):
+    """The server cannot be reached or is not ready: degrade, do not retry in this request."""
+
+
+class TritonDeadlineExceeded(TritonError):
+    """The call did not finish within its deadline."""
+
+
+def _wrap(e: InferenceServerException, what: str) -> TritonError:
+    status = str(e.status() or "")
+    msg = f"{what}: {e.message()}"
+    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
+        return TritonDeadlineExceeded(msg, status)
+    if "UNAVAILABLE" in status or "failed to connect" in msg.lower():
+        return TritonUnavailable(msg, status)
+    return TritonError(msg, status)
+
+
+class TritonClient:
+    def __init__(self, url: str, encoder_model: str = "encoder", max_batch_size: int = 64):
+        self.url = url
+        self.encoder_model = encoder_model
+        self.max_batch_size = max_batch_size
+        self._client = grpcclient.InferenceServerClient(url)
+
+    async def embed(self, texts: Sequence[str], timeout_s: float, version: str = "") -> np.ndarray:
+        """Unit-length embeddings [len(texts), dim] from the encoder ensemble (version "" = latest)."""
+        if not texts:
+            raise ValueError("embed() needs at least one text")
+        chunks = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
+        try:
+            # One deadline for the whole call: the chunks run concurrently and share it.
+            parts = await asyncio.wait_for(
+                asyncio.gather(*(self._embed_chunk(c, timeout_s, version) for c in chunks)), timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise TritonDeadlineExceeded(f"{self.encoder_model}: no answer within {timeout_s * 1e3:.0f} ms") from None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def _embed_chunk(self, texts: Sequence[str], timeout_s: float, version: str) -> np.ndarray:
+        inp = grpcclient.InferInput("TEXT", [len(texts), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=object))
+        try:
+            result = await self._client.infer(
+                self.encoder_model, [inp], model_version=version,
+                outputs=[grpcclient.InferRequestedOutput("EMBEDDING")], client_timeout=timeout_s,
+            )
+        except InferenceServerException as e:
+            raise _wrap(e, f"{self.encoder_model} v{version or 'latest'}") from None
+        return result.as_numpy("EMBEDDING")
+
+    async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
+        """Versions of `model` that are loaded and ready, newest first."""
+        try:
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as e:
+            raise _wrap(e, "repository index") from None
+        versions = [m["version"] for m in index.get("models", []) if m["name"] == model and m.get("state") == "READY"]
+        return sorted(versions, key=int, reverse=True)
+
+    async def is_ready(self, timeout_s: float = 1.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()

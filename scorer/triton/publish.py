@@ -1,0 +1,68 @@
+"""Switch the Triton encoder to a new version with no failed requests (explicit model control).
+
+Order of operations:
+1. load the new version of each component *beside* the serving one (version_policy: specific
+   [old, new]); traffic still flows through the old one;
+2. re-load the ensemble with every step pinned to the new version: one atomic switch, in-flight
+   requests finish on the old graph;
+3. unload the old component versions.
+Rolling back is the same call with the old version number (its files stay in the repository).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+ENCODER_COMPONENTS = ("text_tokenizer", "encoder_onnx")
+
+
+def read_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def load_with_versions(client: grpcclient.InferenceServerClient, repo: Path, model: str, versions: list[int]) -> None:
+    config = read_config(repo, model)
+    config.version_policy.specific.versions[:] = sorted(set(versions))
+    client.load_model(model, config=json_format.MessageToJson(config))
+
+
+def pin_ensemble(client: grpcclient.InferenceServerClient, repo: Path, ensemble: str, version: int) -> None:
+    config = read_config(repo, ensemble)
+    for step in config.ensemble_scheduling.step:
+        step.model_version = version
+    client.load_model(ensemble, config=json_format.MessageToJson(config))
+
+
+def serving_version(client: grpcclient.InferenceServerClient, ensemble: str = "encoder") -> int | None:
+    """The version the ensemble's steps are pinned to (None: unpinned, i.e. latest)."""
+    config = client.get_model_config(ensemble, as_json=True)["config"]
+    pinned = {int(s.get("model_version", -1)) for s in config["ensemble_scheduling"]["step"]}
+    return pinned.pop() if len(pinned) == 1 and -1 not in pinned else None
+
+
+def ready_versions(client: grpcclient.InferenceServerClient, model: str) -> list[int]:
+    index = client.get_model_repository_index(as_json=True).get("models", [])
+    return sorted(int(m["version"]) for m in index if m["name"] == model and m.get("state") == "READY")
+
+
+def publish_encoder(url: str, repo: Path, version: int, ensemble: str = "encoder") -> int | None:
+    """Make `version` the serving encoder; return the version it replaced (None if none was loaded)."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        old = serving_version(client, ensemble)
+        if old is None:  # unpinned ensemble (fresh start): it serves the newest loaded version
+            loaded = ready_versions(client, ENCODER_COMPONENTS[-1])
+            old = loaded[-1] if loaded else None
+        keep = [version] + ([old] if old is not None else [])
+        for model in ENCODER_COMPONENTS:
+            load_with_versions(client, repo, model, keep)
+        pin_ensemble(client, repo, ensemble, version)
+        for model in ENCODER_COMPONENTS:
+            load_with_versions(client, repo, model, [version])
+        return old
+    finally:
+        client.close()

@@ -1,0 +1,85 @@
+"""A new encoder version replaces the serving one while requests keep succeeding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import start_triton
+
+pytestmark = pytest.mark.integration
+
+
+def test_publish_new_version_without_failed_requests(tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+    from scorer.triton.publish import publish_encoder, serving_version
+
+    repo = copy_repository_configs(tmp_path / "models")
+    encoder = TextEncoder()
+    assert export_encoder(repo, encoder) == 1
+    server = start_triton(repo, tmp_path / "run")
+    stop, failures, answers = threading.Event(), [], []
+
+    def traffic():
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        inp = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b"waterproof trail running shoes"]], dtype=object))
+        while not stop.is_set():
+            try:
+                answers.append(client.infer("encoder", [inp]).as_numpy("EMBEDDING")[0])
+            except Exception as e:  # any failure during the switch is a test failure
+                failures.append(repr(e))
+        client.close()
+
+    try:
+        before = _embed(server)
+        # v2: a visibly different model (scaled embedding layer), as a fine-tune would be.
+        with torch.no_grad():
+            encoder.transformer.embeddings.word_embeddings.weight.mul_(1.5)
+        assert export_encoder(repo, encoder) == 2
+        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        replaced = publish_encoder(server.grpc_url, repo, 2)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+
+        assert replaced == 1  # served unpinned (newest loaded) before
+        assert failures == []
+        assert len(answers) > 20
+        after = _embed(server)
+        assert float(before @ after) < 0.999  # the serving model really changed
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert serving_version(client) == 2
+        index = client.get_model_repository_index(as_json=True)["models"]
+        ready = {(m["name"], m["version"]) for m in index if m.get("state") == "READY"}
+        assert ("encoder_onnx", "2") in ready and ("encoder_onnx", "1") not in ready  # old one unloaded
+        # Rolling back is publishing the old version again.
+        assert publish_encoder(server.grpc_url, repo, 1) == 2
+        np.testing.assert_allclose(_embed(server), before, atol=1e-6)
+        client.close()
+    finally:
+        stop.set()
+        server.stop()
+
+
+def _embed(server) -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inp = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"waterproof trail running shoes"]], dtype=object))
+    out = client.infer("encoder", [inp]).as_numpy("EMBEDDING")[0]
+    client.close()
+    return out

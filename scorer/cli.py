@@ -20,8 +20,12 @@ from scorer.data.feast_ops import FEATURE_REPO, PROJECT_ROOT
 app = typer.Typer(help="Real-time recommendation engine: data, features, demo.", no_args_is_help=True)
 data_app = typer.Typer(help="Generate, validate and import data sets.", no_args_is_help=True)
 features_app = typer.Typer(help="Inspect online features.", no_args_is_help=True)
+export_app = typer.Typer(help="Export models into the Triton model repository.", no_args_is_help=True)
+triton_app = typer.Typer(help="Run and control the local Triton server.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+app.add_typer(export_app, name="export")
+app.add_typer(triton_app, name="triton")
 console = Console()
 
 DEMO_SHOP_DIR = PROJECT_ROOT / "var" / "demo_shop"
@@ -115,6 +119,57 @@ def _short(v: object) -> str:
         v = [round(x, 3) if isinstance(x, float) else x for x in v]
     s = json.dumps(v) if isinstance(v, list) else str(v)
     return s if len(s) <= 70 else s[:67] + "..."
+
+
+@export_app.command("encoder")
+def export_encoder_cmd(
+    repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Fine-tuned encoder folder (default: the zero-shot packaged model)."),
+    int8: bool = typer.Option(False, help="Dynamic int8 quantization (onnxruntime, per-channel)."),
+) -> None:
+    """Export the encoder (ONNX) + its tokenizer as a new version."""
+    from scorer.export.encoder_export import export_encoder
+    from scorer.models.encoder import EncoderConfig, TextEncoder
+
+    with console.status("exporting the encoder to ONNX"):
+        config = EncoderConfig(model_path=str(checkpoint) if checkpoint else "")
+        version = export_encoder(repo, TextEncoder(config), int8=int8)
+    console.print(f"[green]exported[/] encoder_onnx/{version} and text_tokenizer/{version} into {repo}")
+
+
+@triton_app.command("serve")
+def triton_serve(
+    repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+    grpc_port: int = typer.Option(8001), http_port: int = typer.Option(8000), metrics_port: int = typer.Option(8002),
+) -> None:
+    """Run tritonserver (nvidia-pytriton, CPU) on loopback until Ctrl-C."""
+    import signal as _signal
+
+    from scorer.triton.launcher import TritonServer
+
+    server = TritonServer(model_repository=repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    with console.status("starting tritonserver"):
+        server.start()
+    console.print(f"[green]ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url} (log: {server.workdir / 'tritonserver.log'})")
+    try:
+        _signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@triton_app.command("publish")
+def triton_publish(
+    version: int = typer.Argument(..., help="Encoder version to serve (a rollback is publishing the old number)."),
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
+    repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+) -> None:
+    """Switch the serving encoder to VERSION with zero failed requests."""
+    from scorer.triton.publish import publish_encoder
+
+    old = publish_encoder(url, repo, version)
+    console.print(f"[green]serving encoder v{version}[/] (was v{old})")
 
 
 @app.command("demo")

@@ -109,7 +109,8 @@ def generate_catalog(rng: np.random.Generator, n_items: int, start: datetime, en
         model = f"{vocab.MODEL_WORDS[rng.integers(len(vocab.MODEL_WORDS))]} {int(rng.integers(2, 10))}"
         tier = vocab.BRAND_PRICE_TIER.get(brand, 1.0)
         price = spec.median_price * tier * (1 + 0.12 * n_feat) * float(rng.lognormal(0.0, 0.25))
-        title = f"{brand} {model} {' '.join(f.title() for f in feats[:1])} {ptype.title()} - {colour.title()}"
+        lead = feats[0] if feats[0] not in ptype else ""  # no "Wireless Wireless Earbuds"
+        title = f"{brand} {model} {lead.title()} {ptype.title()} - {colour.title()}"
         desc_bits = [
             f"The {brand} {model} is {_article(feats[0])} {', '.join(feats)} {ptype} in {colour}.",
             f"Made of {material}." if material else "",

@@ -1,4 +1,4 @@
-"""Async Triton client for the gateway: text in, embeddings (later: ranker scores) out.
+"""Async Triton client for the gateway: text in, embeddings and ranker scores out.
 
 Wraps `tritonclient.grpc.aio` with what the request path needs: a deadline on every call, batches
 split to the model's max batch size and sent concurrently, an explicit model version when asked
@@ -42,10 +42,13 @@ def _wrap(e: InferenceServerException, what: str) -> TritonError:
 
 
 class TritonClient:
-    def __init__(self, url: str, encoder_model: str = "encoder", max_batch_size: int = 64):
+    def __init__(self, url: str, encoder_model: str = "encoder", ranker_model: str = "ranker",
+                 max_batch_size: int = 64, ranker_max_batch_size: int = 256):
         self.url = url
         self.encoder_model = encoder_model
+        self.ranker_model = ranker_model
         self.max_batch_size = max_batch_size
+        self.ranker_max_batch_size = ranker_max_batch_size
         self._client = grpcclient.InferenceServerClient(url)
 
     async def embed(self, texts: Sequence[str], timeout_s: float, version: str = "") -> np.ndarray:
@@ -73,6 +76,40 @@ class TritonClient:
         except InferenceServerException as e:
             raise _wrap(e, f"{self.encoder_model} v{version or 'latest'}") from None
         return result.as_numpy("EMBEDDING")
+
+    async def rank(self, context: str, item_texts: Sequence[str], features: np.ndarray, timeout_s: float,
+                   version: str = "") -> np.ndarray:
+        """Ranker scores [len(item_texts)] for one context against many items (features [n, F])."""
+        n = len(item_texts)
+        if n == 0 or features.shape[0] != n:
+            raise ValueError(f"rank() needs 1+ items and one feature row per item (got {n} items, {features.shape[0]} rows)")
+        step = self.ranker_max_batch_size
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(*(
+                self._rank_chunk(context, item_texts[i : i + step], features[i : i + step], timeout_s, version)
+                for i in range(0, n, step)
+            )), timeout_s)
+        except asyncio.TimeoutError:
+            raise TritonDeadlineExceeded(f"{self.ranker_model}: no answer within {timeout_s * 1e3:.0f} ms") from None
+        return np.concatenate(parts)
+
+    async def _rank_chunk(self, context: str, items: Sequence[str], features: np.ndarray, timeout_s: float,
+                          version: str) -> np.ndarray:
+        n = len(items)
+        q = grpcclient.InferInput("QUERY", [n, 1], "BYTES")
+        q.set_data_from_numpy(np.full((n, 1), context.encode("utf-8"), dtype=object))
+        it = grpcclient.InferInput("ITEM", [n, 1], "BYTES")
+        it.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in items], dtype=object))
+        f = grpcclient.InferInput("FEATURES", list(features.shape), "FP32")
+        f.set_data_from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        try:
+            result = await self._client.infer(
+                self.ranker_model, [q, it, f], model_version=version,
+                outputs=[grpcclient.InferRequestedOutput("SCORE")], client_timeout=timeout_s,
+            )
+        except InferenceServerException as e:
+            raise _wrap(e, f"{self.ranker_model} v{version or 'latest'}") from None
+        return result.as_numpy("SCORE").reshape(-1)
 
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
         """Versions of `model` that are loaded and ready, newest first."""

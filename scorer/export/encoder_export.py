@@ -55,13 +55,18 @@ def export_encoder(repo: Path = MODEL_REPOSITORY, encoder: TextEncoder | None = 
             fp32.unlink()
         else:
             export_onnx(encoder, onnx_dir / "model.onnx")
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        load_tokenizer(encoder.config).save_pretrained(str(tok_dir / "hf"))
-        shutil.move(str(tok_dir / "hf" / "tokenizer.json"), tok_dir / "tokenizer.json")
-        shutil.rmtree(tok_dir / "hf")
-        shutil.copy2(TOKENIZER_MODEL, tok_dir / "model.py")
+        write_tokenizer_version(load_tokenizer(encoder.config), tok_dir)
     except BaseException:
         shutil.rmtree(onnx_dir, ignore_errors=True)  # never leave a half-written version for Triton
         shutil.rmtree(tok_dir, ignore_errors=True)
         raise
     return v
+
+
+def write_tokenizer_version(hf_tokenizer, tok_dir: Path) -> None:
+    """The Triton python tokenizer model + this model's own tokenizer.json."""
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    hf_tokenizer.save_pretrained(str(tok_dir / "hf"))
+    shutil.move(str(tok_dir / "hf" / "tokenizer.json"), tok_dir / "tokenizer.json")
+    shutil.rmtree(tok_dir / "hf")
+    shutil.copy2(TOKENIZER_MODEL, tok_dir / "model.py")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -26,3 +27,20 @@ def copy_repository_configs(dest: Path, src: Path = MODEL_REPOSITORY) -> Path:
         if 'platform: "ensemble"' in config.read_text():
             (config.parent / "1").mkdir(exist_ok=True)  # an ensemble needs an (empty) version folder
     return dest
+
+
+def loadable_models(repo: Path) -> list[str]:
+    """Models Triton can load now: those with an exported version, and ensembles whose steps all are.
+
+    Starting with `--load-model=*` would fail (and, with strict readiness, never become ready) as soon
+    as one configured model has no exported version yet, e.g. the ranker before its first export.
+    """
+    configs = {p.parent.name: p.read_text() for p in repo.glob("*/config.pbtxt")}
+    with_versions = {m for m in configs if any(v.is_dir() and any(v.iterdir()) for v in (repo / m).iterdir() if v.name.isdigit())}
+    ok = {m for m in with_versions if 'platform: "ensemble"' not in configs[m]}
+    for name, text in configs.items():
+        if 'platform: "ensemble"' in text:
+            steps = re.findall(r'model_name:\s*"([^"]+)"', text)
+            if steps and all(s in ok for s in steps):
+                ok.add(name)
+    return sorted(ok)

@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scorer.export.triton_repo import loadable_models
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
 MODEL_REPOSITORY = PROJECT_ROOT / "triton_models"
@@ -71,7 +73,7 @@ def prepare_backends(dest: Path, venv: Path = TRITON_VENV) -> Path:
 class TritonServer:
     model_repository: Path = MODEL_REPOSITORY
     workdir: Path = PROJECT_ROOT / "var" / "triton"
-    models: tuple[str, ...] = ()  # loaded at start-up; empty: every model in the repository
+    models: tuple[str, ...] = ()  # loaded at start-up; empty: every model that has an exported version
     grpc_port: int = 0
     http_port: int = 0
     metrics_port: int = 0
@@ -102,7 +104,7 @@ class TritonServer:
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit",
-            *([f"--load-model={m}" for m in self.models] or ["--load-model=*"]),
+            *[f"--load-model={m}" for m in (self.models or loadable_models(self.model_repository))],
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
         ]

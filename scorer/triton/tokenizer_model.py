@@ -1,9 +1,13 @@
-"""Triton python model: text (BYTES) -> input_ids, attention_mask (INT64), for the encoder ensemble.
+"""Triton python model: text -> token ids, for the encoder and ranker ensembles.
 
-Copied into each exported version of `text_tokenizer/` together with that version's tokenizer.json,
-so the tokenizer is always the one the encoder version was trained with. Uses the `tokenizers`
-library only (fast, no torch). Pads each request to a multiple of 16 tokens (max from the config
-parameter `max_length`) so requests of similar length can share a dynamic batch downstream.
+One file, two uses, chosen by the model's config.pbtxt:
+- input TEXT            -> input_ids, attention_mask                   (text_tokenizer, encoder)
+- inputs QUERY and ITEM -> input_ids, attention_mask, token_type_ids   (pair_tokenizer, ranker)
+
+Copied into each exported version together with that version's tokenizer.json, so a tokenizer
+always travels with its model. Uses the `tokenizers` library only (fast, no torch). Pads each
+request to a multiple of 16 tokens (at most `max_length`) so requests of similar length can share
+a dynamic batch downstream.
 """
 
 import json
@@ -21,25 +25,32 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.max_length = int(params.get("max_length", "64"))
+        self.pairs = any(i["name"] == "ITEM" for i in config["input"])
         path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
         self.tokenizer = Tokenizer.from_file(path)
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
         self.tokenizer.no_padding()
+
+    def _texts(self, request, name):
+        return [t.decode("utf-8", "replace") for t in pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)]
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
-            encs = self.tokenizer.encode_batch([t.decode("utf-8", "replace") for t in texts])
+            if self.pairs:
+                encs = self.tokenizer.encode_batch(list(zip(self._texts(request, "QUERY"), self._texts(request, "ITEM"))))
+            else:
+                encs = self.tokenizer.encode_batch(self._texts(request, "TEXT"))
             longest = max((len(e.ids) for e in encs), default=1)
             width = min(self.max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
             ids = np.zeros((len(encs), width), dtype=np.int64)
-            mask = np.zeros((len(encs), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            types = np.zeros_like(ids)
             for k, e in enumerate(encs):
                 n = min(len(e.ids), width)
-                ids[k, :n] = e.ids[:n]
-                mask[k, :n] = 1
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask),
-            ]))
+                ids[k, :n], mask[k, :n], types[k, :n] = e.ids[:n], 1, e.type_ids[:n]
+            outputs = [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
+            if self.pairs:
+                outputs.append(pb_utils.Tensor("token_type_ids", types))
+            responses.append(pb_utils.InferenceResponse(outputs))
         return responses

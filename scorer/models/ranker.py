@@ -1,0 +1,86 @@
+"""The ranker: a cross-encoder over (context text, item text) fused with numeric features.
+
+The transformer reads both texts together (so it can compare them token by token); its pooled
+vector and a small projection of the numeric features (price, popularity, affinities) go through
+an MLP to one relevance logit. The transformer starts from the packaged all-MiniLM-L6-v2 weights;
+the head starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scorer.models.encoder import packaged_minilm_path
+from scorer.ranker_inputs import NUMERIC_FEATURES
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    model_path: str = ""  # empty: the packaged all-MiniLM-L6-v2
+    max_length: int = 96  # context + item tokens
+    n_numeric: int = len(NUMERIC_FEATURES)
+    hidden: int = 64
+
+    def resolved_path(self) -> Path:
+        return Path(self.model_path) if self.model_path else packaged_minilm_path()
+
+
+class CrossEncoderRanker(nn.Module):
+    """input_ids, attention_mask, token_type_ids [B, T], numeric [B, F] -> score [B, 1]."""
+
+    def __init__(self, config: RankerConfig = RankerConfig()):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        self.transformer = AutoModel.from_pretrained(str(config.resolved_path()))
+        width = self.transformer.config.hidden_size
+        self.numeric = nn.Sequential(nn.Linear(config.n_numeric, config.hidden), nn.GELU())
+        self.head = nn.Sequential(nn.Linear(width + config.hidden, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
+        # Start as the retrieval score: score = prior * text_similarity + head(...), with the head's
+        # last layer at zero. The untrained ranker then orders like the bi-encoder (sensible from
+        # the first request), and fine-tuning learns corrections from popularity, taste and the
+        # cross-attention over both texts, instead of learning relevance from scratch.
+        if NUMERIC_FEATURES[0] != "text_similarity":
+            raise ValueError("the ranker expects text_similarity as its first numeric feature")
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.prior = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, input_ids, attention_mask, token_type_ids, numeric) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+        # Mean pooling, not [CLS]: MiniLM was trained as a mean-pooled sentence encoder, so the mean
+        # is the representation that already means something before any fine-tuning.
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self.head(torch.cat([pooled, self.numeric(numeric)], dim=-1)) + self.prior * numeric[:, :1]
+
+    def save(self, out_dir: Path, tokenizer) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(str(out_dir / "transformer"))
+        tokenizer.save_pretrained(str(out_dir / "transformer"))
+        torch.save({"numeric": self.numeric.state_dict(), "head": self.head.state_dict(), "prior": self.prior.detach()},
+                   out_dir / "head.pt")
+        (out_dir / "ranker_config.json").write_text(json.dumps({**asdict(self.config), "model_path": ""}))
+
+    @classmethod
+    def load(cls, ckpt: Path) -> "CrossEncoderRanker":
+        cfg = json.loads((ckpt / "ranker_config.json").read_text())
+        model = cls(RankerConfig(**{**cfg, "model_path": str(ckpt / "transformer")}))
+        state = torch.load(ckpt / "head.pt", weights_only=True)
+        model.numeric.load_state_dict(state["numeric"])
+        model.head.load_state_dict(state["head"])
+        model.prior.data.copy_(state["prior"])
+        return model.eval()
+
+
+def load_ranker_tokenizer(config: RankerConfig = RankerConfig()):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(config.resolved_path()))

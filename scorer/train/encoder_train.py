@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from scorer.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
+from scorer.train.optim import optimizer_step, warmup_then_linear_decay
 
 
 @dataclass
@@ -66,10 +67,7 @@ def train_encoder(pairs: pd.DataFrame, out_dir: Path, cfg: EncoderTrainConfig = 
     model = TextEncoder(enc_cfg).train()
     tok = load_tokenizer(enc_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    # Linear warm-up, then linear decay to 5% of the peak.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.05, 1 - s / cfg.max_steps)
-    )
+    sched = warmup_then_linear_decay(opt, cfg.warmup_steps, cfg.max_steps)
     losses = []
     batches = _batches(pairs, cfg, rng)
     bar = tqdm(range(cfg.max_steps), desc="fine-tuning encoder", unit="step")
@@ -81,12 +79,7 @@ def train_encoder(pairs: pd.DataFrame, out_dir: Path, cfg: EncoderTrainConfig = 
         de = model(d["input_ids"], d["attention_mask"])
         logits = cfg.scale * qe @ de.T
         loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(queries)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, sched, loss))
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
     save_encoder(model, tok, out_dir)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from scorer.models.ranker import CrossEncoderRanker, RankerConfig, load_ranker_tokenizer
 from scorer.train.ranker_data import RankerLists
+from scorer.train.optim import optimizer_step, warmup_then_linear_decay
 
 
 @dataclass
@@ -59,9 +60,7 @@ def train_ranker(train: RankerLists, out_dir: Path, cfg: RankerTrainConfig = Ran
         {"params": model.transformer.parameters(), "lr": cfg.lr},
         {"params": [*model.numeric.parameters(), *model.head.parameters(), model.prior], "lr": cfg.head_lr},
     ], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.05, 1 - s / cfg.max_steps)
-    )
+    sched = warmup_then_linear_decay(opt, cfg.warmup_steps, cfg.max_steps)
     grades = train.rows["grade"].to_numpy()
     losses: list[float] = []
     bar = tqdm(range(cfg.max_steps), desc="fine-tuning ranker", unit="step")
@@ -83,12 +82,7 @@ def train_ranker(train: RankerLists, out_dir: Path, cfg: RankerTrainConfig = Ran
             target = torch.from_numpy(target)
             loss = loss - (target / target.sum() * torch.log_softmax(s, dim=0)).sum()
         loss = loss / len(groups)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, sched, loss))
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
     model.save(out_dir, tok)

@@ -146,7 +146,7 @@ def write_report(result: EvalResult, out_dir: Path, title: str = "Offline retrie
         pivot = table.pivot(index="slice", columns="method", values=metric).reindex(["all", "cold_users", "new_items"])
         pivot.plot.bar(ax=ax, rot=0)
         ax.set_title(metric)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, max(0.05, float(pivot.max().max()) * 1.2))  # readable even when all values are small
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -18,6 +18,7 @@ protos: setup
 
 bench: setup
 	.venv/bin/python -m bench.online_reader_bench
+	.venv/bin/python -m bench.triton_bench
 
 # Re-pin after changing dependencies in pyproject.toml / requirements/triton.txt.
 lock:

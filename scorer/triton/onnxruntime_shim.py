@@ -6,8 +6,8 @@ NGC-style model (`backend: "onnxruntime"`, `<version>/model.onnx`) load locally;
 NGC container's real ONNX Runtime backend serves the very same model directory.
 
 Inputs and outputs are taken from config.pbtxt (this shim does not auto-complete configs). ORT
-threads are pinned (parameter `intra_op_thread_count`, default 1): on 2 cores unpinned threads of
-several model instances fight and latency explodes.
+threads are pinned (parameter `intra_op_thread_count`, default 1; the committed configs use 2): on
+2 cores unpinned threads of several model instances fight and latency explodes.
 """
 
 import json

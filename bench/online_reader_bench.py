@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -26,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from bench.common import percentile, write_results
 from scorer.data import feast_ops
 from scorer.data.importer import import_dataset
 from scorer.data.synthetic import generate_shop
@@ -33,17 +32,6 @@ from scripts.local_redis import local_redis
 
 RESULTS = Path(__file__).resolve().parent / "results" / "online_reader.json"
 REDIS_YAML = "feature_store.redis.yaml"
-
-
-def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def timed(fn: Callable[[str, list[str]], object], requests: list[tuple[str, list[str]]], warmup: int = 50) -> list[float]:
@@ -135,15 +123,7 @@ def main() -> None:
             if r["store"] == backend:
                 r["speedup_median_vs_sdk"] = sdk["median_ms"] / r["median_ms"]
                 r["speedup_p99_vs_sdk"] = sdk["p99_ms"] / r["p99_ms"]
-    result = {
-        "benchmark": f"online features, 1 user + {args.items} items, {args.iterations} requests",
-        "machine": machine(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['benchmark']} — {result['machine']}, {result['date']}\n")
+    write_results(RESULTS, f"online features, 1 user + {args.items} items, {args.iterations} requests", rows)
     print("| store | path | median ms | p99 ms | speed-up vs SDK (median / p99) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:

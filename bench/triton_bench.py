@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from bench.online_reader_bench import machine, percentile
+from bench.common import percentile, write_results
 from gateway.triton_client import TritonClient
 from scorer.export.encoder_export import export_encoder
 from scorer.export.ranker_export import export_ranker
@@ -144,11 +142,7 @@ def main() -> None:
     for r in rows:
         if r["what"] in naive and not r["path"].startswith("naive"):
             r["speedup_median_vs_naive"] = naive[r["what"]]["median_ms"] / r["median_ms"]
-    result = {"benchmark": "Triton encoder/ranker latency (CPU)", "machine": machine(),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "rows": rows}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['benchmark']} — {result['machine']}, {result['date']}\n")
+    write_results(RESULTS, "Triton encoder/ranker latency (CPU)", rows)
     print("| what | path | median ms | p99 ms | req/s | vs naive (median) |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from scorer.export.encoder_export import export_encoder
 from scorer.export.triton_repo import MODEL_REPOSITORY
-from scorer.item_text import item_text
+from scorer.item_text import catalog_texts
 from scorer.models.encoder import EncoderConfig, TextEncoder
 from scorer.triton.launcher import TritonServer
 from scorer.triton.publish import publish_encoder
@@ -41,8 +41,7 @@ def search_through_triton(checkpoint: Path, repo: Path, console: Console) -> Non
         publish_encoder(server.grpc_url, MODEL_REPOSITORY, version)
         console.print(f"Triton ready on {server.grpc_url}, serving encoder v{version}")
         items = pd.read_parquet(repo / "data" / "offline" / "items.parquet")
-        texts = [item_text(t, b, c, a, p) for t, b, c, a, p in
-                 zip(items["title"], items["brand"], items["category"], items["attributes"], items["price"])]
+        texts = catalog_texts(items)
 
         async def embed_all() -> tuple[np.ndarray, np.ndarray, float]:
             client = TritonClient(server.grpc_url)

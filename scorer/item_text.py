@@ -26,3 +26,9 @@ def item_text(title: str, brand: str | None = None, category: str | None = None,
 def item_text_from_features(f: dict[str, Any]) -> str:
     """From a feature row (Feast item_attributes names)."""
     return item_text(f.get("title") or "", f.get("brand"), f.get("category"), f.get("attributes"), f.get("price"))
+
+
+def catalog_texts(items) -> list[str]:
+    """item_text for every row of a frame with item_attributes columns (title, brand, ...)."""
+    return [item_text(t if isinstance(t, str) else "", b, c, a, p) for t, b, c, a, p in
+            zip(items["title"], items["brand"], items["category"], items["attributes"], items["price"])]

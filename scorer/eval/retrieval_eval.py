@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from scorer.eval.metrics import mrr, ndcg_at_k, recall_at_k
-from scorer.item_text import item_text
+from scorer.item_text import catalog_texts
 from scorer.models.encoder import TextEncoder, load_tokenizer
 from scorer.train.data import LabelledRequests
 
@@ -36,8 +36,7 @@ class EvalSet:
 
 def build_eval_set(data: LabelledRequests, items: pd.DataFrame, events: pd.DataFrame) -> EvalSet:
     items = items.reset_index(drop=True)
-    texts = [item_text(t, b, c, a, p) for t, b, c, a, p in
-             zip(items["title"], items["brand"], items["category"], items["attributes"], items["price"])]
+    texts = catalog_texts(items)
     created = items["created_at"].fillna(pd.Timestamp("2000-01-01", tz="UTC")).dt.tz_convert(None).to_numpy()
     hold = data.holdout[data.holdout["query"].notna()]
     seen_users = set(events.loc[events["timestamp"] < data.cutoff, "user_id"])

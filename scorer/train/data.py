@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scorer.item_text import item_text
+from scorer.item_text import catalog_texts
 
 GRADE = {"CLICK": 1, "ADD_TO_CART": 2, "PURCHASE": 3}
 ITEM_FEATURES = [f"item_attributes:{f}" for f in ("title", "brand", "category", "attributes", "price")]
@@ -57,6 +57,23 @@ def graded_labels(events: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def time_cutoff(events: pd.DataFrame, holdout_fraction: float) -> pd.Timestamp:
+    """The moment after which the last `holdout_fraction` of the logged period lies."""
+    start, end = events["timestamp"].min(), events["timestamp"].max()
+    return start + (end - start) * (1 - holdout_fraction)
+
+
+def join_features(store, labels: pd.DataFrame, keys: list[str], features) -> pd.DataFrame:
+    """Feast point-in-time join at each label's event_timestamp, one row per label, in label order."""
+    entity_df = labels[keys + ["event_timestamp"]].copy()
+    entity_df["label_row"] = range(len(entity_df))
+    entity_df["event_timestamp"] = entity_df["event_timestamp"].astype("datetime64[us, UTC]")  # DuckDB
+    feats = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+    if len(feats) != len(labels):  # the point of using duckdb: no label may be dropped
+        raise RuntimeError(f"Feast returned {len(feats)} rows for {len(labels)} labels")
+    return feats.sort_values("label_row").reset_index(drop=True)
+
+
 def load_labelled_requests(repo: Path, holdout_fraction: float = 0.2, store=None,
                            with_skips: bool = False) -> LabelledRequests:
     """Graded labels with item text joined through Feast's get_historical_features."""
@@ -67,20 +84,6 @@ def load_labelled_requests(repo: Path, holdout_fraction: float = 0.2, store=None
     if not with_skips:
         labels = labels[labels["grade"] > 0]
     labels = labels.reset_index(drop=True)
-    start, end = events["timestamp"].min(), events["timestamp"].max()
-    cutoff = start + (end - start) * (1 - holdout_fraction)
-
-    store = store or load_store(Path(repo))
-    entity_df = labels[["item_id", "event_timestamp"]].copy()
-    entity_df["label_row"] = range(len(entity_df))
-    entity_df["event_timestamp"] = entity_df["event_timestamp"].astype("datetime64[us, UTC]")
-    feats = store.get_historical_features(entity_df=entity_df, features=ITEM_FEATURES).to_df()
-    feats = feats.sort_values("label_row").reset_index(drop=True)
-    if len(feats) != len(labels):  # the point of using duckdb: no label may be dropped
-        raise RuntimeError(f"Feast returned {len(feats)} rows for {len(labels)} labels")
-    labels["item_text"] = [
-        item_text(t, b, c, a, p)
-        for t, b, c, a, p in zip(feats["title"].fillna(""), feats["brand"], feats["category"], feats["attributes"],
-                                 feats["price"])
-    ]
-    return LabelledRequests(rows=labels, cutoff=cutoff)
+    feats = join_features(store or load_store(Path(repo)), labels, ["item_id"], ITEM_FEATURES)
+    labels["item_text"] = catalog_texts(feats)
+    return LabelledRequests(rows=labels, cutoff=time_cutoff(events, holdout_fraction))

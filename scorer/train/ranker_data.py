@@ -15,7 +15,7 @@ import pandas as pd
 
 from scorer.item_text import item_text_from_features
 from scorer.ranker_inputs import context_text, numeric_features
-from scorer.train.data import graded_labels
+from scorer.train.data import graded_labels, join_features, time_cutoff
 
 
 @dataclass
@@ -47,21 +47,11 @@ def load_ranker_lists(repo: Path, holdout_fraction: float = 0.2, store=None, enc
 
     events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
     labels = graded_labels(events).reset_index(drop=True)
-    start, end = events["timestamp"].min(), events["timestamp"].max()
-    cutoff = start + (end - start) * (1 - holdout_fraction)
-
     store = store or load_store(Path(repo))
-    entity_df = labels[["user_id", "item_id", "event_timestamp"]].copy()
-    entity_df["label_row"] = range(len(entity_df))
-    entity_df["event_timestamp"] = entity_df["event_timestamp"].astype("datetime64[us, UTC]")
-    feats = store.get_historical_features(
-        entity_df=entity_df, features=store.get_feature_service("ranker_training")
-    ).to_df().sort_values("label_row").reset_index(drop=True)
-    if len(feats) != len(labels):
-        raise RuntimeError(f"Feast returned {len(feats)} rows for {len(labels)} labels")
+    feats = join_features(store, labels, ["user_id", "item_id"], store.get_feature_service("ranker_training"))
     records = feats.to_dict("records")
     labels["context"] = [context_text(q if isinstance(q, str) else None, r) for q, r in zip(labels["query"], records)]
     labels["item_text"] = [item_text_from_features(r) for r in records]
     sims = text_similarities(labels["context"].tolist(), labels["item_text"].tolist(), encoder)
     numeric = np.array([numeric_features(r, r, sim) for r, sim in zip(records, sims)], dtype=np.float32)
-    return RankerLists(labels, numeric, cutoff)
+    return RankerLists(labels, numeric, time_cutoff(events, holdout_fraction))

@@ -120,6 +120,22 @@ class TritonClient:
         versions = [m["version"] for m in index.get("models", []) if m["name"] == model and m.get("state") == "READY"]
         return sorted(versions, key=int, reverse=True)
 
+    async def serving_version(self, ensemble: str, component: str, timeout_s: float = 2.0) -> str:
+        """The version of `component` that `ensemble` runs: its pinned step version, or (unpinned)
+        the newest ready version of the component."""
+        try:
+            config = (await self._client.get_model_config(ensemble, as_json=True, client_timeout=timeout_s))["config"]
+        except InferenceServerException as e:
+            raise _wrap(e, f"{ensemble} config") from None
+        pinned = {str(s.get("model_version", "-1")) for s in config.get("ensemble_scheduling", {}).get("step", [])
+                  if s.get("model_name") == component}
+        if len(pinned) == 1 and "-1" not in pinned:
+            return pinned.pop()
+        versions = await self.ready_versions(component, timeout_s)
+        if not versions:
+            raise TritonUnavailable(f"no ready version of {component}")
+        return versions[0]
+
     async def is_ready(self, timeout_s: float = 1.0) -> bool:
         try:
             return bool(await self._client.is_server_ready(client_timeout=timeout_s))

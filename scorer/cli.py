@@ -247,6 +247,55 @@ def eval_retrieval_cmd(
     console.print(f"[green]report[/]: {report}")
 
 
+@app.command("serve")
+def serve_cmd(
+    config: Optional[Path] = typer.Option(None, help="TOML settings file (RECSYS_* environment variables win)."),
+) -> None:
+    """Run the gRPC gateway (RecommendService, health, reflection; Prometheus on RECSYS_METRICS_PORT)."""
+    from gateway.server import main
+
+    main(config)
+
+
+@app.command("query")
+def query_cmd(
+    text: str = typer.Argument("", help="Free-text query; empty for a home-page feed."),
+    user: str = typer.Option("", "--user", help="User id (unknown or empty: cold start)."),
+    session: str = typer.Option("", "--session", help="Session id."),
+    n: int = typer.Option(10, "-n", help="Number of results."),
+    address: str = typer.Option("127.0.0.1:50051", help="Gateway address."),
+    brand: list[str] = typer.Option([], help="Filter: brand (repeatable)."),
+    category: list[str] = typer.Option([], help="Filter: category (repeatable)."),
+    max_price: Optional[float] = typer.Option(None), min_price: Optional[float] = typer.Option(None),
+    timeout: float = typer.Option(2.0, help="Deadline in seconds."),
+) -> None:
+    """Ask the gateway for recommendations and print them with their reasons."""
+    import grpc
+
+    from gateway.client import GatewayClient, response_table
+    from recsys.v1 import common_pb2
+
+    filters = common_pb2.Filters(brands=brand, categories=category)
+    if max_price is not None:
+        filters.max_price = max_price
+    if min_price is not None:
+        filters.min_price = min_price
+    with GatewayClient(address, timeout) as client:
+        try:
+            response = client.recommend(text, user_id=user, session_id=session, num_results=n, filters=filters)
+        except grpc.RpcError as e:
+            console.print(f"[red]{e.code().name}[/]: {e.details()}")
+            raise typer.Exit(1)
+    p = response.parsed_query
+    understood = ", ".join(x for x in [f"text={p.text!r}" if p.text else "", *p.brands, *p.categories,
+                                       f">= {p.min_price:g}" if p.HasField("min_price") else "",
+                                       f"<= {p.max_price:g}" if p.HasField("max_price") else ""] if x)
+    console.print(response_table(response, title=f"{text!r} for {user or 'anonymous'}  [{understood}]"))
+    versions = ", ".join(f"{k} v{v}" for k, v in sorted(response.model_versions.items()))
+    console.print(f"request {response.request_id}; models: {versions}"
+                  + (f"; [yellow]degraded[/]: {'; '.join(response.degraded_reasons)}" if response.degraded else ""))
+
+
 @app.command("demo")
 def demo(
     size: str = typer.Option("demo", help="Shop size: tiny | small | demo."),

@@ -1,0 +1,92 @@
+"""Gateway settings: environment variables (`RECSYS_*`) over an optional TOML file over defaults.
+
+    RECSYS_TRITON_URL=10.0.0.5:8001 RECSYS_RERANK_DEPTH=50 recsys serve
+    recsys serve --config gateway.toml        # same keys, lower case: triton_url = "10.0.0.5:8001"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class ScoreWeights(BaseSettings):
+    """How the final score blends its parts (each part is reported in ScoreBreakdown)."""
+
+    relevance: float = 1.0  # ranker score (or the retrieval similarity when degraded)
+    personalization: float = 1.0  # profile + live-session affinity
+    popularity: float = 0.3  # 7-day popularity
+    freshness: float = 0.2  # new-item boost
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", env_nested_delimiter="__", extra="forbid")
+
+    # Where things are.
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    feature_repo: Path = Path("feature_repo")
+    feature_store_yaml: str = "feature_store.yaml"  # or feature_store.redis.yaml
+    triton_url: str = "127.0.0.1:8001"
+    encoder_model: str = "encoder"
+    ranker_model: str = "ranker"
+    embedding_cache_dir: Path | None = None  # item embeddings per encoder version; None: <feature_repo>/data/embeddings
+
+    # Deadlines (milliseconds). A request's budget is its gRPC deadline, capped at request_timeout_ms.
+    request_timeout_ms: int = Field(250, gt=0)
+    embed_timeout_ms: int = Field(60, gt=0)
+    feature_timeout_ms: int = Field(50, gt=0)
+    reserve_ms: int = Field(8, ge=0, description="kept back from the ranker's budget for fusion and the reply")
+    triton_cooldown_s: float = Field(2.0, ge=0, description="after a Triton failure, skip it this long (answer degraded)")
+
+    # Retrieval and ranking.
+    candidates_per_source: int = Field(100, gt=0)
+    rerank_depth: int = Field(20, ge=0, description="top-K candidates the Triton ranker re-scores; 0: no ranker")
+    brand_cap: int = Field(0, ge=0, description="at most this many items per brand in a response; 0: no cap")
+    interest_recent_items: int = Field(10, gt=0)
+    weights: ScoreWeights = ScoreWeights()
+
+    # Request limits (validation).
+    default_num_results: int = Field(20, gt=0)
+    max_num_results: int = Field(200, gt=0)
+    max_query_chars: int = Field(512, gt=0)
+    max_candidate_ids: int = Field(1000, gt=0)
+
+    # Background work.
+    refresh_interval_s: float = Field(10.0, gt=0, description="how often to look for a new encoder version or new items")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GatewaySettings":
+        if self.default_num_results > self.max_num_results:
+            raise ValueError("default_num_results must be <= max_num_results")
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.embedding_cache_dir or self.feature_repo / "data" / "embeddings"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_config_file))
+        return tuple(sources)
+
+
+_config_file: Path | None = None
+
+
+def load_settings(config_file: Path | None = None, **overrides) -> GatewaySettings:
+    """Settings from `overrides` > RECSYS_* environment > `config_file` (TOML) > defaults."""
+    global _config_file
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"gateway config file not found: {config_file}")
+    _config_file = config_file
+    try:
+        return GatewaySettings(**overrides)
+    finally:
+        _config_file = None

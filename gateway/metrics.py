@@ -1,0 +1,17 @@
+"""Prometheus metrics of the gateway (served on `metrics_port` by prometheus-client)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter("recsys_requests_total", "RPCs by method and status code", ["method", "code"])
+REQUEST_SECONDS = Histogram("recsys_request_seconds", "End-to-end RPC latency", ["method"], buckets=_LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram("recsys_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS)
+CANDIDATES = Histogram("recsys_candidates", "Candidates per request by source", ["source"],
+                       buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500, 1000))
+DEGRADED = Counter("recsys_degraded_responses_total", "Responses answered without a part", ["part"])
+DOWNSTREAM_ERRORS = Counter("recsys_downstream_errors_total", "Failed downstream calls", ["downstream", "kind"])
+INDEX_ITEMS = Gauge("recsys_index_items", "Items in the serving vector index")
+INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encoder version or new items)")

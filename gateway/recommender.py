@@ -1,0 +1,374 @@
+"""The request pipeline behind Recommend and Rank.
+
+parse query -> read user features (1 round trip) -> embed query + context (1 Triton call)
+-> retrieve candidates -> read the head's item features (1 round trip) -> Triton ranker over the
+top-K -> fuse with feature terms -> diversify -> explain.
+
+Every downstream call has a deadline cut from the request's budget. A failing part degrades the
+answer instead of failing it: no encoder -> BM25 retrieval; no ranker -> retrieval similarity;
+no online store -> no personalization. `degraded_reasons` says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway import metrics
+from gateway.breaker import Breaker
+from gateway.config import GatewaySettings
+from gateway.explain import Explainer
+from gateway.features.online_reader import EntityFeatures, OnlineFeatureReader
+from gateway.query_parser import ParsedQuery
+from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, interest_vector, retrieve
+from gateway.scoring import RANKER_PRIOR, UserView, feature_terms
+from gateway.state import ServingState, Snapshot
+from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError
+from recsys.v1 import common_pb2, recommend_pb2
+from scorer.ranker_inputs import context_text, numeric_features
+
+log = logging.getLogger(__name__)
+
+EMPTY_QUERY = ParsedQuery("", (), (), None, None)
+MIN_RANK_BUDGET_S = 0.01  # below this the ranker cannot answer on CPU: skip it, answer degraded
+BOOST = 0.5  # relevance bonus for a brand/category the query named but that could not be a hard filter
+
+
+class Unavailable(RuntimeError):
+    """The gateway cannot answer at all (e.g. still loading its index): gRPC UNAVAILABLE."""
+
+
+class Deadline:
+    def __init__(self, budget_s: float):
+        self.end = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+@dataclass
+class Request:
+    """What Recommend and Rank have in common, after validation."""
+
+    request_id: str
+    user_id: str
+    session_id: str
+    query: str
+    context: common_pb2.Context
+    filters: common_pb2.Filters
+    num_results: int
+    explain: bool
+    candidate_ids: list[str] | None  # None: retrieve; else rank exactly these (known ones)
+    apply_filters: bool = True  # False (Rank): constraints parsed from the query boost, never drop
+
+
+@dataclass
+class Outcome:
+    items: list[common_pb2.ScoredItem]
+    model_versions: dict[str, str]
+    degraded: list[str]
+    parsed: ParsedQuery
+    unknown_ids: list[str] = field(default_factory=list)
+
+
+def _timed(stage: str):
+    return metrics.STAGE_SECONDS.labels(stage).time()
+
+
+class Recommender:
+    def __init__(self, settings: GatewaySettings, state: ServingState, reader: OnlineFeatureReader | None,
+                 triton: TritonClient):
+        self.settings = settings
+        self.state = state
+        self.reader = reader
+        self.triton = triton
+        self.encoder_breaker = Breaker(settings.triton_cooldown_s)
+        self.ranker_breaker = Breaker(settings.triton_cooldown_s)
+        self.features_breaker = Breaker(settings.triton_cooldown_s)
+        self.ranker_version = ""  # kept current by the server's refresh loop
+        self._explainers: dict[int, Explainer] = {}
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _snapshot(self) -> Snapshot:
+        snap = self.state.snapshot
+        if snap is None:
+            raise Unavailable("the gateway is starting: the catalog index is not loaded yet")
+        return snap
+
+    def _explainer(self, snap: Snapshot) -> Explainer:
+        key = id(snap.catalog)
+        if key not in self._explainers:
+            self._explainers = {key: Explainer(snap.catalog)}
+        return self._explainers[key]
+
+    async def _read(self, user_id: str, item_ids: list[str], deadline: Deadline, what: str,
+                    degraded: list[str]) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:
+        if self.reader is None or not self.features_breaker.allow():
+            if self.reader is not None:
+                degraded.append(f"online store unavailable ({self.features_breaker.last_error}): no {what}")
+            return None, {}
+        timeout = min(self.settings.feature_timeout_ms / 1e3, max(deadline.left() - 0.005, 0.001))
+        try:
+            with _timed(f"features_{what}"):
+                got = await asyncio.wait_for(self.reader.aread(user_id, item_ids), timeout)
+        except Exception as e:  # noqa: BLE001 - any store failure degrades the same way
+            reason = "timeout" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else f"{type(e).__name__}: {e}"
+            self.features_breaker.failure(reason)
+            metrics.DOWNSTREAM_ERRORS.labels("online_store", type(e).__name__).inc()
+            degraded.append(f"online store unavailable ({reason}): no {what}")
+            return None, {}
+        self.features_breaker.success()
+        return got.user, got.items
+
+    async def _embed(self, texts: list[str], deadline: Deadline, degraded: list[str]) -> np.ndarray | None:
+        if not self.encoder_breaker.allow():
+            degraded.append(f"encoder unavailable ({self.encoder_breaker.last_error}): BM25 retrieval")
+            return None
+        timeout = min(self.settings.embed_timeout_ms / 1e3, deadline.left() * 0.5)
+        try:
+            with _timed("embed"):
+                vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001))
+        except TritonError as e:
+            self.encoder_breaker.failure(_short(e))
+            metrics.DOWNSTREAM_ERRORS.labels("triton_encoder", type(e).__name__).inc()
+            degraded.append(f"encoder unavailable ({_short(e)}): BM25 retrieval")
+            return None
+        self.encoder_breaker.success()
+        return vectors
+
+    async def _rank(self, context: str, texts: list[str], numeric: np.ndarray, deadline: Deadline,
+                    degraded: list[str]) -> np.ndarray | None:
+        if not self.ranker_breaker.allow():
+            degraded.append(f"ranker unavailable ({self.ranker_breaker.last_error}): retrieval scores")
+            return None
+        timeout = deadline.left() - self.settings.reserve_ms / 1e3
+        if timeout < MIN_RANK_BUDGET_S:
+            degraded.append("ranker skipped: request deadline too close")
+            return None
+        try:
+            with _timed("rank"):
+                scores = await self.triton.rank(context, texts, numeric, timeout_s=timeout)
+        except TritonError as e:
+            # A deadline hit is this request's budget, not necessarily a sick server: no cool-down.
+            if not isinstance(e, TritonDeadlineExceeded):
+                self.ranker_breaker.failure(_short(e))
+            metrics.DOWNSTREAM_ERRORS.labels("triton_ranker", type(e).__name__).inc()
+            degraded.append(f"ranker unavailable ({_short(e)}): retrieval scores")
+            return None
+        self.ranker_breaker.success()
+        return scores
+
+    # --- the pipeline -----------------------------------------------------------------------
+    async def run(self, req: Request, budget_s: float) -> Outcome:
+        deadline = Deadline(budget_s)
+        snap = self._snapshot()
+        catalog = snap.catalog
+        degraded: list[str] = []
+
+        with _timed("parse"):
+            parsed = snap.parser.parse(req.query) if req.query else EMPTY_QUERY
+            allowed, boosts, constraints = self._constraints(snap, req, parsed)
+
+        # 1. the user's profile and live session (one round trip)
+        user = UserView()
+        if req.user_id:
+            user_feats, _ = await self._read(req.user_id, [], deadline, "personalization", degraded)
+            if user_feats is not None:
+                has_session = user_feats.has("user_session") and (
+                    not req.session_id or user_feats.values.get("session_id") in ("", None, req.session_id))
+                values = user_feats.values if has_session else {
+                    k: v for k, v in user_feats.values.items() if k not in _SESSION_FEATURES}
+                user = UserView.build(values, catalog, user_feats.has("user_profile"), has_session)
+
+        # 2. query and context embeddings (one Triton call)
+        depth = self.settings.rerank_depth
+        query_text = parsed.text or req.query
+        ctx_text = context_text(query_text or None, user.values)
+        texts = ([query_text] if query_text else []) + ([ctx_text] if depth > 0 else [])
+        vectors = await self._embed(texts, deadline, degraded) if texts else None
+        query_vec = vectors[0] if vectors is not None and query_text else None
+        ctx_vec = vectors[-1] if vectors is not None and depth > 0 else None
+
+        # 3. candidates
+        page = catalog.position.get(req.context.page_item_id) if req.context.page_item_id else None
+        unknown: list[str] = []
+        with _timed("retrieve"):
+            interest = interest_vector(snap, user, page, self.settings.interest_recent_items)
+            if req.candidate_ids is not None:
+                cands = Candidates()
+                known = [catalog.position[i] for i in req.candidate_ids if i in catalog.position]
+                unknown = [i for i in req.candidate_ids if i not in catalog.position]
+                cands.add([p for p in known if allowed[p]], CALLER)
+            else:
+                cands = retrieve(snap, self.settings.candidates_per_source, allowed, query_vec,
+                                 req.query if query_vec is None else "", interest, user, page)
+            for source, name in SOURCE_NAMES.items():
+                metrics.CANDIDATES.labels(name).observe(cands.count(source))
+        if not cands.positions:
+            return Outcome([], self._versions(snap, ranked=False), degraded, parsed, unknown)
+
+        positions = np.array(cands.positions, dtype=np.int64)
+        probe = query_vec if query_vec is not None else interest
+        cosine = snap.index.similarity(probe, positions) if probe is not None else None
+        if cosine is not None:
+            relevance = RANKER_PRIOR * cosine
+        elif req.query:  # encoder down: BM25 scores scaled into the cosine range
+            lex = snap.lexical.scores(req.query)
+            relevance = RANKER_PRIOR * 0.5 * (lex[positions] / max(float(lex[positions].max(initial=0)), 1e-9))
+        else:
+            relevance = np.zeros(len(positions), dtype=np.float32)
+        relevance = relevance.astype(np.float32) + BOOST * boosts[positions]
+        w = self.settings.weights
+        pers, pop, fresh = feature_terms(positions, catalog, user, catalog.popularity[positions], w)
+        pre = w.relevance * relevance + pers + pop + fresh
+        order = np.argsort(-pre, kind="stable")
+
+        # 4. the head: fresh item features (one round trip) and the Triton ranker
+        n_out = req.num_results
+        head_n = max(min(depth, len(order)), 0)
+        head = order[:max(head_n, min(n_out, len(order)))]
+        head_ids = [catalog.item_ids[positions[i]] for i in head]
+        _, item_feats = await self._read(req.user_id, head_ids, deadline, "item features", degraded) \
+            if head_ids else (None, {})
+        for j, i in enumerate(head):
+            f = item_feats.get(head_ids[j])
+            if f is not None and f.has("item_popularity"):
+                pop[i] = w.popularity * float(f.values.get("popularity_7d") or 0.0) / 5.0
+        ranked = False
+        if head_n and ctx_vec is not None:
+            rank_idx = head[:head_n]
+            items = [self._item_values(catalog, positions[i], item_feats.get(catalog.item_ids[positions[i]]))
+                     for i in rank_idx]
+            sims = snap.index.similarity(ctx_vec, positions[rank_idx])
+            numeric = np.array([numeric_features(it, user.values, float(s)) for it, s in zip(items, sims)],
+                               dtype=np.float32)
+            scores = await self._rank(ctx_text, [catalog.texts[positions[i]] for i in rank_idx], numeric,
+                                      deadline, degraded)
+            if scores is not None:
+                relevance[rank_idx] = scores + BOOST * boosts[positions[rank_idx]]
+                ranked = True
+        elif head_n and "BM25" not in " ".join(degraded):
+            degraded.append("ranker skipped: no context embedding")
+
+        # 5. fuse, order (ranked head first, then the rest by retrieval score), diversify
+        with _timed("fuse"):
+            final = w.relevance * relevance + pers + pop + fresh
+            ranked_set = set(head[:head_n].tolist()) if ranked else set()
+            head_sorted = sorted(ranked_set, key=lambda i: -final[i])
+            rest = [i for i in order if i not in ranked_set]
+            if ranked:
+                rest.sort(key=lambda i: -final[i])
+            chosen = self._diversify(head_sorted + rest, positions, catalog, n_out)
+            explainer = self._explainer(snap) if req.explain else None
+            items = []
+            for rank, i in enumerate(chosen, start=1):
+                p = int(positions[i])
+                item = common_pb2.ScoredItem(item_id=catalog.item_ids[p], score=float(final[i]), rank=rank,
+                                             sources=sorted(cands.sources[p]))
+                if explainer is not None:
+                    item.breakdown.CopyFrom(common_pb2.ScoreBreakdown(
+                        relevance=float(w.relevance * relevance[i]), personalization=float(pers[i]),
+                        popularity=float(pop[i]), freshness=float(fresh[i])))
+                    item.reasons.extend(explainer.reasons(
+                        p, query_text, float(cosine[i]) if cosine is not None and query_vec is not None else None,
+                        user, float(catalog.popularity[p]), cands.sources[p], constraints,
+                        float(fresh[i] / w.freshness) if w.freshness else 0.0))
+                items.append(item)
+        return Outcome(items, self._versions(snap, ranked), degraded, parsed, unknown)
+
+    # --- pieces -----------------------------------------------------------------------------------
+    def _versions(self, snap: Snapshot, ranked: bool) -> dict[str, str]:
+        out = {"encoder": snap.encoder_version}
+        if ranked and self.ranker_version:
+            out["ranker"] = self.ranker_version
+        return out
+
+    @staticmethod
+    def _item_values(catalog, p: int, feats: EntityFeatures | None) -> dict:
+        values = dict(feats.values) if feats is not None else {}
+        values.setdefault("price", catalog.prices[p])
+        values.setdefault("category", catalog.categories[p])
+        values.setdefault("brand", catalog.brands[p])
+        return values
+
+    def _constraints(self, snap: Snapshot, req: Request, parsed: ParsedQuery) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Hard mask (caller filters + parsed price, brand, category) and soft boosts.
+
+        A brand or category read from the query is a hard filter when any item passes it together
+        with the other constraints; otherwise it becomes a relevance boost (the parser can be
+        wrong, and an empty page is the worst answer).
+        """
+        catalog, f = snap.catalog, req.filters
+        n = len(catalog)
+        mask = np.ones(n, dtype=bool)
+        described: list[str] = []
+        boosts = np.zeros(n, dtype=np.float32)
+        if not req.apply_filters:
+            for values, column in ((parsed.categories, snap.categories_lower), (parsed.brands, snap.brands_lower)):
+                if values:
+                    boosts += np.isin(column, [v.lower() for v in values])
+            return mask, boosts, described
+        if f.brands:
+            mask &= np.isin(snap.brands_lower, [b.lower() for b in f.brands])
+        if f.categories:
+            mask &= np.isin(snap.categories_lower, [c.lower() for c in f.categories])
+        if req.context.surface == common_pb2.SURFACE_CATEGORY and req.context.page_category:
+            mask &= snap.categories_lower == req.context.page_category.lower()
+        lo = max(f.min_price if f.HasField("min_price") else -np.inf, parsed.min_price if parsed.min_price is not None else -np.inf)
+        hi = min(f.max_price if f.HasField("max_price") else np.inf, parsed.max_price if parsed.max_price is not None else np.inf)
+        if np.isfinite(lo) or np.isfinite(hi):
+            mask &= (catalog.prices >= lo) & (catalog.prices <= hi)
+        if parsed.max_price is not None and parsed.min_price is not None:
+            described.append(f"{parsed.min_price:g}-{parsed.max_price:g}")
+        elif parsed.max_price is not None:
+            described.append(f"under {parsed.max_price:g}")
+        elif parsed.min_price is not None:
+            described.append(f"over {parsed.min_price:g}")
+        for exclude in f.exclude_item_ids:
+            if (p := catalog.position.get(exclude)) is not None:
+                mask[p] = False
+        for values, column in ((parsed.categories, snap.categories_lower), (parsed.brands, snap.brands_lower)):
+            if not values:
+                continue
+            match = np.isin(column, [v.lower() for v in values])
+            if req.candidate_ids is None and bool((mask & match).any()):
+                mask &= match
+                described.extend(values)
+            else:
+                boosts += match
+        return mask, boosts, described
+
+    def _diversify(self, order: list[int], positions: np.ndarray, catalog, n: int) -> list[int]:
+        cap = self.settings.brand_cap
+        if not cap:
+            return order[:n]
+        counts: dict[str, int] = {}
+        chosen, overflow = [], []
+        for i in order:
+            brand = catalog.brands[positions[i]]
+            if counts.get(brand, 0) < cap:
+                counts[brand] = counts.get(brand, 0) + 1
+                chosen.append(i)
+                if len(chosen) == n:
+                    return chosen
+            else:
+                overflow.append(i)
+        return (chosen + overflow)[:n]  # too few brands to honour the cap: fill rather than return less
+
+
+_SESSION_FEATURES = ("session_id", "recent_queries", "recent_clicked_item_ids", "recent_carted_item_ids",
+                     "session_categories", "session_category_counts", "session_event_count")
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]

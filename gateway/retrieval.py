@@ -1,0 +1,100 @@
+"""Candidate retrieval: query vector, interest vector, session co-visitation, popularity.
+
+Every source respects the request's constraints (a boolean mask over catalog positions) and tags
+its candidates, so the response can say where each item came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.scoring import UserView
+from gateway.state import Snapshot
+from recsys.v1 import common_pb2
+
+QUERY = common_pb2.CANDIDATE_SOURCE_QUERY
+INTEREST = common_pb2.CANDIDATE_SOURCE_INTEREST
+SESSION = common_pb2.CANDIDATE_SOURCE_SESSION
+POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
+CALLER = common_pb2.CANDIDATE_SOURCE_CALLER
+
+SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", SESSION: "session", POPULAR: "popular", CALLER: "caller"}
+RECENCY_DECAY = 0.8  # weight of the i-th most recent item in the interest vector: 0.8^i
+QUERY_SHARE = 2.0  # with a query, interest = normalise(2 * query + recent-items vector)
+
+
+@dataclass
+class Candidates:
+    positions: list[int] = field(default_factory=list)
+    sources: dict[int, set[int]] = field(default_factory=dict)
+
+    def add(self, positions, source: int) -> int:
+        n = 0
+        for p in positions:
+            p = int(p)
+            if p not in self.sources:
+                self.sources[p] = set()
+                self.positions.append(p)
+                n += 1
+            self.sources[p].add(source)
+        return n
+
+    def count(self, source: int) -> int:
+        return sum(1 for s in self.sources.values() if source in s)
+
+
+def _unit(v: np.ndarray) -> np.ndarray | None:
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 1e-9 else None
+
+
+def interest_vector(snap: Snapshot, user: UserView, page_position: int | None, limit: int) -> np.ndarray | None:
+    """Recency-weighted mean of the embeddings of what the user touched (page item, session, history).
+
+    A stand-in for the learned interest model (docs/gateway.md): same inputs and output, no
+    attention yet.
+    """
+    recent = ([page_position] if page_position is not None else []) + user.session_positions + user.recent_positions
+    recent = list(dict.fromkeys(recent))[:limit]
+    if not recent:
+        return None
+    weights = RECENCY_DECAY ** np.arange(len(recent), dtype=np.float32)
+    return _unit(weights @ snap.index.embeddings[recent])
+
+
+def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 top-k within `allowed` (positions, scores); used when the encoder is unavailable."""
+    scores = snap.lexical.scores(query)
+    if len(scores) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    scores = np.where(allowed[: len(scores)], scores, 0.0)
+    top = np.argsort(-scores, kind="stable")[:k]
+    top = top[scores[top] > 0]
+    return top.astype(np.int64), scores[top].astype(np.float32)
+
+
+def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray | None, lexical_query: str,
+             interest: np.ndarray | None, user: UserView, page_position: int | None) -> Candidates:
+    cands = Candidates()
+    if query_vec is not None:
+        cands.add(snap.index.search(query_vec, k, allowed)[0], QUERY)
+    elif lexical_query:
+        cands.add(lexical_top(snap, lexical_query, k, allowed)[0], QUERY)
+    if interest is not None:
+        vec = interest if query_vec is None else _unit(QUERY_SHARE * query_vec + interest)
+        if vec is not None:
+            cands.add(snap.index.search(vec, k, allowed)[0], INTEREST)
+    seeds = ([page_position] if page_position is not None else []) + user.session_positions[:5]
+    covisit = snap.catalog.covisit
+    neighbours = [p for s in seeds for p in covisit.get(s, ())[: max(k // max(len(seeds), 1), 5)]]
+    cands.add([p for p in neighbours if allowed[p] and p != page_position], SESSION)
+    # Popularity: the whole list for cold start / no query; a backfill otherwise.
+    want = k if (query_vec is None and not lexical_query) else max(k // 5, 10)
+    popular = snap.catalog.popular
+    cands.add(popular[allowed[popular]][:want], POPULAR)
+    if page_position is not None and page_position in cands.sources:  # never recommend the page's own item
+        cands.positions.remove(page_position)
+        del cands.sources[page_position]
+    return cands

@@ -1,0 +1,83 @@
+"""Feature terms of the final score: personalization, popularity, freshness; and their fusion.
+
+final = w_rel * relevance + w_pers * personalization + w_pop * popularity + w_fresh * freshness
+Each weighted part is reported in ScoreBreakdown, so the parts add up to the score.
+relevance is the Triton ranker's score for the top-K, else prior x cosine similarity (the
+untrained ranker's own formula, so ranked and unranked items are on one scale).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from gateway.catalog import Catalog
+from gateway.config import ScoreWeights
+
+RANKER_PRIOR = 5.0  # CrossEncoderRanker.prior at initialisation: score = prior * cosine + head
+FRESH_DAYS = 14.0
+
+
+@dataclass
+class UserView:
+    """What the scorer needs from a user's profile and live session, decoded once per request."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    category_affinity: dict[str, float] = field(default_factory=dict)
+    brand_affinity: dict[str, float] = field(default_factory=dict)
+    session_positions: list[int] = field(default_factory=list)  # clicked + carted this session, newest first
+    session_brands: Counter = field(default_factory=Counter)
+    session_categories: Counter = field(default_factory=Counter)
+    recent_positions: list[int] = field(default_factory=list)  # profile history, newest first
+    known: bool = False  # any profile or session features at all
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], catalog: Catalog, has_profile: bool, has_session: bool) -> "UserView":
+        def pairs(keys: str, scores: str) -> dict[str, float]:
+            return {k: float(s) for k, s in zip(values.get(keys) or (), values.get(scores) or ())}
+
+        pos = catalog.position
+        session_ids = list(values.get("recent_clicked_item_ids") or ()) + list(values.get("recent_carted_item_ids") or ())
+        session_positions = list(dict.fromkeys(pos[i] for i in session_ids if i in pos))
+        recent = [pos[i] for i in (values.get("recent_item_ids") or ()) if i in pos]
+        return cls(
+            values=values,
+            category_affinity=pairs("top_categories", "top_category_scores"),
+            brand_affinity=pairs("top_brands", "top_brand_scores"),
+            session_positions=session_positions,
+            session_brands=Counter(b for b in catalog.brands[session_positions] if isinstance(b, str)),
+            session_categories=Counter(c for c in catalog.categories[session_positions] if isinstance(c, str)),
+            recent_positions=recent,
+            known=has_profile or has_session,
+        )
+
+
+@dataclass
+class Parts:
+    relevance: np.ndarray
+    personalization: np.ndarray
+    popularity: np.ndarray
+    freshness: np.ndarray
+
+    def total(self) -> np.ndarray:
+        return self.relevance + self.personalization + self.popularity + self.freshness
+
+
+def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_popularity: np.ndarray,
+                  weights: ScoreWeights, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted personalization, popularity and freshness for the candidates at `positions`."""
+    brands, cats = catalog.brands[positions], catalog.categories[positions]
+    n_session = max(len(user.session_positions), 1)
+    pers = np.array([
+        0.5 * user.category_affinity.get(c, 0.0) + 0.5 * user.brand_affinity.get(b, 0.0)
+        + user.session_brands.get(b, 0) / n_session + 0.5 * user.session_categories.get(c, 0) / n_session
+        for b, c in zip(brands, cats)
+    ], dtype=np.float32)
+    age_days = ((now or time.time()) - catalog.created[positions]) / 86400.0
+    fresh = np.clip(1.0 - age_days / FRESH_DAYS, 0.0, 1.0).astype(np.float32)
+    return (weights.personalization * pers, weights.popularity * item_popularity.astype(np.float32) / 5.0,
+            weights.freshness * fresh)

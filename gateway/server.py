@@ -1,0 +1,167 @@
+"""The gateway process: gRPC server, health, reflection, metrics and the background loops.
+
+Start-up order: the gRPC port opens at once with health NOT_SERVING (so orchestrators can probe
+it); the catalog, online reader, Triton and the item index are brought up in the background, and
+health turns SERVING only when all of them answer. While serving, a failing part degrades answers
+(see recommender.py) but health stays SERVING: a degraded answer beats no answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from gateway import metrics
+from gateway.catalog import CatalogSources
+from gateway.config import GatewaySettings
+from gateway.features.layout import FeatureLayout
+from gateway.features.online_reader import open_reader
+from gateway.recommender import Recommender
+from gateway.service import RecommendServicer
+from gateway.state import ServingState
+from gateway.triton_client import TritonClient, TritonError
+from recsys.v1 import recommend_pb2, recommend_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
+RETRY_S = 1.0
+
+
+def _load_feature_store(settings: GatewaySettings):
+    from feast import FeatureStore  # seconds to import: start-up only
+
+    repo = settings.feature_repo.resolve()
+    return FeatureStore(repo_path=str(repo), fs_yaml_file=repo / settings.feature_store_yaml)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.health = health_aio.HealthServicer()
+        self.triton = TritonClient(settings.triton_url, settings.encoder_model, settings.ranker_model)
+        self.state: ServingState | None = None
+        self.recommender: Recommender | None = None
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> int:
+        """Open the port (health NOT_SERVING) and start bringing the parts up; return the port."""
+        store = await asyncio.to_thread(_load_feature_store, self.settings)
+        layout = FeatureLayout.from_feature_store(store)
+        reader = open_reader(store.config, layout, self.settings.feature_repo.resolve())
+        self.state = ServingState(CatalogSources.from_feature_store(store), self.triton, self.settings.cache_dir)
+        self.recommender = Recommender(self.settings, self.state, reader, self.triton)
+
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.settings, self.recommender),
+                                                                  self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        self._tasks.append(asyncio.create_task(self._bring_up()))
+        log.info("gateway listening on %s:%d (not serving until ready)", self.settings.host, self.port)
+        return self.port
+
+    async def _bring_up(self) -> None:
+        while True:
+            try:
+                if not await self.triton.is_ready():
+                    raise TritonError(f"Triton at {self.settings.triton_url} is not ready")
+                snap = await self.state.load()
+                await self._update_ranker_version()
+                await self._warm_up()
+                break
+            except Exception as e:  # noqa: BLE001 - keep trying; health says NOT_SERVING meanwhile
+                log.warning("not ready yet: %s", e)
+                await asyncio.sleep(RETRY_S)
+        metrics.INDEX_ITEMS.set(len(snap.catalog))
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("gateway serving: %d items, encoder v%s, ranker v%s", len(snap.catalog), snap.encoder_version,
+                 self.recommender.ranker_version or "-")
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+
+    async def _warm_up(self) -> None:
+        """One encoder and one ranker call before SERVING: the first inference of a freshly loaded
+        model is several times slower (allocations, ORT graph set-up) and must not hit a shopper."""
+        from scorer.ranker_inputs import NUMERIC_FEATURES
+
+        import numpy as np
+
+        await self.triton.embed(["warm up"], timeout_s=30)
+        if self.settings.rerank_depth and self.recommender.ranker_version:
+            n = self.settings.rerank_depth
+            await self.triton.rank("warm up", ["warm up"] * n, np.zeros((n, len(NUMERIC_FEATURES)), np.float32),
+                                   timeout_s=60)
+
+    async def _update_ranker_version(self) -> None:
+        try:
+            self.recommender.ranker_version = await self.triton.serving_version(self.settings.ranker_model, "ranker_onnx")
+        except TritonError as e:
+            log.warning("ranker version unknown: %s", e)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:
+                what = await self.state.refresh()
+                await self._update_ranker_version()
+                if what != "unchanged":
+                    metrics.INDEX_SWAPS.inc()
+                    metrics.INDEX_ITEMS.set(len(self.state.snapshot.catalog))
+            except Exception as e:  # noqa: BLE001 - the old snapshot keeps serving
+                log.warning("refresh failed (still serving the previous index): %s", e)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if self.recommender is not None and self.recommender.reader is not None:
+            self.recommender.reader.close()
+        await self.triton.close()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run until SIGINT/SIGTERM; then drain in-flight calls and exit."""
+    gateway = Gateway(settings)
+    port = await gateway.start()
+    print(f"gateway on {settings.host}:{port} (pid {os.getpid()})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def main(config_file: Path | None = None) -> None:
+    from gateway.config import load_settings
+    from gateway.logs import configure_logging
+
+    configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
+    asyncio.run(serve(load_settings(config_file)))

@@ -1,0 +1,99 @@
+"""RecommendService over gRPC: validation, deadlines, status codes, metrics and a log line per call."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import grpc
+
+from gateway import metrics
+from gateway.config import GatewaySettings
+from gateway.logs import request_id_var
+from gateway.recommender import Outcome, Recommender, Request, Unavailable, new_request_id
+from gateway.validation import RequestError, validate_rank, validate_recommend
+from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc
+
+log = logging.getLogger("gateway.access")
+
+
+class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
+    def __init__(self, settings: GatewaySettings, recommender: Recommender):
+        self.settings = settings
+        self.recommender = recommender
+
+    def _budget(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        cap = self.settings.request_timeout_ms / 1e3
+        return cap if remaining is None else min(cap, remaining)
+
+    async def _serve(self, method: str, request, context, validate, to_request) -> Outcome:
+        rid = request.request_id or new_request_id()
+        request_id_var.set(rid)
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            try:
+                validate(request, self.settings)
+            except RequestError as e:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(e))
+            budget = self._budget(context)
+            if budget <= 0 or math.isnan(budget):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "the request's deadline had already passed when it arrived")
+            try:
+                return await self.recommender.run(to_request(request, rid), budget)
+            except Unavailable as e:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(e))
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error")
+                await context.abort(code, f"internal error (request_id={rid}); see the gateway log")
+        finally:
+            seconds = time.perf_counter() - t0
+            metrics.REQUESTS.labels(method, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(method).observe(seconds)
+            log.info("%s %s", method, code.name, extra={"fields": {
+                "method": method, "code": code.name, "ms": round(seconds * 1e3, 2), "user_id": request.user_id}})
+
+    def _fill(self, response, outcome: Outcome, rid: str):
+        response.items.extend(outcome.items)
+        response.request_id = rid
+        response.model_versions.update(outcome.model_versions)
+        response.degraded = bool(outcome.degraded)
+        response.degraded_reasons.extend(outcome.degraded)
+        for reason in outcome.degraded:
+            metrics.DEGRADED.labels(reason.split(" ", 1)[0]).inc()
+        return response
+
+    async def Recommend(self, request: recommend_pb2.RecommendRequest, context) -> recommend_pb2.RecommendResponse:
+        def to_request(r: recommend_pb2.RecommendRequest, rid: str) -> Request:
+            return Request(rid, r.user_id, r.session_id, r.query, r.context, r.filters,
+                           r.num_results or self.settings.default_num_results, r.explain,
+                           list(r.candidate_item_ids) if r.candidate_item_ids else None)
+
+        outcome = await self._serve("Recommend", request, context, validate_recommend, to_request)
+        response = self._fill(recommend_pb2.RecommendResponse(), outcome, request_id_var.get())
+        p = outcome.parsed
+        response.parsed_query.text = p.text
+        response.parsed_query.brands.extend(p.brands)
+        response.parsed_query.categories.extend(p.categories)
+        if p.min_price is not None:
+            response.parsed_query.min_price = p.min_price
+        if p.max_price is not None:
+            response.parsed_query.max_price = p.max_price
+        return response
+
+    async def Rank(self, request: recommend_pb2.RankRequest, context) -> recommend_pb2.RankResponse:
+        def to_request(r: recommend_pb2.RankRequest, rid: str) -> Request:
+            # Rank returns every known id: the query's constraints only boost, never filter.
+            return Request(rid, r.user_id, r.session_id, r.query, r.context, common_pb2.Filters(),
+                           len(r.item_ids), r.explain, list(r.item_ids), apply_filters=False)
+
+        outcome = await self._serve("Rank", request, context, validate_rank, to_request)
+        response = self._fill(recommend_pb2.RankResponse(), outcome, request_id_var.get())
+        response.unknown_item_ids.extend(outcome.unknown_ids)
+        return response

@@ -1,0 +1,343 @@
+"""The gateway end to end: real gRPC, a real Triton server (encoder + ranker), real Feast online
+stores (SQLite and Redis), the tiny synthetic shop."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REDIS_YAML, start_triton
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A model repository with the zero-shot encoder and the untrained ranker (v1 each)."""
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.ranker_export import export_ranker
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+
+    repo = copy_repository_configs(tmp_path_factory.mktemp("gw_models") / "models")
+    export_encoder(repo, TextEncoder())
+    export_ranker(repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def triton_gw(models, tmp_path_factory):
+    server = start_triton(models, tmp_path_factory.mktemp("gw_triton"))
+    yield server
+    server.stop()
+
+
+def _settings(feature_repo, triton, tmp_path_factory, **over):
+    from gateway.config import GatewaySettings
+
+    base = dict(port=0, feature_repo=feature_repo.path, triton_url=triton.grpc_url,
+                embedding_cache_dir=tmp_path_factory.getbasetemp() / "embeddings",
+                # Generous budgets: CI's 2 shared cores; the deadline test below sets its own.
+                request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000, refresh_interval_s=0.5)
+    return GatewaySettings(**{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def gateway(feature_repo, triton_gw, tmp_path_factory):
+    from gateway.background import BackgroundGateway
+    from scripts.local_redis import free_port
+
+    settings = _settings(feature_repo, triton_gw, tmp_path_factory, metrics_port=free_port())
+    with BackgroundGateway(settings) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    from gateway.client import GatewayClient
+
+    with GatewayClient(gateway.address, timeout_s=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def items(feature_repo) -> pd.DataFrame:
+    return pd.read_parquet(feature_repo.offline / "item_features.parquet").set_index("item_id")
+
+
+def _push_clicks(store, user_id: str, session_id: str, item_ids: list[str], items: pd.DataFrame) -> None:
+    from scorer.data.session_push import push_session, session_of_clicks
+
+    push_session(store, user_id, session_of_clicks(session_id, item_ids, items["category"].to_dict()))
+
+
+# --- serving basics --------------------------------------------------------------------------------------
+
+def test_health_reflection_and_metrics(gateway, client):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(gateway.address)
+    status = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="recsys.v1.RecommendService"), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"recsys.v1.RecommendService", "grpc.health.v1.Health"} <= names
+    client.recommend("rain jacket")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.settings.metrics_port}/metrics", timeout=5).read().decode()
+    for metric in ("recsys_request_seconds_bucket", 'recsys_stage_seconds_count{stage="rank"}',
+                   'recsys_candidates_count{source="query"}', "recsys_index_items"):
+        assert metric in body
+
+
+def test_cold_start_user_gets_query_relevant_results(client, items):
+    response = client.recommend("trail running shoes", user_id=f"new-{uuid.uuid4().hex[:8]}", num_results=10)
+    assert not response.degraded, response.degraded_reasons
+    assert len(response.items) == 10
+    cats = items.loc[[i.item_id for i in response.items], "category"]
+    assert (cats == "Running Shoes").mean() >= 0.8, cats.tolist()
+    assert [i.rank for i in response.items] == list(range(1, 11))
+    scores = [i.score for i in response.items]
+    assert scores == sorted(scores, reverse=True)
+    assert response.model_versions["encoder"] == "1" and response.model_versions["ranker"] == "1"
+    top = response.items[0]
+    parts = top.breakdown
+    assert parts.relevance + parts.personalization + parts.popularity + parts.freshness == pytest.approx(top.score, abs=1e-3)
+    assert any(r.startswith("matches 'trail running shoes'") for r in top.reasons), top.reasons
+    assert 1 in top.sources  # CANDIDATE_SOURCE_QUERY
+
+
+def test_constraints_from_the_query_and_the_filters_are_respected(client, items):
+    response = client.recommend("nike running shoes under 150", num_results=10)
+    assert list(response.parsed_query.brands) == ["Nike"] and response.parsed_query.max_price == 150
+    got = items.loc[[i.item_id for i in response.items]]
+    assert len(got) > 0 and (got["brand"] == "Nike").all() and (got["price"] <= 150).all(), got[["brand", "price"]]
+
+    from recsys.v1 import common_pb2
+
+    excluded = [i.item_id for i in client.recommend("backpack", num_results=3).items]
+    filters = common_pb2.Filters(categories=["backpacks"], min_price=20, max_price=200, exclude_item_ids=excluded)
+    got = items.loc[[i.item_id for i in client.recommend("backpack", num_results=20, filters=filters).items]]
+    assert len(got) > 0 and (got["category"] == "Backpacks").all()
+    assert got["price"].between(20, 200).all() and not set(excluded) & set(got.index)
+
+    page = client.recommend("", num_results=10, context=common_pb2.Context(
+        surface=common_pb2.SURFACE_CATEGORY, page_category="Headphones"))
+    assert (items.loc[[i.item_id for i in page.items], "category"] == "Headphones").all()
+
+
+def test_clicks_on_one_brand_lift_that_brand_on_the_next_request(feature_repo, client, items):
+    """The real-time loop: session features pushed through Feast change the very next answer."""
+    user, session = f"shopper-{uuid.uuid4().hex[:8]}", "s-brand"
+    before = client.recommend("running shoes", user_id=user, session_id=session, num_results=20)
+    shown = items.loc[[i.item_id for i in before.items]]
+    # The brand the shopper likes: the least-represented brand in the top 10 that has 3+ shoes.
+    shoes = items[items["category"] == "Running Shoes"]
+    counts = shown["brand"].head(10).value_counts()
+    brand = min((b for b in shoes["brand"].unique() if (shoes["brand"] == b).sum() >= 4),
+                key=lambda b: counts.get(b, 0))
+    clicked = shoes[shoes["brand"] == brand].index[:3].tolist()
+    _push_clicks(feature_repo.store(), user, session, clicked, items)
+
+    after = client.recommend("running shoes", user_id=user, session_id=session, num_results=20)
+    def top10_share(resp):
+        return (items.loc[[i.item_id for i in resp.items[:10]], "brand"] == brand).mean()
+    assert top10_share(after) > top10_share(before), (brand, top10_share(before), top10_share(after))
+    first = next(i for i in after.items if items.at[i.item_id, "brand"] == brand)
+    assert any(f"{brand} item" in r and "this session" in r for r in first.reasons), first.reasons
+    assert first.breakdown.personalization > 0
+
+
+def test_rank_reorders_the_callers_list_and_reports_unknown_ids(client, items):
+    shoes = items[items["category"] == "Running Shoes"].index[:5].tolist()
+    espresso = items[items["category"] == "Coffee Makers"].index[:5].tolist()
+    response = client.rank(espresso + shoes + ["no-such-item"], query="running shoes")
+    assert list(response.unknown_item_ids) == ["no-such-item"]
+    got = [i.item_id for i in response.items]
+    assert sorted(got) == sorted(espresso + shoes)
+    assert set(got[:5]) == set(shoes), got
+    assert all(list(i.sources) == [5] for i in response.items)  # CANDIDATE_SOURCE_CALLER
+
+
+def test_home_feed_for_a_known_user_uses_their_history(feature_repo, client, items):
+    events = feature_repo.shop.events
+    user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
+    response = client.recommend("", user_id=user, num_results=10)
+    assert len(response.items) == 10 and not response.degraded
+    sources = {s for i in response.items for s in i.sources}
+    assert 2 in sources or 3 in sources  # INTEREST or SESSION: not just the popularity list
+
+
+def test_brand_cap_diversifies(feature_repo, triton_gw, tmp_path_factory, items):
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+
+    settings = _settings(feature_repo, triton_gw, tmp_path_factory, brand_cap=2)
+    with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+        response = c.recommend("running shoes", num_results=10)
+    brands = items.loc[[i.item_id for i in response.items], "brand"]
+    assert brands.value_counts().max() <= 2, brands.tolist()
+
+
+# --- Redis --------------------------------------------------------------------------------------------
+
+def test_redis_online_store_end_to_end(feature_repo, triton_gw, tmp_path_factory, items, monkeypatch):
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", feature_repo.redis.connection_string)
+    settings = _settings(feature_repo, triton_gw, tmp_path_factory, feature_store_yaml=REDIS_YAML)
+    user, session = f"redis-{uuid.uuid4().hex[:8]}", "s-redis"
+    with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+        before = c.recommend("headphones", user_id=user, session_id=session, num_results=10)
+        heads = items[items["category"] == "Headphones"]
+        brand = heads["brand"].value_counts().index[-1]
+        _push_clicks(feature_repo.store("redis"), user, session, heads[heads["brand"] == brand].index[:3].tolist(), items)
+        after = c.recommend("headphones", user_id=user, session_id=session, num_results=10)
+    share = lambda r: (items.loc[[i.item_id for i in r.items], "brand"] == brand).mean()  # noqa: E731
+    assert not after.degraded and share(after) > share(before)
+
+
+# --- degradation -----------------------------------------------------------------------------------------
+
+def test_triton_down_gives_degraded_answers_within_the_deadline_then_recovers(feature_repo, models, tmp_path_factory,
+                                                                            items):
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+
+    server = start_triton(models, tmp_path_factory.mktemp("gw_triton_down"))
+    deadline_ms = 1000  # the ranker alone takes ~0.2-0.5 s on 2 busy CI cores
+    settings = _settings(feature_repo, server, tmp_path_factory, request_timeout_ms=deadline_ms,
+                         embed_timeout_ms=300, triton_cooldown_s=0.5)
+    try:
+        with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 5) as c:
+            assert any(not c.recommend("waterproof rain jacket").degraded for _ in range(5))
+            server.stop()
+            for _ in range(3):
+                t0 = time.perf_counter()
+                response = c.recommend("waterproof rain jacket", num_results=10)
+                elapsed = time.perf_counter() - t0
+                assert response.degraded and elapsed < deadline_ms / 1e3 + 0.2, (elapsed, response.degraded_reasons)
+                assert any("encoder unavailable" in r for r in response.degraded_reasons)
+                # BM25 still finds jackets.
+                assert (items.loc[[i.item_id for i in response.items], "category"] == "Jackets").mean() >= 0.5
+            server.start(timeout_s=180)
+            deadline = time.monotonic() + 30
+            while c.recommend("waterproof rain jacket").degraded:
+                assert time.monotonic() < deadline, "the gateway did not recover after Triton came back"
+                time.sleep(0.3)
+    finally:
+        server.stop()
+
+
+def test_online_store_down_answers_without_personalization(feature_repo, triton_gw, tmp_path_factory, monkeypatch):
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+    from scripts.local_redis import local_redis
+
+    # A Redis of its own (empty: the registry is shared, the data is not), killed mid-test.
+    with local_redis() as redis:
+        monkeypatch.setenv("REDIS_CONNECTION_STRING", redis.connection_string)
+        settings = _settings(feature_repo, triton_gw, tmp_path_factory, feature_store_yaml=REDIS_YAML,
+                             feature_timeout_ms=100)
+        with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+            assert not c.recommend("rain jacket", user_id="u1").degraded
+            redis.process.kill()
+            redis.process.wait()
+            response = c.recommend("rain jacket", user_id="u1", num_results=5)
+    assert response.degraded and len(response.items) == 5
+    assert any(r.startswith("online store unavailable") for r in response.degraded_reasons), response.degraded_reasons
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+def _bad_recommend_requests():
+    from recsys.v1 import common_pb2
+
+    F, C = common_pb2.Filters, common_pb2.Context
+    return [
+        ({"query": "x" * 513}, "query"),
+        ({"query": "   "}, "query"),
+        ({"query": "shoes\x00"}, "query"),
+        ({"num_results": 201}, "num_results"),
+        ({"num_results": -1}, "num_results"),
+        ({"candidate_item_ids": [f"i{n}" for n in range(1001)]}, "candidate_item_ids"),
+        ({"candidate_item_ids": ["ok", "bad id"]}, "candidate_item_ids[1]"),
+        ({"user_id": "x" * 129}, "user_id"),
+        ({"user_id": "bad/user"}, "user_id"),
+        ({"session_id": "no spaces"}, "session_id"),
+        ({"request_id": "r" * 200}, "request_id"),
+        ({"context": C(surface=99)}, "context.surface"),
+        ({"context": C(device=42)}, "context.device"),
+        ({"context": C(surface=common_pb2.SURFACE_SEARCH)}, "query"),
+        ({"context": C(surface=common_pb2.SURFACE_PRODUCT_PAGE)}, "context.page_item_id"),
+        ({"context": C(locale="en_GB!")}, "context.locale"),
+        ({"filters": F(min_price=-1)}, "filters.min_price"),
+        ({"filters": F(max_price=-5)}, "filters.max_price"),
+        ({"filters": F(min_price=50, max_price=10)}, "filters.max_price"),
+        ({"filters": F(min_price=float("nan"))}, "filters.min_price"),
+        ({"filters": F(brands=[""])}, "filters.brands[0]"),
+        ({"filters": F(exclude_item_ids=["a b"])}, "filters.exclude_item_ids[0]"),
+    ]
+
+
+@pytest.mark.parametrize("fields,field", _bad_recommend_requests(), ids=lambda v: str(v)[:40])
+def test_invalid_recommend_requests_are_rejected_naming_the_field(client, fields, field):
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Recommend(__import__("recsys.v1.recommend_pb2", fromlist=["x"]).RecommendRequest(**fields), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+@pytest.mark.parametrize("fields,field", [
+    ({"item_ids": []}, "item_ids"),
+    ({"item_ids": ["a", "a"]}, "item_ids"),
+    ({"item_ids": [f"i{n}" for n in range(1001)]}, "item_ids"),
+    ({"item_ids": ["a"], "query": "y" * 600}, "query"),
+    ({"item_ids": ["a"], "user_id": "spaces are bad"}, "user_id"),
+], ids=lambda v: str(v)[:40])
+def test_invalid_rank_requests_are_rejected_naming_the_field(client, fields, field):
+    from recsys.v1 import recommend_pb2
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Rank(recommend_pb2.RankRequest(**fields), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+def test_unknown_user_and_empty_query_are_not_errors(client):
+    response = client.recommend("", user_id="never-seen-before", num_results=5)
+    assert len(response.items) == 5 and all(4 in i.sources for i in response.items)  # POPULAR
+
+
+def test_new_items_are_added_to_the_index_without_a_rebuild(feature_repo, gateway, client, items):
+    """A new item written to the item source is embedded alone and becomes retrievable."""
+    path = feature_repo.offline / "item_features.parquet"
+    original = pd.read_parquet(path)
+    new = original.iloc[[0]].copy()
+    new["item_id"] = "zz-new-1"
+    new["title"] = "Zephyr Ultralight Carbon Trekking Poles"
+    new["category"], new["brand"], new["price"] = "Backpacks", "Osprey", 89.0
+    new["event_timestamp"] = pd.Timestamp.now(tz="UTC").floor("us")
+    try:
+        pd.concat([original, new]).to_parquet(path)
+        index_before = gateway.gateway.state.snapshot.index
+        deadline = time.monotonic() + 60
+        while "zz-new-1" not in gateway.gateway.state.snapshot.catalog.position:
+            assert time.monotonic() < deadline, "the new item never reached the index"
+            time.sleep(0.2)
+        snap = gateway.gateway.state.snapshot
+        assert len(snap.index) == len(index_before) + 1 and snap.index is not index_before
+        assert np.allclose(snap.index.embeddings[: len(index_before)], index_before.embeddings)
+        got = [i.item_id for i in client.recommend("ultralight carbon trekking poles", num_results=5).items]
+        assert "zz-new-1" in got
+    finally:
+        original.to_parquet(path)

@@ -101,14 +101,19 @@ async def triton_rows(server: TritonServer, repo: Path, precision: str, repeats:
 
 
 def naive_rows(repeats: int) -> list[dict]:
-    """The naive way: sentence-transformers CrossEncoder in-process, fp32, same weights and lengths."""
+    """The naive way: sentence-transformers CrossEncoder in-process, fp32, same weights, layers and lengths."""
     import torch
     from sentence_transformers import CrossEncoder
 
     from scorer.models.encoder import packaged_minilm_path
+    from scorer.models.ranker import RankerConfig
 
     torch.set_num_threads(2)
-    model = CrossEncoder(str(packaged_minilm_path()), num_labels=1, max_length=96, device="cpu")
+    config = RankerConfig()
+    model = CrossEncoder(str(packaged_minilm_path()), num_labels=1, max_length=config.max_length, device="cpu")
+    bert = model.model.base_model
+    if config.num_layers:  # the same layer-dropped transformer as the served ranker
+        bert.encoder.layer = bert.encoder.layer[: config.num_layers]
     rows = []
     for n in (20, 50, 100):
         pairs = [(CONTEXT, ITEM)] * n

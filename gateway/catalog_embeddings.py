@@ -78,7 +78,7 @@ async def embed_texts(client: TritonClient, texts: Sequence[str], cache: Embeddi
                 progress(done, len(missing))
 
         await asyncio.gather(*(one(missing[i : i + CHUNK]) for i in range(0, len(missing), CHUNK)))
-        cache.save()
+        await asyncio.to_thread(cache.save)
         seconds = time.perf_counter() - t0
         log.info("embedded %d item texts through Triton in %.1fs (%.0f/s)", len(missing), seconds, len(missing) / seconds)
     return np.stack([cache.get(t) for t in texts]).astype(np.float32)

@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 
 HNSW_M = 32
-EF_CONSTRUCTION = 80
-EF_SEARCH = 96
+EF_CONSTRUCTION = 128
+EF_SEARCH = 256  # top-100 needs a wide beam: recall@100 ~0.95+ on catalog-like vectors (bench/index_bench.py)
 # Below this many (allowed) vectors an exact scan is at least as fast as HNSW on this machine:
 # bench/index_bench.py measures it (docs/benchmarks.md).
 EXACT_MAX = 20_000
@@ -63,7 +63,7 @@ class ItemIndex:
                 return self._exact(query[0], k, subset)
         elif self._n <= self.exact_max:
             return self._exact(query[0], k, None)
-        params = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, k))
+        params = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, 2 * k))
         if allowed is not None:
             # The bitmap must outlive the search call; keep a reference in this frame.
             bitmap = np.packbits(allowed.astype(np.uint8), bitorder="little")

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,10 +75,25 @@ class Outcome:
     degraded: list[str]
     parsed: ParsedQuery
     unknown_ids: list[str] = field(default_factory=list)
+    stages_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _timed(stage: str):
-    return metrics.STAGE_SECONDS.labels(stage).time()
+class StageTimer:
+    """Times pipeline stages into the Prometheus histogram and into this request's own record
+    (returned to the caller as trailing metadata `x-recsys-stages-ms`)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+            self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
 
 
 class Recommender:
@@ -107,14 +123,14 @@ class Recommender:
         return self._explainers[key]
 
     async def _read(self, user_id: str, item_ids: list[str], deadline: Deadline, what: str,
-                    degraded: list[str]) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:
+                    degraded: list[str], timed: StageTimer) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:
         if self.reader is None or not self.features_breaker.allow():
             if self.reader is not None:
                 degraded.append(f"online store unavailable ({self.features_breaker.last_error}): no {what}")
             return None, {}
         timeout = min(self.settings.feature_timeout_ms / 1e3, max(deadline.left() - 0.005, 0.001))
         try:
-            with _timed(f"features_{what}"):
+            with timed("features_" + what.replace(" ", "_")):
                 got = await asyncio.wait_for(self.reader.aread(user_id, item_ids), timeout)
         except Exception as e:  # noqa: BLE001 - any store failure degrades the same way
             reason = "timeout" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else f"{type(e).__name__}: {e}"
@@ -125,13 +141,14 @@ class Recommender:
         self.features_breaker.success()
         return got.user, got.items
 
-    async def _embed(self, texts: list[str], deadline: Deadline, degraded: list[str]) -> np.ndarray | None:
+    async def _embed(self, texts: list[str], deadline: Deadline, degraded: list[str],
+                     timed: StageTimer) -> np.ndarray | None:
         if not self.encoder_breaker.allow():
             degraded.append(f"encoder unavailable ({self.encoder_breaker.last_error}): BM25 retrieval")
             return None
         timeout = min(self.settings.embed_timeout_ms / 1e3, deadline.left() * 0.5)
         try:
-            with _timed("embed"):
+            with timed("embed"):
                 vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001))
         except TritonError as e:
             self.encoder_breaker.failure(_short(e))
@@ -142,7 +159,7 @@ class Recommender:
         return vectors
 
     async def _rank(self, context: str, texts: list[str], numeric: np.ndarray, deadline: Deadline,
-                    degraded: list[str]) -> np.ndarray | None:
+                    degraded: list[str], timed: StageTimer) -> np.ndarray | None:
         if not self.ranker_breaker.allow():
             degraded.append(f"ranker unavailable ({self.ranker_breaker.last_error}): retrieval scores")
             return None
@@ -151,7 +168,7 @@ class Recommender:
             degraded.append("ranker skipped: request deadline too close")
             return None
         try:
-            with _timed("rank"):
+            with timed("rank"):
                 scores = await self.triton.rank(context, texts, numeric, timeout_s=timeout)
         except TritonError as e:
             # A deadline hit is this request's budget, not necessarily a sick server: no cool-down.
@@ -169,15 +186,16 @@ class Recommender:
         snap = self._snapshot()
         catalog = snap.catalog
         degraded: list[str] = []
+        timed = StageTimer()
 
-        with _timed("parse"):
+        with timed("parse"):
             parsed = snap.parser.parse(req.query) if req.query else EMPTY_QUERY
             allowed, boosts, constraints = self._constraints(snap, req, parsed)
 
         # 1. the user's profile and live session (one round trip)
         user = UserView()
         if req.user_id:
-            user_feats, _ = await self._read(req.user_id, [], deadline, "personalization", degraded)
+            user_feats, _ = await self._read(req.user_id, [], deadline, "personalization", degraded, timed)
             if user_feats is not None:
                 has_session = user_feats.has("user_session") and (
                     not req.session_id or user_feats.values.get("session_id") in ("", None, req.session_id))
@@ -189,15 +207,16 @@ class Recommender:
         depth = self.settings.rerank_depth
         query_text = parsed.text or req.query
         ctx_text = context_text(query_text or None, user.values)
-        texts = ([query_text] if query_text else []) + ([ctx_text] if depth > 0 else [])
-        vectors = await self._embed(texts, deadline, degraded) if texts else None
+        # A cold user's context text is the query itself: embed it once.
+        texts = list(dict.fromkeys(([query_text] if query_text else []) + ([ctx_text] if depth > 0 else [])))
+        vectors = await self._embed(texts, deadline, degraded, timed) if texts else None
         query_vec = vectors[0] if vectors is not None and query_text else None
         ctx_vec = vectors[-1] if vectors is not None and depth > 0 else None
 
         # 3. candidates
         page = catalog.position.get(req.context.page_item_id) if req.context.page_item_id else None
         unknown: list[str] = []
-        with _timed("retrieve"):
+        with timed("retrieve"):
             interest = interest_vector(snap, user, page, self.settings.interest_recent_items)
             if req.candidate_ids is not None:
                 cands = Candidates()
@@ -210,7 +229,7 @@ class Recommender:
             for source, name in SOURCE_NAMES.items():
                 metrics.CANDIDATES.labels(name).observe(cands.count(source))
         if not cands.positions:
-            return Outcome([], self._versions(snap, ranked=False), degraded, parsed, unknown)
+            return Outcome([], self._versions(snap, ranked=False), degraded, parsed, unknown, timed.ms)
 
         positions = np.array(cands.positions, dtype=np.int64)
         probe = query_vec if query_vec is not None else interest
@@ -233,7 +252,7 @@ class Recommender:
         head_n = max(min(depth, len(order)), 0)
         head = order[:max(head_n, min(n_out, len(order)))]
         head_ids = [catalog.item_ids[positions[i]] for i in head]
-        _, item_feats = await self._read(req.user_id, head_ids, deadline, "item features", degraded) \
+        _, item_feats = await self._read(req.user_id, head_ids, deadline, "item features", degraded, timed) \
             if head_ids else (None, {})
         for j, i in enumerate(head):
             f = item_feats.get(head_ids[j])
@@ -248,7 +267,7 @@ class Recommender:
             numeric = np.array([numeric_features(it, user.values, float(s)) for it, s in zip(items, sims)],
                                dtype=np.float32)
             scores = await self._rank(ctx_text, [catalog.texts[positions[i]] for i in rank_idx], numeric,
-                                      deadline, degraded)
+                                      deadline, degraded, timed)
             if scores is not None:
                 relevance[rank_idx] = scores + BOOST * boosts[positions[rank_idx]]
                 ranked = True
@@ -256,7 +275,7 @@ class Recommender:
             degraded.append("ranker skipped: no context embedding")
 
         # 5. fuse, order (ranked head first, then the rest by retrieval score), diversify
-        with _timed("fuse"):
+        with timed("fuse"):
             final = w.relevance * relevance + pers + pop + fresh
             ranked_set = set(head[:head_n].tolist()) if ranked else set()
             head_sorted = sorted(ranked_set, key=lambda i: -final[i])
@@ -279,7 +298,7 @@ class Recommender:
                         user, float(catalog.popularity[p]), cands.sources[p], constraints,
                         float(fresh[i] / w.freshness) if w.freshness else 0.0))
                 items.append(item)
-        return Outcome(items, self._versions(snap, ranked), degraded, parsed, unknown)
+        return Outcome(items, self._versions(snap, ranked), degraded, parsed, unknown, timed.ms)
 
     # --- pieces -----------------------------------------------------------------------------------
     def _versions(self, snap: Snapshot, ranked: bool) -> dict[str, str]:

@@ -79,7 +79,7 @@ class ServingState:
         self._lock = asyncio.Lock()
 
     async def _embed(self, catalog: Catalog, version: str) -> np.ndarray:
-        cache = EmbeddingCache(self.cache_dir, version)
+        cache = await asyncio.to_thread(EmbeddingCache, self.cache_dir, version)
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -132,5 +132,5 @@ class ServingState:
     async def _embed_tail(self, catalog: Catalog, start: int, version: str) -> np.ndarray:
         if start >= len(catalog):
             return np.empty((0, 0), dtype=np.float32)
-        cache = EmbeddingCache(self.cache_dir, version)
+        cache = await asyncio.to_thread(EmbeddingCache, self.cache_dir, version)
         return await embed_texts(self.triton, catalog.texts[start:], cache)

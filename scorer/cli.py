@@ -302,7 +302,7 @@ def demo(
     seed: int = typer.Option(7),
     train_steps: int = typer.Option(40, help="Encoder fine-tuning steps (~2-3 s each on 2 cores)."),
 ) -> None:
-    """End to end on the embedded default: shop -> features -> fine-tune -> evaluate -> Triton."""
+    """End to end on the embedded default: shop -> features -> fine-tune -> evaluate -> Triton -> gateway."""
     from scorer.data import feast_ops
 
     console.rule("1. synthetic shop")
@@ -322,10 +322,10 @@ def demo(
     train_encoder_cmd(repo=FEATURE_REPO, out=ckpt, steps=train_steps, lr=1e-4, seed=0, start_from=None)
     console.rule("8. offline evaluation on the time-split holdout")
     eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], out=PROJECT_ROOT / "var" / "reports" / "retrieval")
-    console.rule("9. export to ONNX, serve from Triton, search the catalog through it")
-    from scorer.demo_search import search_through_triton
+    console.rule("9. Triton + the gateway: a shopper's results change after a few clicks")
+    from scorer.demo_live import live_demo
 
-    search_through_triton(ckpt, FEATURE_REPO, console)
+    live_demo(ckpt, FEATURE_REPO, console)
 
 
 def push_demo_session(repo: Path) -> tuple[str, list[str]]:

@@ -22,7 +22,11 @@ from scorer.ranker_inputs import NUMERIC_FEATURES
 @dataclass(frozen=True)
 class RankerConfig:
     model_path: str = ""  # empty: the packaged all-MiniLM-L6-v2
-    max_length: int = 96  # context + item tokens
+    max_length: int = 48  # context + item tokens (truncated longest-first)
+    # Transformer layers kept (0: all). The ranker's cost is per (context, item) pair: on 2 CPU
+    # cores 20 pairs take ~100 ms with all 6 MiniLM layers (ORT int8) and ~32 ms with the first 2
+    # (docs/benchmarks.md), which is what fits a 60 ms request budget. On GPU, keep all of them.
+    num_layers: int = 2
     n_numeric: int = len(NUMERIC_FEATURES)
     hidden: int = 64
 
@@ -39,6 +43,12 @@ class CrossEncoderRanker(nn.Module):
 
         self.config = config
         self.transformer = AutoModel.from_pretrained(str(config.resolved_path()))
+        layers = self.transformer.encoder.layer
+        if config.num_layers and config.num_layers < len(layers):
+            # Layer dropping: keep the bottom layers (they carry the lexical matching a re-ranker
+            # needs first); saved checkpoints then hold only these layers.
+            self.transformer.encoder.layer = layers[: config.num_layers]
+            self.transformer.config.num_hidden_layers = config.num_layers
         width = self.transformer.config.hidden_size
         self.numeric = nn.Sequential(nn.Linear(config.n_numeric, config.hidden), nn.GELU())
         self.head = nn.Sequential(nn.Linear(width + config.hidden, config.hidden), nn.GELU(), nn.Linear(config.hidden, 1))
@@ -72,6 +82,7 @@ class CrossEncoderRanker(nn.Module):
     @classmethod
     def load(cls, ckpt: Path) -> "CrossEncoderRanker":
         cfg = json.loads((ckpt / "ranker_config.json").read_text())
+        cfg.setdefault("num_layers", 0)  # checkpoints from before layer dropping hold all layers
         model = cls(RankerConfig(**{**cfg, "model_path": str(ckpt / "transformer")}))
         state = torch.load(ckpt / "head.pt", weights_only=True)
         model.numeric.load_state_dict(state["numeric"])

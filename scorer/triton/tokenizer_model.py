@@ -17,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
-PAD_MULTIPLE = 16
+PAD_MULTIPLE = 8
 
 
 class TritonPythonModel:

@@ -341,3 +341,17 @@ def test_new_items_are_added_to_the_index_without_a_rebuild(feature_repo, gatewa
         assert "zz-new-1" in got
     finally:
         original.to_parquet(path)
+
+
+def test_cli_query_prints_a_ranked_table_with_reasons(gateway):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "--user",
+                          "cli-user", "-n", "3", "waterproof hiking backpack under 200"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "matches 'waterproof hiking backpack'" in out.stdout and "<= 200" in out.stdout, out.stdout
+    bad = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "-n", "500", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stdout and "num_results" in bad.stdout

@@ -1,0 +1,76 @@
+"""Demo step: the models served by a real Triton, the gateway in front, and a shopper whose results
+change after a few clicks (live session features pushed through Feast).
+
+Exports the fine-tuned encoder and the ranker into `triton_models/`, starts tritonserver and the
+gateway (which embeds the catalog through Triton and builds its index), then plays a short script
+over real gRPC: a search, three clicks on one brand, the same search again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from gateway.background import BackgroundGateway
+from gateway.client import GatewayClient, response_table
+from gateway.config import GatewaySettings
+from scorer.data.feast_ops import load_store
+from scorer.data.session_push import push_session, session_of_clicks
+from scorer.export.encoder_export import export_encoder
+from scorer.export.ranker_export import export_ranker
+from scorer.export.triton_repo import MODEL_REPOSITORY
+from scorer.models.encoder import EncoderConfig, TextEncoder
+from scorer.triton.launcher import TritonServer
+from scorer.triton.publish import publish_encoder
+
+QUERY = "running shoes"
+
+
+def live_demo(checkpoint: Path, repo: Path, console: Console) -> None:
+    with console.status("exporting the fine-tuned encoder (fp32) and the ranker (2 layers, int8) to ONNX"):
+        encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))))
+        ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
+    console.print(f"exported encoder v{encoder_v} and ranker v{ranker_v} into {MODEL_REPOSITORY}")
+    with TritonServer() as triton:
+        publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)
+        console.print(f"Triton ready on {triton.grpc_url} (encoder v{encoder_v}, ranker v{ranker_v})")
+        settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
+                                   embed_timeout_ms=1000)
+        t0 = time.perf_counter()
+        with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):
+            gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
+        try:
+            console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
+            with GatewayClient(gateway.address, timeout_s=10) as client:
+                play_script(client, repo, console)
+        finally:
+            gateway.stop()
+
+
+def play_script(client: GatewayClient, repo: Path, console: Console) -> None:
+    items = pd.read_parquet(repo / "data" / "offline" / "item_features.parquet").set_index("item_id")
+    titles = items["title"].to_dict()
+    user, session = f"demo-shopper-{uuid.uuid4().hex[:6]}", "demo-session"
+
+    console.print(response_table(client.recommend("nike running shoes under 150", num_results=5), titles,
+                                 title="a cold-start shopper: 'nike running shoes under 150'"))
+    before = client.recommend(QUERY, user_id=user, session_id=session, num_results=8)
+    console.print(response_table(before, titles, title=f"{user}: {QUERY!r} (before any click)"))
+
+    shown = items.loc[[i.item_id for i in before.items]]
+    shoes = items[items["category"] == "Running Shoes"]
+    brand = min(shoes["brand"].unique(), key=lambda b: ((shown["brand"] == b).sum(), -(shoes["brand"] == b).sum()))
+    clicked = shoes[shoes["brand"] == brand].index[:3].tolist()
+    t0 = time.perf_counter()
+    push_session(load_store(repo), user, session_of_clicks(session, clicked, items["category"].to_dict(), [QUERY]))
+    console.print(f"the shopper clicks 3 {brand} shoes ({', '.join(clicked)}); session features pushed through "
+                  f"Feast in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+
+    after = client.recommend(QUERY, user_id=user, session_id=session, num_results=8)
+    console.print(response_table(after, titles, title=f"{user}: {QUERY!r} (right after the clicks)"))
+    share = lambda r: sum(items.at[i.item_id, "brand"] == brand for i in r.items)  # noqa: E731
+    console.print(f"{brand} items in the top 8: {share(before)} before, [bold]{share(after)}[/] after")

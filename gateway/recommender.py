@@ -26,7 +26,7 @@ from gateway.config import GatewaySettings
 from gateway.explain import Explainer
 from gateway.features.online_reader import EntityFeatures, OnlineFeatureReader
 from gateway.query_parser import ParsedQuery
-from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, interest_vector, retrieve
+from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, fallback_interest, history_positions, retrieve
 from gateway.scoring import RANKER_PRIOR, UserView, feature_terms
 from gateway.state import ServingState, Snapshot
 from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError
@@ -107,6 +107,8 @@ class Recommender:
         self.ranker_breaker = Breaker(settings.triton_cooldown_s)
         self.features_breaker = Breaker(settings.triton_cooldown_s)
         self.ranker_version = ""  # kept current by the server's refresh loop
+        self.interest_version = ""  # "": no interest model in Triton; the fallback formula is used
+        self.interest_breaker = Breaker(settings.triton_cooldown_s)
         self._explainers: dict[int, Explainer] = {}
 
     # --- helpers --------------------------------------------------------------------------------
@@ -180,6 +182,28 @@ class Recommender:
         self.ranker_breaker.success()
         return scores
 
+    async def _interest(self, snap: Snapshot, query_vec: np.ndarray | None, history: list[int], deadline: Deadline,
+                        degraded: list[str], timed: StageTimer) -> np.ndarray | None:
+        """The user's interest vector from Triton's interest model, else its untrained formula."""
+        if self.interest_version and self.interest_breaker.allow():
+            k = self.settings.interest_recent_items
+            items = np.zeros((k, snap.index.dim), np.float32)
+            items[: len(history)] = snap.index.embeddings[history]
+            mask = np.zeros(k, np.float32)
+            mask[: len(history)] = 1.0
+            query = query_vec if query_vec is not None else np.zeros(snap.index.dim, np.float32)
+            try:
+                with timed("interest"):
+                    return await self.triton.interest(query, query_vec is not None, items, mask,
+                                                      timeout_s=min(self.settings.embed_timeout_ms / 1e3,
+                                                                    max(deadline.left() * 0.25, 0.001)))
+            except TritonError as e:
+                if not isinstance(e, TritonDeadlineExceeded):
+                    self.interest_breaker.failure(_short(e))
+                metrics.DOWNSTREAM_ERRORS.labels("triton_interest", type(e).__name__).inc()
+                degraded.append(f"interest model unavailable ({_short(e)}): recency-weighted history")
+        return fallback_interest(snap, history, query_vec)
+
     # --- the pipeline -----------------------------------------------------------------------
     async def run(self, req: Request, budget_s: float) -> Outcome:
         deadline = Deadline(budget_s)
@@ -216,8 +240,9 @@ class Recommender:
         # 3. candidates
         page = catalog.position.get(req.context.page_item_id) if req.context.page_item_id else None
         unknown: list[str] = []
+        history = history_positions(user, page, self.settings.interest_recent_items)
+        interest = await self._interest(snap, query_vec, history, deadline, degraded, timed) if history else None
         with timed("retrieve"):
-            interest = interest_vector(snap, user, page, self.settings.interest_recent_items)
             if req.candidate_ids is not None:
                 cands = Candidates()
                 known = [catalog.position[i] for i in req.candidate_ids if i in catalog.position]
@@ -303,6 +328,8 @@ class Recommender:
     # --- pieces -----------------------------------------------------------------------------------
     def _versions(self, snap: Snapshot, ranked: bool) -> dict[str, str]:
         out = {"encoder": snap.encoder_version}
+        if self.interest_version:
+            out["interest"] = self.interest_version
         if ranked and self.ranker_version:
             out["ranker"] = self.ranker_version
         return out

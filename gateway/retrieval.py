@@ -21,8 +21,9 @@ POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 CALLER = common_pb2.CANDIDATE_SOURCE_CALLER
 
 SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", SESSION: "session", POPULAR: "popular", CALLER: "caller"}
-RECENCY_DECAY = 0.8  # weight of the i-th most recent item in the interest vector: 0.8^i
-QUERY_SHARE = 2.0  # with a query, interest = normalise(2 * query + recent-items vector)
+# The untrained interest model's constants (scorer/models/interest.py), for the fallback.
+RECENCY_DECAY = 0.8
+QUERY_SHARE = 2.0
 
 
 @dataclass
@@ -50,18 +51,23 @@ def _unit(v: np.ndarray) -> np.ndarray | None:
     return v / norm if norm > 1e-9 else None
 
 
-def interest_vector(snap: Snapshot, user: UserView, page_position: int | None, limit: int) -> np.ndarray | None:
-    """Recency-weighted mean of the embeddings of what the user touched (page item, session, history).
-
-    A stand-in for the learned interest model (docs/gateway.md): same inputs and output, no
-    attention yet.
-    """
+def history_positions(user: UserView, page_position: int | None, limit: int) -> list[int]:
+    """What the interest model reads, newest first: the page's item, the session's clicked and
+    carted items, then the profile's history (the same order as training, scorer/train/interest_data.py)."""
     recent = ([page_position] if page_position is not None else []) + user.session_positions + user.recent_positions
-    recent = list(dict.fromkeys(recent))[:limit]
-    if not recent:
+    return list(dict.fromkeys(recent))[:limit]
+
+
+def fallback_interest(snap: Snapshot, history: list[int], query_vec: np.ndarray | None) -> np.ndarray | None:
+    """The untrained interest model, computed here when Triton's `interest_onnx` is not available:
+    unit(QUERY_SHARE * query + unit(sum_k 0.8^k * item_k))."""
+    if not history:
         return None
-    weights = RECENCY_DECAY ** np.arange(len(recent), dtype=np.float32)
-    return _unit(weights @ snap.index.embeddings[recent])
+    weights = RECENCY_DECAY ** np.arange(len(history), dtype=np.float32)
+    mean = _unit(weights @ snap.index.embeddings[history])
+    if mean is None or query_vec is None:
+        return mean
+    return _unit(QUERY_SHARE * query_vec + mean)
 
 
 def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +88,8 @@ def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray 
         cands.add(snap.index.search(query_vec, k, allowed)[0], QUERY)
     elif lexical_query:
         cands.add(lexical_top(snap, lexical_query, k, allowed)[0], QUERY)
-    if interest is not None:
-        vec = interest if query_vec is None else _unit(QUERY_SHARE * query_vec + interest)
-        if vec is not None:
-            cands.add(snap.index.search(vec, k, allowed)[0], INTEREST)
+    if interest is not None:  # already fused with the query (interest model)
+        cands.add(snap.index.search(interest, k, allowed)[0], INTEREST)
     seeds = ([page_position] if page_position is not None else []) + user.session_positions[:5]
     covisit = snap.catalog.covisit
     neighbours = [p for s in seeds for p in covisit.get(s, ())[: max(k // max(len(seeds), 1), 5)]]

@@ -20,6 +20,11 @@ from gateway.config import ScoreWeights
 
 RANKER_PRIOR = 5.0  # CrossEncoderRanker.prior at initialisation: score = prior * cosine + head
 FRESH_DAYS = 14.0
+# A session's brand and category shares (0-1) lift an item by up to this much (x the personalization
+# weight). Relevance gaps between good matches are ~0.1-0.5, so these move a liked brand up a
+# page without filling the page with it.
+SESSION_BRAND = 0.6
+SESSION_CATEGORY = 0.3
 
 
 @dataclass
@@ -74,7 +79,8 @@ def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_
     n_session = max(len(user.session_positions), 1)
     pers = np.array([
         0.5 * user.category_affinity.get(c, 0.0) + 0.5 * user.brand_affinity.get(b, 0.0)
-        + user.session_brands.get(b, 0) / n_session + 0.5 * user.session_categories.get(c, 0) / n_session
+        + SESSION_BRAND * user.session_brands.get(b, 0) / n_session
+        + SESSION_CATEGORY * user.session_categories.get(c, 0) / n_session
         for b, c in zip(brands, cats)
     ], dtype=np.float32)
     age_days = ((now or time.time()) - catalog.created[positions]) / 86400.0

@@ -118,10 +118,16 @@ class Gateway:
                                    timeout_s=60)
 
     async def _update_ranker_version(self) -> None:
+        """The ranker's serving version, and the interest model's (optional: "" when not loaded)."""
         try:
             self.recommender.ranker_version = await self.triton.serving_version(self.settings.ranker_model, "ranker_onnx")
         except TritonError as e:
             log.warning("ranker version unknown: %s", e)
+        try:
+            versions = await self.triton.ready_versions("interest_onnx")
+            self.recommender.interest_version = versions[0] if versions else ""
+        except TritonError as e:
+            log.warning("interest model version unknown: %s", e)
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -111,6 +111,25 @@ class TritonClient:
             raise _wrap(e, f"{self.ranker_model} v{version or 'latest'}") from None
         return result.as_numpy("SCORE").reshape(-1)
 
+    async def interest(self, query: np.ndarray, has_query: bool, items: np.ndarray, mask: np.ndarray,
+                       timeout_s: float, model: str = "interest_onnx") -> np.ndarray:
+        """One interest vector [dim] from a query vector [dim], item vectors [k, dim] and mask [k]."""
+        inputs = []
+        for name, arr in (("query", query[None, :]), ("has_query", np.array([[1.0 if has_query else 0.0]])),
+                          ("items", items[None, :, :]), ("mask", mask[None, :])):
+            t = grpcclient.InferInput(name, list(arr.shape), "FP32")
+            t.set_data_from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            inputs.append(t)
+        try:
+            result = await asyncio.wait_for(self._client.infer(
+                model, inputs, outputs=[grpcclient.InferRequestedOutput("interest")], client_timeout=timeout_s),
+                timeout_s)
+        except asyncio.TimeoutError:
+            raise TritonDeadlineExceeded(f"{model}: no answer within {timeout_s * 1e3:.0f} ms") from None
+        except InferenceServerException as e:
+            raise _wrap(e, model) from None
+        return result.as_numpy("interest")[0]
+
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
         """Versions of `model` that are loaded and ready, newest first."""
         try:

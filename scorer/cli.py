@@ -141,6 +141,19 @@ def export_encoder_cmd(
     console.print(f"[green]exported[/] encoder_onnx/{version} and text_tokenizer/{version} into {repo}")
 
 
+@export_app.command("interest")
+def export_interest_cmd(
+    checkpoint: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "interest", help="From `recsys train interest`."),
+    repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+) -> None:
+    """Write the interest model as a new version of interest_onnx."""
+    from scorer.export.interest_export import export_interest
+    from scorer.models.interest import InterestModel
+
+    version = export_interest(repo, InterestModel.load(checkpoint))
+    console.print(f"[green]exported[/] interest_onnx/{version} into {repo}")
+
+
 @triton_app.command("serve")
 def triton_serve(
     repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
@@ -196,6 +209,38 @@ def train_encoder_cmd(
     _, losses = train_encoder(pairs, out, EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed), start_from=start_from)
     _plot_curve(losses, out / "training_loss.png")
     console.print(f"[green]saved[/] {out} (loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f}; curve: training_loss.png)")
+
+
+@train_app.command("interest")
+def train_interest_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its data/offline holds the label log)."),
+    out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "interest", help="Checkpoint folder."),
+    encoder: Optional[Path] = typer.Option(None, help="Serving encoder checkpoint whose vectors the model reads (default: packaged)."),
+    steps: int = typer.Option(300, help="Optimizer steps (batch 128; milliseconds each)."),
+    lr: float = typer.Option(3e-3),
+    seed: int = typer.Option(0),
+    report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "interest", help="Evaluation report folder."),
+) -> None:
+    """Train the interest model (next interaction) and evaluate it against its baselines on the holdout."""
+    from scorer.eval.interest_eval import evaluate_interest, write_interest_report
+    from scorer.models.encoder import EncoderConfig, TextEncoder
+    from scorer.models.interest import InterestModel
+    from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
+    from scorer.train.interest_train import InterestTrainConfig, train_interest
+
+    with console.status("building next-interaction examples through Feast"):
+        data = load_interest_examples(repo)
+    with console.status("embedding the catalog and the queries with the serving encoder"):
+        enc = TextEncoder(EncoderConfig(model_path=str(encoder))) if encoder else TextEncoder()
+        table = embed_catalog_and_queries(repo, data.rows["query"].dropna().tolist(), enc)
+    console.print(f"{len(data.train):,} training / {len(data.holdout):,} holdout examples (split {data.cutoff:%Y-%m-%d %H:%M})")
+    model, losses = train_interest(data.train, table, out, InterestTrainConfig(max_steps=steps, lr=lr, seed=seed))
+    result = evaluate_interest(data.holdout, data.train, table,
+                               {"interest, untrained (gateway fallback)": InterestModel(model.config).eval(),
+                                "interest, trained": model})
+    path = write_interest_report(result, report, losses)
+    console.print(result.round(3).to_string(index=False))
+    console.print(f"[green]saved[/] {out}; report: {path}")
 
 
 def _plot_curve(losses: list[float], path: Path) -> None:
@@ -290,7 +335,7 @@ def query_cmd(
     understood = ", ".join(x for x in [f"text={p.text!r}" if p.text else "", *p.brands, *p.categories,
                                        f">= {p.min_price:g}" if p.HasField("min_price") else "",
                                        f"<= {p.max_price:g}" if p.HasField("max_price") else ""] if x)
-    console.print(response_table(response, title=f"{text!r} for {user or 'anonymous'}  [{understood}]"))
+    console.print(response_table(response, title=f"{text!r} for {user or 'anonymous'}; understood: {understood or '-'}"))
     versions = ", ".join(f"{k} v{v}" for k, v in sorted(response.model_versions.items()))
     console.print(f"request {response.request_id}; models: {versions}"
                   + (f"; [yellow]degraded[/]: {'; '.join(response.degraded_reasons)}" if response.degraded else ""))

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A model repository with the zero-shot encoder and the untrained ranker (v1 each)."""
+    """A model repository with the zero-shot encoder, the untrained ranker and interest model (v1 each)."""
     from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
     from scorer.export.triton_repo import copy_repository_configs
     from scorer.models.encoder import TextEncoder
@@ -28,6 +29,7 @@ def models(tmp_path_factory):
     repo = copy_repository_configs(tmp_path_factory.mktemp("gw_models") / "models")
     export_encoder(repo, TextEncoder())
     export_ranker(repo)
+    export_interest(repo)
     return repo
 
 
@@ -171,7 +173,8 @@ def test_home_feed_for_a_known_user_uses_their_history(feature_repo, client, ite
     events = feature_repo.shop.events
     user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
     response = client.recommend("", user_id=user, num_results=10)
-    assert len(response.items) == 10 and not response.degraded
+    assert len(response.items) == 10 and not response.degraded, response.degraded_reasons
+    assert response.model_versions["interest"] == "1"  # the interest vector came from Triton
     sources = {s for i in response.items for s in i.sources}
     assert 2 in sources or 3 in sources  # INTEREST or SESSION: not just the popularity list
 
@@ -344,14 +347,16 @@ def test_new_items_are_added_to_the_index_without_a_rebuild(feature_repo, gatewa
 
 
 def test_cli_query_prints_a_ranked_table_with_reasons(gateway):
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, "COLUMNS": "300"}  # rich wraps at 80 columns without a terminal
     out = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "--user",
                           "cli-user", "-n", "3", "waterproof hiking backpack under 200"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "matches 'waterproof hiking backpack'" in out.stdout and "<= 200" in out.stdout, out.stdout
     bad = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "-n", "500", "x"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stdout and "num_results" in bad.stdout

@@ -1,0 +1,41 @@
+"""Export the interest model to ONNX as a new version of `interest_onnx`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from scorer.export.encoder_export import OPSET
+from scorer.export.triton_repo import MODEL_REPOSITORY, next_version
+from scorer.models.interest import InterestModel
+
+INPUTS = ["query", "has_query", "items", "mask"]
+
+
+def export_interest_onnx(model: InterestModel, path: Path) -> None:
+    model = model.eval()
+    d, k = model.config.dim, model.config.max_items
+    example = (torch.zeros(2, d), torch.ones(2, 1), torch.zeros(2, k, d), torch.ones(2, k))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model, example, str(path), input_names=INPUTS, output_names=["interest"],
+            dynamic_axes={"query": {0: "batch"}, "has_query": {0: "batch"}, "items": {0: "batch", 1: "k"},
+                          "mask": {0: "batch", 1: "k"}, "interest": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
+        )
+
+
+def export_interest(repo: Path = MODEL_REPOSITORY, model: InterestModel | None = None, version: int | None = None) -> int:
+    """Write a new interest-model version into `repo`; return its number."""
+    model = model or InterestModel()
+    v = version or next_version(repo, "interest_onnx")
+    out = repo / "interest_onnx" / str(v)
+    try:
+        export_interest_onnx(model, out / "model.onnx")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return v

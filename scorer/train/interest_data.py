@@ -1,0 +1,105 @@
+"""Next-interaction examples for the interest model, through Feast (point-in-time correct).
+
+One example per positive label (click / cart / purchase of a shown item): the target is that item;
+the inputs are the request's query and the user's recent items *as Feast knew them when the list
+was shown* (session clicks and carts, then the profile's history), joined with
+`get_historical_features` at the impression time. Item and query vectors come from the serving
+encoder, embedded here in-process (the gateway gets the same vectors through Triton).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scorer.models.interest import InterestConfig
+from scorer.train.data import graded_labels, join_features, time_cutoff
+
+HISTORY_FEATURES = ["user_session:recent_clicked_item_ids", "user_session:recent_carted_item_ids",
+                    "user_profile:recent_item_ids"]
+
+
+def _ids(v) -> list[str]:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return []
+    return [str(x) for x in v]
+
+
+def history_of(row: dict, max_items: int) -> list[str]:
+    """Session items first (clicked, then carted), then the profile's history; newest first, unique.
+    The gateway builds the same list from the same features (gateway/scoring.py UserView)."""
+    items = _ids(row.get("recent_clicked_item_ids")) + _ids(row.get("recent_carted_item_ids")) + _ids(row.get("recent_item_ids"))
+    return list(dict.fromkeys(items))[:max_items]
+
+
+@dataclass
+class InterestExamples:
+    rows: pd.DataFrame  # user_id, query, item_id (target), grade, event_timestamp, history (list of ids)
+    cutoff: pd.Timestamp
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.rows[self.rows["event_timestamp"] < self.cutoff]
+
+    @property
+    def holdout(self) -> pd.DataFrame:
+        return self.rows[self.rows["event_timestamp"] >= self.cutoff]
+
+
+def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig(), holdout_fraction: float = 0.2,
+                           store=None) -> InterestExamples:
+    from scorer.data.feast_ops import load_store
+
+    events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
+    labels = graded_labels(events)
+    labels = labels[labels["grade"] > 0].reset_index(drop=True)
+    feats = join_features(store or load_store(Path(repo)), labels, ["user_id"], HISTORY_FEATURES)
+    labels["history"] = [history_of(r, config.max_items) for r in feats.to_dict("records")]
+    labels["query"] = labels["query"].where(labels["query"].notna(), None)
+    return InterestExamples(labels, time_cutoff(events, holdout_fraction))
+
+
+@dataclass
+class VectorTable:
+    """Unit vectors of the catalog's items (rows in `item_ids` order) and of the queries."""
+
+    item_ids: list[str]
+    items: np.ndarray  # [n_items, dim]
+    queries: dict[str, np.ndarray]
+
+    def position(self) -> dict[str, int]:
+        return {i: k for k, i in enumerate(self.item_ids)}
+
+
+def embed_catalog_and_queries(repo: Path, queries: list[str], encoder=None) -> VectorTable:
+    from scorer.eval.retrieval_eval import embed_texts
+    from scorer.item_text import catalog_texts
+    from scorer.models.encoder import TextEncoder
+
+    encoder = encoder or TextEncoder()
+    items = pd.read_parquet(Path(repo) / "data" / "offline" / "item_features.parquet")
+    items = items.sort_values("event_timestamp").drop_duplicates("item_id", keep="last").reset_index(drop=True)
+    item_vecs = embed_texts(encoder, catalog_texts(items), encoder.config.item_max_length)
+    distinct = sorted({q for q in queries if q})
+    query_vecs = embed_texts(encoder, distinct, encoder.config.query_max_length) if distinct else np.zeros((0, item_vecs.shape[1]))
+    return VectorTable(items["item_id"].tolist(), item_vecs.astype(np.float32), dict(zip(distinct, query_vecs)))
+
+
+def batch_tensors(rows: pd.DataFrame, table: VectorTable, pos: dict[str, int], max_items: int):
+    """(query [B,D], has_query [B,1], items [B,K,D], mask [B,K], target positions [B]) as numpy."""
+    b, d = len(rows), table.items.shape[1]
+    query = np.zeros((b, d), np.float32)
+    has_query = np.zeros((b, 1), np.float32)
+    items = np.zeros((b, max_items, d), np.float32)
+    mask = np.zeros((b, max_items), np.float32)
+    for i, (q, hist) in enumerate(zip(rows["query"], rows["history"])):
+        if q and q in table.queries:
+            query[i], has_query[i] = table.queries[q], 1.0
+        known = [pos[h] for h in hist if h in pos][:max_items]
+        items[i, : len(known)] = table.items[known]
+        mask[i, : len(known)] = 1.0
+    target = np.array([pos.get(t, -1) for t in rows["item_id"]], dtype=np.int64)
+    return query, has_query, items, mask, target

@@ -1,0 +1,139 @@
+"""The interest model: next-interaction examples through Feast, training, evaluation, ONNX, Triton."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def examples(feature_repo):
+    from scorer.train.interest_data import load_interest_examples
+
+    return load_interest_examples(feature_repo.path)
+
+
+@pytest.fixture(scope="module")
+def table(feature_repo, examples):
+    from scorer.train.interest_data import embed_catalog_and_queries
+
+    return embed_catalog_and_queries(feature_repo.path, examples.rows["query"].dropna().tolist())
+
+
+@pytest.fixture(scope="module")
+def trained(examples, table, tmp_path_factory):
+    from scorer.train.interest_train import InterestTrainConfig, train_interest
+
+    ckpt = tmp_path_factory.mktemp("interest") / "ckpt"
+    model, losses = train_interest(examples.train, table, ckpt, InterestTrainConfig(max_steps=STEPS))
+    return model, losses, ckpt
+
+
+def test_history_is_point_in_time_correct(feature_repo, examples):
+    """Every history item was touched by that user before the list was shown (no leak from the future)."""
+    events = feature_repo.shop.events
+    acts = events[events["event_type"].isin(["CLICK", "ADD_TO_CART", "PURCHASE"])]
+    first_touch = acts.groupby(["user_id", "item_id"])["timestamp"].min()
+    rows = examples.rows[examples.rows["history"].map(len) > 0]
+    assert len(rows) > 100
+    for user, hist, ts in zip(rows["user_id"], rows["history"], rows["event_timestamp"]):
+        for item in hist:
+            assert first_touch[(user, item)] < ts, (user, item, ts)
+    assert (examples.rows["grade"] > 0).all()
+
+
+def test_training_does_not_lose_to_the_untrained_fallback_on_the_holdout(examples, table, trained):
+    """On the tiny shop (~500 training examples) the gain is within noise (+0.005 to +0.01 NDCG@10
+    in trials); on the demo shop it is +6% (docs/models.md). This guards against training that
+    hurts (a learning rate 3x too high lost 0.04 here)."""
+    from scorer.eval.interest_eval import evaluate_interest
+    from scorer.models.interest import InterestModel
+
+    model, losses, _ = trained
+    assert np.isfinite(losses).all() and np.mean(losses[-20:]) < np.mean(losses[:20])
+    result = evaluate_interest(examples.holdout, examples.train, table,
+                               {"untrained": InterestModel().eval(), "trained": model}).set_index(["method", "slice"])
+    untrained, fitted = result.loc[("untrained", "all")], result.loc[("trained", "all")]
+    assert fitted["NDCG@10"] >= untrained["NDCG@10"] - 0.02, result  # 262 examples: 0.004 each
+    assert fitted["Recall@50"] >= untrained["Recall@50"] - 0.02, result
+    # Both are far above popularity: history and query carry the signal.
+    assert untrained["NDCG@10"] > 3 * result.loc[("popularity", "all"), "NDCG@10"]
+
+
+def test_untrained_model_is_the_gateway_fallback(table):
+    from gateway.retrieval import fallback_interest
+    from scorer.models.interest import InterestModel
+
+    class Snap:  # what fallback_interest reads
+        class index:
+            embeddings = table.items
+
+    rng = np.random.default_rng(0)
+    history = rng.choice(len(table.item_ids), 4, replace=False).tolist()
+    query = table.items[history[0]] * 0.5 + table.items[7] * 0.5
+    query /= np.linalg.norm(query)
+    items = np.zeros((1, 10, table.items.shape[1]), np.float32)
+    items[0, :4] = table.items[history]
+    mask = np.zeros((1, 10), np.float32)
+    mask[0, :4] = 1
+    for q, has in ((query, 1.0), (np.zeros_like(query), 0.0)):
+        with torch.no_grad():
+            got = InterestModel()(torch.from_numpy(q[None].astype(np.float32)), torch.tensor([[has]]),
+                                  torch.from_numpy(items), torch.from_numpy(mask))[0].numpy()
+        want = fallback_interest(Snap, history, q if has else None)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_served_by_triton_equals_torch(trained, encoder_repo, triton, table):
+    import tritonclient.grpc as grpcclient
+
+    from gateway.triton_client import TritonClient
+    from scorer.export.interest_export import export_interest
+
+    model, _, _ = trained
+    repo = encoder_repo[0]
+    version = export_interest(repo, model)
+    admin = grpcclient.InferenceServerClient(triton.grpc_url)
+    admin.load_model("interest_onnx")
+    try:
+        items = np.zeros((10, table.items.shape[1]), np.float32)
+        items[:3] = table.items[:3]
+        mask = np.array([1, 1, 1] + [0] * 7, np.float32)
+        query = table.items[5]
+
+        async def call():
+            client = TritonClient(triton.grpc_url)
+            try:
+                return await client.interest(query, True, items, mask, timeout_s=10)
+            finally:
+                await client.close()
+
+        served = asyncio.run(call())
+        with torch.no_grad():
+            want = model(torch.from_numpy(query[None]), torch.ones(1, 1), torch.from_numpy(items[None]),
+                         torch.from_numpy(mask[None]))[0].numpy()
+        np.testing.assert_allclose(served, want, atol=1e-5)
+        assert abs(np.linalg.norm(served) - 1) < 1e-5
+        assert str(version) in [m["version"] for m in admin.get_model_repository_index(as_json=True)["models"]
+                                if m["name"] == "interest_onnx" and m.get("state") == "READY"]
+    finally:
+        admin.unload_model("interest_onnx")
+        admin.close()
+
+
+def test_report_is_written(examples, table, trained, tmp_path):
+    from scorer.eval.interest_eval import evaluate_interest, write_interest_report
+
+    model, losses, _ = trained
+    result = evaluate_interest(examples.holdout, examples.train, table, {"trained": model})
+    report = write_interest_report(result, tmp_path, losses)
+    assert "| trained | all |" in report.read_text() and (tmp_path / "comparison.png").stat().st_size > 1000
+    assert isinstance(pd.read_json(tmp_path / "metrics.json"), pd.DataFrame)

@@ -367,10 +367,14 @@ def demo(
     train_encoder_cmd(repo=FEATURE_REPO, out=ckpt, steps=train_steps, lr=1e-4, seed=0, start_from=None)
     console.rule("8. offline evaluation on the time-split holdout")
     eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], out=PROJECT_ROOT / "var" / "reports" / "retrieval")
-    console.rule("9. Triton + the gateway: a shopper's results change after a few clicks")
+    console.rule("9. the interest model: recent items + query -> one retrieval vector (next-interaction training)")
+    interest = PROJECT_ROOT / "var" / "models" / "interest"
+    train_interest_cmd(repo=FEATURE_REPO, out=interest, encoder=ckpt, steps=300, lr=3e-3, seed=0,
+                       report=PROJECT_ROOT / "var" / "reports" / "interest")
+    console.rule("10. Triton + the gateway: a shopper's results change after a few clicks")
     from scorer.demo_live import live_demo
 
-    live_demo(ckpt, FEATURE_REPO, console)
+    live_demo(ckpt, interest, FEATURE_REPO, console)
 
 
 def push_demo_session(repo: Path) -> tuple[str, list[str]]:

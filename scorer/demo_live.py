@@ -1,7 +1,7 @@
 """Demo step: the models served by a real Triton, the gateway in front, and a shopper whose results
 change after a few clicks (live session features pushed through Feast).
 
-Exports the fine-tuned encoder and the ranker into `triton_models/`, starts tritonserver and the
+Exports the fine-tuned encoder, the ranker and the interest model into `triton_models/`, starts tritonserver and the
 gateway (which embeds the catalog through Triton and builds its index), then plays a short script
 over real gRPC: a search, three clicks on one brand, the same search again.
 """
@@ -21,20 +21,23 @@ from gateway.config import GatewaySettings
 from scorer.data.feast_ops import load_store
 from scorer.data.session_push import push_session, session_of_clicks
 from scorer.export.encoder_export import export_encoder
+from scorer.export.interest_export import export_interest
 from scorer.export.ranker_export import export_ranker
 from scorer.export.triton_repo import MODEL_REPOSITORY
 from scorer.models.encoder import EncoderConfig, TextEncoder
+from scorer.models.interest import InterestModel
 from scorer.triton.launcher import TritonServer
 from scorer.triton.publish import publish_encoder
 
 QUERY = "running shoes"
 
 
-def live_demo(checkpoint: Path, repo: Path, console: Console) -> None:
-    with console.status("exporting the fine-tuned encoder (fp32) and the ranker (2 layers, int8) to ONNX"):
+def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console) -> None:
+    with console.status("exporting the fine-tuned encoder (fp32), the ranker (2 layers, int8) and the interest model"):
         encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))))
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
-    console.print(f"exported encoder v{encoder_v} and ranker v{ranker_v} into {MODEL_REPOSITORY}")
+        interest_v = export_interest(MODEL_REPOSITORY, InterestModel.load(interest))
+    console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")
     with TritonServer() as triton:
         publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)
         console.print(f"Triton ready on {triton.grpc_url} (encoder v{encoder_v}, ranker v{ranker_v})")

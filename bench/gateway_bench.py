@@ -3,7 +3,7 @@
     python -m bench.gateway_bench [--size small] [--seconds 15] [--store sqlite|redis]
 
 Set-up: a synthetic shop imported into a private feature repo (real `feast apply/materialize`),
-the encoder (fp32) and the ranker (2 layers, int8) exported into a private Triton repository
+the encoder (fp32), the ranker (2 layers, int8) and the interest model exported into a private Triton repository
 served by a real tritonserver on CPU, and the gateway as its own process (`python -m gateway`).
 Requests: real (user, query) pairs from the shop's event log, sent over gRPC by N concurrent
 workers in a closed loop; every answer carries its per-stage timings (trailing metadata).
@@ -74,14 +74,16 @@ def build_feature_repo(workdir: Path, size: str, store: str, stack: ExitStack) -
 
 def build_models(workdir: Path) -> Path:
     from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
     from scorer.export.triton_repo import copy_repository_configs
     from scorer.models.encoder import TextEncoder
 
-    log("exporting the encoder (fp32) and the ranker (int8) to ONNX")
+    log("exporting the encoder (fp32), the ranker (int8) and the interest model to ONNX")
     repo = copy_repository_configs(workdir / "models")
     export_encoder(repo, TextEncoder())
     export_ranker(repo, int8=True)
+    export_interest(repo)  # untrained: latency does not depend on the weights
     return repo
 
 

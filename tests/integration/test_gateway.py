@@ -360,3 +360,94 @@ def test_cli_query_prints_a_ranked_table_with_reasons(gateway):
     bad = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "-n", "500", "x"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stdout and "num_results" in bad.stdout
+
+
+def test_not_serving_and_unavailable_until_triton_is_there(feature_repo, tmp_path_factory):
+    """The port opens at once; health says NOT_SERVING and calls get UNAVAILABLE until the parts are up."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+    from scripts.local_redis import free_port
+
+    class NoTriton:
+        grpc_url = f"127.0.0.1:{free_port()}"  # nothing listens here
+
+    gw = BackgroundGateway(_settings(feature_repo, NoTriton, tmp_path_factory))
+    gw._thread.start()
+    try:
+        async def make():
+            from gateway.server import Gateway
+
+            return Gateway(gw.settings)
+
+        gw.gateway = gw.call(make())
+        gw.port = gw.call(gw.gateway.start(), 60)
+        channel = grpc.insecure_channel(gw.address)
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with GatewayClient(gw.address, 5) as c, pytest.raises(grpc.RpcError) as err:
+            c.recommend("rain jacket")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "not loaded yet" in err.value.details()
+        assert not gw.call(asyncio.sleep(0, result=gw.gateway.ready.is_set()))
+    finally:
+        gw.stop()
+
+
+def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_repo, tmp_path_factory, items):
+    """Publish encoder v2 while traffic flows: the gateway re-embeds the catalog with v2, swaps its
+    index atomically, answers say which version served them, and no request fails."""
+    import threading
+
+    import torch
+
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.ranker_export import export_ranker
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+    from scorer.triton.publish import publish_encoder
+
+    repo = copy_repository_configs(tmp_path_factory.mktemp("swap_models") / "models")
+    encoder = TextEncoder()
+    export_encoder(repo, encoder)
+    export_ranker(repo, int8=True)
+    server = start_triton(repo, tmp_path_factory.mktemp("swap_triton"))
+    failures, versions = [], []
+    stop = threading.Event()
+    try:
+        settings = _settings(feature_repo, server, tmp_path_factory,
+                             embedding_cache_dir=tmp_path_factory.mktemp("swap_cache"))
+        with BackgroundGateway(settings) as gw:
+            def traffic():
+                with GatewayClient(gw.address, 30) as c:
+                    while not stop.is_set():
+                        try:
+                            r = c.recommend("waterproof rain jacket", num_results=5)
+                            versions.append(r.model_versions["encoder"])
+                            if r.degraded:
+                                failures.append(list(r.degraded_reasons))
+                        except grpc.RpcError as e:
+                            failures.append(f"{e.code().name}: {e.details()}")
+
+            thread = threading.Thread(target=traffic)
+            thread.start()
+            with torch.no_grad():  # v2: a visibly different model, as a fine-tune would be
+                encoder.transformer.embeddings.word_embeddings.weight.mul_(1.3)
+            assert export_encoder(repo, encoder) == 2
+            publish_encoder(server.grpc_url, repo, 2)
+            deadline = time.monotonic() + 120
+            while gw.gateway.state.snapshot.encoder_version != "2":
+                assert time.monotonic() < deadline, "the gateway never switched to encoder v2"
+                time.sleep(0.2)
+            time.sleep(1.0)
+            stop.set()
+            thread.join(30)
+        assert failures == []
+        assert versions[0] == "1" and versions[-1] == "2" and len(versions) > 10
+    finally:
+        stop.set()
+        server.stop()

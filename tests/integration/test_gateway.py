@@ -451,3 +451,35 @@ def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_r
     finally:
         stop.set()
         server.stop()
+
+
+def test_feedback_events_reach_the_next_recommend(feature_repo, client, items, tmp_path):
+    """Clicks logged to the feedback service (its own process, SQLite online store) update the
+    user's live session; the gateway's next answer reflects them, well within a second."""
+    from recsys.v1 import feedback_pb2 as fb
+    from tests.processes import FeedbackProcess
+
+    service = FeedbackProcess(tmp_path / "events", {"RECSYS_FEEDBACK_FEATURE_REPO": str(feature_repo.path)}).start()
+    try:
+        user, session = f"fb-{uuid.uuid4().hex[:8]}", "s-fb"
+        heads = items[items["category"] == "Headphones"]
+        before = client.recommend("wireless headphones", user_id=user, session_id=session, num_results=10)
+        shown = items.loc[[i.item_id for i in before.items], "brand"]
+        brand = min(heads["brand"].unique(), key=lambda b: (shown == b).sum())
+        clicks = [fb.Event(event_id=f"{user}-{n}", type=fb.EVENT_TYPE_CLICK, user_id=user, session_id=session,
+                           item_id=item_id, request_id=before.request_id, position=n + 1)
+                  for n, item_id in enumerate(heads[heads["brand"] == brand].index[:3])]
+        t0 = time.perf_counter()
+        reply = service.stub().Log(fb.LogRequest(events=clicks), timeout=30)
+        assert reply.accepted == 3
+        while True:
+            after = client.recommend("wireless headphones", user_id=user, session_id=session, num_results=10)
+            if any(f"{brand} item" in r for i in after.items for r in i.reasons):
+                break
+            assert time.perf_counter() - t0 < 5, "the clicks never reached the gateway"
+        visible_ms = (time.perf_counter() - t0) * 1e3
+        share = lambda r: (items.loc[[i.item_id for i in r.items], "brand"] == brand).mean()  # noqa: E731
+        assert share(after) > share(before)
+        assert visible_ms < 1000, visible_ms  # SQLite push ~30 ms + one Recommend
+    finally:
+        service.stop()

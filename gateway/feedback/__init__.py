@@ -1,0 +1,1 @@
+"""The feedback service: events in, durable labels and fresh session features out."""

@@ -1,0 +1,78 @@
+"""FeedbackService over gRPC: per-event validation, durable writes before the reply, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from gateway.feedback.event_log import EventLog
+from gateway.feedback.events import MAX_BATCH, EventError, validate_event
+from recsys.v1 import feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_ERRORS = 100
+STREAM_CHUNK = 500  # a stream is made durable every this many events (group commit)
+
+OnStored = Callable[[list[dict]], Awaitable[None]]
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.response = feedback_pb2.LogResponse()
+
+    def reject(self, index: int, event: feedback_pb2.Event, message: str) -> None:
+        self.response.rejected += 1
+        if len(self.response.errors) < MAX_ERRORS:
+            self.response.errors.add(index=index, event_id=event.event_id, message=message)
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(self, event_log: EventLog, on_stored: OnStored | None = None):
+        self.log = event_log
+        self.on_stored = on_stored
+
+    async def _store(self, indexed: list[tuple[int, feedback_pb2.Event]], tally: Tally) -> None:
+        valid = []
+        for index, event in indexed:
+            try:
+                valid.append(validate_event(event))
+            except EventError as e:
+                tally.reject(index, event, str(e))
+        if not valid:
+            return
+        fresh = await asyncio.to_thread(self.log.append, valid)  # returns after fsync
+        stored = [e for e, is_new in zip(valid, fresh) if is_new]
+        tally.response.accepted += len(stored)
+        tally.response.duplicate += len(valid) - len(stored)
+        if stored and self.on_stored is not None:
+            # After the durable write: a failure here loses no event, only freshness.
+            try:
+                await self.on_stored(stored)
+            except Exception:  # noqa: BLE001
+                log.exception("post-store hook failed (events are stored)")
+
+    async def Log(self, request: feedback_pb2.LogRequest, context) -> feedback_pb2.LogResponse:
+        n = len(request.events)
+        if not 1 <= n <= MAX_BATCH:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: 1-{MAX_BATCH} events per call, got {n}")
+        tally = Tally()
+        await self._store(list(enumerate(request.events)), tally)
+        return tally.response
+
+    async def Stream(self, request_iterator: AsyncIterator[feedback_pb2.Event], context) -> feedback_pb2.LogResponse:
+        tally = Tally()
+        chunk: list[tuple[int, feedback_pb2.Event]] = []
+        index = 0
+        async for event in request_iterator:
+            chunk.append((index, event))
+            index += 1
+            if len(chunk) == STREAM_CHUNK:
+                await self._store(chunk, tally)
+                chunk = []
+        if chunk:
+            await self._store(chunk, tally)
+        return tally.response

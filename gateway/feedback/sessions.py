@@ -1,0 +1,86 @@
+"""Live session features: every stored query / click / cart / purchase updates the user's session
+in the online store, so the very next Recommend sees it.
+
+The update logic is `SessionState` (scorer/data/feature_tables.py), the same code that builds the
+offline session table for training, so online and offline sessions cannot drift. Writes go
+through Feast's push API (`user_session_push`, PushMode.ONLINE): one push per stored batch, Feast's
+own online layout, no parity question. Session states live in memory and are rebuilt at start-up
+by replaying the event log's last hour, so a restart does not forget a session in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+import pandas as pd
+
+from gateway.feedback.event_log import EventLog
+from scorer.data.feature_tables import SessionState
+from scorer.data.session_push import PUSH_SOURCE
+
+log = logging.getLogger(__name__)
+
+SESSION_EVENTS = ("QUERY", "CLICK", "ADD_TO_CART", "PURCHASE")
+
+
+class SessionUpdater:
+    def __init__(self, store, categories: dict[str, str], ttl: timedelta = timedelta(hours=1)):
+        self.store = store
+        self.categories = categories
+        self.ttl = ttl
+        self.states: dict[str, SessionState] = {}
+        self.updated_at: dict[str, pd.Timestamp] = {}
+        self.last_push_ms = 0.0
+
+    def apply(self, events: Iterable[dict]) -> pd.DataFrame:
+        """Apply events to the users' sessions; return one row per touched user (their new state)."""
+        touched: dict[str, pd.Timestamp] = {}
+        for e in events:
+            if e["event_type"] not in SESSION_EVENTS:
+                continue
+            user, session = e["user_id"], e.get("session_id") or ""
+            state = self.states.get(user)
+            if state is None or state.session_id != session:
+                state = self.states[user] = SessionState(session)
+            state.apply(e["event_type"], e.get("item_id"), e.get("query"), self.categories.get(e.get("item_id") or ""))
+            ts = pd.Timestamp(datetime.fromisoformat(e["timestamp"]))
+            # Never older than what this user's session row already has: Redis refuses older writes.
+            touched[user] = max(ts, touched.get(user, ts), self.updated_at.get(user, ts))
+        rows = [{"user_id": u, **self.states[u].features(), "event_timestamp": ts} for u, ts in touched.items()]
+        self.updated_at.update(touched)
+        return pd.DataFrame(rows)
+
+    def push(self, rows: pd.DataFrame) -> None:
+        from feast.data_source import PushMode
+
+        if rows.empty:
+            return
+        t0 = time.perf_counter()
+        self.store.push(PUSH_SOURCE, rows, to=PushMode.ONLINE)
+        self.last_push_ms = (time.perf_counter() - t0) * 1e3
+
+    async def __call__(self, events: list[dict]) -> None:
+        """The feedback service's post-store hook (runs after the events are durable)."""
+        rows = self.apply(events)
+        if not rows.empty:
+            await asyncio.to_thread(self.push, rows)
+
+    def replay(self, event_log: EventLog, now: datetime) -> int:
+        """Rebuild in-memory sessions from the log's events inside the session TTL (no push)."""
+        since = now - self.ttl
+        recent = [e for e in event_log.read_all() if datetime.fromisoformat(e["timestamp"]) >= since]
+        recent.sort(key=lambda e: e["timestamp"])
+        self.apply(recent)
+        return len(recent)
+
+
+def load_categories(store) -> dict[str, str]:
+    """item_id -> category, from the item source the feature view reads."""
+    path = store.get_feature_view("item_attributes").batch_source.path
+    items = pd.read_parquet(path, columns=["item_id", "category", "event_timestamp"])
+    items = items.sort_values("event_timestamp").drop_duplicates("item_id", keep="last")
+    return dict(zip(items["item_id"], items["category"]))

@@ -1,0 +1,49 @@
+"""Services the tests run as their own processes (real gRPC, real signals)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from recsys.v1 import feedback_pb2_grpc
+from scripts.local_redis import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FeedbackProcess:
+    """`python -m gateway.feedback` on a free port; `env` adds settings (e.g. the feature repo)."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.extra_env = env or {}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "FeedbackProcess":
+        env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(self.log_dir),
+               "RECSYS_LOG_LEVEL": "WARNING", **self.extra_env}
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.process.stdout.readline()  # printed once the port is open
+        assert "feedback service on" in line, line
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep draining
+        return self
+
+    def stub(self) -> feedback_pb2_grpc.FeedbackServiceStub:
+        return feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -51,3 +51,31 @@ class BackgroundGateway:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class BackgroundFeedback:
+    """The feedback service on its own event loop in a background thread (demo, notebooks)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="feedback", daemon=True)
+        self.port = 0
+        self._server = self._log = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundFeedback":
+        from gateway.feedback.server import start
+
+        self._thread.start()
+        self._server, self.port, self._log = asyncio.run_coroutine_threadsafe(start(self.settings), self.loop).result(120)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self.loop).result(30)
+        self._log.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

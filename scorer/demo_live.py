@@ -3,7 +3,8 @@ change after a few clicks (live session features pushed through Feast).
 
 Exports the fine-tuned encoder, the ranker and the interest model into `triton_models/`, starts tritonserver and the
 gateway (which embeds the catalog through Triton and builds its index), then plays a short script
-over real gRPC: a search, three clicks on one brand, the same search again.
+over real gRPC: a search, three clicks on one brand sent to the feedback service (durable log +
+live session features), the same search again.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import pandas as pd
 from rich.console import Console
 
-from gateway.background import BackgroundGateway
+from gateway.background import BackgroundFeedback, BackgroundGateway
 from gateway.client import GatewayClient, response_table
 from gateway.config import GatewaySettings
-from scorer.data.feast_ops import load_store
-from scorer.data.session_push import push_session, session_of_clicks
+from gateway.feedback.server import FeedbackSettings
+from recsys.v1 import feedback_pb2 as fb
+from recsys.v1 import feedback_pb2_grpc
 from scorer.export.encoder_export import export_encoder
 from scorer.export.interest_export import export_interest
 from scorer.export.ranker_export import export_ranker
@@ -48,13 +51,16 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console) ->
             gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
         try:
             console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
-            with GatewayClient(gateway.address, timeout_s=10) as client:
-                play_script(client, repo, console)
+            feedback_settings = FeedbackSettings(port=0, event_log_dir=repo / "data" / "events", feature_repo=repo)
+            with BackgroundFeedback(feedback_settings) as fb_service, GatewayClient(gateway.address, timeout_s=10) as client:
+                console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
+                stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(fb_service.address))
+                play_script(client, stub, repo, console)
         finally:
             gateway.stop()
 
 
-def play_script(client: GatewayClient, repo: Path, console: Console) -> None:
+def play_script(client: GatewayClient, feedback, repo: Path, console: Console) -> None:
     items = pd.read_parquet(repo / "data" / "offline" / "item_features.parquet").set_index("item_id")
     titles = items["title"].to_dict()
     user, session = f"demo-shopper-{uuid.uuid4().hex[:6]}", "demo-session"
@@ -68,10 +74,13 @@ def play_script(client: GatewayClient, repo: Path, console: Console) -> None:
     shoes = items[items["category"] == "Running Shoes"]
     brand = min(shoes["brand"].unique(), key=lambda b: ((shown["brand"] == b).sum(), -(shoes["brand"] == b).sum()))
     clicked = shoes[shoes["brand"] == brand].index[:3].tolist()
+    events = [fb.Event(event_id=f"{user}-click-{n}", type=fb.EVENT_TYPE_CLICK, user_id=user, session_id=session,
+                       item_id=item_id, request_id=before.request_id, position=n + 1) for n, item_id in enumerate(clicked)]
     t0 = time.perf_counter()
-    push_session(load_store(repo), user, session_of_clicks(session, clicked, items["category"].to_dict(), [QUERY]))
-    console.print(f"the shopper clicks 3 {brand} shoes ({', '.join(clicked)}); session features pushed through "
-                  f"Feast in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+    reply = feedback.Log(fb.LogRequest(events=events), timeout=10)
+    console.print(f"the shopper clicks 3 {brand} shoes ({', '.join(clicked)}); the feedback service stored "
+                  f"{reply.accepted} events (fsync'd) and updated the live session in "
+                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
 
     after = client.recommend(QUERY, user_id=user, session_id=session, num_results=8)
     console.print(response_table(after, titles, title=f"{user}: {QUERY!r} (right after the clicks)"))

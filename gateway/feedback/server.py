@@ -30,7 +30,7 @@ SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_
 
 
 class FeedbackSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RECSYS_FEEDBACK_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RECSYS_FEEDBACK_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = Field(50052, ge=0, le=65535)

@@ -55,4 +55,14 @@ events_source = FileSource(
     description="The raw event log (impressions, clicks, carts, purchases, queries): labels come from here.",
 )
 
+# Graded labels (scorer/data/labels.py): one row per shown item, stamped at the impression, with
+# the best interaction attributed to it inside its window. Training joins features onto these rows
+# point-in-time (the row's timestamp is the entity timestamp).
+labels_source = FileSource(
+    name="labels_source",
+    path=f"{OFFLINE}/labels.parquet",
+    timestamp_field="event_timestamp",
+    description="Impressions with graded labels (purchase 3 > cart 2 > click 1 > 0).",
+)
+
 SESSION_TTL = timedelta(hours=1)

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -29,6 +30,7 @@ from gateway.service import RecommendServicer
 from gateway.state import ServingState
 from gateway.triton_client import TritonClient, TritonError
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
+from scorer.ranker_inputs import NUMERIC_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +109,6 @@ class Gateway:
     async def _warm_up(self) -> None:
         """One encoder and one ranker call before SERVING: the first inference of a freshly loaded
         model is several times slower (allocations, ORT graph set-up) and must not hit a shopper."""
-        from scorer.ranker_inputs import NUMERIC_FEATURES
-
-        import numpy as np
-
         await self.triton.embed(["warm up"], timeout_s=30)
         if self.settings.rerank_depth and self.recommender.ranker_version:
             n = self.settings.rerank_depth

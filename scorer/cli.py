@@ -79,6 +79,19 @@ def data_import(
     console.print(table)
 
 
+@data_app.command("labels")
+def data_labels(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline holds events.parquet."),
+    event_log: Optional[Path] = typer.Option(None, help="The feedback service's event log folder to include."),
+) -> None:
+    """Rebuild labels.parquet (Feast source labels_source): impressions + attributed interactions."""
+    from scorer.data.labels import build_labels
+
+    labels = build_labels(repo / "data" / "offline", event_log)
+    counts = labels["grade"].value_counts().sort_index().to_dict()
+    console.print(f"[green]wrote[/] {len(labels):,} labels (grade counts {counts}) to {repo / 'data' / 'offline' / 'labels.parquet'}")
+
+
 @features_app.command("show")
 def features_show(
     user: str = typer.Option(..., help="User id."),

@@ -16,6 +16,8 @@ from collections import Counter, deque
 import numpy as np
 import pandas as pd
 
+from scorer.data.labels import attribute
+
 SESSION_RECENT_QUERIES = 5
 SESSION_RECENT_ITEMS = 10
 PROFILE_RECENT_ITEMS = 20
@@ -224,5 +226,7 @@ def build_all(items: pd.DataFrame, events: pd.DataFrame, progress=None) -> dict[
     tables["user_profile"] = user_profile(items, events)
     say("session snapshots")
     tables["user_session"] = user_session(items, events)
+    say("labels (attribution windows)")
+    tables["labels"] = attribute(events)
     return tables
 

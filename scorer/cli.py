@@ -305,6 +305,44 @@ def eval_retrieval_cmd(
     console.print(f"[green]report[/]: {report}")
 
 
+@app.command("retrain")
+def retrain_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its label log is the training data)."),
+    model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address to publish to ('' = export only)."),
+    registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
+    work_dir: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "retrain", help="Candidates and reports."),
+    steps: int = typer.Option(200, help="Fine-tuning steps per round."),
+    margin: float = typer.Option(0.005, help="Promote only if holdout NDCG@10 improves by at least this."),
+    min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
+    every: Optional[float] = typer.Option(None, help="Keep running: check every this many seconds."),
+    serving_checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of what serves now, for a new registry "
+                                                                 "(default: the packaged weights)."),
+) -> None:
+    """Fine-tune the encoder from the serving version, gate on the holdout, promote with zero downtime."""
+    from scorer.retrain import Registry, adopt_serving, run_loop, serving_version_in_triton
+
+    reg = Registry.load(registry)
+    if reg.serving is None and url and (v := serving_version_in_triton(url)) is not None:
+        adopt_serving(reg, v, serving_checkpoint)
+        console.print(f"registry started from Triton: encoder v{v} serves ({serving_checkpoint or 'packaged weights'})")
+    run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, steps=steps, margin=margin,
+             log=console.print)
+
+
+@app.command("rollback")
+def rollback_cmd(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
+    model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
+    registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
+) -> None:
+    """Serve the previously promoted encoder version again (zero downtime)."""
+    from scorer.retrain import Registry, rollback_encoder
+
+    version = rollback_encoder(model_repo, url, Registry.load(registry))
+    console.print(f"[green]serving encoder v{version}[/] again")
+
+
 @app.command("serve")
 def serve_cmd(
     config: Optional[Path] = typer.Option(None, help="TOML settings file (RECSYS_* environment variables win)."),

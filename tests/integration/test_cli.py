@@ -26,7 +26,8 @@ def test_generate_then_import(tmp_path):
     done = run("data", "import", str(shop), "--repo", str(repo))
     assert done.returncode == 0, done.stderr
     written = {p.stem for p in (repo / "data" / "offline").iterdir()}
-    assert written == {"items", "users", "events", "item_features", "item_popularity", "user_profile", "user_session"}
+    assert written == {"items", "users", "events", "item_features", "item_popularity", "user_profile", "user_session",
+                       "labels"}
     assert len(pd.read_parquet(repo / "data" / "offline" / "events.parquet")) == len(pd.read_parquet(shop / "events.parquet"))
 
 

@@ -26,6 +26,8 @@ LABEL_COLUMNS = ["request_id", "user_id", "session_id", "item_id", "query", "pos
 
 def attribute(events: pd.DataFrame) -> pd.DataFrame:
     """One row per (request_id, item_id) impression with its best attributed grade."""
+    # Optional columns of the events table (a log without lists has no request ids or positions).
+    events = events.assign(**{c: None for c in ("request_id", "position", "query", "session_id") if c not in events})
     imp = events[(events["event_type"] == "IMPRESSION") & events["request_id"].notna()]
     imp = (imp.sort_values("timestamp", kind="stable").drop_duplicates(["request_id", "item_id"])
            [["request_id", "user_id", "session_id", "item_id", "query", "position", "timestamp"]]

@@ -60,3 +60,27 @@ def test_features_show_reads_the_online_store(feature_repo):
     for iid in items:
         assert iid in done.stdout
     assert "one round trip" in done.stdout
+
+
+def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
+    import json
+
+    from scorer.export.triton_repo import copy_repository_configs, versions
+
+    models = copy_repository_configs(tmp_path / "models")
+    done = run("train", "ranker", "--repo", str(feature_repo.path), "--steps", "2", "--out", str(tmp_path / "ranker"),
+               "--report", str(tmp_path / "ranker_report"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    methods = {r["method"] for r in json.loads((tmp_path / "ranker_report" / "metrics.json").read_text())}
+    assert methods == {"logged order", "popularity", "untrained ranker", "fine-tuned ranker"}
+    done = run("export", "ranker", "--checkpoint", str(tmp_path / "ranker"), "--repo", str(models), "--no-int8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert versions(models, "ranker_onnx") == [1] and versions(models, "pair_tokenizer") == [1]
+
+    done = run("train", "interest", "--repo", str(feature_repo.path), "--steps", "5", "--out", str(tmp_path / "interest"),
+               "--report", str(tmp_path / "interest_report"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "interest, trained" in (tmp_path / "interest_report" / "report.md").read_text()
+    done = run("export", "interest", "--checkpoint", str(tmp_path / "interest"), "--repo", str(models))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert versions(models, "interest_onnx") == [1]

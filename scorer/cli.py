@@ -472,29 +472,24 @@ def demo(
 
 
 def push_demo_session(repo: Path) -> tuple[str, list[str]]:
-    """Push a fresh session state for the most active user (what the feedback service will do live)."""
+    """Push a fresh session state for the most active user (what the feedback service does live)."""
     import pandas as pd
 
     from scorer.data.feast_ops import load_store
-    from scorer.data.feature_tables import SessionState
+    from scorer.data.session_push import push_session, session_of_clicks
 
     offline = repo / "data" / "offline"
     events = pd.read_parquet(offline / "events.parquet")
     items = pd.read_parquet(offline / "item_features.parquet", columns=["item_id", "category"])
     user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
-    recent = events[(events["user_id"] == user) & (events["event_type"] == "CLICK")].tail(3)
-    category = dict(zip(items["item_id"], items["category"]))
-    state = SessionState(session_id=f"demo-{int(time.time())}")
-    state.apply("QUERY", None, "waterproof jacket under 200", None)
-    for iid in recent["item_id"]:
-        state.apply("CLICK", iid, None, category.get(iid))
-    row = {"user_id": user, **state.features(), "event_timestamp": pd.Timestamp.now(tz="UTC")}
-    store = load_store(repo)
+    clicked = list(events[(events["user_id"] == user) & (events["event_type"] == "CLICK")].tail(3)["item_id"])
+    state = session_of_clicks(f"demo-{int(time.time())}", clicked, dict(zip(items["item_id"], items["category"])),
+                              ["waterproof jacket under 200"])
     t0 = time.perf_counter()
-    store.push("user_session_push", pd.DataFrame([row]))
+    push_session(load_store(repo), user, state)
     console.print(f"pushed session {state.session_id} for user {user} in {(time.perf_counter() - t0) * 1e3:.0f} ms "
-                  f"(clicked {list(recent['item_id'])})")
-    return user, list(recent["item_id"]) + list(items["item_id"].head(2))
+                  f"(clicked {clicked})")
+    return user, clicked + list(items["item_id"].head(2))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ ITEM_FEATURES = [f"item_attributes:{f}" for f in ("title", "brand", "category", 
 
 @dataclass
 class LabelledRequests:
-    """One row per (request, item with a positive label)."""
+    """Labelled rows split by time: one row per (request, item with a positive label)."""
 
-    rows: pd.DataFrame  # request_id, user_id, session_id, query, item_id, grade, event_timestamp, item_text
+    rows: pd.DataFrame  # request_id, user_id, session_id, query, item_id, grade, event_timestamp, + per-use columns
     cutoff: pd.Timestamp  # train: event_timestamp < cutoff; holdout: >= cutoff
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scorer.models.interest import InterestConfig
-from scorer.train.data import graded_labels, join_features, time_cutoff
+from scorer.train.data import LabelledRequests, graded_labels, join_features, time_cutoff
 
 HISTORY_FEATURES = ["user_session:recent_clicked_item_ids", "user_session:recent_carted_item_ids",
                     "user_profile:recent_item_ids"]
@@ -35,22 +35,10 @@ def history_of(row: dict, max_items: int) -> list[str]:
     return list(dict.fromkeys(items))[:max_items]
 
 
-@dataclass
-class InterestExamples:
-    rows: pd.DataFrame  # user_id, query, item_id (target), grade, event_timestamp, history (list of ids)
-    cutoff: pd.Timestamp
-
-    @property
-    def train(self) -> pd.DataFrame:
-        return self.rows[self.rows["event_timestamp"] < self.cutoff]
-
-    @property
-    def holdout(self) -> pd.DataFrame:
-        return self.rows[self.rows["event_timestamp"] >= self.cutoff]
-
-
 def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig(), holdout_fraction: float = 0.2,
-                           store=None) -> InterestExamples:
+                           store=None) -> LabelledRequests:
+    """Rows: user_id, query, item_id (target), grade, event_timestamp, history (ids, newest first);
+    split by time like every training set here."""
     from scorer.data.feast_ops import load_store
 
     events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
@@ -59,7 +47,7 @@ def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig()
     feats = join_features(store or load_store(Path(repo)), labels, ["user_id"], HISTORY_FEATURES)
     labels["history"] = [history_of(r, config.max_items) for r in feats.to_dict("records")]
     labels["query"] = labels["query"].where(labels["query"].notna(), None)
-    return InterestExamples(labels, time_cutoff(events, holdout_fraction))
+    return LabelledRequests(labels, time_cutoff(events, holdout_fraction))
 
 
 @dataclass

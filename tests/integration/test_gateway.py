@@ -399,57 +399,36 @@ def test_not_serving_and_unavailable_until_triton_is_there(feature_repo, tmp_pat
 def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_repo, tmp_path_factory, items):
     """Publish encoder v2 while traffic flows: the gateway re-embeds the catalog with v2, swaps its
     index atomically, answers say which version served them, and no request fails."""
-    import threading
-
     import torch
 
     from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
     from scorer.export.encoder_export import export_encoder
     from scorer.export.ranker_export import export_ranker
     from scorer.export.triton_repo import copy_repository_configs
     from scorer.models.encoder import TextEncoder
     from scorer.triton.publish import publish_encoder
+    from tests.traffic import RecommendTraffic, wait_for_encoder
 
     repo = copy_repository_configs(tmp_path_factory.mktemp("swap_models") / "models")
     encoder = TextEncoder()
     export_encoder(repo, encoder)
     export_ranker(repo, int8=True)
     server = start_triton(repo, tmp_path_factory.mktemp("swap_triton"))
-    failures, versions = [], []
-    stop = threading.Event()
     try:
         settings = _settings(feature_repo, server, tmp_path_factory,
                              embedding_cache_dir=tmp_path_factory.mktemp("swap_cache"))
         with BackgroundGateway(settings) as gw:
-            def traffic():
-                with GatewayClient(gw.address, 30) as c:
-                    while not stop.is_set():
-                        try:
-                            r = c.recommend("waterproof rain jacket", num_results=5)
-                            versions.append(r.model_versions["encoder"])
-                            if r.degraded:
-                                failures.append(list(r.degraded_reasons))
-                        except grpc.RpcError as e:
-                            failures.append(f"{e.code().name}: {e.details()}")
-
-            thread = threading.Thread(target=traffic)
-            thread.start()
-            with torch.no_grad():  # v2: a visibly different model, as a fine-tune would be
-                encoder.transformer.embeddings.word_embeddings.weight.mul_(1.3)
-            assert export_encoder(repo, encoder) == 2
-            publish_encoder(server.grpc_url, repo, 2)
-            deadline = time.monotonic() + 120
-            while gw.gateway.state.snapshot.encoder_version != "2":
-                assert time.monotonic() < deadline, "the gateway never switched to encoder v2"
-                time.sleep(0.2)
-            time.sleep(1.0)
-            stop.set()
-            thread.join(30)
-        assert failures == []
+            with RecommendTraffic(gw.address, "waterproof rain jacket", degraded_is_failure=True) as traffic:
+                with torch.no_grad():  # v2: a visibly different model, as a fine-tune would be
+                    encoder.transformer.embeddings.word_embeddings.weight.mul_(1.3)
+                assert export_encoder(repo, encoder) == 2
+                publish_encoder(server.grpc_url, repo, 2)
+                wait_for_encoder(gw, "2")
+                time.sleep(1.0)
+        assert traffic.failures == []
+        versions = traffic.versions
         assert versions[0] == "1" and versions[-1] == "2" and len(versions) > 10
     finally:
-        stop.set()
         server.stop()
 
 

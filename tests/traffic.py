@@ -1,0 +1,49 @@
+"""Recommend traffic from a background thread, for tests that switch models while serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from gateway.client import GatewayClient
+
+
+class RecommendTraffic:
+    """Sends one query in a loop until the block ends; records every failed call (and, when
+    `degraded_is_failure`, every degraded answer) and the encoder version of each answer."""
+
+    def __init__(self, address: str, query: str, degraded_is_failure: bool = False):
+        self.address, self.query, self.degraded_is_failure = address, query, degraded_is_failure
+        self.failures: list = []
+        self.versions: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with GatewayClient(self.address, 30) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.recommend(self.query, num_results=5)
+                    self.versions.append(r.model_versions["encoder"])
+                    if self.degraded_is_failure and r.degraded:
+                        self.failures.append(list(r.degraded_reasons))
+                except grpc.RpcError as e:
+                    self.failures.append(f"{e.code().name}: {e.details()}")
+
+    def __enter__(self) -> "RecommendTraffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def wait_for_encoder(gateway, version: str, timeout_s: float = 120) -> None:
+    """Until the gateway's serving snapshot uses encoder `version`."""
+    deadline = time.monotonic() + timeout_s
+    while gateway.gateway.state.snapshot.encoder_version != version:
+        assert time.monotonic() < deadline, f"the gateway never switched to encoder v{version}"
+        time.sleep(0.2)

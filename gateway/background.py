@@ -61,7 +61,7 @@ class BackgroundFeedback:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="feedback", daemon=True)
         self.port = 0
-        self._server = self._log = None
+        self.running = None
 
     @property
     def address(self) -> str:
@@ -71,11 +71,11 @@ class BackgroundFeedback:
         from gateway.feedback.server import start
 
         self._thread.start()
-        self._server, self.port, self._log = asyncio.run_coroutine_threadsafe(start(self.settings), self.loop).result(120)
+        self.running = asyncio.run_coroutine_threadsafe(start(self.settings), self.loop).result(120)
+        self.port = self.running.port
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(0.5), self.loop).result(30)
-        self._log.close()
+        asyncio.run_coroutine_threadsafe(self.running.stop(0.5), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)

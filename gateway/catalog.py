@@ -98,6 +98,12 @@ def covisitation(events: pd.DataFrame, position: dict[str, int], k: int = COVISI
     return {int(p): g["pos_y"].to_numpy(np.int64) for p, g in weights.groupby("pos_x")}
 
 
+def epoch_seconds(timestamps: pd.Series) -> np.ndarray:
+    """Unix seconds, whatever the column's unit: parquet files carry datetime64[us] as often as [ns],
+    and a bare astype("int64") would return micro- or nanoseconds accordingly."""
+    return pd.to_datetime(timestamps, utc=True).astype("datetime64[ns, UTC]").astype("int64").to_numpy() / 1e9
+
+
 def load_catalog(sources: CatalogSources, order: tuple[str, ...] = ()) -> Catalog:
     """order: the ids of the catalog being replaced; they keep their positions (new items come
     after them), so an index over the old catalog stays valid and only needs the new items added."""
@@ -122,7 +128,7 @@ def load_catalog(sources: CatalogSources, order: tuple[str, ...] = ()) -> Catalo
         brands=items["brand"].to_numpy(object),
         categories=items["category"].to_numpy(object),
         prices=items["price"].astype("float64").to_numpy(),
-        created=pd.to_datetime(items["event_timestamp"], utc=True).astype("int64").to_numpy() / 1e9,
+        created=epoch_seconds(items["event_timestamp"]),
         texts=tuple(catalog_texts(items)),
         popularity=popularity,
         popular=np.argsort(-popularity, kind="stable"),

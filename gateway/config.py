@@ -55,6 +55,12 @@ class GatewaySettings(BaseSettings):
     max_query_chars: int = Field(512, gt=0)
     max_candidate_ids: int = Field(1000, gt=0)
 
+    # Online learning of the blend weights (the learner runs in the feedback service).
+    feedback_url: str = Field("", description="FeedbackService address; empty: the configured weights, no online learning")
+    online_weights_holdout: float = Field(0.0, ge=0, le=1, description="share of users kept on the configured weights (control group)")
+    online_weights_explore: bool = Field(True, description="sample weights from the posterior per request (Thompson sampling)")
+    online_weights_poll_s: float = Field(1.0, gt=0, description="how often to fetch the learned weights")
+
     # Background work.
     refresh_interval_s: float = Field(10.0, gt=0, description="how often to look for a new encoder version or new items")
 

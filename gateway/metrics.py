@@ -15,3 +15,6 @@ DEGRADED = Counter("recsys_degraded_responses_total", "Responses answered withou
 DOWNSTREAM_ERRORS = Counter("recsys_downstream_errors_total", "Failed downstream calls", ["downstream", "kind"])
 INDEX_ITEMS = Gauge("recsys_index_items", "Items in the serving vector index")
 INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encoder version or new items)")
+BLEND_WEIGHT = Gauge("recsys_blend_weight", "Online-learned blend weight (posterior mean) per score part", ["part"])
+BLEND_VERSION = Gauge("recsys_blend_version", "Version of the online blend weights in use (0: configured prior)")
+SERVED_LOG_DROPPED = Counter("recsys_served_log_dropped_total", "Served lists not delivered to the online learner")

@@ -27,7 +27,8 @@ from gateway.explain import Explainer
 from gateway.features.online_reader import EntityFeatures, OnlineFeatureReader
 from gateway.query_parser import ParsedQuery
 from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, fallback_interest, history_positions, retrieve
-from gateway.scoring import RANKER_PRIOR, UserView, feature_terms
+from gateway.online_blend import OnlineBlend
+from gateway.scoring import RANKER_PRIOR, UserView, feature_terms, weight_vector
 from gateway.state import ServingState, Snapshot
 from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError
 from recsys.v1 import common_pb2, recommend_pb2
@@ -98,8 +99,9 @@ class StageTimer:
 
 class Recommender:
     def __init__(self, settings: GatewaySettings, state: ServingState, reader: OnlineFeatureReader | None,
-                 triton: TritonClient):
+                 triton: TritonClient, blend: OnlineBlend | None = None):
         self.settings = settings
+        self.blend = blend  # online-learned blend weights; None: the configured weights
         self.state = state
         self.reader = reader
         self.triton = triton
@@ -267,9 +269,12 @@ class Recommender:
         else:
             relevance = np.zeros(len(positions), dtype=np.float32)
         relevance = relevance.astype(np.float32) + BOOST * boosts[positions]
-        w = self.settings.weights
-        pers, pop, fresh = feature_terms(positions, catalog, user, catalog.popularity[positions], w)
-        pre = w.relevance * relevance + pers + pop + fresh
+        if self.blend is not None:
+            w, blend_version = self.blend.weights_for(req.user_id or req.session_id or req.request_id)
+        else:
+            w, blend_version = weight_vector(self.settings.weights), ""
+        pers, pop, fresh = feature_terms(positions, catalog, user, catalog.popularity[positions])
+        pre = w[0] * relevance + w[1] * pers + w[2] * pop + w[3] * fresh
         order = np.argsort(-pre, kind="stable")
 
         # 4. the head: fresh item features (one round trip) and the Triton ranker
@@ -282,7 +287,7 @@ class Recommender:
         for j, i in enumerate(head):
             f = item_feats.get(head_ids[j])
             if f is not None and f.has("item_popularity"):
-                pop[i] = w.popularity * float(f.values.get("popularity_7d") or 0.0) / 5.0
+                pop[i] = float(f.values.get("popularity_7d") or 0.0) / 5.0
         ranked = False
         if head_n and ctx_vec is not None:
             rank_idx = head[:head_n]
@@ -301,7 +306,7 @@ class Recommender:
 
         # 5. fuse, order (ranked head first, then the rest by retrieval score), diversify
         with timed("fuse"):
-            final = w.relevance * relevance + pers + pop + fresh
+            final = w[0] * relevance + w[1] * pers + w[2] * pop + w[3] * fresh
             ranked_set = set(head[:head_n].tolist()) if ranked else set()
             head_sorted = sorted(ranked_set, key=lambda i: -final[i])
             rest = [i for i in order if i not in ranked_set]
@@ -316,14 +321,20 @@ class Recommender:
                                              sources=sorted(cands.sources[p]))
                 if explainer is not None:
                     item.breakdown.CopyFrom(common_pb2.ScoreBreakdown(
-                        relevance=float(w.relevance * relevance[i]), personalization=float(pers[i]),
-                        popularity=float(pop[i]), freshness=float(fresh[i])))
+                        relevance=float(w[0] * relevance[i]), personalization=float(w[1] * pers[i]),
+                        popularity=float(w[2] * pop[i]), freshness=float(w[3] * fresh[i])))
                     item.reasons.extend(explainer.reasons(
                         p, query_text, float(cosine[i]) if cosine is not None and query_vec is not None else None,
                         user, float(catalog.popularity[p]), cands.sources[p], constraints,
-                        float(fresh[i] / w.freshness) if w.freshness else 0.0))
+                        float(fresh[i])))
                 items.append(item)
-        return Outcome(items, self._versions(snap, ranked), degraded, parsed, unknown, timed.ms)
+            if self.blend is not None:  # what was served and why: the online learner's training input
+                self.blend.record(req.request_id, [
+                    (catalog.item_ids[positions[i]], (relevance[i], pers[i], pop[i], fresh[i])) for i in chosen])
+        versions = self._versions(snap, ranked)
+        if blend_version:
+            versions["blend"] = blend_version
+        return Outcome(items, versions, degraded, parsed, unknown, timed.ms)
 
     # --- pieces -----------------------------------------------------------------------------------
     def _versions(self, snap: Snapshot, ranked: bool) -> dict[str, str]:

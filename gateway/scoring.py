@@ -18,6 +18,8 @@ import numpy as np
 from gateway.catalog import Catalog
 from gateway.config import ScoreWeights
 
+# The parts of the final score, in the order of a weight vector (and of the online learner's).
+PART_NAMES = ("relevance", "personalization", "popularity", "freshness")
 RANKER_PRIOR = 5.0  # CrossEncoderRanker.prior at initialisation: score = prior * cosine + head
 FRESH_DAYS = 14.0
 # A session's brand and category shares (0-1) lift an item by up to this much (x the personalization
@@ -61,20 +63,13 @@ class UserView:
         )
 
 
-@dataclass
-class Parts:
-    relevance: np.ndarray
-    personalization: np.ndarray
-    popularity: np.ndarray
-    freshness: np.ndarray
-
-    def total(self) -> np.ndarray:
-        return self.relevance + self.personalization + self.popularity + self.freshness
+def weight_vector(weights: ScoreWeights) -> np.ndarray:
+    return np.array([getattr(weights, name) for name in PART_NAMES], dtype=np.float32)
 
 
 def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_popularity: np.ndarray,
-                  weights: ScoreWeights, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted personalization, popularity and freshness for the candidates at `positions`."""
+                  now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unweighted personalization, popularity and freshness for the candidates at `positions`."""
     brands, cats = catalog.brands[positions], catalog.categories[positions]
     n_session = max(len(user.session_positions), 1)
     pers = np.array([
@@ -85,5 +80,4 @@ def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_
     ], dtype=np.float32)
     age_days = ((now or time.time()) - catalog.created[positions]) / 86400.0
     fresh = np.clip(1.0 - age_days / FRESH_DAYS, 0.0, 1.0).astype(np.float32)
-    return (weights.personalization * pers, weights.popularity * item_popularity.astype(np.float32) / 5.0,
-            weights.freshness * fresh)
+    return pers, item_popularity.astype(np.float32) / 5.0, fresh

@@ -25,6 +25,7 @@ from gateway.catalog import CatalogSources
 from gateway.config import GatewaySettings
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
+from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender
 from gateway.service import RecommendServicer
 from gateway.state import ServingState
@@ -54,6 +55,7 @@ class Gateway:
         self.triton = TritonClient(settings.triton_url, settings.encoder_model, settings.ranker_model)
         self.state: ServingState | None = None
         self.recommender: Recommender | None = None
+        self.blend: OnlineBlend | None = None
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -63,7 +65,10 @@ class Gateway:
         layout = FeatureLayout.from_feature_store(store)
         reader = open_reader(store.config, layout, self.settings.feature_repo.resolve())
         self.state = ServingState(CatalogSources.from_feature_store(store), self.triton, self.settings.cache_dir)
-        self.recommender = Recommender(self.settings, self.state, reader, self.triton)
+        self.blend = OnlineBlend(self.settings) if self.settings.feedback_url else None
+        self.recommender = Recommender(self.settings, self.state, reader, self.triton, self.blend)
+        if self.blend is not None:
+            self._tasks.append(asyncio.create_task(self.blend.run()))
 
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.settings, self.recommender),
@@ -147,6 +152,8 @@ class Gateway:
             await self.server.stop(grace_s)
         if self.recommender is not None and self.recommender.reader is not None:
             self.recommender.reader.close()
+        if self.blend is not None:
+            await self.blend.close()
         await self.triton.close()
 
 

@@ -435,6 +435,73 @@ def query_cmd(
                   + (f"; [yellow]degraded[/]: {'; '.join(response.degraded_reasons)}" if response.degraded else ""))
 
 
+@app.command("simulate")
+def simulate_cmd(
+    shop: Path = typer.Option(DEMO_SHOP_DIR, help="The generated shop (its hidden tastes drive the shoppers)."),
+    gateway: str = typer.Option("127.0.0.1:50051", help="Gateway address."),
+    feedback: str = typer.Option("127.0.0.1:50052", help="Feedback service address."),
+    requests: int = typer.Option(600, help="Requests to send."),
+    shift_at: Optional[int] = typer.Option(200, help="Request at which tastes shift to the new-arrivals trend "
+                                                     "(negative: no shift)."),
+    concurrency: int = typer.Option(4, help="Shoppers in flight at once."),
+    window: int = typer.Option(50, help="Requests per point of the curves."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "simulation", help="Plot and tables go here."),
+) -> None:
+    """Synthetic shoppers use the live gateway and feedback service; CTR and conversion over time per arm.
+
+    Start the feedback service with a short click window (RECSYS_FEEDBACK_LABEL_DELAY_S=2: simulated
+    shoppers click at once) and the gateway with RECSYS_FEEDBACK_URL and RECSYS_ONLINE_WEIGHTS_HOLDOUT=0.5,
+    so one run compares online-learned weights with the configured ones.
+    """
+    from scorer.simulate import SimConfig, SimulatedShop
+
+    try:
+        truth = SimulatedShop.from_dir(shop)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+    config = SimConfig(requests=requests, shift_at=shift_at if shift_at is not None and shift_at >= 0 else None,
+                       concurrency=concurrency, window=window, seed=seed)
+    run_simulation(truth, gateway, feedback, config, out)
+
+
+def run_simulation(truth, gateway: str, feedback: str, config, out: Path):
+    """Run a simulation with a progress bar; print the per-arm table; write the plot and the tables."""
+    from rich.progress import Progress
+
+    from scorer.simulate import plot, simulate
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("simulated shoppers", total=config.requests)
+        result = simulate(truth, gateway, feedback, config, progress=lambda n: progress.advance(task, n))
+    if result.outcomes.empty:
+        console.print(f"[red]no request succeeded[/] ({result.failed} failed): is the gateway at {gateway} serving?")
+        raise typer.Exit(1)
+    summary = result.summary()
+    table = Table(*(["arm", "requests"] + [c for c in summary.columns if c not in ("arm", "requests")]),
+                  title=f"{config.requests} simulated requests" + (f", tastes shift at {config.shift_at}"
+                                                                   if config.shift_at is not None else ""))
+    for row in summary.itertuples(index=False):
+        table.add_row(row.arm, str(row.requests), *(f"{v:.3f}" for v in row[2:]))
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    result.windows().to_csv(out / "windows.csv", index=False)
+    result.weights.to_csv(out / "weights.csv", index=False)
+    if not result.weights.empty:
+        last = result.weights.iloc[-1]
+        console.print("learned blend weights: " + ", ".join(
+            f"{p} {last[p]:.2f}" for p in ("relevance", "personalization", "popularity", "freshness") if p in last)
+            + f" (v{int(last['version'])}, {int(last['labelled']):,} labelled impressions)")
+    if config.shift_at is not None and "online" in set(result.outcomes["arm"]):
+        events = result.recovery_events("online")
+        console.print("online arm back at its pre-shift CTR " + (f"after {events:,} feedback events" if events
+                                                                 else "[yellow]not within this run[/]"))
+    console.print(f"plot: {plot(result, out / 'simulation.png')}" + (f"; {result.failed} requests failed"
+                                                                      if result.failed else ""))
+    return result
+
+
 @app.command("demo")
 def demo(
     size: str = typer.Option("demo", help="Shop size: tiny | small | demo."),
@@ -468,7 +535,7 @@ def demo(
     console.rule("10. Triton + the gateway: a shopper's results change after a few clicks")
     from scorer.demo_live import live_demo
 
-    live_demo(ckpt, interest, FEATURE_REPO, console)
+    live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)
 
 
 def push_demo_session(repo: Path) -> tuple[str, list[str]]:

@@ -4,7 +4,8 @@ change after a few clicks (live session features pushed through Feast).
 Exports the fine-tuned encoder, the ranker and the interest model into `triton_models/`, starts tritonserver and the
 gateway (which embeds the catalog through Triton and builds its index), then plays a short script
 over real gRPC: a search, three clicks on one brand sent to the feedback service (durable log +
-live session features), the same search again.
+live session features), the same search again. Then (step 11) simulated shoppers use the live system
+through a taste shift, and the online-learned blend weights win back the click-through rate.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from scorer.triton.publish import publish_encoder
 QUERY = "running shoes"
 
 
-def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console) -> None:
+def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, shop_dir: Path | None = None) -> None:
     with console.status("exporting the fine-tuned encoder (fp32), the ranker (2 layers, int8) and the interest model"):
         encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))))
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
@@ -44,20 +45,44 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console) ->
     with TritonServer() as triton:
         publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)
         console.print(f"Triton ready on {triton.grpc_url} (encoder v{encoder_v}, ranker v{ranker_v})")
-        settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
-                                   embed_timeout_ms=1000)
-        t0 = time.perf_counter()
-        with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):
-            gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
-        try:
-            console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
-            feedback_settings = FeedbackSettings(port=0, event_log_dir=repo / "data" / "events", feature_repo=repo)
-            with BackgroundFeedback(feedback_settings) as fb_service, GatewayClient(gateway.address, timeout_s=10) as client:
-                console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
-                stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(fb_service.address))
-                play_script(client, stub, repo, console)
-        finally:
-            gateway.stop()
+        # Simulated shoppers click at once: a short click window labels their impressions quickly.
+        events_dir = repo / "data" / "events"
+        (events_dir / "blend_weights.json").unlink(missing_ok=True)  # each demo starts from the configured weights
+        feedback_settings = FeedbackSettings(port=0, event_log_dir=events_dir, feature_repo=repo, label_delay_s=1.0,
+                                             learner_min_batch=32)
+        with BackgroundFeedback(feedback_settings) as fb_service:
+            console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
+            # Half the shoppers get the online-learned blend weights, half the configured ones.
+            settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
+                                       embed_timeout_ms=1000, feedback_url=fb_service.address,
+                                       online_weights_holdout=0.5, online_weights_poll_s=0.5)
+            t0 = time.perf_counter()
+            with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):
+                gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
+            try:
+                console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
+                with GatewayClient(gateway.address, timeout_s=10) as client:
+                    stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(fb_service.address))
+                    play_script(client, stub, repo, console)
+                if shop_dir is not None:
+                    simulate_loop(shop_dir, gateway.address, fb_service.address, console)
+            finally:
+                gateway.stop()
+
+
+def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console) -> None:
+    """Synthetic shoppers on the live system; tastes shift; the online arm's CTR recovers (plot)."""
+    from scorer.cli import run_simulation
+    from scorer.simulate import SimConfig, SimulatedShop
+
+    console.rule("11. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
+    config = SimConfig(requests=480, shift_at=120, window=40, seed=0)
+    console.print(f"{config.requests} requests from the shop's synthetic users (hidden tastes); at request "
+                  f"{config.shift_at} they start chasing new arrivals and ignoring what is popular. Half of them "
+                  "(by user id) are served the configured weights (holdout), half the weights the feedback "
+                  "service learns from their clicks (online).")
+    run_simulation(SimulatedShop.from_dir(shop_dir), gateway, feedback, config,
+                   Path(shop_dir).resolve().parents[0] / "reports" / "simulation")
 
 
 def play_script(client: GatewayClient, feedback, repo: Path, console: Console) -> None:

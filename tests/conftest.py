@@ -94,3 +94,26 @@ def triton(encoder_repo, tmp_path_factory):
     server = start_triton(encoder_repo[0], tmp_path_factory.mktemp("triton_run"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A model repository with the zero-shot encoder, the untrained ranker and interest model (v1 each)."""
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
+    from scorer.export.ranker_export import export_ranker
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+
+    repo = copy_repository_configs(tmp_path_factory.mktemp("gw_models") / "models")
+    export_encoder(repo, TextEncoder())
+    export_ranker(repo)
+    export_interest(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_gw(models, tmp_path_factory):
+    server = start_triton(models, tmp_path_factory.mktemp("gw_triton"))
+    yield server
+    server.stop()

@@ -3,7 +3,10 @@
 Settings from the environment: RECSYS_FEEDBACK_HOST (127.0.0.1), RECSYS_FEEDBACK_PORT (50052; 0 picks
 a free port), RECSYS_EVENT_LOG_DIR (feature_repo/data/events), RECSYS_FEEDBACK_FEATURE_REPO (a Feast
 repo: when set, every stored event updates the user's live session features there) and
-RECSYS_FEEDBACK_FEATURE_STORE_YAML (feature_store.yaml).
+RECSYS_FEEDBACK_FEATURE_STORE_YAML (feature_store.yaml). Online learning of the gateway's blend
+weights: RECSYS_FEEDBACK_ONLINE_LEARNING (true), RECSYS_FEEDBACK_LABEL_DELAY_S (120),
+RECSYS_FEEDBACK_LEARNER_FORGET (0.95), RECSYS_FEEDBACK_LEARNER_MIN_BATCH (64),
+RECSYS_FEEDBACK_PRIOR_WEIGHTS ([1.0, 1.0, 0.3, 0.2]: the gateway's configured weights).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.feedback.blend_learner import BlendLearner, LearnerSettings
 from gateway.feedback.event_log import EventLog
 from gateway.feedback.service import FeedbackServicer
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
@@ -37,6 +42,12 @@ class FeedbackSettings(BaseSettings):
     event_log_dir: Path = Field(Path("feature_repo/data/events"), validation_alias="RECSYS_EVENT_LOG_DIR")
     feature_repo: Path | None = None  # None: store events only, no live session features
     feature_store_yaml: str = "feature_store.yaml"
+    # Online learning of the gateway's blend weights (blend_learner.py).
+    online_learning: bool = True
+    prior_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.3, 0.2)  # the gateway's defaults
+    label_delay_s: float = Field(120.0, gt=0, description="an impression not clicked within this is a negative")
+    learner_forget: float = Field(0.95, gt=0, le=1)
+    learner_min_batch: int = Field(64, gt=0)
 
 
 def session_updater(settings: FeedbackSettings, event_log: EventLog):
@@ -54,11 +65,37 @@ def session_updater(settings: FeedbackSettings, event_log: EventLog):
     return updater
 
 
-async def start(settings: FeedbackSettings) -> tuple[grpc.aio.Server, int, EventLog]:
+async def _tick(learner: BlendLearner) -> None:
+    """Impressions become negatives when their click window passes, even with no new events."""
+    while True:
+        await asyncio.sleep(min(1.0, learner.settings.label_delay_s / 4))
+        learner.tick()
+
+
+@dataclass
+class RunningFeedback:
+    server: grpc.aio.Server
+    port: int
+    event_log: EventLog
+    learner: BlendLearner | None
+    ticker: asyncio.Task | None
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.ticker is not None:
+            self.ticker.cancel()
+        await self.server.stop(grace_s)
+        self.event_log.close()
+
+
+async def start(settings: FeedbackSettings) -> RunningFeedback:
     event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)  # recovery scans the segments
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
+    learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
+                           LearnerSettings(label_delay_s=settings.label_delay_s, forget=settings.learner_forget,
+                                           min_batch=settings.learner_min_batch)) if settings.online_learning else None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(event_log, updater), server)
+    servicer = FeedbackServicer(event_log, [updater] if updater else [], learner)
+    feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -67,20 +104,20 @@ async def start(settings: FeedbackSettings) -> tuple[grpc.aio.Server, int, Event
     await server.start()
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, event_log
+    ticker = asyncio.create_task(_tick(learner)) if learner is not None else None
+    return RunningFeedback(server, port, event_log, learner, ticker)
 
 
 async def serve(settings: FeedbackSettings) -> None:
-    server, port, event_log = await start(settings)
-    print(f"feedback service on {settings.host}:{port}, {len(event_log)} events in {settings.event_log_dir} "
-          f"(pid {os.getpid()})", flush=True)
+    running = await start(settings)
+    print(f"feedback service on {settings.host}:{running.port}, {len(running.event_log)} events in "
+          f"{settings.event_log_dir} (pid {os.getpid()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(2.0)
-    event_log.close()
+    await running.stop(2.0)
 
 
 def main() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 
+from gateway.feedback.blend_learner import BlendLearner
 from gateway.feedback.event_log import EventLog
 from gateway.feedback.events import MAX_BATCH, EventError, validate_event
+from gateway.scoring import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,12 @@ class Tally:
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, event_log: EventLog, on_stored: OnStored | None = None):
+    def __init__(self, event_log: EventLog, on_stored: Sequence[OnStored] = (), learner: BlendLearner | None = None):
         self.log = event_log
-        self.on_stored = on_stored
+        self.on_stored = list(on_stored)
+        self.learner = learner
+        if learner is not None:
+            self.on_stored.append(learner)
 
     async def _store(self, indexed: list[tuple[int, feedback_pb2.Event]], tally: Tally) -> None:
         valid = []
@@ -48,12 +53,12 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         stored = [e for e, is_new in zip(valid, fresh) if is_new]
         tally.response.accepted += len(stored)
         tally.response.duplicate += len(valid) - len(stored)
-        if stored and self.on_stored is not None:
+        for hook in self.on_stored if stored else ():
             # After the durable write: a failure here loses no event, only freshness.
             try:
-                await self.on_stored(stored)
+                await hook(stored)
             except Exception:  # noqa: BLE001
-                log.exception("post-store hook failed (events are stored)")
+                log.exception("post-store hook %s failed (events are stored)", type(hook).__name__)
 
     async def Log(self, request: feedback_pb2.LogRequest, context) -> feedback_pb2.LogResponse:
         n = len(request.events)
@@ -76,3 +81,24 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         if chunk:
             await self._store(chunk, tally)
         return tally.response
+
+    async def LogServed(self, request: feedback_pb2.LogServedRequest, context) -> feedback_pb2.LogServedResponse:
+        n = len(request.lists)
+        if not 1 <= n <= MAX_BATCH:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lists: 1-{MAX_BATCH} lists per call, got {n}")
+        if self.learner is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "online learning is off in this feedback service (RECSYS_FEEDBACK_ONLINE_LEARNING=false)")
+        accepted = sum(self.learner.add_served(s.request_id, ((i.item_id, i.parts) for i in s.items))
+                       for s in request.lists)
+        return feedback_pb2.LogServedResponse(accepted=accepted)
+
+    async def GetBlendWeights(self, request: feedback_pb2.GetBlendWeightsRequest, context) -> feedback_pb2.BlendWeights:
+        if self.learner is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "online learning is off in this feedback service (RECSYS_FEEDBACK_ONLINE_LEARNING=false)")
+        reply = feedback_pb2.BlendWeights(part_names=PART_NAMES, mean=self.learner.weights().tolist(),
+                                          variance=self.learner.variances().tolist(), labelled=self.learner.labelled,
+                                          version=self.learner.version)
+        reply.updated_at.FromDatetime(self.learner.updated_at)
+        return reply

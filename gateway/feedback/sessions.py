@@ -35,6 +35,10 @@ class SessionUpdater:
         self.states: dict[str, SessionState] = {}
         self.updated_at: dict[str, pd.Timestamp] = {}
         self.last_push_ms = 0.0
+        # One push at a time: concurrent Log calls would otherwise write from several threads, and
+        # Feast's SQLite online store shares one connection ("cannot start a transaction within a
+        # transaction"). Pushes are per batch, so this costs little.
+        self._push_lock = asyncio.Lock()
 
     def apply(self, events: Iterable[dict]) -> pd.DataFrame:
         """Apply events to the users' sessions; return one row per touched user (their new state)."""
@@ -67,7 +71,8 @@ class SessionUpdater:
         """The feedback service's post-store hook (runs after the events are durable)."""
         rows = self.apply(events)
         if not rows.empty:
-            await asyncio.to_thread(self.push, rows)
+            async with self._push_lock:
+                await asyncio.to_thread(self.push, rows)
 
     def replay(self, event_log: EventLog, now: datetime) -> int:
         """Rebuild in-memory sessions from the log's events inside the session TTL (no push)."""

@@ -64,6 +64,7 @@ class Shop:
     users: pd.DataFrame
     events: pd.DataFrame
     user_latent: pd.DataFrame
+    item_latent: pd.DataFrame
 
     def write(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,7 @@ class Shop:
         self.users.to_parquet(out_dir / "users.parquet", index=False)
         self.events.to_parquet(out_dir / "events.parquet", index=False)
         self.user_latent.to_parquet(out_dir / "user_latent.parquet", index=False)
+        self.item_latent.to_parquet(out_dir / "item_latent.parquet", index=False)
 
 
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
@@ -294,6 +296,40 @@ def _intent_match(intent: Intent, arr: _ItemArrays, idx: np.ndarray) -> np.ndarr
     return score / parts
 
 
+@dataclass(frozen=True)
+class Taste:
+    """The click model's coefficients: what makes shoppers click. The simulator can shift them."""
+
+    match: float = 3.0  # how well the item fits the search intent (searches only)
+    brand: float = 1.3  # one of the user's favourite brands
+    price: float = 0.8  # price close to the user's price band
+    quality: float = 0.7  # latent quality (what popularity reflects)
+    fresh: float = 0.0  # new arrivals (freshness 1 -> 0 over FRESH_DAYS); 0 in the generated month
+
+
+FRESH_DAYS = 14.0
+TASTE = Taste()
+
+
+def click_utility(taste: Taste, search: bool, match: np.ndarray, brand_aff: np.ndarray, price_fit: np.ndarray,
+                  quality: np.ndarray, fresh: np.ndarray | float = 0.0) -> np.ndarray:
+    """How much a shopper likes each shown item (before position bias)."""
+    return ((taste.match * match if search else 0.0) + taste.brand * brand_aff + taste.price * price_fit
+            + taste.quality * quality + taste.fresh * fresh)
+
+
+def click_probability(utility: np.ndarray, search: bool, position_bias: np.ndarray) -> np.ndarray:
+    return _sigmoid(utility - (3.8 if search else 2.8)) * (0.35 + 0.65 * position_bias)
+
+
+def cart_probability(utility: float) -> float:
+    return float(_sigmoid(utility - 2.0)) * 0.5
+
+
+def purchase_probability(price_fit: float) -> float:
+    return 0.45 + 0.15 * float(price_fit > -0.3)
+
+
 class _EventWriter:
     def __init__(self, rng: np.random.Generator):
         self.rows: list[tuple] = []
@@ -363,13 +399,8 @@ def simulate_events(rng: np.random.Generator, catalog: Catalog, users: list[User
                 brand_aff = np.isin(brands[shown], user.fav_brands).astype(float)
                 # Price fit: log-distance between the item's price and the user's preferred level.
                 price_fit = -np.abs(np.log(price[shown] / (cat_median[shown] * band_level)))
-                utility = (
-                    (3.0 * shown_match if search else 0.0)
-                    + 1.3 * brand_aff
-                    + 0.8 * price_fit
-                    + 0.7 * quality[shown]
-                )
-                p_click = _sigmoid(utility - (3.8 if search else 2.8)) * (0.35 + 0.65 * position_bias)
+                utility = click_utility(TASTE, search, shown_match, brand_aff, price_fit, quality[shown])
+                p_click = click_probability(utility, search, position_bias)
                 clicked = rng.random(len(shown)) < p_click
                 for pos, it in enumerate(shown, start=1):
                     out.add(t, user.user_id, session_id, "IMPRESSION", item=arr.item_id[it],
@@ -379,11 +410,11 @@ def simulate_events(rng: np.random.Generator, catalog: Catalog, users: list[User
                     iid = arr.item_id[shown[k]]
                     out.add(t, user.user_id, session_id, "CLICK", item=iid, query=intent.query,
                             request_id=request_id, position=int(k) + 1)
-                    if rng.random() < _sigmoid(utility[k] - 2.0) * 0.5:
+                    if rng.random() < cart_probability(utility[k]):
                         t += timedelta(seconds=float(rng.uniform(10, 120)))
                         out.add(t, user.user_id, session_id, "ADD_TO_CART", item=iid, request_id=request_id,
                                 position=int(k) + 1, quantity=1)
-                        if rng.random() < 0.45 + 0.15 * float(price_fit[k] > -0.3):
+                        if rng.random() < purchase_probability(price_fit[k]):
                             t += timedelta(seconds=float(rng.uniform(30, 600)))
                             out.add(t, user.user_id, session_id, "PURCHASE", item=iid, request_id=request_id,
                                     position=int(k) + 1, quantity=1 + int(rng.random() < 0.1))
@@ -423,4 +454,11 @@ def generate_shop(size: Size = "demo", seed: int = 7, end: datetime | None = Non
         }
     )
     latent.attrs["categories"] = [c.name for c in vocab.CATEGORIES]
-    return Shop(items=items, users=users_df, events=events, user_latent=latent)
+    item_latent = pd.DataFrame({
+        "item_id": catalog.items["item_id"],
+        "category_index": catalog.items["_cat"],
+        "type": catalog.items["_type"],
+        "features": [sorted(f) for f in catalog.items["_features"]],
+        "quality": catalog.items["_quality"],
+    })
+    return Shop(items=items, users=users_df, events=events, user_latent=latent, item_latent=item_latent)

@@ -22,7 +22,8 @@ def test_generate_then_import(tmp_path):
     shop, repo = tmp_path / "shop", tmp_path / "repo"
     done = run("data", "generate", "--size", "tiny", "--seed", "2", "--out", str(shop), "--end", "2026-10-01T00:00:00")
     assert done.returncode == 0, done.stderr
-    assert {p.name for p in shop.iterdir()} == {"items.parquet", "users.parquet", "events.parquet", "user_latent.parquet"}
+    assert {p.name for p in shop.iterdir()} == {"items.parquet", "users.parquet", "events.parquet", "user_latent.parquet",
+                                                 "item_latent.parquet"}
     done = run("data", "import", str(shop), "--repo", str(repo))
     assert done.returncode == 0, done.stderr
     written = {p.stem for p in (repo / "data" / "offline").iterdir()}
@@ -84,3 +85,9 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     done = run("export", "interest", "--checkpoint", str(tmp_path / "interest"), "--repo", str(models))
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "interest_onnx") == [1]
+
+
+def test_simulate_needs_a_generated_shop(tmp_path):
+    done = run("simulate", "--shop", str(tmp_path))
+    assert done.returncode == 1
+    assert "item_latent.parquet" in done.stdout and "recsys data generate" in done.stdout

@@ -17,29 +17,6 @@ from tests.conftest import REDIS_YAML, start_triton
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A model repository with the zero-shot encoder, the untrained ranker and interest model (v1 each)."""
-    from scorer.export.encoder_export import export_encoder
-    from scorer.export.interest_export import export_interest
-    from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
-    from scorer.models.encoder import TextEncoder
-
-    repo = copy_repository_configs(tmp_path_factory.mktemp("gw_models") / "models")
-    export_encoder(repo, TextEncoder())
-    export_ranker(repo)
-    export_interest(repo)
-    return repo
-
-
-@pytest.fixture(scope="module")
-def triton_gw(models, tmp_path_factory):
-    server = start_triton(models, tmp_path_factory.mktemp("gw_triton"))
-    yield server
-    server.stop()
-
-
 def _settings(feature_repo, triton, tmp_path_factory, **over):
     from gateway.config import GatewaySettings
 

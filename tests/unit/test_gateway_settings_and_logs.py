@@ -48,3 +48,14 @@ def test_log_lines_are_json_and_carry_the_request_id():
         request_id_var.reset(token)
     assert line["msg"] == "Recommend OK" and line["request_id"] == "req-42" and line["ms"] == 12.5
     assert line["level"] == "info" and line["ts"].endswith("Z")
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_catalog_timestamps_are_unix_seconds_in_any_parquet_unit(unit):
+    """Freshness depends on it: microsecond columns once read as seconds made every item 50 years old."""
+    import pandas as pd
+
+    from gateway.catalog import epoch_seconds
+
+    ts = pd.Series(pd.to_datetime(["2026-11-23 08:00:00", "1970-01-02 00:00:00"], utc=True)).astype(f"datetime64[{unit}, UTC]")
+    assert epoch_seconds(ts).tolist() == pytest.approx([1795420800.0, 86400.0])

@@ -76,3 +76,51 @@ class LogResponse(_message.Message):
     rejected: int
     errors: _containers.RepeatedCompositeFieldContainer[EventError]
     def __init__(self, accepted: _Optional[int] = ..., duplicate: _Optional[int] = ..., rejected: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[EventError, _Mapping]]] = ...) -> None: ...
+
+class ServedItem(_message.Message):
+    __slots__ = ("item_id", "parts")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    parts: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_id: _Optional[str] = ..., parts: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ServedList(_message.Message):
+    __slots__ = ("request_id", "items")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    items: _containers.RepeatedCompositeFieldContainer[ServedItem]
+    def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ServedItem, _Mapping]]] = ...) -> None: ...
+
+class LogServedRequest(_message.Message):
+    __slots__ = ("lists",)
+    LISTS_FIELD_NUMBER: _ClassVar[int]
+    lists: _containers.RepeatedCompositeFieldContainer[ServedList]
+    def __init__(self, lists: _Optional[_Iterable[_Union[ServedList, _Mapping]]] = ...) -> None: ...
+
+class LogServedResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class GetBlendWeightsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BlendWeights(_message.Message):
+    __slots__ = ("part_names", "mean", "variance", "labelled", "version", "updated_at")
+    PART_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    part_names: _containers.RepeatedScalarFieldContainer[str]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    variance: _containers.RepeatedScalarFieldContainer[float]
+    labelled: int
+    version: int
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, part_names: _Optional[_Iterable[str]] = ..., mean: _Optional[_Iterable[float]] = ..., variance: _Optional[_Iterable[float]] = ..., labelled: _Optional[int] = ..., version: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,16 @@ class FeedbackServiceStub:
                 request_serializer=recsys_dot_v1_dot_feedback__pb2.Event.SerializeToString,
                 response_deserializer=recsys_dot_v1_dot_feedback__pb2.LogResponse.FromString,
                 _registered_method=True)
+        self.LogServed = channel.unary_unary(
+                '/recsys.v1.FeedbackService/LogServed',
+                request_serializer=recsys_dot_v1_dot_feedback__pb2.LogServedRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_feedback__pb2.LogServedResponse.FromString,
+                _registered_method=True)
+        self.GetBlendWeights = channel.unary_unary(
+                '/recsys.v1.FeedbackService/GetBlendWeights',
+                request_serializer=recsys_dot_v1_dot_feedback__pb2.GetBlendWeightsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_feedback__pb2.BlendWeights.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -64,6 +74,23 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogServed(self, request, context):
+        """The gateway's record of what it served and why: each item's unweighted score parts. Joined
+        with impressions and clicks by request_id, it teaches the online blend-weight learner.
+        Best effort (kept in memory until labelled), unlike events, which are durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBlendWeights(self, request, context):
+        """The online learner's current blend weights: a posterior (mean, variance) per score part,
+        which the gateway samples from per request (Thompson sampling) or uses as is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +103,16 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=recsys_dot_v1_dot_feedback__pb2.Event.FromString,
                     response_serializer=recsys_dot_v1_dot_feedback__pb2.LogResponse.SerializeToString,
+            ),
+            'LogServed': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogServed,
+                    request_deserializer=recsys_dot_v1_dot_feedback__pb2.LogServedRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_feedback__pb2.LogServedResponse.SerializeToString,
+            ),
+            'GetBlendWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlendWeights,
+                    request_deserializer=recsys_dot_v1_dot_feedback__pb2.GetBlendWeightsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_feedback__pb2.BlendWeights.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +169,60 @@ class FeedbackService:
             '/recsys.v1.FeedbackService/Stream',
             recsys_dot_v1_dot_feedback__pb2.Event.SerializeToString,
             recsys_dot_v1_dot_feedback__pb2.LogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogServed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.FeedbackService/LogServed',
+            recsys_dot_v1_dot_feedback__pb2.LogServedRequest.SerializeToString,
+            recsys_dot_v1_dot_feedback__pb2.LogServedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlendWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.FeedbackService/GetBlendWeights',
+            recsys_dot_v1_dot_feedback__pb2.GetBlendWeightsRequest.SerializeToString,
+            recsys_dot_v1_dot_feedback__pb2.BlendWeights.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,121 @@
+"""The gateway's side of online learning: sample blend weights, report what was served.
+
+The feedback service learns the blend weights of the final score from clicks
+(gateway/feedback/blend_learner.py). This module polls its posterior every `online_weights_poll_s`
+and, per request, draws weights from it (Thompson sampling; the mean when exploration is off), and
+queues each response's unweighted score parts for the learner (LogServed, batched, off the request
+path). Users in the configured holdout share always get the configured weights, so the learner's
+lift is measurable live (`model_versions["blend"]` says which a response used).
+
+Nothing here can fail a request: with the feedback service down the last weights stay in use and
+served lists are dropped (counted in `recsys_served_log_dropped_total`), since they only teach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from gateway import metrics
+from gateway.config import GatewaySettings
+from gateway.scoring import PART_NAMES, weight_vector
+from recsys.v1 import feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MIN_RELEVANCE_WEIGHT = 0.05  # a sample never turns relevance off or upside down
+MAX_QUEUED_LISTS = 20_000
+FLUSH_INTERVAL_S = 0.1
+MAX_LISTS_PER_CALL = 5_000
+HOLDOUT_BUCKETS = 10_000
+
+
+class OnlineBlend:
+    def __init__(self, settings: GatewaySettings, seed: int | None = None):
+        self.prior = weight_vector(settings.weights)
+        self.mean = self.prior.copy()
+        self.std = np.zeros_like(self.prior)
+        self.version = 0
+        self.labelled = 0
+        self.holdout = settings.online_weights_holdout
+        self.explore = settings.online_weights_explore
+        self.poll_s = settings.online_weights_poll_s
+        self.queue: deque[feedback_pb2.ServedList] = deque()
+        self.rng = np.random.default_rng(seed)
+        self.channel = grpc.aio.insecure_channel(settings.feedback_url)
+        self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+
+    # --- per request --------------------------------------------------------------------------
+    def in_holdout(self, unit: str) -> bool:
+        return zlib.crc32(unit.encode()) % HOLDOUT_BUCKETS < self.holdout * HOLDOUT_BUCKETS
+
+    def weights_for(self, unit: str) -> tuple[np.ndarray, str]:
+        """The weights for one request of `unit` (user, else session), and their label."""
+        if self.holdout and self.in_holdout(unit):
+            return self.prior, "holdout"
+        w = self.mean + self.std * self.rng.standard_normal(len(self.mean)) if self.explore else self.mean.copy()
+        w[0] = max(w[0], MIN_RELEVANCE_WEIGHT)
+        return w.astype(np.float32), f"online-v{self.version}"
+
+    def record(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]]) -> None:
+        served = feedback_pb2.ServedList(request_id=request_id)
+        for item_id, parts in items:
+            served.items.add(item_id=item_id, parts=[float(p) for p in parts])
+        if len(self.queue) >= MAX_QUEUED_LISTS:  # the learner is away: drop the oldest
+            self.queue.popleft()
+            metrics.SERVED_LOG_DROPPED.inc()
+        self.queue.append(served)
+
+    # --- background -----------------------------------------------------------------------------
+    async def poll(self) -> bool:
+        """Fetch the learner's posterior; False (weights unchanged) when it cannot be had."""
+        try:
+            got = await self.stub.GetBlendWeights(feedback_pb2.GetBlendWeightsRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as e:
+            metrics.DOWNSTREAM_ERRORS.labels("feedback", e.code().name).inc()
+            return False
+        if tuple(got.part_names) != PART_NAMES:
+            log.warning("ignoring blend weights for parts %s (the gateway scores %s)", list(got.part_names), PART_NAMES)
+            return False
+        self.mean = np.array(got.mean, np.float32)
+        self.std = np.sqrt(np.array(got.variance, np.float32))
+        self.version, self.labelled = int(got.version), int(got.labelled)
+        metrics.BLEND_VERSION.set(self.version)
+        for name, value in zip(PART_NAMES, self.mean):
+            metrics.BLEND_WEIGHT.labels(name).set(float(value))
+        return True
+
+    async def flush(self) -> int:
+        """Send queued served lists to the learner; returns how many were delivered."""
+        delivered = 0
+        while self.queue:
+            batch = [self.queue.popleft() for _ in range(min(len(self.queue), MAX_LISTS_PER_CALL))]
+            try:
+                await self.stub.LogServed(feedback_pb2.LogServedRequest(lists=batch), timeout=2.0)
+            except grpc.aio.AioRpcError as e:
+                metrics.DOWNSTREAM_ERRORS.labels("feedback", e.code().name).inc()
+                metrics.SERVED_LOG_DROPPED.inc(len(batch))
+                return delivered
+            delivered += len(batch)
+        return delivered
+
+    async def run(self) -> None:
+        """Poll weights and flush served lists until cancelled."""
+        next_poll = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            if loop.time() >= next_poll:
+                await self.poll()
+                next_poll = loop.time() + self.poll_s
+            await self.flush()
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+
+    async def close(self) -> None:
+        await self.flush()
+        await self.channel.close()

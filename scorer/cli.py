@@ -355,35 +355,59 @@ def retrain_cmd(
     url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address to publish to ('' = export only)."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
     work_dir: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "retrain", help="Candidates and reports."),
-    steps: int = typer.Option(200, help="Fine-tuning steps per round."),
-    margin: float = typer.Option(0.005, help="Promote only if holdout NDCG@10 improves by at least this."),
+    model: list[str] = typer.Option(["encoder", "ranker", "interest"], "--model",
+                                    help="Models to retrain (repeatable), encoder first."),
+    steps: int = typer.Option(200, help="Encoder fine-tuning steps per round."),
+    ranker_steps: int = typer.Option(100, help="Ranker fine-tuning steps per round (4 lists each)."),
+    interest_steps: int = typer.Option(300, help="Interest-model steps per round (batch 128)."),
+    margin: float = typer.Option(0.005, help="Promote only if the holdout metric improves by at least this."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
     every: Optional[float] = typer.Option(None, help="Keep running: check every this many seconds."),
-    serving_checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of what serves now, for a new registry "
-                                                                 "(default: the packaged weights)."),
+    serving_checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of the serving encoder, for a new "
+                                                                 "registry (default: the packaged weights)."),
+    serving_ranker_checkpoint: Optional[Path] = typer.Option(None, help="Same for the ranker (default: packaged start)."),
+    serving_interest_checkpoint: Optional[Path] = typer.Option(None, help="Same for the interest model "
+                                                                          "(default: untrained)."),
 ) -> None:
-    """Fine-tune the encoder from the serving version, gate on the holdout, promote with zero downtime."""
-    from scorer.retrain import Registry, adopt_serving, run_loop, serving_version_in_triton
+    """Fine-tune encoder, ranker and interest model from their serving versions, gate each on the
+    holdout, promote the winners with zero downtime."""
+    from scorer.retrain import MODELS, Registry, adopt_serving, run_loop, serving_versions_in_triton
 
+    unknown = sorted(set(model) - set(MODELS))
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}",
+                                 param_hint="--model")
     reg = Registry.load(registry)
-    if reg.serving is None and url and (v := serving_version_in_triton(url)) is not None:
-        adopt_serving(reg, v, serving_checkpoint)
-        console.print(f"registry started from Triton: encoder v{v} serves ({serving_checkpoint or 'packaged weights'})")
-    run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, steps=steps, margin=margin,
+    checkpoints = {"encoder": serving_checkpoint, "ranker": serving_ranker_checkpoint,
+                   "interest": serving_interest_checkpoint}
+    if url and any(reg.entry(m).serving is None for m in model):
+        for m, v in serving_versions_in_triton(url).items():
+            if m in model and reg.entry(m).serving is None and v is not None:
+                adopt_serving(reg, v, checkpoints[m], m)
+                console.print(f"registry started from Triton: {m} v{v} serves ({checkpoints[m] or 'packaged start'})")
+    run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, models=tuple(model),
+             steps={"encoder": steps, "ranker": ranker_steps, "interest": interest_steps}, margin=margin,
              log=console.print)
 
 
 @app.command("rollback")
 def rollback_cmd(
+    model: str = typer.Option("encoder", help="encoder | ranker | interest"),
     url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
 ) -> None:
-    """Serve the previously promoted encoder version again (zero downtime)."""
-    from scorer.retrain import Registry, rollback_encoder
+    """Serve a model's previously promoted version again (zero downtime)."""
+    from scorer.retrain import MODELS, Registry, rollback
 
-    version = rollback_encoder(model_repo, url, Registry.load(registry))
-    console.print(f"[green]serving encoder v{version}[/] again")
+    if model not in MODELS:
+        raise typer.BadParameter(f"choose from {', '.join(MODELS)}", param_hint="--model")
+    try:
+        version = rollback(model_repo, url, Registry.load(registry), model)
+    except RuntimeError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]serving {model} v{version}[/] again")
 
 
 @app.command("serve")

@@ -1,50 +1,41 @@
-"""Retrain, gate, promote, roll back: the encoder's closed loop.
+"""Retrain, gate, promote, roll back: the closed loop for the encoder, the ranker and the interest model.
 
-    retrain -> fine-tune from the serving checkpoint on the label log (through Feast)
+    retrain -> for each model: fine-tune from its serving checkpoint on the label log (Feast's
+               labels_source, which includes the feedback service's events)
             -> evaluate candidate vs serving on the time-split holdout (report either way)
-            -> promote only if NDCG@10 improves by `margin`: export a new Triton version and
-               publish it with zero downtime (scorer/triton/publish.py); the gateway notices the
-               version, re-embeds the catalog and swaps its index
-    rollback -> publish the previous version again (its files stay in the model repository)
+            -> promote only if the gate metric improves by `margin`: export a new Triton version
+               and publish it with zero downtime (scorer/triton/publish.py); the gateway notices
+               (a new encoder: re-embeds the catalog and swaps its index; a new ranker or
+               interest model: used from the next request)
+    rollback -> publish a model's previous version again (its files stay in the model repository)
 
-The registry (`var/models/registry.json`) records which checkpoint made which version, what
-serves now, the promotion history, and when training last ran (for the new-labels trigger).
-The ranker and the interest model are not in the loop yet (docs/feedback.md).
+Gate metrics: encoder NDCG@10 of retrieval on the holdout requests; ranker NDCG@5 of the holdout's
+shown lists; interest model NDCG@10 of next-interaction retrieval. The encoder goes first: the
+ranker's similarity feature and the interest model's item vectors come from the (new) serving
+encoder. The registry (`var/models/registry.json`) records, per model, which checkpoint made which
+version, what serves now and the promotion history, and when training last ran (for the
+new-labels trigger).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
+MODELS = ("encoder", "ranker", "interest")
+
 
 @dataclass
-class Registry:
-    path: Path
-    serving: int | None = None  # encoder version serving now
-    checkpoints: dict[str, str] = field(default_factory=dict)  # version -> checkpoint dir ("" = packaged)
+class ModelEntry:
+    serving: int | None = None  # version serving now
+    checkpoints: dict[str, str] = field(default_factory=dict)  # version -> checkpoint dir ("" = packaged / untrained)
     history: list[int] = field(default_factory=list)  # promotions, oldest first
-    last_trained_at: str | None = None  # ISO time of the newest label used in training
-
-    @classmethod
-    def load(cls, path: Path) -> "Registry":
-        if not path.exists():
-            return cls(path)
-        data = json.loads(path.read_text())
-        return cls(path, data.get("serving"), data.get("checkpoints", {}), data.get("history", []),
-                   data.get("last_trained_at"))
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"serving": self.serving, "checkpoints": self.checkpoints, "history": self.history,
-                                   "last_trained_at": self.last_trained_at}, indent=2))
-        tmp.replace(self.path)
 
     def serving_checkpoint(self) -> Path | None:
         ckpt = self.checkpoints.get(str(self.serving)) if self.serving is not None else None
@@ -52,33 +43,68 @@ class Registry:
 
 
 @dataclass
+class Registry:
+    path: Path
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    last_trained_at: str | None = None  # ISO time of the newest label used in training
+
+    def entry(self, model: str) -> ModelEntry:
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+        return self.models.setdefault(model, ModelEntry())
+
+    @classmethod
+    def load(cls, path: Path) -> "Registry":
+        if not path.exists():
+            return cls(path)
+        data = json.loads(path.read_text())
+        if "models" not in data:  # the first format: the encoder alone, at the top level
+            data = {"models": {"encoder": {k: data[k] for k in ("serving", "checkpoints", "history") if k in data}},
+                    "last_trained_at": data.get("last_trained_at")}
+        return cls(path, {m: ModelEntry(**e) for m, e in data["models"].items()}, data.get("last_trained_at"))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"models": {m: asdict(e) for m, e in self.models.items()},
+                                   "last_trained_at": self.last_trained_at}, indent=2))
+        tmp.replace(self.path)
+
+
+@dataclass
 class RetrainResult:
+    model: str
     promoted: bool
     reason: str
-    serving_ndcg: float
-    candidate_ndcg: float
+    serving_score: float
+    candidate_score: float
     version: int | None
     report: Path | None
 
 
-def adopt_serving(registry: Registry, version: int, checkpoint: Path | None) -> None:
-    """Start a registry from what serves now (e.g. the version `make demo` published)."""
-    registry.serving = version
-    registry.checkpoints[str(version)] = str(checkpoint) if checkpoint else ""
-    registry.history = [version]
+def adopt_serving(registry: Registry, version: int, checkpoint: Path | None, model: str = "encoder") -> None:
+    """Start a model's registry entry from what serves now (e.g. the version `make demo` published)."""
+    entry = registry.entry(model)
+    entry.serving = version
+    entry.checkpoints[str(version)] = str(checkpoint) if checkpoint else ""
+    entry.history = [version]
     registry.save()
 
 
-def serving_version_in_triton(triton_url: str) -> int | None:
+def serving_versions_in_triton(triton_url: str) -> dict[str, int | None]:
+    """Per model, the version Triton serves now (pinned in its ensemble, else the newest loaded)."""
     import tritonclient.grpc as grpcclient
 
-    from scorer.triton.publish import ENCODER_COMPONENTS, ready_versions, serving_version
+    from scorer.triton.publish import COMPONENTS, ready_versions, serving_version
 
     client = grpcclient.InferenceServerClient(triton_url)
     try:
-        pinned = serving_version(client)
-        loaded = ready_versions(client, ENCODER_COMPONENTS[-1])
-        return pinned if pinned is not None else (loaded[-1] if loaded else None)
+        out: dict[str, int | None] = {}
+        for model, (ensemble, components) in COMPONENTS.items():
+            pinned = serving_version(client, ensemble) if ensemble else None
+            loaded = ready_versions(client, components[-1])
+            out[model] = pinned if pinned is not None else (loaded[-1] if loaded else None)
+        return out
     finally:
         client.close()
 
@@ -87,6 +113,72 @@ def new_labels_since(offline_dir: Path, since: str | None) -> int:
     labels = pd.read_parquet(offline_dir / "labels.parquet", columns=["event_timestamp", "grade"])
     positives = labels[labels["grade"] > 0]
     return len(positives) if since is None else int((positives["event_timestamp"] > pd.Timestamp(since)).sum())
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
+def _serving_encoder(registry: Registry):
+    from scorer.models.encoder import EncoderConfig, TextEncoder
+
+    ckpt = registry.entry("encoder").serving_checkpoint()
+    return TextEncoder(EncoderConfig(model_path=str(ckpt))) if ckpt else TextEncoder()
+
+
+def write_gate_report(out_dir: Path, title: str, table: pd.DataFrame, metric: str, before: float, after: float,
+                      decision: str) -> Path:
+    """report.md (decision + table), metrics.json and a bar plot of serving vs candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scorer.eval.retrieval_eval import markdown_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_json(out_dir / "metrics.json", orient="records", indent=2)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar(["serving", "candidate"], [before, after], color=["#999999", "#1f77b4"])
+    ax.set_ylabel(metric)
+    ax.set_title(decision, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=110)
+    plt.close(fig)
+    (out_dir / "report.md").write_text(f"# {title}\n\n**{decision}**\n\n{markdown_table(table)}\n\n"
+                                       "![serving vs candidate](comparison.png)\n")
+    return out_dir / "report.md"
+
+
+def _gate(model: str, registry: Registry, before: float, after: float, margin: float, metric: str,
+          report: Path, candidate_dir: Path, promote: Callable[[], int], log) -> RetrainResult:
+    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin`."""
+    if after < before + margin:
+        registry.save()
+        reason = f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})"
+        log(f"retrain {model}: {reason}; report {report}")
+        return RetrainResult(model, False, reason, before, after, None, report)
+    version = promote()
+    entry = registry.entry(model)
+    entry.checkpoints[str(version)] = str(candidate_dir)
+    entry.serving = version
+    entry.history.append(version)
+    registry.save()
+    reason = f"promoted v{version}: {metric} {before:.4f} -> {after:.4f}"
+    log(f"retrain {model}: {reason}; report {report}")
+    return RetrainResult(model, True, reason, before, after, version, report)
+
+
+def _publisher(model: str, model_repo: Path, triton_url: str | None, export: Callable[[], int]) -> Callable[[], int]:
+    def promote() -> int:
+        version = export()
+        if triton_url:
+            from scorer.triton.publish import publish
+
+            publish(triton_url, model_repo, model, version)
+        return version
+
+    return promote
 
 
 def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
@@ -100,63 +192,131 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
     from scorer.train.encoder_train import EncoderTrainConfig, train_encoder, training_pairs
 
     offline = repo / "data" / "offline"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = _stamp()
     data = load_labelled_requests(repo)
-    serving_ckpt = registry.serving_checkpoint()
-    log(f"retrain: {len(data.train):,} training labels, serving encoder v{registry.serving} "
+    entry = registry.entry("encoder")
+    serving_ckpt = entry.serving_checkpoint()
+    log(f"retrain encoder: {len(data.train):,} training labels, serving v{entry.serving} "
         f"({serving_ckpt or 'packaged weights'})")
     candidate_dir = work_dir / f"encoder-{stamp}"
     train_encoder(training_pairs(data.train), candidate_dir, EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed),
                   start_from=serving_ckpt)
     ev = build_eval_set(data, pd.read_parquet(offline / "items.parquet"), pd.read_parquet(offline / "events.parquet"))
-    serving_model = TextEncoder(EncoderConfig(model_path=str(serving_ckpt))) if serving_ckpt else TextEncoder()
     candidate = TextEncoder(EncoderConfig(model_path=str(candidate_dir)))
-    result = evaluate(ev, {"serving": encoder_scorer(ev, serving_model), "candidate": encoder_scorer(ev, candidate)})
+    result = evaluate(ev, {"serving": encoder_scorer(ev, _serving_encoder(registry)),
+                           "candidate": encoder_scorer(ev, candidate)})
     report = write_report(result, work_dir / f"report-{stamp}", title=f"Retrain {stamp}: candidate vs serving")
     before, after = result.metrics["serving"]["all"]["ndcg@10"], result.metrics["candidate"]["all"]["ndcg@10"]
-    registry.last_trained_at = str(data.rows["event_timestamp"].max())
-    if after < before + margin:
-        registry.save()
-        reason = f"not promoted: NDCG@10 {after:.4f} vs serving {before:.4f} (margin {margin})"
-        log(f"retrain: {reason}; report {report}")
-        return RetrainResult(False, reason, before, after, None, report)
-    version = export_encoder(model_repo, candidate)
-    if triton_url:
-        from scorer.triton.publish import publish_encoder
-
-        publish_encoder(triton_url, model_repo, version)
-    registry.checkpoints[str(version)] = str(candidate_dir)
-    registry.serving = version
-    registry.history.append(version)
-    registry.save()
-    reason = f"promoted v{version}: NDCG@10 {before:.4f} -> {after:.4f}"
-    log(f"retrain: {reason}; report {report}")
-    return RetrainResult(True, reason, before, after, version, report)
+    registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
+    return _gate("encoder", registry, before, after, margin, "NDCG@10", report, candidate_dir,
+                 _publisher("encoder", model_repo, triton_url, lambda: export_encoder(model_repo, candidate)), log)
 
 
-def rollback_encoder(model_repo: Path, triton_url: str, registry: Registry) -> int:
-    """Serve the version promoted before the current one again; return it."""
-    from scorer.triton.publish import publish_encoder
+def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
+                   steps: int = 100, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
+    """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5."""
+    from scorer.eval.ranking_eval import evaluate_lists, logged_order, ranker_scorer
+    from scorer.export.ranker_export import export_ranker
+    from scorer.models.ranker import CrossEncoderRanker
+    from scorer.train.ranker_data import load_ranker_lists
+    from scorer.train.ranker_train import RankerTrainConfig, train_ranker
 
-    if len(registry.history) < 2:
-        raise RuntimeError("nothing to roll back to: fewer than two promotions in the registry")
-    registry.history.pop()
-    previous = registry.history[-1]
-    publish_encoder(triton_url, model_repo, previous)
-    registry.serving = previous
+    stamp = _stamp()
+    entry = registry.entry("ranker")
+    serving_ckpt = entry.serving_checkpoint()
+    lists = load_ranker_lists(repo, encoder=_serving_encoder(registry))
+    log(f"retrain ranker: {lists.rows['request_id'].nunique():,} shown lists, serving v{entry.serving} "
+        f"({serving_ckpt or 'packaged start'})")
+    candidate_dir = work_dir / f"ranker-{stamp}"
+    candidate, _ = train_ranker(lists.split(holdout=False), candidate_dir, RankerTrainConfig(max_steps=steps, seed=seed),
+                                start_from=serving_ckpt)
+    serving = CrossEncoderRanker.load(serving_ckpt) if serving_ckpt else CrossEncoderRanker().eval()
+    table = evaluate_lists(lists.split(holdout=True), {"logged order": logged_order, "serving": ranker_scorer(serving),
+                                                       "candidate": ranker_scorer(candidate)})
+    score = table[table["slice"] == "all"].set_index("method")["ndcg@5"]
+    before, after = float(score["serving"]), float(score["candidate"])
+    decision = "promote" if after >= before + margin else "keep serving"
+    report = write_gate_report(work_dir / f"report-ranker-{stamp}", f"Ranker retrain {stamp}: candidate vs serving",
+                               table, "NDCG@5", before, after, decision)
+    registry.last_trained_at = max(registry.last_trained_at or "", str(lists.rows["event_timestamp"].max()))
+    return _gate("ranker", registry, before, after, margin, "NDCG@5", report, candidate_dir,
+                 _publisher("ranker", model_repo, triton_url, lambda: export_ranker(model_repo, candidate, int8=True)),
+                 log)
+
+
+def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
+                     steps: int = 300, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
+    """One round for the interest model: next-interaction training from the serving model, over the
+    serving encoder's vectors, gated on holdout NDCG@10."""
+    from scorer.eval.interest_eval import evaluate_interest
+    from scorer.export.interest_export import export_interest
+    from scorer.models.interest import InterestModel
+    from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
+    from scorer.train.interest_train import InterestTrainConfig, train_interest
+
+    stamp = _stamp()
+    entry = registry.entry("interest")
+    serving_ckpt = entry.serving_checkpoint()
+    data = load_interest_examples(repo)
+    table = embed_catalog_and_queries(repo, data.rows["query"].dropna().tolist(), _serving_encoder(registry))
+    log(f"retrain interest: {len(data.train):,} training examples, serving v{entry.serving} "
+        f"({serving_ckpt or 'untrained = the gateway fallback'})")
+    candidate_dir = work_dir / f"interest-{stamp}"
+    candidate, _ = train_interest(data.train, table, candidate_dir, InterestTrainConfig(max_steps=steps, seed=seed),
+                                  start_from=serving_ckpt)
+    serving = InterestModel.load(serving_ckpt) if serving_ckpt else InterestModel()
+    result = evaluate_interest(data.holdout, data.train, table, {"serving": serving.eval(), "candidate": candidate.eval()})
+    score = result[result["slice"] == "all"].set_index("method")["NDCG@10"]
+    before, after = float(score["serving"]), float(score["candidate"])
+    decision = "promote" if after >= before + margin else "keep serving"
+    report = write_gate_report(work_dir / f"report-interest-{stamp}", f"Interest model retrain {stamp}: candidate vs serving",
+                               result.round(4), "NDCG@10", before, after, decision)
+    registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
+    return _gate("interest", registry, before, after, margin, "NDCG@10", report, candidate_dir,
+                 _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
+
+
+RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest}
+
+
+def retrain_models(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
+                   models: tuple[str, ...] = MODELS, steps: dict[str, int] | None = None, margin: float = 0.005,
+                   log=print) -> list[RetrainResult]:
+    """One round for each of `models`, encoder first (the others read its vectors)."""
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown model(s) {sorted(unknown)}: choose from {', '.join(MODELS)}")
+    results = []
+    for model in (m for m in MODELS if m in models):
+        kwargs = {"steps": steps[model]} if steps and model in steps else {}
+        results.append(RETRAIN[model](repo, model_repo, triton_url, registry, work_dir, margin=margin, log=log, **kwargs))
+    return results
+
+
+def rollback(model_repo: Path, triton_url: str, registry: Registry, model: str = "encoder") -> int:
+    """Serve the version of `model` promoted before the current one again; return it."""
+    from scorer.triton.publish import publish
+
+    entry = registry.entry(model)
+    if len(entry.history) < 2:
+        raise RuntimeError(f"nothing to roll back to: fewer than two {model} promotions in the registry")
+    entry.history.pop()
+    previous = entry.history[-1]
+    publish(triton_url, model_repo, model, previous)
+    entry.serving = previous
     registry.save()
     return previous
 
 
 def run_loop(repo: Path, model_repo: Path, triton_url: str | None, registry_path: Path, work_dir: Path,
-             min_new_labels: int, every_s: float | None, **train_kwargs) -> None:
+             min_new_labels: int, every_s: float | None, models: tuple[str, ...] = MODELS, **train_kwargs) -> None:
     """Retrain whenever `min_new_labels` positive labels arrived since the last run; check every
     `every_s` seconds (None: check once)."""
     while True:
         registry = Registry.load(registry_path)
         fresh = new_labels_since(repo / "data" / "offline", registry.last_trained_at)
         if fresh >= min_new_labels:
-            retrain_encoder(repo, model_repo, triton_url, registry, work_dir, **train_kwargs)
+            retrain_models(repo, model_repo, triton_url, registry, work_dir, models, **train_kwargs)
         else:
             print(f"retrain: {fresh} new positive labels (< {min_new_labels}); nothing to do", flush=True)
         if every_s is None:

@@ -12,12 +12,15 @@ from gateway.client import GatewayClient
 
 class RecommendTraffic:
     """Sends one query in a loop until the block ends; records every failed call (and, when
-    `degraded_is_failure`, every degraded answer) and the encoder version of each answer."""
+    `degraded_is_failure`, every degraded answer), the encoder version of each answer (`versions`)
+    and all its model versions (`answers`)."""
 
-    def __init__(self, address: str, query: str, degraded_is_failure: bool = False):
+    def __init__(self, address: str, query: str, degraded_is_failure: bool = False, user_id: str = ""):
         self.address, self.query, self.degraded_is_failure = address, query, degraded_is_failure
+        self.user_id = user_id
         self.failures: list = []
         self.versions: list[str] = []
+        self.answers: list[dict[str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
@@ -25,8 +28,9 @@ class RecommendTraffic:
         with GatewayClient(self.address, 30) as client:
             while not self._stop.is_set():
                 try:
-                    r = client.recommend(self.query, num_results=5)
+                    r = client.recommend(self.query, user_id=self.user_id, num_results=5)
                     self.versions.append(r.model_versions["encoder"])
+                    self.answers.append(dict(r.model_versions))
                     if self.degraded_is_failure and r.degraded:
                         self.failures.append(list(r.degraded_reasons))
                 except grpc.RpcError as e:
@@ -46,4 +50,12 @@ def wait_for_encoder(gateway, version: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while gateway.gateway.state.snapshot.encoder_version != version:
         assert time.monotonic() < deadline, f"the gateway never switched to encoder v{version}"
+        time.sleep(0.2)
+
+
+def wait_for_answer(traffic: RecommendTraffic, model: str, version: str, timeout_s: float = 60) -> None:
+    """Until the traffic's latest answer was served by `version` of `model`."""
+    deadline = time.monotonic() + timeout_s
+    while not traffic.answers or traffic.answers[-1].get(model) != version:
+        assert time.monotonic() < deadline, f"answers never came from {model} v{version}: {traffic.answers[-1:]}"
         time.sleep(0.2)

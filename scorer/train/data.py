@@ -1,8 +1,8 @@
 """Training and evaluation data from the label log, through Feast (point-in-time correct).
 
-The label log is the events source (feature_repo/data/offline/events.parquet). A *request* is one
-list shown to a user (request_id); its labels are the graded interactions with shown items:
-purchase 3 > cart 2 > click 1. Item text comes from Feast's `item_attributes` joined at the
+The label log is Feast's `labels_source` (feature_repo/data/offline/labels.parquet, see
+`label_log`). A *request* is one list shown to a user (request_id); its labels are the graded
+interactions attributed to shown items: purchase 3 > cart 2 > click 1. Item text comes from Feast's `item_attributes` joined at the
 request's time, so an item's text is what it was when the shopper saw it.
 
 The split is by time: the last `holdout_fraction` of the period is held out, so evaluation asks
@@ -63,6 +63,24 @@ def time_cutoff(events: pd.DataFrame, holdout_fraction: float) -> pd.Timestamp:
     return start + (end - start) * (1 - holdout_fraction)
 
 
+def label_log(repo: Path, holdout_fraction: float = 0.2) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """The label log and its time split.
+
+    The log is `labels.parquet`, Feast's `labels_source`: the imported events plus the feedback
+    service's log, with interactions attributed to impressions inside their windows
+    (scorer/data/labels.py; `recsys data labels --event-log` refreshes it). Training on it is what
+    closes the loop: feedback logged today is training data for the next retrain. A repo without
+    the file (imported before it existed) gets the same attribution computed on the fly.
+    """
+    from scorer.data.labels import attribute
+
+    offline = Path(repo) / "data" / "offline"
+    path = offline / "labels.parquet"
+    labels = pd.read_parquet(path) if path.exists() else attribute(pd.read_parquet(offline / "events.parquet"))
+    labels = labels.drop(columns=["attributed_at"], errors="ignore").reset_index(drop=True)
+    return labels, time_cutoff(labels.rename(columns={"event_timestamp": "timestamp"}), holdout_fraction)
+
+
 def join_features(store, labels: pd.DataFrame, keys: list[str], features) -> pd.DataFrame:
     """Feast point-in-time join at each label's event_timestamp, one row per label, in label order."""
     entity_df = labels[keys + ["event_timestamp"]].copy()
@@ -79,11 +97,10 @@ def load_labelled_requests(repo: Path, holdout_fraction: float = 0.2, store=None
     """Graded labels with item text joined through Feast's get_historical_features."""
     from scorer.data.feast_ops import load_store
 
-    events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
-    labels = graded_labels(events)
+    labels, cutoff = label_log(repo, holdout_fraction)
     if not with_skips:
         labels = labels[labels["grade"] > 0]
     labels = labels.reset_index(drop=True)
     feats = join_features(store or load_store(Path(repo)), labels, ["item_id"], ITEM_FEATURES)
     labels["item_text"] = catalog_texts(feats)
-    return LabelledRequests(rows=labels, cutoff=time_cutoff(events, holdout_fraction))
+    return LabelledRequests(rows=labels, cutoff=cutoff)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scorer.models.interest import InterestConfig
-from scorer.train.data import LabelledRequests, graded_labels, join_features, time_cutoff
+from scorer.train.data import LabelledRequests, join_features, label_log
 
 HISTORY_FEATURES = ["user_session:recent_clicked_item_ids", "user_session:recent_carted_item_ids",
                     "user_profile:recent_item_ids"]
@@ -41,13 +41,12 @@ def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig()
     split by time like every training set here."""
     from scorer.data.feast_ops import load_store
 
-    events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
-    labels = graded_labels(events)
+    labels, cutoff = label_log(repo, holdout_fraction)
     labels = labels[labels["grade"] > 0].reset_index(drop=True)
     feats = join_features(store or load_store(Path(repo)), labels, ["user_id"], HISTORY_FEATURES)
     labels["history"] = [history_of(r, config.max_items) for r in feats.to_dict("records")]
     labels["query"] = labels["query"].where(labels["query"].notna(), None)
-    return LabelledRequests(labels, time_cutoff(events, holdout_fraction))
+    return LabelledRequests(labels, cutoff)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pandas as pd
 
 from scorer.item_text import item_text_from_features
 from scorer.ranker_inputs import context_text, numeric_features
-from scorer.train.data import graded_labels, join_features, time_cutoff
+from scorer.train.data import join_features, label_log
 
 
 @dataclass
@@ -45,8 +45,7 @@ def load_ranker_lists(repo: Path, holdout_fraction: float = 0.2, store=None, enc
     """encoder: the (serving) bi-encoder for the text_similarity feature; default zero-shot."""
     from scorer.data.feast_ops import load_store
 
-    events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
-    labels = graded_labels(events).reset_index(drop=True)
+    labels, cutoff = label_log(repo, holdout_fraction)
     store = store or load_store(Path(repo))
     feats = join_features(store, labels, ["user_id", "item_id"], store.get_feature_service("ranker_training"))
     records = feats.to_dict("records")
@@ -54,4 +53,4 @@ def load_ranker_lists(repo: Path, holdout_fraction: float = 0.2, store=None, enc
     labels["item_text"] = [item_text_from_features(r) for r in records]
     sims = text_similarities(labels["context"].tolist(), labels["item_text"].tolist(), encoder)
     numeric = np.array([numeric_features(r, r, sim) for r, sim in zip(records, sims)], dtype=np.float32)
-    return RankerLists(labels, numeric, time_cutoff(events, holdout_fraction))
+    return RankerLists(labels, numeric, cutoff)

@@ -47,15 +47,17 @@ def score_rows(model: CrossEncoderRanker, tok, data: RankerLists, idx: np.ndarra
 
 
 def train_ranker(train: RankerLists, out_dir: Path, cfg: RankerTrainConfig = RankerTrainConfig(),
-                 config: RankerConfig = RankerConfig()) -> tuple[CrossEncoderRanker, list[float]]:
+                 config: RankerConfig = RankerConfig(), start_from: Path | None = None,
+                 ) -> tuple[CrossEncoderRanker, list[float]]:
+    """Listwise fine-tuning; `start_from` a checkpoint (the serving ranker) instead of the packaged start."""
     lists = trainable_lists(train)
     if not lists:
         raise ValueError("no shown list with a positive label to train on")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    model = CrossEncoderRanker(config).train()
-    tok = load_ranker_tokenizer(config)
+    model = (CrossEncoderRanker.load(start_from) if start_from else CrossEncoderRanker(config)).train()
+    tok = load_ranker_tokenizer(model.config)
     opt = torch.optim.AdamW([
         {"params": model.transformer.parameters(), "lr": cfg.lr},
         {"params": [*model.numeric.parameters(), *model.head.parameters(), model.prior], "lr": cfg.head_lr},

@@ -1,4 +1,5 @@
-"""Switch the Triton encoder to a new version with no failed requests (explicit model control).
+"""Switch a Triton model (encoder, ranker, interest model) to a new version with no failed requests
+(explicit model control).
 
 Order of operations:
 1. load the new version of each component *beside* the serving one (version_policy: specific
@@ -18,6 +19,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 ENCODER_COMPONENTS = ("text_tokenizer", "encoder_onnx")
+RANKER_COMPONENTS = ("pair_tokenizer", "ranker_onnx")
+INTEREST_COMPONENTS = ("interest_onnx",)
 
 
 def read_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
@@ -49,20 +52,38 @@ def ready_versions(client: grpcclient.InferenceServerClient, model: str) -> list
     return sorted(int(m["version"]) for m in index if m["name"] == model and m.get("state") == "READY")
 
 
-def publish_encoder(url: str, repo: Path, version: int, ensemble: str = "encoder") -> int | None:
-    """Make `version` the serving encoder; return the version it replaced (None if none was loaded)."""
+def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...], ensemble: str | None = None) -> int | None:
+    """Make `version` of `components` the serving one (pinned in `ensemble` when there is one);
+    return the version it replaced (None if none was loaded)."""
     client = grpcclient.InferenceServerClient(url)
     try:
-        old = serving_version(client, ensemble)
-        if old is None:  # unpinned ensemble (fresh start): it serves the newest loaded version
-            loaded = ready_versions(client, ENCODER_COMPONENTS[-1])
+        old = serving_version(client, ensemble) if ensemble else None
+        if old is None:  # unpinned ensemble (fresh start) or a bare model: the newest loaded version serves
+            loaded = ready_versions(client, components[-1])
             old = loaded[-1] if loaded else None
         keep = [version] + ([old] if old is not None else [])
-        for model in ENCODER_COMPONENTS:
+        for model in components:
             load_with_versions(client, repo, model, keep)
-        pin_ensemble(client, repo, ensemble, version)
-        for model in ENCODER_COMPONENTS:
+        if ensemble:
+            pin_ensemble(client, repo, ensemble, version)
+        for model in components:
             load_with_versions(client, repo, model, [version])
         return old
     finally:
         client.close()
+
+
+def publish_encoder(url: str, repo: Path, version: int, ensemble: str = "encoder") -> int | None:
+    """Make `version` the serving encoder; return the version it replaced (None if none was loaded)."""
+    return publish_model(url, repo, version, ENCODER_COMPONENTS, ensemble)
+
+
+# model -> (ensemble that pins it, or None; its components, the last one being the weights)
+COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", RANKER_COMPONENTS),
+              "interest": (None, INTEREST_COMPONENTS)}
+
+
+def publish(url: str, repo: Path, model: str, version: int) -> int | None:
+    """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime."""
+    ensemble, components = COMPONENTS[model]
+    return publish_model(url, repo, version, components, ensemble)

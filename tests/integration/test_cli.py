@@ -91,3 +91,10 @@ def test_simulate_needs_a_generated_shop(tmp_path):
     done = run("simulate", "--shop", str(tmp_path))
     assert done.returncode == 1
     assert "item_latent.parquet" in done.stdout and "recsys data generate" in done.stdout
+
+
+def test_retrain_and_rollback_refuse_unknown_models_and_empty_history(tmp_path):
+    done = run("retrain", "--model", "reranker", "--url", "", "--registry", str(tmp_path / "r.json"))
+    assert done.returncode != 0 and "unknown model(s) reranker" in done.stdout + done.stderr
+    done = run("rollback", "--model", "ranker", "--registry", str(tmp_path / "r.json"))
+    assert done.returncode == 1 and "nothing to roll back to" in done.stdout

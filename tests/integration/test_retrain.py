@@ -19,7 +19,7 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
     from scorer.export.ranker_export import export_ranker
     from scorer.export.triton_repo import copy_repository_configs
     from scorer.models.encoder import TextEncoder
-    from scorer.retrain import Registry, adopt_serving, new_labels_since, retrain_encoder, rollback_encoder
+    from scorer.retrain import Registry, adopt_serving, new_labels_since, retrain_encoder, rollback
     from tests.traffic import RecommendTraffic, wait_for_encoder
 
     model_repo = copy_repository_configs(tmp_path / "models")
@@ -37,18 +37,91 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
             gated = retrain_encoder(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                     steps=3, margin=1.0)  # an impossible margin: never promoted
             assert not gated.promoted and "not promoted" in gated.reason and gated.report.exists()
-            assert Registry.load(registry.path).serving == 1 and registry.last_trained_at is not None
+            assert Registry.load(registry.path).entry("encoder").serving == 1 and registry.last_trained_at is not None
             assert new_labels_since(feature_repo.offline, registry.last_trained_at) == 0
 
             promoted = retrain_encoder(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                        steps=3, margin=-1.0)  # any candidate passes
-            assert promoted.promoted and promoted.version == 2 and registry.history == [1, 2]
+            assert promoted.promoted and promoted.version == 2 and registry.entry("encoder").history == [1, 2]
             wait_for_encoder(gw, "2")
-            assert rollback_encoder(model_repo, server.grpc_url, registry) == 1
+            assert rollback(model_repo, server.grpc_url, registry, "encoder") == 1
             wait_for_encoder(gw, "1")
             time.sleep(0.5)
         assert traffic.failures == []
         assert "2" in traffic.versions and traffic.versions[-1] == "1"
-        assert Registry.load(registry.path).serving == 1
+        assert Registry.load(registry.path).entry("encoder").serving == 1
     finally:
         server.stop()
+
+
+def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(feature_repo, tmp_path):
+    from gateway.background import BackgroundGateway
+    from gateway.config import GatewaySettings
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
+    from scorer.export.ranker_export import export_ranker
+    from scorer.export.triton_repo import copy_repository_configs
+    from scorer.models.encoder import TextEncoder
+    from scorer.retrain import Registry, adopt_serving, retrain_models, rollback
+    from tests.traffic import RecommendTraffic, wait_for_answer
+
+    model_repo = copy_repository_configs(tmp_path / "models")
+    export_encoder(model_repo, TextEncoder())
+    export_ranker(model_repo, int8=True)
+    export_interest(model_repo)  # untrained: the gateway's fallback formula
+    server = start_triton(model_repo, tmp_path / "triton")
+    registry = Registry.load(tmp_path / "registry.json")
+    for model in ("encoder", "ranker", "interest"):
+        adopt_serving(registry, 1, None, model)
+    user = feature_repo.shop.events.loc[feature_repo.shop.events["event_type"] == "CLICK", "user_id"].iloc[-1]
+    try:
+        settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
+                                   embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
+                                   embed_timeout_ms=5_000, refresh_interval_s=0.5,
+                                   # training shares this process's 2 cores: generous store reads, so
+                                   # a degraded answer can only mean a failed model switch
+                                   feature_timeout_ms=5_000)
+        with BackgroundGateway(settings) as gw, \
+                RecommendTraffic(gw.address, "trail running shoes", degraded_is_failure=True, user_id=user) as traffic:
+            wait_for_answer(traffic, "interest", "1")  # the user has a history: the interest model is in use
+            promoted = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
+                                      models=("ranker", "interest"), steps={"ranker": 3, "interest": 20},
+                                      margin=-1.0)  # any candidate passes
+            assert [(r.model, r.promoted, r.version) for r in promoted] == [("ranker", True, 2), ("interest", True, 2)]
+            wait_for_answer(traffic, "ranker", "2")
+            wait_for_answer(traffic, "interest", "2")
+
+            gated = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
+                                   models=("ranker",), steps={"ranker": 2}, margin=1.0)  # never promoted
+            assert not gated[0].promoted and "not promoted: NDCG@5" in gated[0].reason
+            assert (gated[0].report.parent / "comparison.png").exists() and "keep serving" in gated[0].report.read_text()
+
+            assert rollback(model_repo, server.grpc_url, registry, "ranker") == 1
+            wait_for_answer(traffic, "ranker", "1")
+            time.sleep(0.5)
+        assert traffic.failures == []
+        seen = {(m, a[m]) for a in traffic.answers for m in ("ranker", "interest") if m in a}
+        assert {("ranker", "1"), ("ranker", "2"), ("interest", "1"), ("interest", "2")} <= seen
+        reloaded = Registry.load(registry.path)
+        assert reloaded.entry("ranker").serving == 1 and reloaded.entry("ranker").history == [1]
+        assert reloaded.entry("interest").serving == 2 and reloaded.entry("interest").serving_checkpoint().is_dir()
+        assert reloaded.entry("encoder").serving == 1  # untouched
+    finally:
+        server.stop()
+
+
+def test_registry_reads_the_first_format(tmp_path):
+    import json
+
+    from scorer.retrain import Registry
+
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"serving": 2, "checkpoints": {"1": "", "2": "/ckpt/2"}, "history": [1, 2],
+                                "last_trained_at": "2026-11-01 00:00:00+00:00"}))
+    registry = Registry.load(path)
+    assert registry.entry("encoder").serving == 2 and str(registry.entry("encoder").serving_checkpoint()) == "/ckpt/2"
+    assert registry.entry("ranker").serving is None and registry.last_trained_at.startswith("2026-11-01")
+    registry.save()
+    assert Registry.load(path).entry("encoder").history == [1, 2]
+    with pytest.raises(ValueError, match="model must be one of"):
+        registry.entry("reranker")

@@ -7,7 +7,8 @@ service. Half-way, tastes can shift ("a new-arrivals trend": shoppers stop follo
 chase new items), which the served weights do not know about. With the gateway's holdout share set,
 one run serves two arms side by side: `online` (blend weights learned from this very feedback) and
 `holdout` (the configured weights), so CTR and conversion per arm over time show what online
-learning buys, as a table and a plot.
+learning buys, as a table and a plot. Run `recsys retrain` beside it and a promoted model shows up
+as a marked switch on the curves.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Outcome:
     purchases: int
     shifted: bool
     latency_ms: float
+    models: str  # "encoder=1 interest=1 ranker=2": the model versions that served it (retrains show up here)
 
 
 @dataclass
@@ -223,7 +225,9 @@ class Simulator:
                     event(EVENT.EVENT_TYPE_PURCHASE, shown[k], int(k) + 1, quantity=1)
         await self.feedback.Log(feedback_pb2.LogRequest(events=events), timeout=cfg.timeout_s * 5)
         self.outcomes.append(Outcome(step, response.model_versions.get("blend", "static").split("-")[0], search,
-                                     len(shown), len(clicked), carts, purchases, shifted, latency_ms))
+                                     len(shown), len(clicked), carts, purchases, shifted, latency_ms,
+                                     " ".join(f"{k}={v}" for k, v in sorted(response.model_versions.items())
+                                              if k != "blend")))
 
     async def record_weights(self, step: int) -> None:
         try:
@@ -263,6 +267,19 @@ def simulate(shop: SimulatedShop, gateway: str, feedback: str, config: SimConfig
     return asyncio.run(Simulator(shop, gateway, feedback, config).run(progress))
 
 
+def model_switches(outcomes: pd.DataFrame) -> list[tuple[int, str]]:
+    """(first step, "ranker v2") for every model version that started serving during the run."""
+    seen: dict[str, str] = {}
+    out = []
+    for step, models in zip(outcomes["step"], outcomes["models"]):
+        for pair in models.split():
+            name, version = pair.split("=", 1)
+            if name in seen and seen[name] != version:
+                out.append((int(step), f"{name} v{version}"))
+            seen[name] = version
+    return out
+
+
 def plot(result: SimResult, path: Path) -> Path:
     """CTR and conversion per arm over the run, and the learned weights, with the shift marked."""
     import matplotlib
@@ -275,6 +292,11 @@ def plot(result: SimResult, path: Path) -> Path:
     for arm, d in w.groupby("arm"):
         axes[0].plot(d["step"], d["ctr"], marker="o", label=arm)
         axes[1].plot(d["step"], d["conversion"], marker="o", label=arm)
+    for step, label in model_switches(result.outcomes):  # a retrain promoted during the run
+        for ax in axes:
+            ax.axvline(step, color="tab:red", linestyle=":", linewidth=1)
+        axes[0].annotate(label, (step, 1), xycoords=("data", "axes fraction"), fontsize=7, color="tab:red",
+                         rotation=90, va="top", ha="right")
     axes[0].set_ylabel("CTR (clicks / impressions)")
     axes[1].set_ylabel("conversion (purchases / request)")
     if not result.weights.empty:

@@ -3,6 +3,11 @@
 Per step: sample a few lists that have at least one positive, score all their (context, item)
 pairs, and minimise the cross-entropy between the list's softmax and the target distribution
 proportional to 2^grade - 1 (a purchase outweighs a click; skipped items get zero mass).
+
+Position bias: shoppers click what is on top partly *because* it is on top. With
+`position_debias`, a learned bias per shown position is added to the scores during training only
+(position-aware learning, Guo et al. 2019, "PAL"): it absorbs the position effect, so the ranker
+itself learns what makes an item worth clicking. Serving has no position term.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from scorer.train.ranker_data import RankerLists
 from scorer.train.optim import optimizer_step, warmup_then_linear_decay
 
 
+MAX_POSITION = 10
+
+
 @dataclass
 class RankerTrainConfig:
     max_steps: int = 200
@@ -28,6 +36,7 @@ class RankerTrainConfig:
     head_lr: float = 1e-3  # the fresh head learns faster than the pretrained transformer
     warmup_steps: int = 10
     easy_negatives: int = 3  # items borrowed from another request's list, as negatives
+    position_debias: bool = True
     seed: int = 0
     threads: int = 2
 
@@ -62,13 +71,19 @@ def train_ranker(train: RankerLists, out_dir: Path, cfg: RankerTrainConfig = Ran
         {"params": model.transformer.parameters(), "lr": cfg.lr},
         {"params": [*model.numeric.parameters(), *model.head.parameters(), model.prior], "lr": cfg.head_lr},
     ], weight_decay=0.01)
+    # Index 0: an item borrowed from another list (never shown here); 1..MAX_POSITION-1 their own;
+    # the last bucket: every position beyond. Training-only: not part of the saved model.
+    position_bias = torch.nn.Parameter(torch.zeros(MAX_POSITION + 1), requires_grad=cfg.position_debias)
+    if cfg.position_debias:
+        opt.add_param_group({"params": [position_bias], "lr": cfg.head_lr, "weight_decay": 0.0})
     sched = warmup_then_linear_decay(opt, cfg.warmup_steps, cfg.max_steps)
     grades = train.rows["grade"].to_numpy()
+    positions = np.clip(train.rows["position"].fillna(MAX_POSITION).to_numpy(int), 1, MAX_POSITION)
     losses: list[float] = []
     bar = tqdm(range(cfg.max_steps), desc="fine-tuning ranker", unit="step")
     for _ in bar:
         picks = rng.sample(range(len(lists)), min(cfg.lists_per_step, len(lists)))
-        groups, targets = [], []
+        groups, targets, slots = [], [], []
         for p in picks:
             # Easy negatives: items shown for *another* request (usually another category). The shown
             # list alone only contrasts near-identical items; these teach plain text relevance too.
@@ -76,7 +91,9 @@ def train_ranker(train: RankerLists, out_dir: Path, cfg: RankerTrainConfig = Ran
             borrowed = other[: cfg.easy_negatives]
             groups.append(np.concatenate([lists[p], borrowed]))
             targets.append(np.concatenate([2.0 ** grades[lists[p]] - 1.0, np.zeros(len(borrowed))]))
+            slots.append(np.concatenate([positions[lists[p]], np.zeros(len(borrowed), int)]))
         scores = score_rows(model, tok, train, np.concatenate(groups))
+        scores = scores + position_bias[torch.from_numpy(np.concatenate(slots))]
         loss, start = torch.zeros(()), 0
         for group, target in zip(groups, targets):
             s = scores[start : start + len(group)]

@@ -248,7 +248,7 @@ def train_ranker_cmd(
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "ranker", help="Evaluation report folder."),
 ) -> None:
     """Fine-tune the ranker on shown lists (listwise) and compare it on the holdout lists."""
-    from scorer.eval.ranking_eval import evaluate_lists, logged_order, popularity, ranker_scorer
+    from scorer.eval.ranking_eval import evaluate_lists, logged_order, popularity, ranker_scorer, write_ranking_report
     from scorer.models.ranker import CrossEncoderRanker
     from scorer.train.ranker_data import load_ranker_lists
     from scorer.train.ranker_train import RankerTrainConfig, train_ranker
@@ -260,11 +260,10 @@ def train_ranker_cmd(
     result = evaluate_lists(holdout, {"logged order": logged_order, "popularity": popularity,
                                       "untrained ranker": ranker_scorer(CrossEncoderRanker().eval()),
                                       "fine-tuned ranker": ranker_scorer(model)})
-    report.mkdir(parents=True, exist_ok=True)
-    result.to_json(report / "metrics.json", orient="records", indent=2)
+    path = write_ranking_report(result, report, f"Ranker fine-tuned {steps} steps, on the holdout's shown lists")
     _plot_curve(losses, report / "training_loss.png")
     console.print(result.to_string(index=False))
-    console.print(f"[green]saved[/] {out}; metrics: {report / 'metrics.json'}")
+    console.print(f"[green]saved[/] {out}; report: {path}")
 
 
 @train_app.command("interest")
@@ -345,6 +344,45 @@ def eval_retrieval_cmd(
     result = evaluate(ev, methods)
     report = write_report(result, out)
     console.print(result.table().to_string(index=False))
+    console.print(f"[green]report[/]: {report}")
+
+
+@eval_app.command("ranker")
+def eval_ranker_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Fine-tuned ranker checkpoint (default: only baselines)."),
+    onnx: bool = typer.Option(True, help="Also score the checkpoint exported to ONNX fp32 and int8 (what Triton serves)."),
+    out: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "ranker_eval", help="Report folder."),
+) -> None:
+    """NDCG@5 and MRR of the holdout's shown lists: logged order, popularity, untrained ranker, a
+    fine-tuned checkpoint in torch, and its ONNX fp32 and int8 exports (report + plot)."""
+    import tempfile
+
+    from scorer.eval.ranking_eval import (evaluate_lists, logged_order, onnx_scorer, popularity, ranker_scorer,
+                                          write_ranking_report)
+    from scorer.export.encoder_export import quantize_int8
+    from scorer.export.ranker_export import export_ranker_onnx
+    from scorer.models.ranker import CrossEncoderRanker
+    from scorer.train.ranker_data import load_ranker_lists
+
+    with console.status("building shown lists with features through Feast"):
+        holdout = load_ranker_lists(repo).split(holdout=True)
+    methods = {"logged order": logged_order, "popularity": popularity,
+               "untrained ranker": ranker_scorer(CrossEncoderRanker().eval())}
+    with tempfile.TemporaryDirectory() as tmp:
+        if checkpoint is not None:
+            model = CrossEncoderRanker.load(checkpoint)
+            methods[f"fine-tuned ({checkpoint.name}), torch"] = ranker_scorer(model)
+            if onnx:
+                fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+                export_ranker_onnx(model, fp32)
+                quantize_int8(fp32, int8)
+                methods["fine-tuned, ONNX fp32"] = onnx_scorer(fp32, model.config)
+                methods["fine-tuned, ONNX int8"] = onnx_scorer(int8, model.config)
+        with console.status(f"scoring {holdout.rows['request_id'].nunique():,} holdout lists"):
+            table = evaluate_lists(holdout, methods)
+    report = write_ranking_report(table, out, "Ranker on the holdout's shown lists")
+    console.print(table.to_string(index=False))
     console.print(f"[green]report[/]: {report}")
 
 

@@ -9,6 +9,7 @@ cold-start users.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -61,3 +62,49 @@ def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users
         if len(cold):
             out.append({"method": name, "slice": "cold_users", "lists": len(cold), **cold[["ndcg@5", "mrr"]].mean().round(4)})
     return pd.DataFrame(out)
+
+
+def onnx_scorer(onnx_path: Path, config) -> ListScorer:
+    """Scores from an exported ranker graph (fp32 or int8) through onnxruntime: what Triton serves,
+    measured on the same lists, so quantization's cost is a number, not a guess."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    tok = load_ranker_tokenizer(config)
+
+    def score(data: RankerLists, idx: np.ndarray) -> np.ndarray:
+        rows = data.rows
+        enc = tok(rows["context"].to_numpy()[idx].tolist(), rows["item_text"].to_numpy()[idx].tolist(),
+                  padding=True, truncation=True, max_length=config.max_length, return_tensors="np")
+        feeds = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64),
+                 "token_type_ids": enc["token_type_ids"].astype(np.int64), "numeric": data.numeric[idx]}
+        return session.run(["score"], feeds)[0].reshape(-1)
+
+    return score
+
+
+def write_ranking_report(table: pd.DataFrame, out_dir: Path, title: str) -> Path:
+    """report.md (table), metrics.json and comparison.png (NDCG@5 and MRR per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scorer.eval.retrieval_eval import markdown_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_json(out_dir / "metrics.json", orient="records", indent=2)
+    overall = table[table["slice"] == "all"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = np.arange(len(overall))
+    ax.bar(x - 0.2, overall["ndcg@5"], 0.4, label="NDCG@5")
+    ax.bar(x + 0.2, overall["mrr"], 0.4, label="MRR")
+    ax.set_xticks(x, overall["method"], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "comparison.png", dpi=110)
+    plt.close(fig)
+    (out_dir / "report.md").write_text(f"# {title}\n\n{markdown_table(table)}\n\n![comparison](comparison.png)\n")
+    return out_dir / "report.md"

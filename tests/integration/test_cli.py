@@ -74,6 +74,16 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     methods = {r["method"] for r in json.loads((tmp_path / "ranker_report" / "metrics.json").read_text())}
     assert methods == {"logged order", "popularity", "untrained ranker", "fine-tuned ranker"}
+    assert (tmp_path / "ranker_report" / "report.md").exists() and (tmp_path / "ranker_report" / "comparison.png").exists()
+    done = run("eval", "ranker", "--repo", str(feature_repo.path), "--checkpoint", str(tmp_path / "ranker"),
+               "--out", str(tmp_path / "ranker_eval"))
+    assert done.returncode == 0, done.stderr
+    rows = {r["method"]: r for r in json.loads((tmp_path / "ranker_eval" / "metrics.json").read_text())
+            if r["slice"] == "all"}
+    torch_ndcg = rows["fine-tuned (ranker), torch"]["ndcg@5"]
+    assert abs(rows["fine-tuned, ONNX fp32"]["ndcg@5"] - torch_ndcg) < 0.005  # the export is the model
+    assert abs(rows["fine-tuned, ONNX int8"]["ndcg@5"] - torch_ndcg) < 0.05  # quantization costs little
+    assert (tmp_path / "ranker_eval" / "comparison.png").exists()
     done = run("export", "ranker", "--checkpoint", str(tmp_path / "ranker"), "--repo", str(models), "--no-int8")
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "ranker_onnx") == [1] and versions(models, "pair_tokenizer") == [1]

@@ -51,6 +51,8 @@ def test_online_weights_recover_ctr_after_a_taste_shift(feature_repo, private_re
     # Before the shift the arms are alike; after it, the learned weights win.
     late_online, late_holdout = summary.loc["online", "ctr last third"], summary.loc["holdout", "ctr last third"]
     assert late_online > 1.3 * late_holdout, summary.T
+    recovered = result.recovery_events("online")  # feedback events after the shift until back at its own pre-shift CTR
+    assert recovered is not None and recovered < 2_500, recovered
     last = result.weights.iloc[-1]
     assert last["freshness"] > 0.2 + 0.5 and last["popularity"] < 0.3, last  # new arrivals up, the crowd down
     assert last["labelled"] > 0.7 * config.requests * config.list_length  # impressions joined with what was served

@@ -25,9 +25,11 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.config import ScoreWeights
 from gateway.feedback.blend_learner import BlendLearner, LearnerSettings
 from gateway.feedback.event_log import EventLog
 from gateway.feedback.service import FeedbackServicer
+from gateway.scoring import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,9 @@ class FeedbackSettings(BaseSettings):
     feature_store_yaml: str = "feature_store.yaml"
     # Online learning of the gateway's blend weights (blend_learner.py).
     online_learning: bool = True
-    prior_weights: tuple[float, float, float, float] = (1.0, 1.0, 0.3, 0.2)  # the gateway's defaults
+    # The learner's prior: the gateway's configured defaults, read from them rather than copied.
+    prior_weights: tuple[float, float, float, float] = Field(
+        default_factory=lambda: tuple(getattr(ScoreWeights(), part) for part in PART_NAMES))
     label_delay_s: float = Field(120.0, gt=0, description="an impression not clicked within this is a negative")
     learner_forget: float = Field(0.95, gt=0, le=1)
     learner_min_batch: int = Field(64, gt=0)

@@ -59,9 +59,10 @@ class EmbeddingCache:
         os.replace(tmp, self.path)  # atomic: a crash leaves the old cache or the new one
 
 
-async def embed_texts(client: TritonClient, texts: Sequence[str], cache: EmbeddingCache,
+async def embed_texts(client: TritonClient, texts: Sequence[str], cache: EmbeddingCache, version: str,
                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Unit vectors for `texts` (cached ones from disk, the rest through Triton); saves the cache."""
+    """Unit vectors for `texts` from encoder `version` (cached ones from disk, the rest through
+    Triton, pinned to that version even if the serving one changes meanwhile); saves the cache."""
     missing = sorted({t for t in texts if cache.get(t) is None})
     if missing:
         t0 = time.perf_counter()
@@ -71,7 +72,7 @@ async def embed_texts(client: TritonClient, texts: Sequence[str], cache: Embeddi
         async def one(chunk: list[str]) -> None:
             nonlocal done
             async with sem:
-                vectors = await client.embed(chunk, timeout_s=CHUNK_TIMEOUT_S)
+                vectors = await client.embed(chunk, timeout_s=CHUNK_TIMEOUT_S, version=version)
             cache.put(chunk, vectors)
             done += len(chunk)
             if progress:

@@ -145,15 +145,24 @@ class Recommender:
         self.features_breaker.success()
         return got.user, got.items
 
-    async def _embed(self, texts: list[str], deadline: Deadline, degraded: list[str],
+    async def _embed(self, snap: Snapshot, texts: list[str], deadline: Deadline, degraded: list[str],
                      timed: StageTimer) -> np.ndarray | None:
+        """Query/context vectors from the encoder version that embedded `snap`'s index."""
         if not self.encoder_breaker.allow():
             degraded.append(f"encoder unavailable ({self.encoder_breaker.last_error}): BM25 retrieval")
             return None
         timeout = min(self.settings.embed_timeout_ms / 1e3, deadline.left() * 0.5)
+        indexed = snap.encoder_version
         try:
             with timed("embed"):
-                vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001))
+                if self.state.index_behind(snap):  # Triton switched; the catalog is being re-embedded
+                    vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001), version=indexed)
+                else:
+                    vectors, served = await self.triton.embed_versioned(texts, timeout_s=max(timeout, 0.001))
+                    if served != indexed:  # switched since the last refresh: these vectors do not fit the index
+                        self.state.encoder_switched(served)
+                        timeout = min(timeout, deadline.left() * 0.5)
+                        vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001), version=indexed)
         except TritonError as e:
             self.encoder_breaker.failure(_short(e))
             metrics.DOWNSTREAM_ERRORS.labels("triton_encoder", type(e).__name__).inc()
@@ -235,7 +244,7 @@ class Recommender:
         ctx_text = context_text(query_text or None, user.values)
         # A cold user's context text is the query itself: embed it once.
         texts = list(dict.fromkeys(([query_text] if query_text else []) + ([ctx_text] if depth > 0 else [])))
-        vectors = await self._embed(texts, deadline, degraded, timed) if texts else None
+        vectors = await self._embed(snap, texts, deadline, degraded, timed) if texts else None
         query_vec = vectors[0] if vectors is not None and query_text else None
         ctx_vec = vectors[-1] if vectors is not None and depth > 0 else None
 

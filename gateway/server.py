@@ -134,7 +134,11 @@ class Gateway:
 
     async def _refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:  # every interval, or at once when an answer showed Triton serving another encoder
+                await asyncio.wait_for(self.state.wake.wait(), self.settings.refresh_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self.state.wake.clear()
             try:
                 what = await self.state.refresh()
                 await self._update_ranker_version()

@@ -4,6 +4,11 @@ All of it lives in one immutable `Snapshot`; `ServingState.snapshot` is replaced
 assignment on the event loop, so a request sees either the old or the new snapshot, never a mix.
 `refresh()` runs in the background: a new encoder version re-embeds the catalog and builds a new
 index; new items are embedded alone and added to a copy of the current index.
+
+Queries must be embedded by the encoder that embedded the index. `triton_encoder` is the version
+Triton serves, as last seen (by a refresh, or by an answer's ENCODER_VERSION); while it differs
+from the snapshot's, the gateway embeds queries with the snapshot's version (kept loaded by the
+publisher) and a refresh is due now (`wake`).
 """
 
 from __future__ import annotations
@@ -76,7 +81,21 @@ class ServingState:
         self.triton = triton
         self.cache_dir = cache_dir
         self.snapshot: Snapshot | None = None
+        self.triton_encoder = ""  # the encoder version Triton serves, as last seen
+        self.wake = asyncio.Event()  # set: refresh now, not at the next interval
         self._lock = asyncio.Lock()
+
+    def encoder_switched(self, served: str) -> None:
+        """An answer came from encoder `served`, not the index's: re-embed as soon as possible."""
+        if served != self.triton_encoder:
+            log.info("Triton serves encoder v%s; the index holds v%s: re-indexing now", served,
+                     self.snapshot.encoder_version if self.snapshot else "-")
+        self.triton_encoder = served
+        self.wake.set()
+
+    def index_behind(self, snap: Snapshot) -> bool:
+        """True while Triton serves another encoder than the one `snap`'s vectors came from."""
+        return self.triton_encoder not in ("", snap.encoder_version)
 
     async def _embed(self, catalog: Catalog, version: str) -> np.ndarray:
         cache = await asyncio.to_thread(EmbeddingCache, self.cache_dir, version)
@@ -87,12 +106,13 @@ class ServingState:
                 last[0] = time.monotonic()
                 log.info("embedding catalog with encoder v%s: %d/%d", version, done, total)
 
-        return await embed_texts(self.triton, catalog.texts, cache, progress)
+        return await embed_texts(self.triton, catalog.texts, cache, version, progress)
 
     async def load(self) -> Snapshot:
         """First load: catalog + embeddings (cache or Triton) + index. Raises if Triton is unusable."""
         async with self._lock:
             version = await serving_encoder_version(self.triton)
+            self.triton_encoder = version
             catalog = await asyncio.to_thread(load_catalog, self.sources)
             vectors = await self._embed(catalog, version)
             index = await asyncio.to_thread(ItemIndex, vectors, version)
@@ -107,6 +127,7 @@ class ServingState:
             if current is None:
                 raise RuntimeError("refresh() before load()")
             version = await serving_encoder_version(self.triton)
+            self.triton_encoder = version
             catalog_changed = self.sources.mtimes() != current.catalog.source_mtimes
             if version == current.encoder_version and not catalog_changed:
                 return "unchanged"
@@ -133,4 +154,4 @@ class ServingState:
         if start >= len(catalog):
             return np.empty((0, 0), dtype=np.float32)
         cache = await asyncio.to_thread(EmbeddingCache, self.cache_dir, version)
-        return await embed_texts(self.triton, catalog.texts[start:], cache)
+        return await embed_texts(self.triton, catalog.texts[start:], cache, version)

@@ -3,6 +3,11 @@
 Wraps `tritonclient.grpc.aio` with what the request path needs: a deadline on every call, batches
 split to the model's max batch size and sent concurrently, an explicit model version when asked
 (hot-swap), and errors mapped to three exceptions the gateway can act on (degrade, retry, fail).
+
+Embeddings come either from the `encoder` ensemble (one call; its ENCODER_VERSION output says
+which version embedded the texts) or, pinned to a version, from its two components called in turn
+(text_tokenizer vN, then encoder_onnx vN): an ensemble has one version, its steps are pinned to
+the serving one, so a specific encoder version is only reachable through its components.
 """
 
 from __future__ import annotations
@@ -41,41 +46,74 @@ def _wrap(e: InferenceServerException, what: str) -> TritonError:
     return TritonError(msg, status)
 
 
+def _text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput(name, [len(texts), 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=object))
+    return inp
+
+
 class TritonClient:
     def __init__(self, url: str, encoder_model: str = "encoder", ranker_model: str = "ranker",
-                 max_batch_size: int = 64, ranker_max_batch_size: int = 256):
+                 max_batch_size: int = 64, ranker_max_batch_size: int = 256,
+                 encoder_components: tuple[str, str] = ("text_tokenizer", "encoder_onnx")):
         self.url = url
         self.encoder_model = encoder_model
+        self.encoder_components = encoder_components
         self.ranker_model = ranker_model
         self.max_batch_size = max_batch_size
         self.ranker_max_batch_size = ranker_max_batch_size
         self._client = grpcclient.InferenceServerClient(url)
 
     async def embed(self, texts: Sequence[str], timeout_s: float, version: str = "") -> np.ndarray:
-        """Unit-length embeddings [len(texts), dim] from the encoder ensemble (version "" = latest)."""
+        """Unit-length embeddings [len(texts), dim]: from encoder `version` (its components, called
+        in turn), or with version "" from the serving one (the ensemble)."""
+        vectors, _ = await self.embed_versioned(texts, timeout_s, version)
+        return vectors
+
+    async def embed_versioned(self, texts: Sequence[str], timeout_s: float, version: str = "") -> tuple[np.ndarray, str]:
+        """Like `embed`, and the encoder version that embedded them ("mixed" if Triton switched
+        versions between the chunks of one call)."""
         if not texts:
             raise ValueError("embed() needs at least one text")
         chunks = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
+        one = self._embed_pinned_chunk if version else self._embed_chunk
         try:
             # One deadline for the whole call: the chunks run concurrently and share it.
-            parts = await asyncio.wait_for(
-                asyncio.gather(*(self._embed_chunk(c, timeout_s, version) for c in chunks)), timeout_s
-            )
+            parts = await asyncio.wait_for(asyncio.gather(*(one(c, timeout_s, version) for c in chunks)), timeout_s)
         except asyncio.TimeoutError:
             raise TritonDeadlineExceeded(f"{self.encoder_model}: no answer within {timeout_s * 1e3:.0f} ms") from None
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        versions = {v for _, v in parts}
+        vectors = parts[0][0] if len(parts) == 1 else np.concatenate([p for p, _ in parts])
+        return vectors, versions.pop() if len(versions) == 1 else "mixed"
 
-    async def _embed_chunk(self, texts: Sequence[str], timeout_s: float, version: str) -> np.ndarray:
-        inp = grpcclient.InferInput("TEXT", [len(texts), 1], "BYTES")
-        inp.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=object))
+    async def _embed_chunk(self, texts: Sequence[str], timeout_s: float, _version: str) -> tuple[np.ndarray, str]:
         try:
             result = await self._client.infer(
-                self.encoder_model, [inp], model_version=version,
-                outputs=[grpcclient.InferRequestedOutput("EMBEDDING")], client_timeout=timeout_s,
+                self.encoder_model, [_text_input("TEXT", texts)], client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput("EMBEDDING"), grpcclient.InferRequestedOutput("ENCODER_VERSION")],
             )
         except InferenceServerException as e:
-            raise _wrap(e, f"{self.encoder_model} v{version or 'latest'}") from None
-        return result.as_numpy("EMBEDDING")
+            raise _wrap(e, f"{self.encoder_model} (serving version)") from None
+        return result.as_numpy("EMBEDDING"), str(int(result.as_numpy("ENCODER_VERSION").reshape(-1)[0]))
+
+    async def _embed_pinned_chunk(self, texts: Sequence[str], timeout_s: float, version: str) -> tuple[np.ndarray, str]:
+        tokenizer, weights = self.encoder_components
+        try:
+            tokens = await self._client.infer(
+                tokenizer, [_text_input("TEXT", texts)], model_version=version, client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput("input_ids"), grpcclient.InferRequestedOutput("attention_mask")],
+            )
+            ids, mask = tokens.as_numpy("input_ids"), tokens.as_numpy("attention_mask")
+            inputs = []
+            for name, arr in (("input_ids", ids), ("attention_mask", mask)):
+                t = grpcclient.InferInput(name, list(arr.shape), "INT64")
+                t.set_data_from_numpy(arr)
+                inputs.append(t)
+            result = await self._client.infer(weights, inputs, model_version=version, client_timeout=timeout_s,
+                                              outputs=[grpcclient.InferRequestedOutput("embedding")])
+        except InferenceServerException as e:
+            raise _wrap(e, f"{self.encoder_model} v{version}") from None
+        return result.as_numpy("embedding"), version
 
     async def rank(self, context: str, item_texts: Sequence[str], features: np.ndarray, timeout_s: float,
                    version: str = "") -> np.ndarray:

@@ -37,7 +37,7 @@ QUERY = "running shoes"
 
 
 def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, shop_dir: Path | None = None) -> None:
-    with console.status("exporting the fine-tuned encoder (fp32), the ranker (2 layers, int8) and the interest model"):
+    with console.status("exporting the fine-tuned encoder (fp32), the ranker (1 layer, int8) and the interest model"):
         encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))))
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
         interest_v = export_interest(MODEL_REPOSITORY, InterestModel.load(interest))

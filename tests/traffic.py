@@ -12,8 +12,8 @@ from gateway.client import GatewayClient
 
 class RecommendTraffic:
     """Sends one query in a loop until the block ends; records every failed call (and, when
-    `degraded_is_failure`, every degraded answer), the encoder version of each answer (`versions`)
-    and all its model versions (`answers`)."""
+    `degraded_is_failure`, every degraded answer), the encoder version of each answer (`versions`),
+    all its model versions (`answers`) and its (item id, score) list (`results`)."""
 
     def __init__(self, address: str, query: str, degraded_is_failure: bool = False, user_id: str = ""):
         self.address, self.query, self.degraded_is_failure = address, query, degraded_is_failure
@@ -21,6 +21,7 @@ class RecommendTraffic:
         self.failures: list = []
         self.versions: list[str] = []
         self.answers: list[dict[str, str]] = []
+        self.results: list[list[tuple[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
@@ -31,6 +32,7 @@ class RecommendTraffic:
                     r = client.recommend(self.query, user_id=self.user_id, num_results=5)
                     self.versions.append(r.model_versions["encoder"])
                     self.answers.append(dict(r.model_versions))
+                    self.results.append([(i.item_id, i.score) for i in r.items])
                     if self.degraded_is_failure and r.degraded:
                         self.failures.append(list(r.degraded_reasons))
                 except grpc.RpcError as e:

@@ -63,10 +63,19 @@ def export_encoder(repo: Path = MODEL_REPOSITORY, encoder: TextEncoder | None = 
     return v
 
 
-def write_tokenizer_version(hf_tokenizer, tok_dir: Path) -> None:
-    """The Triton python tokenizer model + this model's own tokenizer.json."""
+def write_tokenizer_version(hf_tokenizer, tok_dir: Path, max_length: int | None = None) -> None:
+    """The Triton python tokenizer model + this model's own tokenizer.json. `max_length` (the
+    model's training truncation) is written into tokenizer.json, so each version truncates exactly
+    as its model was trained, whatever the model-level config.pbtxt default says."""
+    from tokenizers import Tokenizer
+
     tok_dir.mkdir(parents=True, exist_ok=True)
     hf_tokenizer.save_pretrained(str(tok_dir / "hf"))
     shutil.move(str(tok_dir / "hf" / "tokenizer.json"), tok_dir / "tokenizer.json")
     shutil.rmtree(tok_dir / "hf")
+    if max_length:
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        tok.enable_truncation(max_length, strategy="longest_first")
+        tok.no_padding()
+        tok.save(str(tok_dir / "tokenizer.json"))
     shutil.copy2(TOKENIZER_MODEL, tok_dir / "model.py")

@@ -42,7 +42,7 @@ def export_ranker(repo: Path = MODEL_REPOSITORY, model: CrossEncoderRanker | Non
             (onnx_dir / "model.fp32.onnx").unlink()
         else:
             export_ranker_onnx(model, onnx_dir / "model.onnx")
-        write_tokenizer_version(load_ranker_tokenizer(model.config), tok_dir)
+        write_tokenizer_version(load_ranker_tokenizer(model.config), tok_dir, model.config.max_length)
     except BaseException:
         shutil.rmtree(onnx_dir, ignore_errors=True)
         shutil.rmtree(tok_dir, ignore_errors=True)

@@ -6,7 +6,10 @@ Order of operations:
    [old, new]); traffic still flows through the old one;
 2. re-load the ensemble with every step pinned to the new version: one atomic switch, in-flight
    requests finish on the old graph;
-3. unload the old component versions.
+3. unload the old component versions; for the encoder, the previous version stays loaded: every
+   gateway's item index holds the previous encoder's vectors until it has re-embedded the catalog,
+   and meanwhile embeds its queries with that version (pinned component calls), so queries and
+   items always come from the same encoder. The version before the previous one is unloaded.
 Rolling back is the same call with the old version number (its files stay in the repository).
 """
 
@@ -52,9 +55,13 @@ def ready_versions(client: grpcclient.InferenceServerClient, model: str) -> list
     return sorted(int(m["version"]) for m in index if m["name"] == model and m.get("state") == "READY")
 
 
-def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...], ensemble: str | None = None) -> int | None:
+def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...], ensemble: str | None = None,
+                  keep_previous: bool = False) -> int | None:
     """Make `version` of `components` the serving one (pinned in `ensemble` when there is one);
-    return the version it replaced (None if none was loaded)."""
+    return the version it replaced (None if none was loaded). `keep_previous` leaves the replaced
+    version loaded (only for an ensemble: a bare model serves its newest loaded version)."""
+    if keep_previous and not ensemble:
+        raise ValueError("keep_previous needs an ensemble that pins the serving version")
     client = grpcclient.InferenceServerClient(url)
     try:
         old = serving_version(client, ensemble) if ensemble else None
@@ -67,7 +74,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
         if ensemble:
             pin_ensemble(client, repo, ensemble, version)
         for model in components:
-            load_with_versions(client, repo, model, [version])
+            load_with_versions(client, repo, model, keep if keep_previous else [version])
         return old
     finally:
         client.close()
@@ -75,7 +82,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
 
 def publish_encoder(url: str, repo: Path, version: int, ensemble: str = "encoder") -> int | None:
     """Make `version` the serving encoder; return the version it replaced (None if none was loaded)."""
-    return publish_model(url, repo, version, ENCODER_COMPONENTS, ensemble)
+    return publish_model(url, repo, version, ENCODER_COMPONENTS, ensemble, keep_previous=True)
 
 
 # model -> (ensemble that pins it, or None; its components, the last one being the weights)
@@ -86,4 +93,4 @@ COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", R
 def publish(url: str, repo: Path, model: str, version: int) -> int | None:
     """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime."""
     ensemble, components = COMPONENTS[model]
-    return publish_model(url, repo, version, components, ensemble)
+    return publish_model(url, repo, version, components, ensemble, keep_previous=model == "encoder")

@@ -4,9 +4,14 @@ One file, two uses, chosen by the model's config.pbtxt:
 - input TEXT            -> input_ids, attention_mask                   (text_tokenizer, encoder)
 - inputs QUERY and ITEM -> input_ids, attention_mask, token_type_ids   (pair_tokenizer, ranker)
 
+When the config lists an output VERSION, every row also carries this model's version number. The
+ensembles pin tokenizer and weights to the same version, so the `encoder` ensemble's
+ENCODER_VERSION output tells the caller exactly which encoder embedded its texts (the gateway
+checks it against the version its item index was built with).
+
 Copied into each exported version together with that version's tokenizer.json, so a tokenizer
 always travels with its model. Uses the `tokenizers` library only (fast, no torch). Pads each
-request to a multiple of 16 tokens (at most `max_length`) so requests of similar length can share
+request to a multiple of 8 tokens (at most `max_length`) so requests of similar length can share
 a dynamic batch downstream.
 """
 
@@ -24,10 +29,15 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.max_length = int(params.get("max_length", "64"))
         self.pairs = any(i["name"] == "ITEM" for i in config["input"])
+        self.with_version = any(o["name"] == "VERSION" for o in config["output"])
+        self.version = int(args["model_version"])
         path = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
         self.tokenizer = Tokenizer.from_file(path)
+        # The version's own truncation (written by the export from the model's training config)
+        # wins over the model-level default: a tokenizer must truncate as its model was trained.
+        trained = self.tokenizer.truncation
+        self.max_length = int(trained["max_length"]) if trained else int(params.get("max_length", "64"))
         self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
         self.tokenizer.no_padding()
 
@@ -52,5 +62,7 @@ class TritonPythonModel:
             outputs = [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
             if self.pairs:
                 outputs.append(pb_utils.Tensor("token_type_ids", types))
+            if self.with_version:
+                outputs.append(pb_utils.Tensor("VERSION", np.full((len(encs), 1), self.version, dtype=np.int64)))
             responses.append(pb_utils.InferenceResponse(outputs))
         return responses

@@ -374,8 +374,10 @@ def test_not_serving_and_unavailable_until_triton_is_there(feature_repo, tmp_pat
 
 
 def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_repo, tmp_path_factory, items):
-    """Publish encoder v2 while traffic flows: the gateway re-embeds the catalog with v2, swaps its
-    index atomically, answers say which version served them, and no request fails."""
+    """Publish encoder v2 while traffic flows: the first answer from v2 tells the gateway (no waiting
+    for its refresh interval); until it has re-embedded the catalog, queries are embedded with v1, the
+    index's own version, so every v1 answer scores exactly like before the switch; then the index is
+    swapped atomically, answers say which version served them, and no request fails or degrades."""
     import torch
 
     from gateway.background import BackgroundGateway
@@ -392,19 +394,31 @@ def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_r
     export_ranker(repo, int8=True)
     server = start_triton(repo, tmp_path_factory.mktemp("swap_triton"))
     try:
-        settings = _settings(feature_repo, server, tmp_path_factory,
+        settings = _settings(feature_repo, server, tmp_path_factory, refresh_interval_s=3600,
                              embedding_cache_dir=tmp_path_factory.mktemp("swap_cache"))
         with BackgroundGateway(settings) as gw:
             with RecommendTraffic(gw.address, "waterproof rain jacket", degraded_is_failure=True) as traffic:
                 with torch.no_grad():  # v2: a visibly different model, as a fine-tune would be
-                    encoder.transformer.embeddings.word_embeddings.weight.mul_(1.3)
+                    encoder.transformer.embeddings.word_embeddings.weight.mul_(1.5)
                 assert export_encoder(repo, encoder) == 2
+                while len(traffic.results) < 3:
+                    time.sleep(0.05)
+                before = len(traffic.results)
                 publish_encoder(server.grpc_url, repo, 2)
-                wait_for_encoder(gw, "2")
+                switched = len(traffic.results)
+                wait_for_encoder(gw, "2", timeout_s=300)  # woken by an answer, not by the 1-hour interval
                 time.sleep(1.0)
         assert traffic.failures == []
         versions = traffic.versions
         assert versions[0] == "1" and versions[-1] == "2" and len(versions) > 10
+        reference = dict(traffic.results[0])
+        for version, result in zip(versions[before:], traffic.results[before:]):
+            if version == "1":  # after the switch, before the swap: still v1 queries against v1 items
+                assert [i for i, _ in result] == list(reference)
+                np.testing.assert_allclose([s for _, s in result], list(reference.values()), atol=1e-3)
+        assert "1" in versions[switched:]  # the window was exercised: Triton on v2, the index still v1
+        v2_scores = [s for _, s in traffic.results[-1]]
+        assert not np.allclose(v2_scores, list(reference.values())[: len(v2_scores)], atol=1e-3)  # v2 really differs
     finally:
         server.stop()
 

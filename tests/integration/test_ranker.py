@@ -99,7 +99,8 @@ def test_ranker_served_by_triton_equals_torch(trained, encoder_repo, triton):
     from scorer.models.ranker import load_ranker_tokenizer
 
     tok = load_ranker_tokenizer(model.config)
-    enc = tok([context] * len(items), items, padding=True, truncation=True, max_length=96, return_tensors="pt")
+    enc = tok([context] * len(items), items, padding=True, truncation=True, max_length=model.config.max_length,
+              return_tensors="pt")
     with torch.no_grad():
         want = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], torch.from_numpy(features)).squeeze(-1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -64,10 +64,18 @@ def test_publish_new_version_without_failed_requests(tmp_path):
         assert serving_version(client) == 2
         index = client.get_model_repository_index(as_json=True)["models"]
         ready = {(m["name"], m["version"]) for m in index if m.get("state") == "READY"}
-        assert ("encoder_onnx", "2") in ready and ("encoder_onnx", "1") not in ready  # old one unloaded
+        # The previous encoder stays loaded: gateways embed queries with it until they have
+        # re-embedded their catalog with the new one.
+        assert {("encoder_onnx", "1"), ("encoder_onnx", "2"), ("text_tokenizer", "1")} <= ready
         # Rolling back is publishing the old version again.
         assert publish_encoder(server.grpc_url, repo, 1) == 2
         np.testing.assert_allclose(_embed(server), before, atol=1e-6)
+        # A third version: the one before the previous is unloaded.
+        assert export_encoder(repo, encoder) == 3
+        assert publish_encoder(server.grpc_url, repo, 3) == 1
+        index = client.get_model_repository_index(as_json=True)["models"]
+        ready = {(m["name"], m["version"]) for m in index if m.get("state") == "READY"}
+        assert {("encoder_onnx", "1"), ("encoder_onnx", "3")} <= ready and ("encoder_onnx", "2") not in ready
         client.close()
     finally:
         stop.set()

@@ -3,7 +3,7 @@
     python -m bench.gateway_bench [--size small] [--seconds 15] [--store sqlite|redis]
 
 Set-up: a synthetic shop imported into a private feature repo (real `feast apply/materialize`),
-the encoder (fp32), the ranker (int8, its default 1 layer / 32 tokens) and the interest model exported into
+the encoder (int8), the ranker (int8, its default 1 layer / 32 tokens) and the interest model exported into
 a private Triton repository served by a real tritonserver on CPU, and the gateway as its own process (`python -m gateway`).
 Requests: real (user, query) pairs from the shop's event log, sent over gRPC by N concurrent
 workers in a closed loop; every answer carries its per-stage timings (trailing metadata).
@@ -85,9 +85,9 @@ def build_models(workdir: Path) -> Path:
     from scorer.export.triton_repo import copy_repository_configs
     from scorer.models.encoder import TextEncoder
 
-    log("exporting the encoder (fp32), the ranker (int8) and the interest model to ONNX")
+    log("exporting the encoder (int8), the ranker (int8) and the interest model to ONNX")
     repo = copy_repository_configs(workdir / "models")
-    export_encoder(repo, TextEncoder())
+    export_encoder(repo, TextEncoder(), int8=True)
     export_ranker(repo, int8=True)
     export_interest(repo)  # untrained: latency does not depend on the weights
     return repo

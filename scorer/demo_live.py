@@ -37,8 +37,8 @@ QUERY = "running shoes"
 
 
 def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, shop_dir: Path | None = None) -> None:
-    with console.status("exporting the fine-tuned encoder (fp32), the ranker (1 layer, int8) and the interest model"):
-        encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))))
+    with console.status("exporting the fine-tuned encoder (int8), the ranker (1 layer, int8) and the interest model"):
+        encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))), int8=True)
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
         interest_v = export_interest(MODEL_REPOSITORY, InterestModel.load(interest))
     console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")

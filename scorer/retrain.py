@@ -209,7 +209,7 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
     before, after = result.metrics["serving"]["all"]["ndcg@10"], result.metrics["candidate"]["all"]["ndcg@10"]
     registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
     return _gate("encoder", registry, before, after, margin, "NDCG@10", report, candidate_dir,
-                 _publisher("encoder", model_repo, triton_url, lambda: export_encoder(model_repo, candidate)), log)
+                 _publisher("encoder", model_repo, triton_url, lambda: export_encoder(model_repo, candidate, int8=True)), log)
 
 
 def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,

@@ -92,6 +92,28 @@ def encoder_scorer(ev: EvalSet, model: TextEncoder) -> Scorer:
     return lambda queries: embed_texts(model, queries, model.config.query_max_length) @ items.T
 
 
+def onnx_encoder_scorer(ev: EvalSet, path: Path, model: TextEncoder, threads: int = 2) -> Scorer:
+    """The same scorer over an exported encoder (ONNX fp32 or int8, what Triton serves), run in
+    ONNX Runtime: measures what export and quantization cost in retrieval quality."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    tok = load_tokenizer(model.config)
+
+    def embed(texts: list[str], max_length: int, batch: int = 64) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch):
+            t = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            out.append(session.run(["embedding"], {"input_ids": t["input_ids"].astype(np.int64),
+                                                   "attention_mask": t["attention_mask"].astype(np.int64)})[0])
+        return np.concatenate(out)
+
+    items = embed(ev.item_texts, model.config.item_max_length)
+    return lambda queries: embed(queries, model.config.query_max_length) @ items.T
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> slice -> metric

@@ -47,8 +47,9 @@ def test_graded_labels_keep_the_best_interaction():
 
 def test_fine_tuned_encoder_beats_zero_shot(feature_repo, labelled, tmp_path):
     from scorer.eval.retrieval_eval import (
-        bm25_scorer, build_eval_set, encoder_scorer, evaluate, popularity_scorer, write_report,
+        bm25_scorer, build_eval_set, encoder_scorer, evaluate, onnx_encoder_scorer, popularity_scorer, write_report,
     )
+    from scorer.export.encoder_export import export_onnx, quantize_int8
     from scorer.models.encoder import EncoderConfig, TextEncoder
     from scorer.train.encoder_train import EncoderTrainConfig, train_encoder, training_pairs
 
@@ -57,17 +58,24 @@ def test_fine_tuned_encoder_beats_zero_shot(feature_repo, labelled, tmp_path):
     model, losses = train_encoder(training_pairs(labelled.train), tmp_path / "ckpt", EncoderTrainConfig(max_steps=STEPS))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learned something on the training data
     reloaded = TextEncoder(EncoderConfig(model_path=str(tmp_path / "ckpt")))  # the checkpoint is usable
+    export_onnx(reloaded, tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
     result = evaluate(ev, {
         "popularity": popularity_scorer(ev),
         "bm25": bm25_scorer(ev),
         "zero-shot encoder": encoder_scorer(ev, TextEncoder()),
         "fine-tuned encoder": encoder_scorer(ev, reloaded),
+        "fine-tuned, ONNX fp32": onnx_encoder_scorer(ev, tmp_path / "fp32.onnx", reloaded),
+        "fine-tuned, ONNX int8": onnx_encoder_scorer(ev, tmp_path / "int8.onnx", reloaded),
     })
     m = {name: by["all"] for name, by in result.metrics.items()}
     gain = m["fine-tuned encoder"]["ndcg@10"] - m["zero-shot encoder"]["ndcg@10"]
     assert gain >= MIN_NDCG10_GAIN, f"NDCG@10 gain {gain:.4f}: {m}"
     assert m["fine-tuned encoder"]["recall@10"] >= m["zero-shot encoder"]["recall@10"]
     assert m["zero-shot encoder"]["ndcg@10"] > 2 * m["popularity"]["ndcg@10"]  # text matters in search
+    torch_ndcg = m["fine-tuned encoder"]["ndcg@10"]
+    assert abs(m["fine-tuned, ONNX fp32"]["ndcg@10"] - torch_ndcg) < 0.005  # the export is the model
+    assert abs(m["fine-tuned, ONNX int8"]["ndcg@10"] - torch_ndcg) < 0.03  # what int8 costs in retrieval
 
     report = write_report(result, tmp_path / "report")
     assert "fine-tuned encoder" in report.read_text()

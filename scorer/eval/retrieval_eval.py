@@ -77,14 +77,21 @@ def bm25_scorer(ev: EvalSet) -> Scorer:
     return score
 
 
-@torch.no_grad()
-def embed_texts(model: TextEncoder, texts: list[str], max_length: int, batch: int = 64) -> np.ndarray:
+def _embed_batches(model: TextEncoder, run: Callable[[np.ndarray, np.ndarray], np.ndarray], texts: list[str],
+                   max_length: int, batch: int = 64) -> np.ndarray:
+    """Tokenize `texts` in batches as the encoder was trained and embed each with `run(ids, mask)`."""
     tok = load_tokenizer(model.config)
     out = []
     for i in range(0, len(texts), batch):
-        t = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append(model(t["input_ids"], t["attention_mask"]).numpy())
+        t = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        out.append(run(t["input_ids"].astype(np.int64), t["attention_mask"].astype(np.int64)))
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed_texts(model: TextEncoder, texts: list[str], max_length: int, batch: int = 64) -> np.ndarray:
+    run = lambda ids, mask: model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()  # noqa: E731
+    return _embed_batches(model, run, texts, max_length, batch)
 
 
 def encoder_scorer(ev: EvalSet, model: TextEncoder) -> Scorer:
@@ -100,18 +107,9 @@ def onnx_encoder_scorer(ev: EvalSet, path: Path, model: TextEncoder, threads: in
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    tok = load_tokenizer(model.config)
-
-    def embed(texts: list[str], max_length: int, batch: int = 64) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch):
-            t = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-            out.append(session.run(["embedding"], {"input_ids": t["input_ids"].astype(np.int64),
-                                                   "attention_mask": t["attention_mask"].astype(np.int64)})[0])
-        return np.concatenate(out)
-
-    items = embed(ev.item_texts, model.config.item_max_length)
-    return lambda queries: embed(queries, model.config.query_max_length) @ items.T
+    run = lambda ids, mask: session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]  # noqa: E731
+    items = _embed_batches(model, run, ev.item_texts, model.config.item_max_length)
+    return lambda queries: _embed_batches(model, run, queries, model.config.query_max_length) @ items.T
 
 
 @dataclass

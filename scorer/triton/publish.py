@@ -80,12 +80,14 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
         client.close()
 
 
-def publish_encoder(url: str, repo: Path, version: int, ensemble: str = "encoder") -> int | None:
+def publish_encoder(url: str, repo: Path, version: int) -> int | None:
     """Make `version` the serving encoder; return the version it replaced (None if none was loaded)."""
-    return publish_model(url, repo, version, ENCODER_COMPONENTS, ensemble, keep_previous=True)
+    return publish(url, repo, "encoder", version)
 
 
 # model -> (ensemble that pins it, or None; its components, the last one being the weights)
+# The encoder's previous version stays loaded after a switch (module docstring, step 3).
+KEEP_PREVIOUS = {"encoder"}
 COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", RANKER_COMPONENTS),
               "interest": (None, INTEREST_COMPONENTS)}
 
@@ -93,4 +95,4 @@ COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", R
 def publish(url: str, repo: Path, model: str, version: int) -> int | None:
     """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime."""
     ensemble, components = COMPONENTS[model]
-    return publish_model(url, repo, version, components, ensemble, keep_previous=model == "encoder")
+    return publish_model(url, repo, version, components, ensemble, keep_previous=model in KEEP_PREVIOUS)

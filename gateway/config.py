@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from gateway.breaker import BreakerSettings
 
 
 class ScoreWeights(BaseSettings):
@@ -19,6 +22,21 @@ class ScoreWeights(BaseSettings):
     personalization: float = 1.0  # profile + live-session affinity
     popularity: float = 0.3  # 7-day popularity
     freshness: float = 0.2  # new-item boost
+
+
+class Breakers(BaseModel):
+    """One circuit breaker per downstream part, each with its own settings (gateway/breaker.py)."""
+
+    online_store: BreakerSettings = BreakerSettings()
+    encoder: BreakerSettings = BreakerSettings()
+    interest: BreakerSettings = BreakerSettings()
+    ranker: BreakerSettings = BreakerSettings()
+
+
+def _default_max_in_flight() -> int:
+    # The models, not the gateway, are the bottleneck: two requests per core keep Triton's
+    # dynamic batcher fed without queueing inside Triton (docs/benchmarks.md, the load table).
+    return 2 * (os.cpu_count() or 1)
 
 
 class GatewaySettings(BaseSettings):
@@ -40,7 +58,18 @@ class GatewaySettings(BaseSettings):
     embed_timeout_ms: int = Field(60, gt=0)
     feature_timeout_ms: int = Field(50, gt=0)
     reserve_ms: int = Field(8, ge=0, description="kept back from the ranker's budget for fusion and the reply")
-    triton_cooldown_s: float = Field(2.0, ge=0, description="after a Triton failure, skip it this long (answer degraded)")
+    interest_timeout_ms: int = Field(30, gt=0)
+    rank_timeout_ms: int = Field(200, gt=0, description="a ranker call that gets this long and does not answer counts against Triton")
+    breakers: Breakers = Breakers()
+
+    # Admission control (gateway/admission.py): beyond these, Recommend/Rank answer RESOURCE_EXHAUSTED.
+    max_in_flight: int = Field(default_factory=_default_max_in_flight, gt=0,
+                               description="requests in the pipeline at once (default: 2 per CPU core)")
+    max_queued: int = Field(default_factory=lambda: 4 * _default_max_in_flight(), ge=0,
+                            description="requests waiting for a slot; each waits only while it can still make its deadline")
+
+    # Query/context embeddings kept per (encoder version, text): shops repeat their head queries.
+    embedding_cache_size: int = Field(20_000, ge=0, description="entries; 0 disables the cache")
 
     # Retrieval and ranking.
     candidates_per_source: int = Field(100, gt=0)

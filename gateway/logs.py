@@ -10,6 +10,17 @@ import time
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
+
+def loggable_id(value: str) -> str:
+    """An id as it may appear in a log line: valid ids as they are, anything else replaced by a
+    short marker (a rejected 4 MB id must not become 4 MB of log)."""
+    from gateway.validation import ID_PATTERN  # here, not at the top: validation imports the settings
+
+    if not value or ID_PATTERN.fullmatch(value):
+        return value
+    return f"<invalid id, {len(value)} chars>"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -11,7 +11,14 @@ REQUEST_SECONDS = Histogram("recsys_request_seconds", "End-to-end RPC latency", 
 STAGE_SECONDS = Histogram("recsys_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS)
 CANDIDATES = Histogram("recsys_candidates", "Candidates per request by source", ["source"],
                        buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500, 1000))
-DEGRADED = Counter("recsys_degraded_responses_total", "Responses answered without a part", ["part"])
+DEGRADED = Counter("recsys_degraded_responses_total", "Responses answered without a part, by part and cause "
+                   "(breaker_open, error, timeout, deadline, no_input)", ["part", "cause"])
+IN_FLIGHT = Gauge("recsys_in_flight_requests", "Requests in the pipeline (admitted)")
+QUEUED = Gauge("recsys_queued_requests", "Requests waiting for admission")
+SHED = Counter("recsys_shed_requests_total", "Requests refused with RESOURCE_EXHAUSTED by admission control", ["method"])
+BREAKER_OPEN = Gauge("recsys_breaker_open", "1 while a part's circuit breaker is open or half-open", ["part"])
+DOWNSTREAM_UP = Gauge("recsys_downstream_up", "1 while a downstream answers its readiness probe", ["downstream"])
+QUERY_CACHE = Counter("recsys_query_embedding_cache_total", "Query/context embedding cache lookups", ["result"])
 DOWNSTREAM_ERRORS = Counter("recsys_downstream_errors_total", "Failed downstream calls", ["downstream", "kind"])
 INDEX_ITEMS = Gauge("recsys_index_items", "Items in the serving vector index")
 INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encoder version or new items)")

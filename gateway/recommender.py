@@ -15,42 +15,40 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from gateway import metrics
-from gateway.breaker import Breaker
+from gateway.breaker import Breaker, State
+from gateway.budget import CallBudget, Deadline, LatencyEstimate
 from gateway.config import GatewaySettings
+from gateway.degradation import Cause, Degradation, Part
 from gateway.explain import Explainer
 from gateway.features.online_reader import EntityFeatures, OnlineFeatureReader
+from gateway.query_cache import QueryEmbeddingCache
 from gateway.query_parser import ParsedQuery
 from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, fallback_interest, history_positions, retrieve
 from gateway.online_blend import OnlineBlend
 from gateway.scoring import RANKER_PRIOR, UserView, feature_terms, weight_vector
 from gateway.state import ServingState, Snapshot
 from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError
+
+T = TypeVar("T")
 from recsys.v1 import common_pb2, recommend_pb2
 from scorer.ranker_inputs import context_text, numeric_features
 
 log = logging.getLogger(__name__)
 
 EMPTY_QUERY = ParsedQuery("", (), (), None, None)
-MIN_RANK_BUDGET_S = 0.01  # below this the ranker cannot answer on CPU: skip it, answer degraded
 BOOST = 0.5  # relevance bonus for a brand/category the query named but that could not be a hard filter
 
 
 class Unavailable(RuntimeError):
     """The gateway cannot answer at all (e.g. still loading its index): gRPC UNAVAILABLE."""
-
-
-class Deadline:
-    def __init__(self, budget_s: float):
-        self.end = time.monotonic() + budget_s
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
 
 
 @dataclass
@@ -73,7 +71,7 @@ class Request:
 class Outcome:
     items: list[common_pb2.ScoredItem]
     model_versions: dict[str, str]
-    degraded: list[str]
+    degraded: list[Degradation]
     parsed: ParsedQuery
     unknown_ids: list[str] = field(default_factory=list)
     stages_ms: dict[str, float] = field(default_factory=dict)
@@ -97,6 +95,12 @@ class StageTimer:
             self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1e3
 
 
+# What each part needs before anything is measured (seconds, 2 CPU cores); replaced within tens of
+# calls by the observed latency (budget.LatencyEstimate).
+LATENCY_PRIORS = {Part.ONLINE_STORE: 0.004, Part.ENCODER: 0.010, Part.INTEREST: 0.004, Part.RANKER: 0.030}
+TIMEOUTS = (asyncio.TimeoutError, TimeoutError, TritonDeadlineExceeded)
+
+
 class Recommender:
     def __init__(self, settings: GatewaySettings, state: ServingState, reader: OnlineFeatureReader | None,
                  triton: TritonClient, blend: OnlineBlend | None = None):
@@ -105,12 +109,18 @@ class Recommender:
         self.state = state
         self.reader = reader
         self.triton = triton
-        self.encoder_breaker = Breaker(settings.triton_cooldown_s)
-        self.ranker_breaker = Breaker(settings.triton_cooldown_s)
-        self.features_breaker = Breaker(settings.triton_cooldown_s)
+        self.breakers = {part: Breaker(getattr(settings.breakers, part.value),
+                                       on_change=lambda st, p=part: metrics.BREAKER_OPEN.labels(p.value).set(
+                                           0 if st is State.CLOSED else 1))
+                         for part in Part}
+        for part in Part:
+            metrics.BREAKER_OPEN.labels(part.value).set(0)
+        self.latency = {part: LatencyEstimate(prior) for part, prior in LATENCY_PRIORS.items()}
+        self.caps_s = {Part.ONLINE_STORE: settings.feature_timeout_ms / 1e3, Part.ENCODER: settings.embed_timeout_ms / 1e3,
+                       Part.INTEREST: settings.interest_timeout_ms / 1e3, Part.RANKER: settings.rank_timeout_ms / 1e3}
+        self.query_cache = QueryEmbeddingCache(settings.embedding_cache_size)
         self.ranker_version = ""  # kept current by the server's refresh loop
         self.interest_version = ""  # "": no interest model in Triton; the fallback formula is used
-        self.interest_breaker = Breaker(settings.triton_cooldown_s)
         self._explainers: dict[int, Explainer] = {}
 
     # --- helpers --------------------------------------------------------------------------------
@@ -126,93 +136,113 @@ class Recommender:
             self._explainers = {key: Explainer(snap.catalog)}
         return self._explainers[key]
 
-    async def _read(self, user_id: str, item_ids: list[str], deadline: Deadline, what: str,
-                    degraded: list[str], timed: StageTimer) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:
-        if self.reader is None or not self.features_breaker.allow():
-            if self.reader is not None:
-                degraded.append(f"online store unavailable ({self.features_breaker.last_error}): no {what}")
-            return None, {}
-        timeout = min(self.settings.feature_timeout_ms / 1e3, max(deadline.left() - 0.005, 0.001))
-        try:
-            with timed("features_" + what.replace(" ", "_")):
-                got = await asyncio.wait_for(self.reader.aread(user_id, item_ids), timeout)
-        except Exception as e:  # noqa: BLE001 - any store failure degrades the same way
-            reason = "timeout" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else f"{type(e).__name__}: {e}"
-            self.features_breaker.failure(reason)
-            metrics.DOWNSTREAM_ERRORS.labels("online_store", type(e).__name__).inc()
-            degraded.append(f"online store unavailable ({reason}): no {what}")
-            return None, {}
-        self.features_breaker.success()
-        return got.user, got.items
+    async def _guarded(self, part: Part, stage: str, call: Callable[[float], Awaitable[T]], deadline: Deadline,
+                       fallback: str, degraded: list[Degradation], timed: StageTimer, reserve_s: float = 0.0) -> T | None:
+        """One downstream call with its breaker, budget, timing and metrics; None = degraded (recorded).
 
-    async def _embed(self, snap: Snapshot, texts: list[str], deadline: Deadline, degraded: list[str],
-                     timed: StageTimer) -> np.ndarray | None:
-        """Query/context vectors from the encoder version that embedded `snap`'s index."""
-        if not self.encoder_breaker.allow():
-            degraded.append(f"encoder unavailable ({self.encoder_breaker.last_error}): BM25 retrieval")
+        `call(timeout_s)` makes the call. Only evidence about the part moves its breaker: errors, and
+        timeouts of calls that had the stage's whole timeout. A request short of time skips the call
+        or times out on its own budget, and degrades itself only.
+        """
+        breaker, estimate = self.breakers[part], self.latency[part]
+        if not breaker.allow():
+            degraded.append(Degradation(part, Cause.BREAKER_OPEN, fallback, breaker.last_error))
             return None
-        timeout = min(self.settings.embed_timeout_ms / 1e3, deadline.left() * 0.5)
-        indexed = snap.encoder_version
+        budget = CallBudget.plan(deadline, self.caps_s[part], reserve_s, estimate.typical)
+        if budget is None:
+            breaker.neutral()
+            degraded.append(Degradation(part, Cause.DEADLINE, fallback, f"{max(deadline.left(), 0) * 1e3:.0f} ms left, "
+                                                                        f"needs ~{estimate.typical * 1e3:.0f} ms"))
+            return None
+        t0 = time.perf_counter()
         try:
-            with timed("embed"):
-                if self.state.index_behind(snap):  # Triton switched; the catalog is being re-embedded
-                    vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001), version=indexed)
-                else:
-                    vectors, served = await self.triton.embed_versioned(texts, timeout_s=max(timeout, 0.001))
-                    if served != indexed:  # switched since the last refresh: these vectors do not fit the index
-                        self.state.encoder_switched(served)
-                        timeout = min(timeout, deadline.left() * 0.5)
-                        vectors = await self.triton.embed(texts, timeout_s=max(timeout, 0.001), version=indexed)
-        except TritonError as e:
-            self.encoder_breaker.failure(_short(e))
-            metrics.DOWNSTREAM_ERRORS.labels("triton_encoder", type(e).__name__).inc()
-            degraded.append(f"encoder unavailable ({_short(e)}): BM25 retrieval")
+            with timed(stage):
+                result = await asyncio.wait_for(call(budget.timeout_s), budget.timeout_s)
+        except TIMEOUTS:
+            reason = f"no answer within {budget.timeout_s * 1e3:.0f} ms"
+            if budget.full:
+                breaker.failure("timeout: " + reason)
+                estimate.observe(time.perf_counter() - t0)
+            else:
+                breaker.neutral()
+            metrics.DOWNSTREAM_ERRORS.labels(part.value, "timeout").inc()
+            degraded.append(Degradation(part, Cause.TIMEOUT if budget.full else Cause.DEADLINE, fallback, reason))
             return None
-        self.encoder_breaker.success()
-        return vectors
+        except Exception as e:  # noqa: BLE001 - any downstream failure degrades the same way
+            reason = _short(e) if isinstance(e, TritonError) else f"{type(e).__name__}: {_short(e)}"
+            breaker.failure(reason)
+            metrics.DOWNSTREAM_ERRORS.labels(part.value, type(e).__name__).inc()
+            degraded.append(Degradation(part, Cause.ERROR, fallback, reason))
+            return None
+        breaker.success()
+        estimate.observe(time.perf_counter() - t0)
+        return result
+
+    async def _read(self, user_id: str, item_ids: list[str], deadline: Deadline, what: str,
+                    degraded: list[Degradation], timed: StageTimer) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:
+        if self.reader is None:
+            return None, {}
+        reader = self.reader
+        got = await self._guarded(Part.ONLINE_STORE, "features_" + what.replace(" ", "_"),
+                                  lambda _t: reader.aread(user_id, item_ids), deadline, f"no {what}", degraded, timed,
+                                  reserve_s=self.settings.reserve_ms / 1e3)
+        return (got.user, got.items) if got is not None else (None, {})
+
+    async def _embed(self, snap: Snapshot, texts: list[str], deadline: Deadline, degraded: list[Degradation],
+                     timed: StageTimer) -> np.ndarray | None:
+        """Query/context vectors from the encoder version that embedded `snap`'s index (cached)."""
+        indexed = snap.encoder_version
+        cached = [self.query_cache.get(indexed, t) for t in texts]
+        missing = [t for t, v in zip(texts, cached) if v is None]
+        if missing:
+            async def call(timeout_s: float) -> np.ndarray:
+                if self.state.index_behind(snap):  # Triton switched; the catalog is being re-embedded
+                    return await self.triton.embed(missing, timeout_s=timeout_s, version=indexed)
+                t0 = time.monotonic()
+                vectors, served = await self.triton.embed_versioned(missing, timeout_s=timeout_s)
+                if served != indexed:  # switched since the last refresh: these vectors do not fit the index
+                    self.state.encoder_switched(served)
+                    left = max(timeout_s - (time.monotonic() - t0), 0.001)
+                    vectors = await self.triton.embed(missing, timeout_s=left, version=indexed)
+                return vectors
+
+            # Keep time for the ranker's head read and call only when there is plenty; the query
+            # embedding matters more (retrieval), so it may use what the ranker would have had.
+            got = await self._guarded(Part.ENCODER, "embed", call, deadline, "BM25 retrieval", degraded, timed,
+                                      reserve_s=self.settings.reserve_ms / 1e3)
+            if got is None:
+                return None
+            fresh = iter(got)
+            for i, v in enumerate(cached):
+                if v is None:
+                    cached[i] = vector = next(fresh)
+                    self.query_cache.put(indexed, texts[i], vector)
+        return np.stack(cached)
 
     async def _rank(self, context: str, texts: list[str], numeric: np.ndarray, deadline: Deadline,
-                    degraded: list[str], timed: StageTimer) -> np.ndarray | None:
-        if not self.ranker_breaker.allow():
-            degraded.append(f"ranker unavailable ({self.ranker_breaker.last_error}): retrieval scores")
-            return None
-        timeout = deadline.left() - self.settings.reserve_ms / 1e3
-        if timeout < MIN_RANK_BUDGET_S:
-            degraded.append("ranker skipped: request deadline too close")
-            return None
-        try:
-            with timed("rank"):
-                scores = await self.triton.rank(context, texts, numeric, timeout_s=timeout)
-        except TritonError as e:
-            # A deadline hit is this request's budget, not necessarily a sick server: no cool-down.
-            if not isinstance(e, TritonDeadlineExceeded):
-                self.ranker_breaker.failure(_short(e))
-            metrics.DOWNSTREAM_ERRORS.labels("triton_ranker", type(e).__name__).inc()
-            degraded.append(f"ranker unavailable ({_short(e)}): retrieval scores")
-            return None
-        self.ranker_breaker.success()
-        return scores
+                    degraded: list[Degradation], timed: StageTimer) -> np.ndarray | None:
+        return await self._guarded(
+            Part.RANKER, "rank", lambda t: self.triton.rank(context, texts, numeric, timeout_s=t), deadline,
+            "retrieval scores", degraded, timed, reserve_s=self.settings.reserve_ms / 1e3)
 
     async def _interest(self, snap: Snapshot, query_vec: np.ndarray | None, history: list[int], deadline: Deadline,
-                        degraded: list[str], timed: StageTimer) -> np.ndarray | None:
+                        degraded: list[Degradation], timed: StageTimer) -> np.ndarray | None:
         """The user's interest vector from Triton's interest model, else its untrained formula."""
-        if self.interest_version and self.interest_breaker.allow():
+        if self.interest_version:
             k = self.settings.interest_recent_items
             items = np.zeros((k, snap.index.dim), np.float32)
             items[: len(history)] = snap.index.embeddings[history]
             mask = np.zeros(k, np.float32)
             mask[: len(history)] = 1.0
             query = query_vec if query_vec is not None else np.zeros(snap.index.dim, np.float32)
-            try:
-                with timed("interest"):
-                    return await self.triton.interest(query, query_vec is not None, items, mask,
-                                                      timeout_s=min(self.settings.embed_timeout_ms / 1e3,
-                                                                    max(deadline.left() * 0.25, 0.001)))
-            except TritonError as e:
-                if not isinstance(e, TritonDeadlineExceeded):
-                    self.interest_breaker.failure(_short(e))
-                metrics.DOWNSTREAM_ERRORS.labels("triton_interest", type(e).__name__).inc()
-                degraded.append(f"interest model unavailable ({_short(e)}): recency-weighted history")
+            # The ranker still has to run after this: leave it its typical time.
+            got = await self._guarded(
+                Part.INTEREST, "interest",
+                lambda t: self.triton.interest(query, query_vec is not None, items, mask, timeout_s=t),
+                deadline, "recency-weighted history", degraded, timed,
+                reserve_s=self.settings.reserve_ms / 1e3 + self.latency[Part.RANKER].typical)
+            if got is not None:
+                return got
         return fallback_interest(snap, history, query_vec)
 
     # --- the pipeline -----------------------------------------------------------------------
@@ -220,7 +250,7 @@ class Recommender:
         deadline = Deadline(budget_s)
         snap = self._snapshot()
         catalog = snap.catalog
-        degraded: list[str] = []
+        degraded: list[Degradation] = []
         timed = StageTimer()
 
         with timed("parse"):
@@ -310,8 +340,8 @@ class Recommender:
             if scores is not None:
                 relevance[rank_idx] = scores + BOOST * boosts[positions[rank_idx]]
                 ranked = True
-        elif head_n and "BM25" not in " ".join(degraded):
-            degraded.append("ranker skipped: no context embedding")
+        elif head_n:
+            degraded.append(Degradation(Part.RANKER, Cause.NO_INPUT, "retrieval scores", "no context embedding"))
 
         # 5. fuse, order (ranked head first, then the rest by retrieval score), diversify
         with timed("fuse"):

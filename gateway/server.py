@@ -23,8 +23,10 @@ from grpc_reflection.v1alpha import reflection
 from gateway import metrics
 from gateway.catalog import CatalogSources
 from gateway.config import GatewaySettings
+from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
+from gateway.interceptors import DecodeErrors
 from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender
 from gateway.service import RecommendServicer
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
 RETRY_S = 1.0
+TRITON_PROBE_S = 0.5  # how often the readiness of Triton is checked (health + breakers)
+TRITON_HEALTH_NAME = "triton"  # grpc health entry for Triton's readiness (the gateway itself stays SERVING)
+# The largest request the gateway parses: 1,000 candidate ids + filters + a query fit in a few KB.
+MAX_REQUEST_BYTES = 1 << 20
 
 
 def _load_feature_store(settings: GatewaySettings):
@@ -56,6 +62,7 @@ class Gateway:
         self.state: ServingState | None = None
         self.recommender: Recommender | None = None
         self.blend: OnlineBlend | None = None
+        self.servicer: RecommendServicer | None = None
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -70,9 +77,10 @@ class Gateway:
         if self.blend is not None:
             self._tasks.append(asyncio.create_task(self.blend.run()))
 
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.settings, self.recommender),
-                                                                  self.server)
+        self.server = grpc.aio.server(interceptors=[DecodeErrors()], options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+        self.servicer = RecommendServicer(self.settings, self.recommender)
+        recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -110,6 +118,36 @@ class Gateway:
         log.info("gateway serving: %d items, encoder v%s, ranker v%s", len(snap.catalog), snap.encoder_version,
                  self.recommender.ranker_version or "-")
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        self._tasks.append(asyncio.create_task(self._watch_triton()))
+
+    async def _watch_triton(self) -> None:
+        """Triton's liveness and readiness, every TRITON_PROBE_S. A server that is gone opens the
+        Triton breakers at once (answers degrade without waiting for timeouts); once it is back and
+        ready they close at once (ranked answers within a probe interval, not after a cool-down).
+        Reported as health entry "triton" and gauge recsys_downstream_up{downstream="triton"}; the
+        gateway's own health stays SERVING (a degraded answer beats none)."""
+        parts = (Part.ENCODER, Part.INTEREST, Part.RANKER)
+        down = False
+        metrics.DOWNSTREAM_UP.labels("triton").set(1)
+        await self.health.set(TRITON_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+        while True:
+            await asyncio.sleep(TRITON_PROBE_S)
+            if not down and not await self.triton.is_live(timeout_s=TRITON_PROBE_S):
+                down = True
+                log.warning("Triton at %s is gone: answering degraded until it is back", self.settings.triton_url)
+                for part in parts:
+                    self.recommender.breakers[part].force_open(f"Triton at {self.settings.triton_url} is not live")
+            elif down and await self.triton.is_ready(timeout_s=TRITON_PROBE_S):
+                down = False
+                log.warning("Triton at %s is back and ready", self.settings.triton_url)
+                await self._update_ranker_version()
+                for part in parts:
+                    self.recommender.breakers[part].force_close()
+            else:
+                continue
+            metrics.DOWNSTREAM_UP.labels("triton").set(0 if down else 1)
+            await self.health.set(TRITON_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING if down
+                                  else health_pb2.HealthCheckResponse.SERVING)
 
     async def _warm_up(self) -> None:
         """One encoder and one ranker call before SERVING: the first inference of a freshly loaded

@@ -1,4 +1,4 @@
-"""RecommendService over gRPC: validation, deadlines, status codes, metrics and a log line per call."""
+"""RecommendService over gRPC: validation, admission, deadlines, status codes, metrics and a log line per call."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import time
 import grpc
 
 from gateway import metrics
+from gateway.admission import Admission
+from gateway.budget import LatencyEstimate
 from gateway.config import GatewaySettings
-from gateway.logs import request_id_var
+from gateway.logs import loggable_id, request_id_var
 from gateway.recommender import Outcome, Recommender, Request, Unavailable, new_request_id
 from gateway.validation import RequestError, validate_rank, validate_recommend
 from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc
@@ -19,12 +21,18 @@ log = logging.getLogger("gateway.access")
 
 # Trailing metadata on every answer: "parse=0.05,features_personalization=1.21,embed=7.80,..." (ms).
 STAGES_METADATA = "x-recsys-stages-ms"
+# On RESOURCE_EXHAUSTED: when to try again (ms). gRPC's own retry pushback key (gRFC A6), so a
+# client with a retry policy honours it; any other client can read it as a plain hint.
+RETRY_METADATA = "grpc-retry-pushback-ms"
+ADMISSION_MARGIN_S = 0.005  # a queued request must still have this much beyond the typical service time
 
 
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def __init__(self, settings: GatewaySettings, recommender: Recommender):
         self.settings = settings
         self.recommender = recommender
+        self.admission = Admission(settings.max_in_flight, settings.max_queued)
+        self.service_time = LatencyEstimate(prior_s=0.05)  # of admitted requests, for the queue wait
 
     def _budget(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -32,22 +40,33 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         return cap if remaining is None else min(cap, remaining)
 
     async def _serve(self, method: str, request, context, validate, to_request) -> Outcome:
-        rid = request.request_id or new_request_id()
-        request_id_var.set(rid)
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
+        rid = ""
         try:
             try:
                 validate(request, self.settings)
             except RequestError as e:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(e))
+            rid = request.request_id or new_request_id()
+            request_id_var.set(rid)
             budget = self._budget(context)
             if budget <= 0 or math.isnan(budget):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, "the request's deadline had already passed when it arrived")
+            if not await self._admit(budget):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                metrics.SHED.labels(method).inc()
+                await context.abort(code, f"the gateway is at capacity ({self.admission.limit} requests in flight, "
+                                          f"{self.admission.queued} queued); retry after the "
+                                          f"{RETRY_METADATA} trailing metadata (ms)",
+                                    trailing_metadata=((RETRY_METADATA, str(self._retry_after_ms())),))
+            started = time.perf_counter()
             try:
-                return await self.recommender.run(to_request(request, rid), budget)
+                outcome = await self.recommender.run(to_request(request, rid), budget - (started - t0))
+                self.service_time.observe(time.perf_counter() - started)
+                return outcome
             except Unavailable as e:
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, str(e))
@@ -55,12 +74,30 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error")
                 await context.abort(code, f"internal error (request_id={rid}); see the gateway log")
+            finally:
+                self.admission.release()
+                metrics.IN_FLIGHT.set(self.admission.in_flight)
         finally:
             seconds = time.perf_counter() - t0
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(method).observe(seconds)
+            # Only validated ids reach the log; anything else is replaced (no log amplification).
             log.info("%s %s", method, code.name, extra={"fields": {
-                "method": method, "code": code.name, "ms": round(seconds * 1e3, 2), "user_id": request.user_id}})
+                "method": method, "code": code.name, "ms": round(seconds * 1e3, 2),
+                "user_id": loggable_id(request.user_id), "request_id": loggable_id(rid)}})
+
+    async def _admit(self, budget_s: float) -> bool:
+        """A slot in the pipeline, waiting only as long as the request can still be served in time."""
+        max_wait = budget_s - self.service_time.slow - ADMISSION_MARGIN_S
+        admitted = await self.admission.acquire(max_wait)
+        metrics.IN_FLIGHT.set(self.admission.in_flight)
+        metrics.QUEUED.set(self.admission.queued)
+        return admitted
+
+    def _retry_after_ms(self) -> int:
+        """Roughly when a slot frees: the queue ahead drained at `limit` requests per service time."""
+        waves = 1 + self.admission.queued / max(self.admission.limit, 1)
+        return max(int(waves * self.service_time.typical * 1e3), 1)
 
     def _fill(self, response, outcome: Outcome, rid: str, context):
         context.set_trailing_metadata((
@@ -69,9 +106,9 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         response.request_id = rid
         response.model_versions.update(outcome.model_versions)
         response.degraded = bool(outcome.degraded)
-        response.degraded_reasons.extend(outcome.degraded)
-        for reason in outcome.degraded:
-            metrics.DEGRADED.labels(reason.split(" ", 1)[0]).inc()
+        response.degraded_reasons.extend(d.message() for d in outcome.degraded)
+        for d in outcome.degraded:
+            metrics.DEGRADED.labels(d.part.value, d.cause.value).inc()
         return response
 
     async def Recommend(self, request: recommend_pb2.RecommendRequest, context) -> recommend_pb2.RecommendResponse:

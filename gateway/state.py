@@ -35,12 +35,14 @@ class LexicalIndex:
     """BM25 over the item texts: the query source when the encoder is unavailable (degraded mode)."""
 
     def __init__(self, texts: tuple[str, ...]):
+        self.size = len(texts)
         self._bm25 = bm25s.BM25()
         self._bm25.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
+        """One score per item (all zero when the query has no indexed token: "the", "👟", "???")."""
         tokens = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)[0]
-        return self._bm25.get_scores(tokens) if tokens else np.zeros(0, dtype=np.float32)
+        return self._bm25.get_scores(tokens) if tokens else np.zeros(self.size, dtype=np.float32)
 
 
 @dataclass(frozen=True)

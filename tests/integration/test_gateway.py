@@ -23,7 +23,8 @@ def _settings(feature_repo, triton, tmp_path_factory, **over):
     base = dict(port=0, feature_repo=feature_repo.path, triton_url=triton.grpc_url,
                 embedding_cache_dir=tmp_path_factory.getbasetemp() / "embeddings",
                 # Generous budgets: CI's 2 shared cores; the deadline test below sets its own.
-                request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000, refresh_interval_s=0.5)
+                request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000, interest_timeout_ms=2_000,
+                rank_timeout_ms=5_000, refresh_interval_s=0.5)
     return GatewaySettings(**{**base, **over})
 
 
@@ -188,6 +189,14 @@ def test_redis_online_store_end_to_end(feature_repo, triton_gw, tmp_path_factory
 
 # --- degradation -----------------------------------------------------------------------------------------
 
+def _triton_health(address: str, service: str = "triton") -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
 def test_triton_down_gives_degraded_answers_within_the_deadline_then_recovers(feature_repo, models, tmp_path_factory,
                                                                             items):
     from gateway.background import BackgroundGateway
@@ -196,26 +205,138 @@ def test_triton_down_gives_degraded_answers_within_the_deadline_then_recovers(fe
     server = start_triton(models, tmp_path_factory.mktemp("gw_triton_down"))
     deadline_ms = 1000  # the ranker alone takes ~0.2-0.5 s on 2 busy CI cores
     settings = _settings(feature_repo, server, tmp_path_factory, request_timeout_ms=deadline_ms,
-                         embed_timeout_ms=300, triton_cooldown_s=0.5)
+                         embed_timeout_ms=300, breakers={"encoder": {"cooldown_s": 0.5, "min_calls": 2}})
     try:
         with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 5) as c:
             assert any(not c.recommend("waterproof rain jacket").degraded for _ in range(5))
             server.stop()
-            for _ in range(3):
+            # Queries not seen before: a cached query embedding would need no encoder at all.
+            for query in ("waterproof jacket for rain", "rain jacket, waterproof", "jacket waterproof rain"):
                 t0 = time.perf_counter()
-                response = c.recommend("waterproof rain jacket", num_results=10)
+                response = c.recommend(query, num_results=10)
                 elapsed = time.perf_counter() - t0
                 assert response.degraded and elapsed < deadline_ms / 1e3 + 0.2, (elapsed, response.degraded_reasons)
                 assert any("encoder unavailable" in r for r in response.degraded_reasons)
                 # BM25 still finds jackets.
                 assert (items.loc[[i.item_id for i in response.items], "category"] == "Jackets").mean() >= 0.5
+            gone = time.monotonic()  # the gateway says so within a probe interval; its own health stays SERVING
+            while _triton_health(gw.address) != "NOT_SERVING":
+                assert time.monotonic() < gone + 3, "health entry 'triton' still SERVING with Triton stopped"
+                time.sleep(0.1)
+            assert _triton_health(gw.address, service="recsys.v1.RecommendService") == "SERVING"
             server.start(timeout_s=180)
-            deadline = time.monotonic() + 30
+            back = time.monotonic()  # Triton is ready again: ranked answers within ~2 probe intervals
             while c.recommend("waterproof rain jacket").degraded:
-                assert time.monotonic() < deadline, "the gateway did not recover after Triton came back"
-                time.sleep(0.3)
+                assert time.monotonic() < back + 5, "the gateway did not recover within 5 s after Triton came back"
+                time.sleep(0.1)
+            print(f"ranked again {time.monotonic() - back:.2f} s after Triton was ready")
+            assert _triton_health(gw.address) == "SERVING"
     finally:
         server.stop()
+
+
+def test_a_request_out_of_its_own_time_degrades_only_itself(gateway, client):
+    """Version one opened the encoder breaker for 2 s on one request's deadline: 627 of the next
+    ~650 answers came back degraded. Tiny-deadline requests interleaved with normal ones must
+    leave every normal answer fully ranked and every breaker closed."""
+    import asyncio
+
+    from recsys.v1 import recommend_pb2
+
+    async def tiny(stub, deadline_s: float) -> None:
+        try:
+            await stub.Recommend(recommend_pb2.RecommendRequest(query="waterproof rain jacket", num_results=5),
+                                 timeout=deadline_s)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED), e
+
+    async def go() -> list:
+        from recsys.v1 import recommend_pb2_grpc
+
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = recommend_pb2_grpc.RecommendServiceStub(channel)
+            answers = []
+            for n in range(100):
+                if n % 10 == 0:  # 5 ms, 2 ms and 12 ms deadlines, each while the normal request runs
+                    await asyncio.gather(*(tiny(stub, d) for d in (0.005, 0.002, 0.012)))
+                normal = recommend_pb2.RecommendRequest(query="waterproof rain jacket", num_results=5, explain=True)
+                answers.append(await stub.Recommend(normal, timeout=30))
+            return answers
+
+    answers = asyncio.run(go())
+    degraded = [list(a.degraded_reasons) for a in answers if a.degraded]
+    assert not degraded, degraded[:3]
+    assert all("ranker" in a.model_versions for a in answers)
+    assert not any(b.is_open for b in gateway.gateway.recommender.breakers.values())
+
+
+def test_queries_without_a_lexical_token_answer_while_the_encoder_is_down(gateway, client):
+    """BM25 fallback with stopword-only / emoji queries: was INTERNAL (IndexError) in version one."""
+    from gateway.degradation import Part
+
+    breaker = gateway.gateway.recommender.breakers[Part.ENCODER]
+    breaker.force_open("test: encoder taken out")
+    try:
+        for query in ("the", "it", "a b c", "👟", "???", "to be or not to be"):
+            response = client.recommend(query, num_results=5)
+            assert response.degraded and any("encoder unavailable" in r for r in response.degraded_reasons)
+            assert len(response.items) == 5  # the popularity backfill still answers
+    finally:
+        breaker.force_close()
+    assert not client.recommend("the", num_results=5).degraded
+
+
+def test_excess_load_is_shed_with_a_retry_hint_and_admitted_requests_are_ranked(gateway):
+    import asyncio
+
+    from gateway.admission import Admission
+    from gateway.service import RETRY_METADATA
+    from recsys.v1 import recommend_pb2, recommend_pb2_grpc
+
+    servicer = gateway.gateway.servicer
+    normal_admission = servicer.admission
+    servicer.admission = Admission(limit=1, queue_limit=0)
+
+    async def go():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = recommend_pb2_grpc.RecommendServiceStub(channel)
+
+            async def one():
+                call = stub.Recommend(recommend_pb2.RecommendRequest(query="trail running shoes", num_results=5),
+                                      timeout=30)
+                try:
+                    return await call
+                except grpc.aio.AioRpcError as e:
+                    return e
+
+            return await asyncio.gather(*(one() for _ in range(8)))
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        servicer.admission = normal_admission
+    shed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    answered = [r for r in results if not isinstance(r, grpc.aio.AioRpcError)]
+    assert answered and shed, results
+    for e in shed:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "capacity" in e.details()
+        hint = dict(e.trailing_metadata() or ())
+        assert int(hint[RETRY_METADATA]) >= 1, hint
+    assert all(not r.degraded for r in answered), [list(r.degraded_reasons) for r in answered]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.settings.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'recsys_shed_requests_total{method="Recommend"}' in body and "recsys_in_flight_requests" in body
+
+
+def test_undecodable_request_bytes_are_invalid_argument(gateway):
+    channel = grpc.insecure_channel(gateway.address)
+    for method in ("/recsys.v1.RecommendService/Recommend", "/recsys.v1.RecommendService/Rank"):
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        for junk in (b"\xff\xff\xff", b"\x0a\x80", b"\x12\x05abc"):
+            with pytest.raises(grpc.RpcError) as e:
+                call(junk, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, junk, e.value)
+            assert "not a valid" in e.value.details()
+    channel.close()
 
 
 def test_online_store_down_answers_without_personalization(feature_repo, triton_gw, tmp_path_factory, monkeypatch):

@@ -187,22 +187,42 @@ def export_interest_cmd(
 def triton_serve(
     repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
     grpc_port: int = typer.Option(8001), http_port: int = typer.Option(8000), metrics_port: int = typer.Option(8002),
+    workdir: Path = typer.Option(PROJECT_ROOT / "var" / "triton", help="Backends folder and tritonserver.log."),
 ) -> None:
-    """Run tritonserver (nvidia-pytriton, CPU) on loopback until Ctrl-C."""
+    """Run tritonserver (nvidia-pytriton, CPU) on loopback, restarted when it dies, until Ctrl-C / SIGTERM."""
+    import logging
     import signal as _signal
 
     from scorer.triton.launcher import TritonServer
+    from scorer.triton.supervisor import SupervisorEvent, TritonSupervisor
 
-    server = TritonServer(model_repository=repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
-    with console.status("starting tritonserver"):
-        server.start()
-    console.print(f"[green]ready[/]: gRPC {server.grpc_url}, HTTP {server.http_url} (log: {server.workdir / 'tritonserver.log'})")
-    try:
-        _signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    # The supervisor's own log lines would repeat what `report` prints (Python's last-resort
+    # handler writes WARNINGs to stderr when nothing is configured).
+    logging.getLogger("scorer.triton.supervisor").addHandler(logging.NullHandler())
+
+    def report(event: SupervisorEvent) -> None:
+        style = {"restarted": "green", "died": "red"}.get(event.kind, "yellow")
+        console.print(f"[{style}]{event.message}[/]", soft_wrap=True)
+        if event.kind == "died" and event.reason is not None and event.reason.log_tail:
+            # The end of tritonserver.log says why (a crash's stack trace); the whole log is kept as
+            # tritonserver.log.1 next to the new one.
+            tail = "\n".join("  " + line for line in event.reason.log_tail.splitlines()[-8:])
+            console.print(tail, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    server = TritonServer(model_repository=repo, workdir=workdir, grpc_port=grpc_port, http_port=http_port,
+                          metrics_port=metrics_port)
+    supervisor = TritonSupervisor(server, on_event=report)
+    # Handlers first: a SIGTERM during start-up must also end tritonserver and its stubs (the
+    # default action would kill only this process and leave them running, reparented to init).
+    with supervisor.signals_stop():
+        with console.status("starting tritonserver"):
+            supervisor.start()
+        console.print(f"[green]ready[/] (supervised): gRPC {server.grpc_url}, HTTP {server.http_url} "
+                      f"(log: {server.log_path})", soft_wrap=True)
+        supervisor.wait()
+        console.print("stopping tritonserver and its python-backend stubs")
+    why = _signal.Signals(supervisor.received_signal).name if supervisor.received_signal else "stop"
+    console.print(f"[green]stopped[/] ({why}; {supervisor.restarts} restart(s))")
 
 
 @triton_app.command("publish")

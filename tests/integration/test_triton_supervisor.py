@@ -192,3 +192,41 @@ def _ready(http_port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+GATEWAY_RANKED_AGAIN_S = 45.0  # SIGKILL of tritonserver -> the gateway's first fully ranked answer (2 slow cores)
+
+
+def test_gateway_answers_ranked_again_after_tritonserver_is_sigkilled(feature_repo, models, tmp_path, tmp_path_factory):
+    """The whole chain: the supervisor restarts the server, the gateway's channel reconnects (1 s
+    backoff cap) and its Triton watch closes the breakers: ranked answers again, unattended."""
+    from gateway.background import BackgroundGateway
+    from gateway.client import GatewayClient
+    from scorer.triton.supervisor import TritonSupervisor
+    from tests.integration.test_gateway import _settings
+
+    server = TritonServer(model_repository=models, workdir=tmp_path / "run")
+    sup = TritonSupervisor(server).start()
+    try:
+        settings = _settings(feature_repo, server, tmp_path_factory)
+        with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 10) as c:
+            assert not c.recommend("waterproof rain jacket").degraded
+            os.kill(server.process.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            degraded_seen = 0
+            n = 0
+            while True:
+                n += 1  # a fresh query each time: no cached embedding hides the encoder's absence
+                response = c.recommend(f"waterproof rain jacket {n % 7} hood", num_results=5)
+                if not response.degraded and time.monotonic() - t0 > 0.5:
+                    break
+                degraded_seen += response.degraded
+                assert time.monotonic() - t0 < GATEWAY_RANKED_AGAIN_S, (sup.restarts, list(response.degraded_reasons))
+                time.sleep(0.1)
+            elapsed = time.monotonic() - t0
+            print(f"\nSIGKILL of tritonserver -> ranked answers from the gateway again after {elapsed:.1f} s "
+                  f"({degraded_seen} degraded answers meanwhile, none failed)")
+            assert sup.restarts == 1 and degraded_seen > 0
+            assert "ranker" in response.model_versions
+    finally:
+        sup.stop()

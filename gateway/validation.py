@@ -2,6 +2,7 @@
 
 Unknown user ids are not errors (cold start); unknown *item* ids in Rank are reported back, not
 rejected. What is rejected is what cannot be answered meaningfully or would cost unbounded work.
+The id and free-text rules are shared with the feedback service (gateway/rules.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Iterable
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from gateway.config import GatewaySettings
+from gateway.rules import ID_PATTERN, ONLY_WHITESPACE, id_error, text_error
 from recsys.v1 import common_pb2, recommend_pb2
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+__all__ = ["ID_PATTERN", "RequestError", "validate_rank", "validate_recommend"]
 MAX_FILTER_VALUES = 100
 MAX_LOCALE_CHARS = 35
 
@@ -33,9 +35,8 @@ def _check_id(field: str, value: str, allow_empty: bool = True) -> None:
         if not allow_empty:
             raise RequestError(field, "must not be empty")
         return
-    if not ID_PATTERN.fullmatch(value):
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise RequestError(field, f"{shown!r} is not a valid id (1-128 characters of A-Z a-z 0-9 _ . : @ -)")
+    if (problem := id_error(value)) is not None:
+        raise RequestError(field, problem)
 
 
 def _check_ids(field: str, ids: Iterable[str], limit: int, distinct: bool = False) -> None:
@@ -56,14 +57,13 @@ def _check_enum(field: str, enum: EnumTypeWrapper, value: int) -> None:
 
 
 def _check_query(field: str, query: str, settings: GatewaySettings, required: bool = False) -> None:
-    if len(query) > settings.max_query_chars:
-        raise RequestError(field, f"at most {settings.max_query_chars} characters, got {len(query)}")
-    if query and not query.strip():
-        raise RequestError(field, "is only whitespace (send an empty query for no query)")
+    # The shared text rule (gateway/rules.py; the feedback service applies it to logged queries).
+    if (problem := text_error(query, settings.max_query_chars)) is not None:
+        if problem == ONLY_WHITESPACE:  # the gateway's hint: "" is how a client sends no query
+            problem += " (send an empty query for no query)"
+        raise RequestError(field, problem)
     if required and not query:
         raise RequestError(field, "must not be empty for this surface")
-    if any(ord(c) < 32 and c not in "\t\n" for c in query):
-        raise RequestError(field, "contains control characters")
 
 
 def _check_price(field: str, value: float) -> None:

@@ -17,6 +17,9 @@ learner keeps adapting when shoppers' tastes shift instead of freezing on old ev
 
 Hand-written (about 60 lines of numpy) because no maintained library offers a Bayesian online
 logistic regression with a persisted posterior; the Newton solve is over ~14 dimensions.
+
+Everything joined in memory (served lists, pending impressions, early events) is bounded by count,
+estimated bytes and age (held.py, LearnerSettings): under any load the learner's memory is flat.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.feedback.held import Held
 from gateway.scoring import PART_NAMES
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,25 @@ N_PARTS = len(PART_NAMES)
 POSITION_BUCKETS = 9  # positions 2..9 own a term, 10+ share one; position 1 is the reference
 DIM = N_PARTS + 1 + POSITION_BUCKETS  # parts, bias, position terms
 POSITIVE_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
+JOINED_EVENTS = ("IMPRESSION", *POSITIVE_EVENTS)
 STATE_FILE = "blend_weights.json"
+MiB = 1 << 20
+
+# How entries are stored, compactly: a served list is one tuple (time, ids, parts) where ids is
+# " i1 i2 ... " (ids never contain a space: gateway/rules.py) and parts is the float32 bytes of an
+# (items x parts) array; a pending impression is one bytes object packing (time, position, parts)
+# under the key "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served
+# item; this costs ~39 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py).
+SEP = " "
+PART_BYTES = 4 * N_PARTS
+PENDING = struct.Struct("<di")  # impression time, position; the item's parts follow
+# Estimated bytes per entry beyond its strings (CPython 3.11, 64-bit): the container objects and
+# their share of the OrderedDict, measured with tracemalloc (tests/unit/test_learner_bounds.py
+# checks these stay within 25% of the real cost).
+SERVED_ENTRY_BYTES = 300  # + request id + ids + 16 per item
+PENDING_ENTRY_BYTES = 180  # + key
+EARLY_LIST_BYTES = 260  # + request id, per request waiting for its served list
+EARLY_EVENT_BYTES = 125  # + item id, per event held
 
 
 @dataclass(frozen=True)
@@ -50,8 +72,19 @@ class LearnerSettings:
     prior_std: float = 0.5  # width of the prior around the configured weights
     forget: float = 0.95  # per batch, precision moves back towards the prior by this factor
     min_batch: int = 64  # labelled impressions per update
-    max_lists: int = 200_000  # served lists kept for joining (oldest dropped first)
     newton_steps: int = 8
+    # Bounds on what is held in memory; whichever bites first drops the oldest entries. (The oldest
+    # pending impressions are nearly all negatives by then: dropping them moves the bias term, not
+    # the weights, as in case-control sampling.) Sized for the measured 4-gateway load, ~160
+    # requests/s of 20 items with every impression reported: ~29k served lists (~23 MB) and ~380k
+    # pending impressions (~88 MB) inside their windows.
+    served_margin_s: float = 60.0  # served lists are kept label_delay_s + this (impressions come later)
+    max_lists: int = 60_000  # served lists
+    max_served_bytes: int = 64 * MiB
+    max_pending: int = 400_000  # impressions waiting for a click (at most label_delay_s each)
+    max_pending_bytes: int = 96 * MiB
+    max_early: int = 50_000  # events waiting for their served list (at most label_delay_s each)
+    max_early_bytes: int = 16 * MiB
 
 
 def features(parts: np.ndarray, position: int) -> np.ndarray:
@@ -61,6 +94,29 @@ def features(parts: np.ndarray, position: int) -> np.ndarray:
     if position >= 2:
         x[N_PARTS + min(position, 10) - 1] = 1.0  # position 2 -> first position term
     return x
+
+
+def pending_key(request_id: str, item_id: str) -> str:
+    return request_id + SEP + item_id
+
+
+def _rank(ids: str, item_id: str) -> int:
+    """The 0-based rank of `item_id` in a joined id list (the first time it appears), or -1."""
+    at = ids.find(SEP + item_id + SEP)
+    return -1 if at < 0 else ids.count(SEP, 0, at)
+
+
+# A served list: (time, " i1 i2 ... ", float32 parts bytes); an early entry: (time, [(kind, item, position)]).
+Served = tuple[float, str, bytes]
+Early = tuple[float, list[tuple[str, str, int | None]]]
+
+
+def _served_size(key: str, v: Served) -> int:
+    return SERVED_ENTRY_BYTES + len(key) + len(v[1]) + len(v[2])
+
+
+def _early_size(key: str, v: Early) -> int:
+    return EARLY_LIST_BYTES + len(key) + sum(EARLY_EVENT_BYTES + len(item) for _, item, _ in v[1])
 
 
 class BlendLearner:
@@ -82,11 +138,14 @@ class BlendLearner:
         self.labelled = 0
         self.version = 0
         self.updated_at = datetime.now(timezone.utc)
-        self.served: OrderedDict[str, dict[str, tuple[int, np.ndarray]]] = OrderedDict()
-        self.pending: OrderedDict[tuple[str, str], tuple[float, np.ndarray]] = OrderedDict()
+        st = settings
+        self.served: Held[Served] = Held("served", st.max_lists, st.max_served_bytes, lambda v: v[0], _served_size)
+        self.pending: Held[bytes] = Held("pending", st.max_pending, st.max_pending_bytes,
+                                         lambda v: PENDING.unpack_from(v)[0], lambda k, v: PENDING_ENTRY_BYTES + len(k))
         # Events that arrive before the gateway's LogServed for their request (the shop can be
         # faster than the gateway's 100 ms flush): held until it comes or the click window passes.
-        self.early: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
+        self.early: Held[Early] = Held("early", st.max_early, st.max_early_bytes, lambda v: v[0], _early_size,
+                                       units_of=lambda v: len(v[1]))
         self.batch_x: list[np.ndarray] = []
         self.batch_y: list[float] = []
         self.path = state_dir / STATE_FILE if state_dir is not None else None
@@ -96,63 +155,91 @@ class BlendLearner:
     # --- inputs ---------------------------------------------------------------------------------
     def add_served(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]]) -> bool:
         """Remember what a request served (item id, parts), until its impressions are labelled."""
-        kept: dict[str, tuple[int, np.ndarray]] = {}
-        for rank, (item_id, parts) in enumerate(items, start=1):
-            vec = np.asarray(parts, np.float64)
-            if vec.shape != (N_PARTS,) or not np.isfinite(vec).all():
-                return False
-            kept[item_id] = (rank, vec)
-        if not request_id or not kept:
+        ids, rows = [], []
+        for item_id, parts in items:
+            ids.append(item_id)
+            rows.append(list(parts))
+        try:
+            array = np.array(rows, np.float32)
+        except ValueError:  # ragged: items with different numbers of parts
             return False
-        self.served[request_id] = kept
-        self.served.move_to_end(request_id)
-        while len(self.served) > self.settings.max_lists:
-            self.served.popitem(last=False)
-        early = self.early.pop(request_id, None)
+        return self.add_served_arrays(request_id, ids, array)
+
+    def add_served_arrays(self, request_id: str, item_ids: Sequence[str], parts: np.ndarray) -> bool:
+        """add_served for a list already split into ids and an (items x parts) array (LogServed's path)."""
+        n = len(item_ids)
+        if not request_id or not n or parts.shape != (n, N_PARTS) or not np.isfinite(parts).all():
+            return False
+        ids = SEP + SEP.join(item_ids) + SEP
+        if ids.count(SEP) != n + 1 or not all(item_ids):  # a space or an empty id would break the lookup
+            return False
+        now = self.clock()
+        if not self.served.put(request_id, (now, ids, parts.astype(np.float32, copy=False).tobytes())):
+            return False  # larger than the whole served-bytes bound
+        early = self.early.pop(request_id)
         if early is not None:
-            self.observe(early[1])
+            for kind, item_id, position in early[1]:
+                self._event(kind, request_id, item_id, position, now)
         return True
 
     def observe(self, events: Iterable[dict]) -> None:
         """Stored feedback events (the feedback service's post-store hook)."""
         now = self.clock()
         for e in events:
-            key = (e.get("request_id") or "", e.get("item_id") or "")
-            if key[0] and key[0] not in self.served and e["event_type"] in ("IMPRESSION", *POSITIVE_EVENTS):
-                self.early.setdefault(key[0], (now, []))[1].append(e)
-                if len(self.early) > self.settings.max_lists:
-                    self.early.popitem(last=False)
-                continue
-            if e["event_type"] == "IMPRESSION":
-                served = self.served.get(key[0], {}).get(key[1])
-                if served is not None and key not in self.pending:
-                    rank, parts = served
-                    self.pending[key] = (now, features(parts, int(e.get("position") or rank)))
-            elif e["event_type"] in POSITIVE_EVENTS and key in self.pending:
-                _, x = self.pending.pop(key)
-                self._example(x, 1.0)
+            if e["event_type"] in JOINED_EVENTS:
+                self._event(e["event_type"], e.get("request_id") or "", e.get("item_id") or "", e.get("position"), now)
         self.tick()
+
+    def _event(self, kind: str, request_id: str, item_id: str, position: int | None, now: float) -> None:
+        if not request_id:
+            return
+        key = pending_key(request_id, item_id)
+        if kind != "IMPRESSION":
+            packed = self.pending.pop(key)
+            if packed is not None:  # the first positive event labels it; later ones find nothing
+                self._example(packed, 1.0)
+                return
+        served = self.served.get(request_id)
+        if served is None:
+            entry = self.early.get(request_id)
+            if entry is None:
+                self.early.put(request_id, (now, [(kind, item_id, position)]))
+            else:
+                entry[1].append((kind, item_id, position))
+                self.early.grew(1, EARLY_EVENT_BYTES + len(item_id))
+            return
+        if kind == "IMPRESSION" and key not in self.pending:
+            index = _rank(served[1], item_id)
+            if index >= 0:
+                start = index * PART_BYTES
+                self.pending.put(key, PENDING.pack(now, int(position or index + 1))
+                                 + served[2][start:start + PART_BYTES])
 
     async def __call__(self, events: list[dict]) -> None:
         self.observe(events)
 
     def tick(self) -> None:
-        """Label impressions whose click window has passed as negatives; update when a batch is full."""
-        cutoff = self.clock() - self.settings.label_delay_s
-        while self.early and next(iter(self.early.values()))[0] <= cutoff:
-            self.early.popitem(last=False)  # never served by this gateway (or its record was lost)
-        while self.pending:
-            key, (t, x) = next(iter(self.pending.items()))
-            if t > cutoff:
-                break
-            del self.pending[key]
-            self._example(x, 0.0)
+        """Label impressions whose click window has passed as negatives, drop what is too old to
+        be joined; update when a batch is full."""
+        now = self.clock()
+        cutoff = now - self.settings.label_delay_s
+        self.served.drop_older(cutoff - self.settings.served_margin_s)
+        self.early.drop_older(cutoff)  # never served by this gateway (or its record was lost)
+        for _, packed in self.pending.pop_older(cutoff):
+            self._example(packed, 0.0)
         if len(self.batch_y) >= self.settings.min_batch:
             self.update(np.array(self.batch_x), np.array(self.batch_y))
             self.batch_x, self.batch_y = [], []
+        self.publish()
 
-    def _example(self, x: np.ndarray, y: float) -> None:
-        self.batch_x.append(x)
+    def publish(self) -> None:
+        """What is held, to Prometheus (cheap: six gauge sets)."""
+        for held in (self.served, self.pending, self.early):
+            held.publish()
+
+    def _example(self, packed: bytes, y: float) -> None:
+        _, position = PENDING.unpack_from(packed)
+        self.batch_x.append(features(np.frombuffer(packed, np.float32, N_PARTS, PENDING.size), position))
         self.batch_y.append(y)
 
     # --- the model --------------------------------------------------------------------------------

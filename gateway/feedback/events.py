@@ -6,11 +6,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway.validation import ID_PATTERN
+from gateway.rules import gateway_default, id_error, text_error
 from recsys.v1 import feedback_pb2
 
 MAX_BATCH = 10_000
-MAX_QUERY_CHARS = 512
+# The gateway's limit, so a query the gateway answered is never refused when the shop logs it.
+MAX_QUERY_CHARS: int = gateway_default("max_query_chars")
 MAX_QUANTITY = 10_000
 MAX_CLOCK_SKEW_S = 24 * 3600  # client clocks may run ahead; a day ahead is a bug, not skew
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -27,8 +28,8 @@ def _id(field: str, value: str, required: bool) -> None:
         if required:
             raise EventError(field, "is required")
         return
-    if not ID_PATTERN.fullmatch(value):
-        raise EventError(field, f"{value[:40]!r} is not a valid id (1-128 characters of A-Z a-z 0-9 _ . : @ -)")
+    if (problem := id_error(value)) is not None:
+        raise EventError(field, problem)
 
 
 def validate_event(e: feedback_pb2.Event, now: float | None = None) -> dict[str, Any]:
@@ -41,10 +42,12 @@ def validate_event(e: feedback_pb2.Event, now: float | None = None) -> dict[str,
     _id("session_id", e.session_id, required=False)
     _id("item_id", e.item_id, required=kind != "QUERY")
     _id("request_id", e.request_id, required=kind == "IMPRESSION")
-    if kind == "QUERY" and not e.query.strip():
+    if kind == "QUERY" and not e.query:
         raise EventError("query", "is required for EVENT_TYPE_QUERY")
-    if len(e.query) > MAX_QUERY_CHARS:
-        raise EventError("query", f"at most {MAX_QUERY_CHARS} characters, got {len(e.query)}")
+    # The gateway's text rule (gateway/rules.py): a NUL or escape code must not reach the user's
+    # live recent_queries, which the gateway would then read back as if the user had typed it.
+    if (problem := text_error(e.query, MAX_QUERY_CHARS)) is not None:
+        raise EventError("query", problem)
     if e.position < 0 or (kind == "IMPRESSION" and e.position < 1):
         raise EventError("position", f"must be >= 1 for impressions and >= 0 otherwise, got {e.position}")
     if not 0 <= e.quantity <= MAX_QUANTITY:

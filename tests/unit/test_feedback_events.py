@@ -34,6 +34,9 @@ def test_a_valid_event_is_flattened_for_storage():
     ({"position": -1}, "position"),
     ({"type": fb.EVENT_TYPE_QUERY, "item_id": "", "query": " "}, "query"),
     ({"query": "q" * 513}, "query"),
+    ({"type": fb.EVENT_TYPE_QUERY, "item_id": "", "query": "shoes\x00"}, "query"),  # NUL
+    ({"type": fb.EVENT_TYPE_QUERY, "item_id": "", "query": "rain\x1b[2Jjacket"}, "query"),  # escape code
+    ({"query": "clicked from\x07"}, "query"),
     ({"quantity": -2}, "quantity"),
     ({"timestamp": Timestamp(seconds=100)}, "timestamp"),
     ({"timestamp": Timestamp(seconds=4_000_000_000)}, "timestamp"),

@@ -103,16 +103,17 @@ def sample_requests(repo: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 class GatewayProcess:
-    def __init__(self, repo: Path, triton_url: str, depth: int, env: dict[str, str], workdir: Path, yaml: str):
+    def __init__(self, repo: Path, triton_url: str, depth: int, env: dict[str, str], workdir: Path, yaml: str,
+                 port: int = 0, name: str = ""):
         from scorer.triton.launcher import free_port
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.env = {**os.environ, **env, "RECSYS_PORT": str(self.port), "RECSYS_FEATURE_REPO": str(repo),
                     "RECSYS_FEATURE_STORE_YAML": yaml, "RECSYS_TRITON_URL": triton_url,
                     "RECSYS_RERANK_DEPTH": str(depth), "RECSYS_REQUEST_TIMEOUT_MS": "2000",
                     "RECSYS_EMBED_TIMEOUT_MS": "1000", "RECSYS_EMBEDDING_CACHE_DIR": str(workdir / "embeddings"),
                     "RECSYS_LOG_LEVEL": "WARNING"}
-        self.log_path = workdir / f"gateway-{depth}.log"
+        self.log_path = workdir / f"gateway-{name or depth}.log"
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "GatewayProcess":
@@ -135,7 +136,11 @@ class GatewayProcess:
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
-        self.process.wait(30)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # --- the two pipelines ----------------------------------------------------------------------------------

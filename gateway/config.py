@@ -46,6 +46,7 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    reuse_port: bool = Field(False, description="SO_REUSEPORT: several gateway processes share one port (the kernel spreads connections)")
     feature_repo: Path = Path("feature_repo")
     feature_store_yaml: str = "feature_store.yaml"  # or feature_store.redis.yaml
     triton_url: str = "127.0.0.1:8001"

@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+from gateway.rules import ID_PATTERN
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
@@ -14,8 +16,6 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 def loggable_id(value: str) -> str:
     """An id as it may appear in a log line: valid ids as they are, anything else replaced by a
     short marker (a rejected 4 MB id must not become 4 MB of log)."""
-    from gateway.validation import ID_PATTERN  # here, not at the top: validation imports the settings
-
     if not value or ID_PATTERN.fullmatch(value):
         return value
     return f"<invalid id, {len(value)} chars>"

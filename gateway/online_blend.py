@@ -33,6 +33,7 @@ MIN_RELEVANCE_WEIGHT = 0.05  # a sample never turns relevance off or upside down
 MAX_QUEUED_LISTS = 20_000
 FLUSH_INTERVAL_S = 0.1
 MAX_LISTS_PER_CALL = 5_000
+MAX_CALL_BYTES = 3 << 20  # below the feedback service's 4 MiB receive limit
 HOLDOUT_BUCKETS = 10_000
 
 
@@ -95,7 +96,15 @@ class OnlineBlend:
         """Send queued served lists to the learner; returns how many were delivered."""
         delivered = 0
         while self.queue:
-            batch = [self.queue.popleft() for _ in range(min(len(self.queue), MAX_LISTS_PER_CALL))]
+            batch, size = [], 0
+            # Cut by bytes too: the feedback service refuses messages over its receive limit.
+            while self.queue and len(batch) < MAX_LISTS_PER_CALL and size + self.queue[0].ByteSize() < MAX_CALL_BYTES:
+                size += self.queue[0].ByteSize() + 8
+                batch.append(self.queue.popleft())
+            if not batch:  # one list over the limit on its own: the learner would refuse it anyway
+                self.queue.popleft()
+                metrics.SERVED_LOG_DROPPED.inc()
+                continue
             try:
                 await self.stub.LogServed(feedback_pb2.LogServedRequest(lists=batch), timeout=2.0)
             except grpc.aio.AioRpcError as e:

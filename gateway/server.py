@@ -78,7 +78,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self.blend.run()))
 
         self.server = grpc.aio.server(interceptors=[DecodeErrors()], options=[
-            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+            ("grpc.so_reuseport", int(self.settings.reuse_port)), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         self.servicer = RecommendServicer(self.settings, self.recommender)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

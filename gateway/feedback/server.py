@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gateway.config import ScoreWeights
 from gateway.feedback.blend_learner import BlendLearner, LearnerSettings
 from gateway.feedback.event_log import EventLog
+from gateway.interceptors import DecodeErrors
 from gateway.feedback.served import ServedLimits
 from gateway.feedback.service import FeedbackServicer
 from gateway.scoring import PART_NAMES
@@ -125,7 +126,7 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
                            settings.learner_settings()) if settings.online_learning else None
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+    server = grpc.aio.server(interceptors=[DecodeErrors()], options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,
                                 ServedLimits(max_items=settings.max_served_items))

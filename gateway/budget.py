@@ -31,6 +31,7 @@ class LatencyEstimate:
     """
 
     def __init__(self, prior_s: float, alpha: float = 0.1):
+        self.prior = prior_s
         self.mean = prior_s
         self.dev = prior_s / 2
         self.alpha = alpha
@@ -43,6 +44,13 @@ class LatencyEstimate:
         self.dev += a * (abs(seconds - self.mean) - self.dev)
         self.mean += a * (seconds - self.mean)
         self.samples += 1
+
+    def forget(self, share: float = 0.1) -> None:
+        """Move `share` of the way back to the prior. Called when the stage was skipped for lack of
+        time: a skipped stage is never observed, so without this one slow outlier would keep it
+        skipped for ever."""
+        self.mean += share * (self.prior - self.mean)
+        self.dev += share * (self.prior / 2 - self.dev)
 
     @property
     def typical(self) -> float:

@@ -25,3 +25,4 @@ INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encod
 BLEND_WEIGHT = Gauge("recsys_blend_weight", "Online-learned blend weight (posterior mean) per score part", ["part"])
 BLEND_VERSION = Gauge("recsys_blend_version", "Version of the online blend weights in use (0: configured prior)")
 SERVED_LOG_DROPPED = Counter("recsys_served_log_dropped_total", "Served lists not delivered to the online learner")
+DETACHED_CALLS = Gauge("recsys_detached_downstream_calls", "Downstream calls still running after their request stopped waiting")

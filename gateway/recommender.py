@@ -99,6 +99,22 @@ class StageTimer:
 # calls by the observed latency (budget.LatencyEstimate).
 LATENCY_PRIORS = {Part.ONLINE_STORE: 0.004, Part.ENCODER: 0.010, Part.INTEREST: 0.004, Part.RANKER: 0.030}
 TIMEOUTS = (asyncio.TimeoutError, TimeoutError, TritonDeadlineExceeded)
+DETACH_GRACE_S = 2.0  # how much longer than the request waits a downstream call may run to completion
+_detached: set[asyncio.Future] = set()  # calls nobody waits for any more, kept referenced until done
+
+
+def _detach(task: asyncio.Future) -> None:
+    """Let a call run to its end unobserved (its exception retrieved, so asyncio logs nothing)."""
+    _detached.add(task)
+    metrics.DETACHED_CALLS.set(len(_detached))
+
+    def done(t: asyncio.Future) -> None:
+        _detached.discard(t)
+        metrics.DETACHED_CALLS.set(len(_detached))
+        if not t.cancelled():
+            t.exception()
+
+    task.add_done_callback(done)
 
 
 class Recommender:
@@ -148,35 +164,48 @@ class Recommender:
         if not breaker.allow():
             degraded.append(Degradation(part, Cause.BREAKER_OPEN, fallback, breaker.last_error))
             return None
-        budget = CallBudget.plan(deadline, self.caps_s[part], reserve_s, estimate.typical)
+        cap = self.caps_s[part]
+        budget = CallBudget.plan(deadline, cap, reserve_s, min(estimate.typical, cap))
         if budget is None:
             breaker.neutral()
+            estimate.forget()
             degraded.append(Degradation(part, Cause.DEADLINE, fallback, f"{max(deadline.left(), 0) * 1e3:.0f} ms left, "
                                                                         f"needs ~{estimate.typical * 1e3:.0f} ms"))
             return None
         t0 = time.perf_counter()
+        # The downstream gets a longer deadline than we wait: when this request stops waiting, the
+        # call finishes on its own instead of being cancelled. tritonserver 2.51 can crash on
+        # cancelled requests under load (FINDINGS.md), and a cancelled batch member wastes the batch.
+        task = asyncio.ensure_future(call(budget.timeout_s + DETACH_GRACE_S))
         try:
             with timed(stage):
-                result = await asyncio.wait_for(call(budget.timeout_s), budget.timeout_s)
-        except TIMEOUTS:
+                done, _ = await asyncio.wait({task}, timeout=budget.timeout_s)
+        except asyncio.CancelledError:  # the caller went away: let the call finish, drop its result
+            _detach(task)
+            raise
+        if not done:
+            _detach(task)
             reason = f"no answer within {budget.timeout_s * 1e3:.0f} ms"
             if budget.full:
                 breaker.failure("timeout: " + reason)
-                estimate.observe(time.perf_counter() - t0)
+                estimate.observe(budget.timeout_s)
             else:
                 breaker.neutral()
             metrics.DOWNSTREAM_ERRORS.labels(part.value, "timeout").inc()
             degraded.append(Degradation(part, Cause.TIMEOUT if budget.full else Cause.DEADLINE, fallback, reason))
             return None
-        except Exception as e:  # noqa: BLE001 - any downstream failure degrades the same way
-            reason = _short(e) if isinstance(e, TritonError) else f"{type(e).__name__}: {_short(e)}"
-            breaker.failure(reason)
-            metrics.DOWNSTREAM_ERRORS.labels(part.value, type(e).__name__).inc()
-            degraded.append(Degradation(part, Cause.ERROR, fallback, reason))
+        error = task.exception()
+        if error is not None:
+            if isinstance(error, TIMEOUTS):  # the downstream's own (longer) deadline: a sick part
+                breaker.failure(f"timeout: {_short(error)}")
+            else:
+                breaker.failure(_short(error) if isinstance(error, TritonError) else f"{type(error).__name__}: {_short(error)}")
+            metrics.DOWNSTREAM_ERRORS.labels(part.value, type(error).__name__).inc()
+            degraded.append(Degradation(part, Cause.ERROR, fallback, _short(error)))
             return None
         breaker.success()
-        estimate.observe(time.perf_counter() - t0)
-        return result
+        estimate.observe(min(time.perf_counter() - t0, cap))
+        return task.result()
 
     async def _read(self, user_id: str, item_ids: list[str], deadline: Deadline, what: str,
                     degraded: list[Degradation], timed: StageTimer) -> tuple[EntityFeatures | None, dict[str, EntityFeatures]]:

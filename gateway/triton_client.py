@@ -58,6 +58,21 @@ def _wrap(e: InferenceServerException, what: str) -> TritonError:
     return TritonError(msg, status)
 
 
+async def _all(*calls):
+    """gather(), except that one call is just awaited, and a failed call's siblings are cancelled
+    and their errors retrieved (a bare gather leaves "exception was never retrieved" in the log)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
     inp = grpcclient.InferInput(name, [len(texts), 1], "BYTES")
     inp.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in texts], dtype=object))
@@ -91,7 +106,7 @@ class TritonClient:
         one = self._embed_pinned_chunk if version else self._embed_chunk
         try:
             # One deadline for the whole call: the chunks run concurrently and share it.
-            parts = await asyncio.wait_for(asyncio.gather(*(one(c, timeout_s, version) for c in chunks)), timeout_s)
+            parts = await asyncio.wait_for(_all(*(one(c, timeout_s, version) for c in chunks)), timeout_s)
         except asyncio.TimeoutError:
             raise TritonDeadlineExceeded(f"{self.encoder_model}: no answer within {timeout_s * 1e3:.0f} ms") from None
         versions = {v for _, v in parts}
@@ -135,7 +150,7 @@ class TritonClient:
             raise ValueError(f"rank() needs 1+ items and one feature row per item (got {n} items, {features.shape[0]} rows)")
         step = self.ranker_max_batch_size
         try:
-            parts = await asyncio.wait_for(asyncio.gather(*(
+            parts = await asyncio.wait_for(_all(*(
                 self._rank_chunk(context, item_texts[i : i + step], features[i : i + step], timeout_s, version)
                 for i in range(0, n, step)
             )), timeout_s)

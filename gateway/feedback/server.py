@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.config import ScoreWeights
 from gateway.feedback.blend_learner import BlendLearner, LearnerSettings
-from gateway.feedback.event_log import EventLog
+from gateway.feedback.event_log import EventLog, EventLogError
 from gateway.interceptors import DecodeErrors
 from gateway.feedback.served import ServedLimits
 from gateway.feedback.service import FeedbackServicer
@@ -122,7 +123,9 @@ class RunningFeedback:
 
 
 async def start(settings: FeedbackSettings) -> RunningFeedback:
-    event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)  # recovery scans the segments
+    # Raises EventLogDamaged (its message names the file and the recovery command) rather than
+    # serving from a damaged log; quick_check and the one-time segment import run here.
+    event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
                            settings.learner_settings()) if settings.online_learning else None
@@ -189,4 +192,10 @@ def main() -> None:
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
     _tune_malloc()
-    asyncio.run(serve(FeedbackSettings()))
+    try:
+        asyncio.run(serve(FeedbackSettings()))
+    except EventLogError as e:
+        # An operator's problem with a stated fix (e.g. a damaged log and its recovery command):
+        # the message, plainly, not a traceback; exit status 2.
+        print(f"feedback service not started: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -11,7 +11,7 @@ import grpc
 
 from gateway.feedback import metrics
 from gateway.feedback.blend_learner import BlendLearner
-from gateway.feedback.event_log import EventLog
+from gateway.feedback.event_log import EventLog, EventLogError, EventLogFull
 from gateway.feedback.events import MAX_BATCH, EventError, validate_event
 from gateway.feedback.served import ServedError, ServedLimits, parse_served
 from gateway.scoring import PART_NAMES
@@ -70,26 +70,44 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             except Exception:  # noqa: BLE001
                 log.exception("post-store hook %s failed (events are stored)", type(hook).__name__)
 
+    @staticmethod
+    async def _refuse(context, error: EventLogError, stored_before: int = 0) -> None:
+        """The event log could not store a batch (full disk, I/O error, damage): an error status,
+        never an acknowledgement; the service keeps running and stores again once it can.
+        RESOURCE_EXHAUSTED for a full disk (gRPC's own meaning: "the entire file system is out of
+        space"), UNAVAILABLE otherwise; both tell the producer to resend later."""
+        log.error("event log refused a batch: %s", error)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, EventLogFull) else grpc.StatusCode.UNAVAILABLE
+        earlier = (f"; this stream's first {stored_before} events were processed before it (resent, the stored ones "
+                   "count as duplicates)") if stored_before else "; nothing of this call was acknowledged, resend it later"
+        await context.abort(code, f"{error}{earlier}")
+
     async def Log(self, request: feedback_pb2.LogRequest, context) -> feedback_pb2.LogResponse:
         n = len(request.events)
         if not 1 <= n <= MAX_BATCH:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: 1-{MAX_BATCH} events per call, got {n}")
         tally = Tally()
-        await self._store(list(enumerate(request.events)), tally)
+        try:
+            await self._store(list(enumerate(request.events)), tally)
+        except EventLogError as e:
+            await self._refuse(context, e)
         return tally.response
 
     async def Stream(self, request_iterator: AsyncIterator[feedback_pb2.Event], context) -> feedback_pb2.LogResponse:
         tally = Tally()
         chunk: list[tuple[int, feedback_pb2.Event]] = []
         index = 0
-        async for event in request_iterator:
-            chunk.append((index, event))
-            index += 1
-            if len(chunk) == STREAM_CHUNK:
+        try:
+            async for event in request_iterator:
+                chunk.append((index, event))
+                index += 1
+                if len(chunk) == STREAM_CHUNK:
+                    await self._store(chunk, tally)
+                    chunk = []
+            if chunk:
                 await self._store(chunk, tally)
-                chunk = []
-        if chunk:
-            await self._store(chunk, tally)
+        except EventLogError as e:
+            await self._refuse(context, e, stored_before=index - len(chunk))
         return tally.response
 
     async def LogServed(self, request: feedback_pb2.LogServedRequest, context) -> feedback_pb2.LogServedResponse:

@@ -34,9 +34,9 @@ class Breakers(BaseModel):
 
 
 def _default_max_in_flight() -> int:
-    # The models, not the gateway, are the bottleneck: two requests per core keep Triton's
-    # dynamic batcher fed without queueing inside Triton (docs/benchmarks.md, the load table).
-    return 2 * (os.cpu_count() or 1)
+    # The models, not the gateway, are the bottleneck: one request per core keeps Triton's calls
+    # fast; at two per core the stage caps were hit under load (docs/benchmarks.md, the load table).
+    return os.cpu_count() or 1
 
 
 class GatewaySettings(BaseSettings):
@@ -56,17 +56,17 @@ class GatewaySettings(BaseSettings):
 
     # Deadlines (milliseconds). A request's budget is its gRPC deadline, capped at request_timeout_ms.
     request_timeout_ms: int = Field(250, gt=0)
-    embed_timeout_ms: int = Field(60, gt=0)
+    embed_timeout_ms: int = Field(100, gt=0)
     feature_timeout_ms: int = Field(50, gt=0)
     reserve_ms: int = Field(8, ge=0, description="kept back from the ranker's budget for fusion and the reply")
-    interest_timeout_ms: int = Field(30, gt=0)
+    interest_timeout_ms: int = Field(50, gt=0)
     rank_timeout_ms: int = Field(200, gt=0, description="a ranker call that gets this long and does not answer counts against Triton")
     breakers: Breakers = Breakers()
 
     # Admission control (gateway/admission.py): beyond these, Recommend/Rank answer RESOURCE_EXHAUSTED.
     max_in_flight: int = Field(default_factory=_default_max_in_flight, gt=0,
-                               description="requests in the pipeline at once (default: 2 per CPU core)")
-    max_queued: int = Field(default_factory=lambda: 4 * _default_max_in_flight(), ge=0,
+                               description="requests in the pipeline at once (default: 1 per CPU core)")
+    max_queued: int = Field(default_factory=lambda: 2 * _default_max_in_flight(), ge=0,
                             description="requests waiting for a slot; each waits only while it can still make its deadline")
 
     # Query/context embeddings kept per (encoder version, text): shops repeat their head queries.

@@ -88,7 +88,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 
     async def _admit(self, budget_s: float) -> bool:
         """A slot in the pipeline, waiting only as long as the request can still be served in time."""
-        max_wait = budget_s - self.service_time.slow - ADMISSION_MARGIN_S
+        # At most half the budget: a request that waited longer reaches the ranker short of time.
+        max_wait = min(budget_s - self.service_time.slow - ADMISSION_MARGIN_S, budget_s / 2)
         admitted = await self.admission.acquire(max_wait)
         metrics.IN_FLIGHT.set(self.admission.in_flight)
         metrics.QUEUED.set(self.admission.queued)

@@ -78,8 +78,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         space"), UNAVAILABLE otherwise; both tell the producer to resend later."""
         log.error("event log refused a batch: %s", error)
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, EventLogFull) else grpc.StatusCode.UNAVAILABLE
-        earlier = (f"; this stream's first {stored_before} events were processed before it (resent, the stored ones "
-                   "count as duplicates)") if stored_before else "; nothing of this call was acknowledged, resend it later"
+        if stored_before:
+            earlier = (f"; this stream's first {stored_before} events were processed before it (resent, the stored "
+                       "ones count as duplicates)")
+        else:
+            earlier = "; nothing of this call was acknowledged, resend it later"
         await context.abort(code, f"{error}{earlier}")
 
     async def Log(self, request: feedback_pb2.LogRequest, context) -> feedback_pb2.LogResponse:

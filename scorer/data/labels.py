@@ -14,9 +14,12 @@ The result is `labels.parquet`, the Feast offline source `labels_source`.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pandas as pd
+
+from gateway.feedback.event_log import COLUMNS, DB_NAME, read_rows, read_segments
 
 GRADE = {"CLICK": 1, "ADD_TO_CART": 2, "PURCHASE": 3}
 WINDOW = {"CLICK": pd.Timedelta(minutes=30), "ADD_TO_CART": pd.Timedelta(hours=2), "PURCHASE": pd.Timedelta(hours=24)}
@@ -62,15 +65,23 @@ def attribute(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_event_log(directory: Path) -> pd.DataFrame:
-    """The feedback service's log (JSON-lines segments) in the offline events table's columns."""
+    """The feedback service's log in the offline events table's columns: its database
+    (`events.sqlite`, read-only, every row checked against its checksum: a damaged row raises
+    EventLogDamaged rather than vanish from the labels) and any JSON-lines segments of the former
+    log still in the folder (deduplicated by event_id: imported segments are kept beside the database).
+    pandas over a read-only sqlite3 connection: DuckDB's SQLite reader is an extension it downloads."""
     columns = ["event_id", "timestamp", "user_id", "session_id", "event_type", "item_id", "query", "request_id",
                "position", "quantity"]
-    parts = [pd.read_json(p, lines=True, dtype=False) for p in sorted(Path(directory).glob("segment-*.jsonl"))
-             if p.stat().st_size]
-    if not parts:
+    directory = Path(directory)
+    stored = read_rows(directory / DB_NAME, as_dicts=False) if (directory / DB_NAME).exists() else ()
+    log = pd.DataFrame.from_records(itertools.chain(stored, read_segments(directory)), columns=list(COLUMNS))
+    if log.empty:
         return pd.DataFrame(columns=columns)
-    log = pd.concat(parts, ignore_index=True).drop_duplicates("event_id")
+    log = log.drop_duplicates("event_id")
     log["timestamp"] = pd.to_datetime(log["timestamp"], utc=True, format="ISO8601")
+    # nullable integers, as in the offline events table (also when all are missing: an all-None
+    # object column would make the concat in build_labels guess its type)
+    log[["position", "quantity"]] = log[["position", "quantity"]].astype("Int32")
     return log[columns]
 
 

@@ -77,8 +77,8 @@ def _flood_and_measure(service: FeedbackProcess, metrics_port: int) -> None:
     data, n_lists, item_ids = template()
     process = psutil.Process(service.process.pid)
     stop = threading.Event()
-    # Impressions only during the warm-up (to fill the pending bound): every stored event adds its id
-    # to the event log's idempotency set for good (event_log.py), which is not the learner's memory.
+    # Impressions only during the warm-up (to fill the pending bound): this test measures the
+    # learner's memory, not the event log's (SQLite on disk; its own test: tests/unit/test_event_log.py).
     warm = threading.Event()
     calls = iter(range(1, 10**6))
     lock = threading.Lock()

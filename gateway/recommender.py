@@ -372,7 +372,7 @@ class Recommender:
         elif head_n:
             degraded.append(Degradation(Part.RANKER, Cause.NO_INPUT, "retrieval scores", "no context embedding"))
 
-        # 5. fuse, order (ranked head first, then the rest by retrieval score), diversify
+        # 5. fuse, choose (ranked head first, then the rest by retrieval score), diversify, order by score
         with timed("fuse"):
             final = w[0] * relevance + w[1] * pers + w[2] * pop + w[3] * fresh
             ranked_set = set(head[:head_n].tolist()) if ranked else set()
@@ -381,6 +381,9 @@ class Recommender:
             if ranked:
                 rest.sort(key=lambda i: -final[i])
             chosen = self._diversify(head_sorted + rest, positions, catalog, n_out)
+            # The ranked head is preferred when choosing, but the answer is in score order (the API
+            # promises "best first, higher is better": the fuzz test found rank 21 above rank 20).
+            chosen.sort(key=lambda i: -final[i])
             explainer = self._explainer(snap) if req.explain else None
             items = []
             for rank, i in enumerate(chosen, start=1):

@@ -28,3 +28,30 @@ def write_results(path: Path, benchmark: str, rows: list[dict]) -> dict:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{benchmark} — {result['machine']}, {result['date']}\n")
     return result
+
+
+def start_service(module: str, port: int, env: dict[str, str], log_path: Path, cwd: Path, what: str,
+                  timeout_s: float = 900.0):
+    """`python -m module` as its own process; returns it once its grpc health says SERVING."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    process = subprocess.Popen([sys.executable, "-m", module], cwd=cwd, env=env, stdout=log_path.open("w"),
+                               stderr=subprocess.STDOUT)
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-2000:]}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return process
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise TimeoutError(f"{what} not SERVING after {timeout_s:.0f} s")

@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import percentile, write_results
+from bench.common import percentile, start_service, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
@@ -117,22 +117,8 @@ class GatewayProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "GatewayProcess":
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=self.env,
-                                        stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
-        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return self
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("gateway not SERVING after 900 s")
+        self.process = start_service("gateway", self.port, self.env, self.log_path, ROOT, "gateway")
+        return self
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()

@@ -36,7 +36,6 @@ import asyncio
 import os
 import random
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -47,7 +46,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import percentile, write_results
+from bench.common import percentile, start_service, write_results
 from bench.gateway_bench import GatewayProcess, build_feature_repo, build_models, log, sample_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +72,8 @@ class FeedbackProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "FeedbackProcess":
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=self.env,
-                                        stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
-        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"feedback service exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return self
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("feedback service not SERVING after 300 s")
+        self.process = start_service("gateway.feedback", self.port, self.env, self.log_path, ROOT, "feedback service", 300)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()

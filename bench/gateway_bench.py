@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time

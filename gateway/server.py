@@ -30,7 +30,7 @@ from gateway.interceptors import DecodeErrors
 from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender
 from gateway.service import RecommendServicer
-from gateway.state import ServingState
+from gateway.state import ServingState, serving_encoder_version
 from gateway.triton_client import TritonClient, TritonError
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 from scorer.ranker_inputs import NUMERIC_FEATURES
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name
 RETRY_S = 1.0
 TRITON_PROBE_S = 0.5  # how often the readiness of Triton is checked (health + breakers)
+ENCODER_CHECK_EVERY = 4  # probes: the serving encoder version is checked every 2 s
 TRITON_HEALTH_NAME = "triton"  # grpc health entry for Triton's readiness (the gateway itself stays SERVING)
 # The largest request the gateway parses: 1,000 candidate ids + filters + a query fit in a few KB.
 MAX_REQUEST_BYTES = 1 << 20
@@ -130,8 +131,12 @@ class Gateway:
         down = False
         metrics.DOWNSTREAM_UP.labels("triton").set(1)
         await self.health.set(TRITON_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+        probes = 0
         while True:
             await asyncio.sleep(TRITON_PROBE_S)
+            probes += 1
+            if not down and probes % ENCODER_CHECK_EVERY == 0:
+                await self._check_encoder_version()
             if not down and not await self.triton.is_live(timeout_s=TRITON_PROBE_S):
                 down = True
                 log.warning("Triton at %s is gone: answering degraded until it is back", self.settings.triton_url)
@@ -148,6 +153,16 @@ class Gateway:
             metrics.DOWNSTREAM_UP.labels("triton").set(0 if down else 1)
             await self.health.set(TRITON_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING if down
                                   else health_pb2.HealthCheckResponse.SERVING)
+
+    async def _check_encoder_version(self) -> None:
+        """Notice a new serving encoder without waiting for an answer to show it: with the query
+        cache, repeated queries never reach the encoder, so no ENCODER_VERSION would tell us."""
+        try:
+            served = await serving_encoder_version(self.triton)
+        except TritonError:
+            return  # the liveness probe below decides what a failing Triton means
+        if self.state.snapshot is not None and served != self.state.snapshot.encoder_version:
+            self.state.encoder_switched(served)
 
     async def _warm_up(self) -> None:
         """One encoder and one ranker call before SERVING: the first inference of a freshly loaded

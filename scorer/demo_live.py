@@ -54,7 +54,8 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
             console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
             # Half the shoppers get the online-learned blend weights, half the configured ones.
             settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
-                                       embed_timeout_ms=1000, feedback_url=fb_service.address,
+                                       embed_timeout_ms=1000, interest_timeout_ms=1000, rank_timeout_ms=1500,
+                                       feedback_url=fb_service.address,
                                        online_weights_holdout=0.5, online_weights_poll_s=0.5)
             t0 = time.perf_counter()
             with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):

@@ -164,7 +164,8 @@ def services(feature_repo, triton_gw, tmp_path_factory):
     settings_ = GatewaySettings(  # tests/integration/test_gateway.py's _settings, on the private copy
         port=0, feature_repo=repo, triton_url=triton_gw.grpc_url,
         embedding_cache_dir=tmp_path_factory.getbasetemp() / "embeddings", request_timeout_ms=10_000,
-        embed_timeout_ms=5_000, feature_timeout_ms=2_000, refresh_interval_s=0.5, feedback_url=feedback.address,
+        embed_timeout_ms=5_000, feature_timeout_ms=2_000, interest_timeout_ms=2_000,
+        rank_timeout_ms=5_000, refresh_interval_s=0.5, feedback_url=feedback.address,
         online_weights_poll_s=0.2)
     items = pd.read_parquet(feature_repo.offline / "item_features.parquet")
     events = feature_repo.shop.events

@@ -495,8 +495,8 @@ def test_not_serving_and_unavailable_until_triton_is_there(feature_repo, tmp_pat
 
 
 def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_repo, tmp_path_factory, items):
-    """Publish encoder v2 while traffic flows: the first answer from v2 tells the gateway (no waiting
-    for its refresh interval); until it has re-embedded the catalog, queries are embedded with v1, the
+    """Publish encoder v2 while traffic flows: the gateway notices within seconds (its Triton watch, or
+    the first answer from v2; no waiting for its refresh interval); until it has re-embedded the catalog, queries are embedded with v1, the
     index's own version, so every v1 answer scores exactly like before the switch; then the index is
     swapped atomically, answers say which version served them, and no request fails or degrades."""
     import torch
@@ -527,7 +527,7 @@ def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_r
                 before = len(traffic.results)
                 publish_encoder(server.grpc_url, repo, 2)
                 switched = len(traffic.results)
-                wait_for_encoder(gw, "2", timeout_s=300)  # woken by an answer, not by the 1-hour interval
+                wait_for_encoder(gw, "2", timeout_s=300)  # woken by the watch, not by the 1-hour interval
                 time.sleep(1.0)
         assert traffic.failures == []
         versions = traffic.versions

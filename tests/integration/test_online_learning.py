@@ -20,7 +20,8 @@ from scorer.simulate import SimConfig, SimulatedShop
 
 def _gateway_settings(repo, triton, cache, **over) -> GatewaySettings:
     base = dict(port=0, feature_repo=repo, triton_url=triton.grpc_url, embedding_cache_dir=cache,
-                request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000)
+                request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000,
+                interest_timeout_ms=5_000, rank_timeout_ms=5_000)
     return GatewaySettings(**{**base, **over})
 
 

@@ -32,7 +32,8 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
     try:
         settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
                                    embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
-                                   embed_timeout_ms=5_000, refresh_interval_s=0.5)
+                                   embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
+                                   refresh_interval_s=0.5)
         with BackgroundGateway(settings) as gw, RecommendTraffic(gw.address, "trail running shoes") as traffic:
             gated = retrain_encoder(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                     steps=3, margin=1.0)  # an impossible margin: never promoted
@@ -77,7 +78,8 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
     try:
         settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
                                    embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
-                                   embed_timeout_ms=5_000, refresh_interval_s=0.5,
+                                   embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
+                                   refresh_interval_s=0.5,
                                    # training shares this process's 2 cores: generous store reads, so
                                    # a degraded answer can only mean a failed model switch
                                    feature_timeout_ms=5_000)

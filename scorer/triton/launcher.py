@@ -198,8 +198,11 @@ class TritonServer:
         site = _site_packages(TRITON_VENV)
         tritonserver = site / "pytriton" / "tritonserver"
         backends = prepare_backends(self.backends)
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if not getattr(self, name):
+        names = ("grpc_port", "http_port", "metrics_port")
+        for name in names:
+            # free_port() releases the port it found, so two calls can return the same one:
+            # tritonserver then refuses to start ("cannot listen ... at the same address and port").
+            while not getattr(self, name) or getattr(self, name) in [getattr(self, n) for n in names if n != name]:
                 setattr(self, name, free_port())
         self.shm_prefix = f"recsys_triton_{self.grpc_port}_{secrets.token_hex(4)}_"
         cmd = [

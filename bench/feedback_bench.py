@@ -2,7 +2,7 @@
 
     python -m bench.feedback_bench [--seconds 10]
 
-Starts the feedback service as its own process (`python -m gateway.feedback`, a fresh event log
+Starts the feedback service as its own process (`python -m feedback`, a fresh event log
 in a temp folder) and sends click events from 4 client threads in a closed loop: `Log` with 1
 event per call (the naive way: one RPC and one fsync per event), 100 and 1,000 per call, and the
 client-streaming `Stream`. Every acknowledged event was fsync'd before its reply.
@@ -87,7 +87,7 @@ def visibility(store: str, n: int = 200) -> dict:
         fs = load_store(repo, yaml if store == "redis" else None)
         reader = open_reader(fs.config, FeatureLayout.from_feature_store(fs), repo)
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        proc = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, **env, "RECSYS_FEEDBACK_PORT": str(port),
                                      "RECSYS_EVENT_LOG_DIR": f"{tmp}/events", "RECSYS_LOG_LEVEL": "WARNING",
                                      "RECSYS_FEEDBACK_FEATURE_REPO": str(repo), "RECSYS_FEEDBACK_FEATURE_STORE_YAML": yaml})
@@ -119,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="feedback_bench_") as tmp:
         port = free_port()
         env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(port), "RECSYS_EVENT_LOG_DIR": tmp, "RECSYS_LOG_LEVEL": "WARNING"}
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert "feedback service on" in proc.stdout.readline()

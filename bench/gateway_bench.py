@@ -81,7 +81,7 @@ def build_models(workdir: Path) -> Path:
     from scorer.export.encoder_export import export_encoder
     from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
 
     log("exporting the encoder (int8), the ranker (int8) and the interest model to ONNX")
@@ -104,7 +104,7 @@ def sample_requests(repo: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
 class GatewayProcess:
     def __init__(self, repo: Path, triton_url: str, depth: int, env: dict[str, str], workdir: Path, yaml: str,
                  port: int = 0, name: str = ""):
-        from scorer.triton.launcher import free_port
+        from localtriton.launcher import free_port
 
         self.port = port or free_port()
         self.env = {**os.environ, **env, "RECSYS_PORT": str(self.port), "RECSYS_FEATURE_REPO": str(repo),
@@ -211,7 +211,7 @@ class NaivePipeline:
     def recommend(self, user: str, query: str, depth: int, n: int = 20) -> list[str]:
         import torch
 
-        from scorer.ranker_inputs import context_text, numeric_features
+        from contract.ranker_inputs import context_text, numeric_features
 
         u = {k: v[0] for k, v in self.store.get_online_features(features=self.user_refs,
                                                                  entity_rows=[{"user_id": user}]).to_dict().items()}
@@ -286,7 +286,7 @@ def main() -> None:
         yaml = "feature_store.redis.yaml" if args.store == "redis" else "feature_store.yaml"
         os.environ.update(env)
         models = build_models(workdir)
-        from scorer.triton.launcher import TritonServer
+        from localtriton.launcher import TritonServer
 
         log("starting tritonserver")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))

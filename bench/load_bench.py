@@ -63,7 +63,7 @@ DEFAULT_RANKER_SHAPE = (2, 1)  # triton_models/ranker_onnx/config.pbtxt: instanc
 
 class FeedbackProcess:
     def __init__(self, repo: Path, workdir: Path):
-        from scorer.triton.launcher import free_port
+        from localtriton.launcher import free_port
 
         self.port = free_port()
         self.env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(workdir / "events"),
@@ -72,7 +72,7 @@ class FeedbackProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "FeedbackProcess":
-        self.process = start_service("gateway.feedback", self.port, self.env, self.log_path, ROOT, "feedback service", 300)
+        self.process = start_service("feedback", self.port, self.env, self.log_path, ROOT, "feedback service", 300)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -252,8 +252,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     args = ap.parse_args()
 
-    from scorer.triton.launcher import TritonServer, free_port
-    from scorer.triton.supervisor import TritonSupervisor
+    from localtriton.launcher import TritonServer, free_port
+    from localtriton.supervisor import TritonSupervisor
 
     rows: list[dict] = []
     soak: dict = {}

@@ -23,11 +23,11 @@ from bench.common import percentile, write_results
 from gateway.triton_client import TritonClient
 from scorer.export.encoder_export import export_encoder
 from scorer.export.ranker_export import export_ranker
-from scorer.export.triton_repo import copy_repository_configs
+from modelrepo.layout import copy_repository_configs
 from scorer.models.encoder import TextEncoder
 from scorer.models.ranker import CrossEncoderRanker
-from scorer.ranker_inputs import NUMERIC_FEATURES
-from scorer.triton.launcher import TritonServer
+from contract.ranker_inputs import NUMERIC_FEATURES
+from localtriton.launcher import TritonServer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "triton.json"
 QUERY = "waterproof trail running shoes under 150"
@@ -70,7 +70,7 @@ def set_dynamic_batching(url: str, repo: Path, model: str, enabled: bool) -> Non
     import tritonclient.grpc as grpcclient
     from google.protobuf import json_format
 
-    from scorer.triton.publish import read_config
+    from modelrepo.publish import read_config
 
     config = read_config(repo, model)
     if not enabled:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scorer.item_text import catalog_texts
+from contract.item_text import catalog_texts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Catalog:
     categories: np.ndarray  # object
     prices: np.ndarray  # float64, NaN when unknown
     created: np.ndarray  # float64 epoch seconds
-    texts: tuple[str, ...]  # scorer.item_text: what the encoder embeds
+    texts: tuple[str, ...]  # contract.item_text: what the encoder embeds
     popularity: np.ndarray  # float32, latest popularity_7d (0 when none)
     popular: np.ndarray  # positions, most popular first
     covisit: dict[int, np.ndarray] = field(repr=False)  # position -> co-visited positions, strongest first

@@ -12,16 +12,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from contract.rules import MAX_NUM_RESULTS, MAX_QUERY_CHARS
+from contract.scores import ScoreWeights
+from contract.tensors import ENCODER_MODEL, RANKER_MODEL
 from gateway.breaker import BreakerSettings
-
-
-class ScoreWeights(BaseSettings):
-    """How the final score blends its parts (each part is reported in ScoreBreakdown)."""
-
-    relevance: float = 1.0  # ranker score (or the retrieval similarity when degraded)
-    personalization: float = 1.0  # profile + live-session affinity
-    popularity: float = 0.3  # 7-day popularity
-    freshness: float = 0.2  # new-item boost
 
 
 class Breakers(BaseModel):
@@ -50,8 +44,8 @@ class GatewaySettings(BaseSettings):
     feature_repo: Path = Path("feature_repo")
     feature_store_yaml: str = "feature_store.yaml"  # or feature_store.redis.yaml
     triton_url: str = "127.0.0.1:8001"
-    encoder_model: str = "encoder"
-    ranker_model: str = "ranker"
+    encoder_model: str = ENCODER_MODEL.name
+    ranker_model: str = RANKER_MODEL.name
     embedding_cache_dir: Path | None = None  # item embeddings per encoder version; None: <feature_repo>/data/embeddings
 
     # Deadlines (milliseconds). A request's budget is its gRPC deadline, capped at request_timeout_ms.
@@ -81,8 +75,8 @@ class GatewaySettings(BaseSettings):
 
     # Request limits (validation).
     default_num_results: int = Field(20, gt=0)
-    max_num_results: int = Field(200, gt=0)
-    max_query_chars: int = Field(512, gt=0)
+    max_num_results: int = Field(MAX_NUM_RESULTS, gt=0)
+    max_query_chars: int = Field(MAX_QUERY_CHARS, gt=0)
     max_candidate_ids: int = Field(1000, gt=0)
 
     # Online learning of the blend weights (the learner runs in the feedback service).

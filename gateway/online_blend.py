@@ -1,7 +1,7 @@
 """The gateway's side of online learning: sample blend weights, report what was served.
 
 The feedback service learns the blend weights of the final score from clicks
-(gateway/feedback/blend_learner.py). This module polls its posterior every `online_weights_poll_s`
+(feedback/blend_learner.py). This module polls its posterior every `online_weights_poll_s`
 and, per request, draws weights from it (Thompson sampling; the mean when exploration is off), and
 queues each response's unweighted score parts for the learner (LogServed, batched, off the request
 path). Users in the configured holdout share always get the configured weights, so the learner's
@@ -24,7 +24,8 @@ import numpy as np
 
 from gateway import metrics
 from gateway.config import GatewaySettings
-from gateway.scoring import PART_NAMES, weight_vector
+from contract.scores import PART_NAMES
+from gateway.scoring import weight_vector
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -33,13 +33,15 @@ from gateway.query_cache import QueryEmbeddingCache
 from gateway.query_parser import ParsedQuery
 from gateway.retrieval import CALLER, SOURCE_NAMES, Candidates, fallback_interest, history_positions, retrieve
 from gateway.online_blend import OnlineBlend
-from gateway.scoring import RANKER_PRIOR, UserView, feature_terms, weight_vector
+from gateway.scoring import UserView, feature_terms, weight_vector
 from gateway.state import ServingState, Snapshot
 from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError
 
 T = TypeVar("T")
 from recsys.v1 import common_pb2, recommend_pb2
-from scorer.ranker_inputs import context_text, numeric_features
+from contract.ranker_inputs import context_text, numeric_features
+from contract.scores import POPULARITY_SCALE, RANKER_PRIOR
+from contract.session import SESSION_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +296,7 @@ class Recommender:
                 has_session = user_feats.has("user_session") and (
                     not req.session_id or user_feats.values.get("session_id") in ("", None, req.session_id))
                 values = user_feats.values if has_session else {
-                    k: v for k, v in user_feats.values.items() if k not in _SESSION_FEATURES}
+                    k: v for k, v in user_feats.values.items() if k not in SESSION_FEATURES}
                 user = UserView.build(values, catalog, user_feats.has("user_profile"), has_session)
 
         # 2. query and context embeddings (one Triton call)
@@ -355,7 +357,7 @@ class Recommender:
         for j, i in enumerate(head):
             f = item_feats.get(head_ids[j])
             if f is not None and f.has("item_popularity"):
-                pop[i] = float(f.values.get("popularity_7d") or 0.0) / 5.0
+                pop[i] = float(f.values.get("popularity_7d") or 0.0) / POPULARITY_SCALE
         ranked = False
         if head_n and ctx_vec is not None:
             rank_idx = head[:head_n]
@@ -487,10 +489,6 @@ class Recommender:
             else:
                 overflow.append(i)
         return (chosen + overflow)[:n]  # too few brands to honour the cap: fill rather than return less
-
-
-_SESSION_FEATURES = ("session_id", "recent_queries", "recent_clicked_item_ids", "recent_carted_item_ids",
-                     "session_categories", "session_category_counts", "session_event_count")
 
 
 def _short(e: Exception) -> str:

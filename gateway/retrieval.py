@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from contract.interest import QUERY_SHARE, RECENCY_DECAY
 from gateway.scoring import UserView
 from gateway.state import Snapshot
 from recsys.v1 import common_pb2
@@ -21,9 +22,6 @@ POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 CALLER = common_pb2.CANDIDATE_SOURCE_CALLER
 
 SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", SESSION: "session", POPULAR: "popular", CALLER: "caller"}
-# The untrained interest model's constants (scorer/models/interest.py), for the fallback.
-RECENCY_DECAY = 0.8
-QUERY_SHARE = 2.0
 
 
 @dataclass
@@ -60,7 +58,7 @@ def history_positions(user: UserView, page_position: int | None, limit: int) -> 
 
 def fallback_interest(snap: Snapshot, history: list[int], query_vec: np.ndarray | None) -> np.ndarray | None:
     """The untrained interest model, computed here when Triton's `interest_onnx` is not available:
-    unit(QUERY_SHARE * query + unit(sum_k 0.8^k * item_k))."""
+    unit(QUERY_SHARE * query + unit(sum_k RECENCY_DECAY^k * item_k))."""
     if not history:
         return None
     weights = RECENCY_DECAY ** np.arange(len(history), dtype=np.float32)

@@ -16,11 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from gateway.catalog import Catalog
-from gateway.config import ScoreWeights
+from contract.scores import POPULARITY_SCALE, ScoreWeights
 
-# The parts of the final score, in the order of a weight vector (and of the online learner's).
-PART_NAMES = ("relevance", "personalization", "popularity", "freshness")
-RANKER_PRIOR = 5.0  # CrossEncoderRanker.prior at initialisation: score = prior * cosine + head
 FRESH_DAYS = 14.0
 # A session's brand and category shares (0-1) lift an item by up to this much (x the personalization
 # weight). Relevance gaps between good matches are ~0.1-0.5, so these move a liked brand up a
@@ -80,4 +77,4 @@ def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_
     ], dtype=np.float32)
     age_days = ((now or time.time()) - catalog.created[positions]) / 86400.0
     fresh = np.clip(1.0 - age_days / FRESH_DAYS, 0.0, 1.0).astype(np.float32)
-    return pers, item_popularity.astype(np.float32) / 5.0, fresh
+    return pers, item_popularity.astype(np.float32) / POPULARITY_SCALE, fresh

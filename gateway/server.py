@@ -26,14 +26,14 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
-from gateway.interceptors import DecodeErrors
+from rpc.interceptors import DecodeErrors
 from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender
 from gateway.service import RecommendServicer
 from gateway.state import ServingState, serving_encoder_version
 from gateway.triton_client import TritonClient, TritonError
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
-from scorer.ranker_inputs import NUMERIC_FEATURES
+from contract.ranker_inputs import NUMERIC_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main(config_file: Path | None = None) -> None:
     from gateway.config import load_settings
-    from gateway.logs import configure_logging
+    from rpc.logs import configure_logging
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
     asyncio.run(serve(load_settings(config_file)))

@@ -12,7 +12,7 @@ from gateway import metrics
 from gateway.admission import Admission
 from gateway.budget import LatencyEstimate
 from gateway.config import GatewaySettings
-from gateway.logs import loggable_id, request_id_var
+from rpc.logs import loggable_id, request_id_var
 from gateway.recommender import Outcome, Recommender, Request, Unavailable, new_request_id
 from gateway.validation import RequestError, validate_rank, validate_recommend
 from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc

@@ -20,6 +20,17 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
+from contract.tensors import ENCODER_MODEL, ENCODER_ONNX, INTEREST_MODEL, RANKER_MODEL, TEXT_TOKENIZER, names
+
+# Tensor names from the contract (triton_models/*/config.pbtxt is checked against it).
+_TEXT = ENCODER_MODEL.inputs[0].name
+_EMBEDDING, _ENCODER_VERSION = names(ENCODER_MODEL.outputs)
+_TOKENS = tuple(names(ENCODER_ONNX.inputs))  # input_ids, attention_mask
+_STEP_EMBEDDING = ENCODER_ONNX.outputs[0].name
+_QUERY, _ITEM, _FEATURES = names(RANKER_MODEL.inputs)
+_SCORE = RANKER_MODEL.outputs[0].name
+_INTEREST_OUT = INTEREST_MODEL.outputs[0].name
+
 # gRPC's default reconnect backoff grows to 120 s: after a Triton restart the gateway's first ranked
 # answer came 24-66 s late. Capped at 1 s, the channel is back within a second of the server.
 CHANNEL_ARGS = [
@@ -80,9 +91,9 @@ def _text_input(name: str, texts: Sequence[str]) -> grpcclient.InferInput:
 
 
 class TritonClient:
-    def __init__(self, url: str, encoder_model: str = "encoder", ranker_model: str = "ranker",
+    def __init__(self, url: str, encoder_model: str = ENCODER_MODEL.name, ranker_model: str = RANKER_MODEL.name,
                  max_batch_size: int = 64, ranker_max_batch_size: int = 256,
-                 encoder_components: tuple[str, str] = ("text_tokenizer", "encoder_onnx")):
+                 encoder_components: tuple[str, str] = (TEXT_TOKENIZER.name, ENCODER_ONNX.name)):
         self.url = url
         self.encoder_model = encoder_model
         self.encoder_components = encoder_components
@@ -116,31 +127,31 @@ class TritonClient:
     async def _embed_chunk(self, texts: Sequence[str], timeout_s: float, _version: str) -> tuple[np.ndarray, str]:
         try:
             result = await self._client.infer(
-                self.encoder_model, [_text_input("TEXT", texts)], client_timeout=timeout_s,
-                outputs=[grpcclient.InferRequestedOutput("EMBEDDING"), grpcclient.InferRequestedOutput("ENCODER_VERSION")],
+                self.encoder_model, [_text_input(_TEXT, texts)], client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput(_EMBEDDING), grpcclient.InferRequestedOutput(_ENCODER_VERSION)],
             )
         except InferenceServerException as e:
             raise _wrap(e, f"{self.encoder_model} (serving version)") from None
-        return result.as_numpy("EMBEDDING"), str(int(result.as_numpy("ENCODER_VERSION").reshape(-1)[0]))
+        return result.as_numpy(_EMBEDDING), str(int(result.as_numpy(_ENCODER_VERSION).reshape(-1)[0]))
 
     async def _embed_pinned_chunk(self, texts: Sequence[str], timeout_s: float, version: str) -> tuple[np.ndarray, str]:
         tokenizer, weights = self.encoder_components
         try:
             tokens = await self._client.infer(
-                tokenizer, [_text_input("TEXT", texts)], model_version=version, client_timeout=timeout_s,
-                outputs=[grpcclient.InferRequestedOutput("input_ids"), grpcclient.InferRequestedOutput("attention_mask")],
+                tokenizer, [_text_input(_TEXT, texts)], model_version=version, client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput(n) for n in _TOKENS],
             )
-            ids, mask = tokens.as_numpy("input_ids"), tokens.as_numpy("attention_mask")
+            ids, mask = (tokens.as_numpy(n) for n in _TOKENS)
             inputs = []
-            for name, arr in (("input_ids", ids), ("attention_mask", mask)):
+            for name, arr in zip(_TOKENS, (ids, mask)):
                 t = grpcclient.InferInput(name, list(arr.shape), "INT64")
                 t.set_data_from_numpy(arr)
                 inputs.append(t)
             result = await self._client.infer(weights, inputs, model_version=version, client_timeout=timeout_s,
-                                              outputs=[grpcclient.InferRequestedOutput("embedding")])
+                                              outputs=[grpcclient.InferRequestedOutput(_STEP_EMBEDDING)])
         except InferenceServerException as e:
             raise _wrap(e, f"{self.encoder_model} v{version}") from None
-        return result.as_numpy("embedding"), version
+        return result.as_numpy(_STEP_EMBEDDING), version
 
     async def rank(self, context: str, item_texts: Sequence[str], features: np.ndarray, timeout_s: float,
                    version: str = "") -> np.ndarray:
@@ -161,39 +172,39 @@ class TritonClient:
     async def _rank_chunk(self, context: str, items: Sequence[str], features: np.ndarray, timeout_s: float,
                           version: str) -> np.ndarray:
         n = len(items)
-        q = grpcclient.InferInput("QUERY", [n, 1], "BYTES")
+        q = grpcclient.InferInput(_QUERY, [n, 1], "BYTES")
         q.set_data_from_numpy(np.full((n, 1), context.encode("utf-8"), dtype=object))
-        it = grpcclient.InferInput("ITEM", [n, 1], "BYTES")
+        it = grpcclient.InferInput(_ITEM, [n, 1], "BYTES")
         it.set_data_from_numpy(np.array([[t.encode("utf-8")] for t in items], dtype=object))
-        f = grpcclient.InferInput("FEATURES", list(features.shape), "FP32")
+        f = grpcclient.InferInput(_FEATURES, list(features.shape), "FP32")
         f.set_data_from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         try:
             result = await self._client.infer(
                 self.ranker_model, [q, it, f], model_version=version,
-                outputs=[grpcclient.InferRequestedOutput("SCORE")], client_timeout=timeout_s,
+                outputs=[grpcclient.InferRequestedOutput(_SCORE)], client_timeout=timeout_s,
             )
         except InferenceServerException as e:
             raise _wrap(e, f"{self.ranker_model} v{version or 'latest'}") from None
-        return result.as_numpy("SCORE").reshape(-1)
+        return result.as_numpy(_SCORE).reshape(-1)
 
     async def interest(self, query: np.ndarray, has_query: bool, items: np.ndarray, mask: np.ndarray,
-                       timeout_s: float, model: str = "interest_onnx") -> np.ndarray:
+                       timeout_s: float, model: str = INTEREST_MODEL.name) -> np.ndarray:
         """One interest vector [dim] from a query vector [dim], item vectors [k, dim] and mask [k]."""
         inputs = []
-        for name, arr in (("query", query[None, :]), ("has_query", np.array([[1.0 if has_query else 0.0]])),
-                          ("items", items[None, :, :]), ("mask", mask[None, :])):
+        for name, arr in zip(names(INTEREST_MODEL.inputs), (query[None, :], np.array([[1.0 if has_query else 0.0]]),
+                                                    items[None, :, :], mask[None, :])):
             t = grpcclient.InferInput(name, list(arr.shape), "FP32")
             t.set_data_from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
             inputs.append(t)
         try:
             result = await asyncio.wait_for(self._client.infer(
-                model, inputs, outputs=[grpcclient.InferRequestedOutput("interest")], client_timeout=timeout_s),
+                model, inputs, outputs=[grpcclient.InferRequestedOutput(_INTEREST_OUT)], client_timeout=timeout_s),
                 timeout_s)
         except asyncio.TimeoutError:
             raise TritonDeadlineExceeded(f"{model}: no answer within {timeout_s * 1e3:.0f} ms") from None
         except InferenceServerException as e:
             raise _wrap(e, model) from None
-        return result.as_numpy("interest")[0]
+        return result.as_numpy(_INTEREST_OUT)[0]
 
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
         """Versions of `model` that are loaded and ready, newest first."""

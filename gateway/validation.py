@@ -2,7 +2,7 @@
 
 Unknown user ids are not errors (cold start); unknown *item* ids in Rank are reported back, not
 rejected. What is rejected is what cannot be answered meaningfully or would cost unbounded work.
-The id and free-text rules are shared with the feedback service (gateway/rules.py).
+The id and free-text rules are shared with the feedback service (contract/rules.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from gateway.config import GatewaySettings
-from gateway.rules import ID_PATTERN, ONLY_WHITESPACE, id_error, text_error
+from contract.rules import ID_PATTERN, ONLY_WHITESPACE, id_error, text_error
 from recsys.v1 import common_pb2, recommend_pb2
 
 __all__ = ["ID_PATTERN", "RequestError", "validate_rank", "validate_recommend"]
@@ -57,7 +57,7 @@ def _check_enum(field: str, enum: EnumTypeWrapper, value: int) -> None:
 
 
 def _check_query(field: str, query: str, settings: GatewaySettings, required: bool = False) -> None:
-    # The shared text rule (gateway/rules.py; the feedback service applies it to logged queries).
+    # The shared text rule (contract/rules.py; the feedback service applies it to logged queries).
     if (problem := text_error(query, settings.max_query_chars)) is not None:
         if problem == ONLY_WHITESPACE:  # the gateway's hint: "" is how a client sends no query
             problem += " (send an empty query for no query)"

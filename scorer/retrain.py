@@ -4,7 +4,7 @@
                labels_source, which includes the feedback service's events)
             -> evaluate candidate vs serving on the time-split holdout (report either way)
             -> promote only if the gate metric improves by `margin`: export a new Triton version
-               and publish it with zero downtime (scorer/triton/publish.py); the gateway notices
+               and publish it with zero downtime (modelrepo/publish.py); the gateway notices
                (a new encoder: re-embeds the catalog and swaps its index; a new ranker or
                interest model: used from the next request)
     rollback -> publish a model's previous version again (its files stay in the model repository)
@@ -95,7 +95,7 @@ def serving_versions_in_triton(triton_url: str) -> dict[str, int | None]:
     """Per model, the version Triton serves now (pinned in its ensemble, else the newest loaded)."""
     import tritonclient.grpc as grpcclient
 
-    from scorer.triton.publish import COMPONENTS, ready_versions, serving_version
+    from modelrepo.publish import COMPONENTS, ready_versions, serving_version
 
     client = grpcclient.InferenceServerClient(triton_url)
     try:
@@ -173,7 +173,7 @@ def _publisher(model: str, model_repo: Path, triton_url: str | None, export: Cal
     def promote() -> int:
         version = export()
         if triton_url:
-            from scorer.triton.publish import publish
+            from modelrepo.publish import publish
 
             publish(triton_url, model_repo, model, version)
         return version
@@ -295,7 +295,7 @@ def retrain_models(repo: Path, model_repo: Path, triton_url: str | None, registr
 
 def rollback(model_repo: Path, triton_url: str, registry: Registry, model: str = "encoder") -> int:
     """Serve the version of `model` promoted before the current one again; return it."""
-    from scorer.triton.publish import publish
+    from modelrepo.publish import publish
 
     entry = registry.entry(model)
     if len(entry.history) < 2:

@@ -71,7 +71,7 @@ def feature_repo(tmp_path_factory, tiny_shop, redis_server) -> Repo:
 def encoder_repo(tmp_path_factory):
     """A Triton model repository (committed configs) with the zero-shot encoder exported as v1."""
     from scorer.export.encoder_export import export_encoder
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
 
     repo = copy_repository_configs(tmp_path_factory.mktemp("triton") / "models")
@@ -81,7 +81,7 @@ def encoder_repo(tmp_path_factory):
 
 
 def start_triton(repo: Path, workdir: Path):
-    from scorer.triton.launcher import TritonServer
+    from localtriton.launcher import TritonServer
 
     server = TritonServer(model_repository=repo, workdir=workdir)
     server.start(timeout_s=180)
@@ -102,7 +102,7 @@ def models(tmp_path_factory):
     from scorer.export.encoder_export import export_encoder
     from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
 
     repo = copy_repository_configs(tmp_path_factory.mktemp("gw_models") / "models")

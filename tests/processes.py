@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class FeedbackProcess:
-    """`python -m gateway.feedback` on a free port; `env` adds settings (e.g. the feature repo)."""
+    """`python -m feedback` on a free port; `env` adds settings (e.g. the feature repo)."""
 
     def __init__(self, log_dir: Path, env: dict[str, str] | None = None):
         self.log_dir = log_dir
@@ -29,7 +29,7 @@ class FeedbackProcess:
     def start(self) -> "FeedbackProcess":
         env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(self.log_dir),
                "RECSYS_LOG_LEVEL": "WARNING", **self.extra_env}
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.process.stdout.readline()  # printed once the port is open
         assert "feedback service on" in line, line

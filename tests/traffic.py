@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from gateway.client import GatewayClient
+from rpc.clients import GatewayClient
 
 
 class RecommendTraffic:

@@ -16,10 +16,9 @@ from collections import Counter, deque
 import numpy as np
 import pandas as pd
 
+from contract.session import SessionState
 from scorer.data.labels import attribute
 
-SESSION_RECENT_QUERIES = 5
-SESSION_RECENT_ITEMS = 10
 PROFILE_RECENT_ITEMS = 20
 PROFILE_TOP_K = 5
 # How much each interaction says about taste (impressions say nothing on their own).
@@ -157,42 +156,6 @@ def _top_scores(keys: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]
     norm = sum(totals.values()) or 1.0
     best = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:PROFILE_TOP_K]
     return [(k, round(v / norm, 4)) for k, v in best]
-
-
-class SessionState:
-    """Live session features of one user. The feedback service applies the same updates online."""
-
-    def __init__(self, session_id: str):
-        self.session_id = session_id
-        self.queries: deque[str] = deque(maxlen=SESSION_RECENT_QUERIES)
-        self.clicked: deque[str] = deque(maxlen=SESSION_RECENT_ITEMS)
-        self.carted: deque[str] = deque(maxlen=SESSION_RECENT_ITEMS)
-        self.categories: Counter[str] = Counter()
-        self.event_count = 0
-
-    def apply(self, event_type: str, item_id: str | None, query: str | None, category: str | None) -> None:
-        self.event_count += 1
-        if event_type == "QUERY" and query:
-            self.queries.appendleft(query)
-        elif event_type == "CLICK" and item_id:
-            self.clicked.appendleft(item_id)
-        elif item_id and (event_type == "ADD_TO_CART" or (event_type == "PURCHASE" and item_id not in self.carted)):
-            # A purchase is usually of an item carted a moment ago: count it once.
-            self.carted.appendleft(item_id)
-        if category and event_type != "QUERY":
-            self.categories[category] += 1
-
-    def features(self) -> dict:
-        cats = self.categories.most_common()
-        return {
-            "session_id": self.session_id,
-            "recent_queries": list(self.queries),
-            "recent_clicked_item_ids": list(self.clicked),
-            "recent_carted_item_ids": list(self.carted),
-            "session_categories": [c for c, _ in cats],
-            "session_category_counts": [int(n) for _, n in cats],
-            "session_event_count": int(self.event_count),
-        }
 
 
 def user_session(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:

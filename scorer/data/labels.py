@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gateway.feedback.event_log import COLUMNS, DB_NAME, read_rows, read_segments
+from eventlog.event_log import COLUMNS, DB_NAME, read_rows, read_segments
 
 GRADE = {"CLICK": 1, "ADD_TO_CART": 2, "PURCHASE": 3}
 WINDOW = {"CLICK": pd.Timedelta(minutes=30), "ADD_TO_CART": pd.Timedelta(hours=2), "PURCHASE": pd.Timedelta(hours=24)}

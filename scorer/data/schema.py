@@ -24,9 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-# Ids travel through gRPC, Redis keys and file names: keep them to a safe, printable alphabet.
-ID_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,128}$"
-Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+from contract.rules import ID_PATTERN
+
+# Ids travel through gRPC, Redis keys and file names: the same safe, printable alphabet the services accept.
+Id = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN.pattern}$")]
 
 
 def _empty_to_none(v: Any) -> Any:

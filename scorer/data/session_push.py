@@ -11,9 +11,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from scorer.data.feature_tables import SessionState
-
-PUSH_SOURCE = "user_session_push"
+from contract.session import PUSH_SOURCE, SessionState
 
 
 def session_row(user_id: str, state: SessionState, at: datetime | None = None) -> pd.DataFrame:

@@ -49,7 +49,7 @@ SIZES: dict[str, ShopSize] = {
 NEW_ITEM_SHARE = 0.08  # items added during the period (item cold start)
 LATE_USER_SHARE = 0.15  # users whose first visit is in the last 20% of the period (user cold start)
 DRIFT_USER_SHARE = 0.5  # users whose category mix moves towards a second mix over the period
-QUERY_SHARE = 0.7  # requests that are searches; the rest are browsing (category / home pages)
+SEARCH_SHARE = 0.7  # requests that are searches; the rest are browsing (category / home pages)
 
 
 @dataclass
@@ -381,7 +381,7 @@ def simulate_events(rng: np.random.Generator, catalog: Catalog, users: list[User
             n_requests = int(rng.geometric(0.4))  # mean 2.5 requests per session
             band_level = PRICE_BAND_LEVEL[user.price_band]
             for _ in range(n_requests):
-                search = rng.random() < QUERY_SHARE
+                search = rng.random() < SEARCH_SHARE
                 intent = _draw_intent(rng, user, frac, catalog, search)
                 pool = catalog.category_index[vocab.CATEGORIES[intent.category].name]
                 pool = pool[created[pool] <= np.datetime64(t.replace(tzinfo=None), "us")]

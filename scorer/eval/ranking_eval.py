@@ -28,7 +28,7 @@ def logged_order(data: RankerLists, idx: np.ndarray) -> np.ndarray:
 
 
 def popularity(data: RankerLists, idx: np.ndarray) -> np.ndarray:
-    from scorer.ranker_inputs import NUMERIC_FEATURES
+    from contract.ranker_inputs import NUMERIC_FEATURES
 
     return data.numeric[idx, NUMERIC_FEATURES.index("popularity_7d")]
 

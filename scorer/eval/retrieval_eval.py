@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from scorer.eval.metrics import mrr, ndcg_at_k, recall_at_k
-from scorer.item_text import catalog_texts
+from contract.item_text import catalog_texts
 from scorer.models.encoder import TextEncoder, load_tokenizer
 from scorer.train.data import LabelledRequests
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from scorer.export.triton_repo import MODEL_REPOSITORY, next_version
+from contract.tensors import ENCODER_ONNX, names
+from modelrepo.layout import MODEL_REPOSITORY, TOKENIZER_MODEL, next_version
 from scorer.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
 
-TOKENIZER_MODEL = Path(__file__).resolve().parents[1] / "triton" / "tokenizer_model.py"
 OPSET = 17
 
 
@@ -27,7 +27,7 @@ def export_onnx(encoder: TextEncoder, path: Path) -> None:
     with torch.no_grad():
         torch.onnx.export(
             encoder, (ids, mask), str(path),
-            input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+            input_names=names(ENCODER_ONNX.inputs), output_names=names(ENCODER_ONNX.outputs),
             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                           "embedding": {0: "batch"}},
             opset_version=OPSET, dynamo=False,  # the TorchScript exporter: stable for BERT-style graphs

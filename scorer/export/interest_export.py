@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from contract.tensors import INTEREST_MODEL, names
+from modelrepo.layout import MODEL_REPOSITORY, next_version
 from scorer.export.encoder_export import OPSET
-from scorer.export.triton_repo import MODEL_REPOSITORY, next_version
 from scorer.models.interest import InterestModel
 
-INPUTS = ["query", "has_query", "items", "mask"]
+INPUTS = names(INTEREST_MODEL.inputs)
 
 
 def export_interest_onnx(model: InterestModel, path: Path) -> None:
@@ -21,7 +22,7 @@ def export_interest_onnx(model: InterestModel, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
-            model, example, str(path), input_names=INPUTS, output_names=["interest"],
+            model, example, str(path), input_names=INPUTS, output_names=names(INTEREST_MODEL.outputs),
             dynamic_axes={"query": {0: "batch"}, "has_query": {0: "batch"}, "items": {0: "batch", 1: "k"},
                           "mask": {0: "batch", 1: "k"}, "interest": {0: "batch"}},
             opset_version=OPSET, dynamo=False,

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from scorer.export.encoder_export import OPSET, quantize_int8, write_tokenizer_version
-from scorer.export.triton_repo import MODEL_REPOSITORY, next_version
+from modelrepo.layout import MODEL_REPOSITORY, next_version
+from contract.tensors import RANKER_ONNX, names
 from scorer.models.ranker import CrossEncoderRanker, load_ranker_tokenizer
 
-INPUTS = ["input_ids", "attention_mask", "token_type_ids", "numeric"]
+INPUTS = names(RANKER_ONNX.inputs)
 
 
 def export_ranker_onnx(model: CrossEncoderRanker, path: Path) -> None:
@@ -22,7 +23,7 @@ def export_ranker_onnx(model: CrossEncoderRanker, path: Path) -> None:
     with torch.no_grad():
         torch.onnx.export(
             model, (ids, ids, torch.zeros_like(ids), numeric), str(path),
-            input_names=INPUTS, output_names=["score"],
+            input_names=INPUTS, output_names=names(RANKER_ONNX.outputs),
             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                           "token_type_ids": {0: "batch", 1: "seq"}, "numeric": {0: "batch"}, "score": {0: "batch"}},
             opset_version=OPSET, dynamo=False,

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RECENCY_DECAY = 0.8
-QUERY_SHARE = 2.0
+from contract.interest import QUERY_SHARE, RECENCY_DECAY
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from scorer.models.encoder import packaged_minilm_path
-from scorer.ranker_inputs import NUMERIC_FEATURES
+from contract.ranker_inputs import NUMERIC_FEATURES
+from contract.scores import RANKER_PRIOR
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class CrossEncoderRanker(nn.Module):
             raise ValueError("the ranker expects text_similarity as its first numeric feature")
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        self.prior = nn.Parameter(torch.tensor(5.0))
+        self.prior = nn.Parameter(torch.tensor(RANKER_PRIOR))
 
     def forward(self, input_ids, attention_mask, token_type_ids, numeric) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scorer.item_text import catalog_texts
+from contract.item_text import catalog_texts
 
 GRADE = {"CLICK": 1, "ADD_TO_CART": 2, "PURCHASE": 3}
 ITEM_FEATURES = [f"item_attributes:{f}" for f in ("title", "brand", "category", "attributes", "price")]

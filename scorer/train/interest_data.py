@@ -63,7 +63,7 @@ class VectorTable:
 
 def embed_catalog_and_queries(repo: Path, queries: list[str], encoder=None) -> VectorTable:
     from scorer.eval.retrieval_eval import embed_texts
-    from scorer.item_text import catalog_texts
+    from contract.item_text import catalog_texts
     from scorer.models.encoder import TextEncoder
 
     encoder = encoder or TextEncoder()

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scorer.item_text import item_text_from_features
-from scorer.ranker_inputs import context_text, numeric_features
+from contract.item_text import item_text_from_features
+from contract.ranker_inputs import context_text, numeric_features
 from scorer.train.data import join_features, label_log
 
 

@@ -66,7 +66,7 @@ def test_features_show_reads_the_online_store(feature_repo):
 def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     import json
 
-    from scorer.export.triton_repo import copy_repository_configs, versions
+    from modelrepo.layout import copy_repository_configs, versions
 
     models = copy_repository_configs(tmp_path / "models")
     done = run("train", "ranker", "--repo", str(feature_repo.path), "--steps", "2", "--out", str(tmp_path / "ranker"),

@@ -1,6 +1,6 @@
 """The feedback service's memory stays flat under a flood of maximum-size LogServed calls.
 
-The real service runs as its own process (`python -m gateway.feedback`, default bounds except a
+The real service runs as its own process (`python -m feedback`, default bounds except a
 smaller pending bound, so the flood reaches every bound within the warm-up). Two threads send
 maximum-size valid LogServed calls (200-item lists, just under the 4 MiB message limit, fresh
 request ids each call), a third logs impressions for what was served during the warm-up, and

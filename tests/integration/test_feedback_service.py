@@ -10,7 +10,7 @@ import uuid
 import grpc
 import pytest
 
-from gateway.feedback.event_log import EventLog
+from eventlog.event_log import EventLog
 from recsys.v1 import feedback_pb2 as fb
 from tests.processes import FeedbackProcess
 

@@ -79,7 +79,7 @@ def _cls(descriptor) -> type[Message]:
 # --- the services ------------------------------------------------------------------------------------
 
 class FeedbackService:
-    """`python -m gateway.feedback` on a free port, its log lines kept (tests/processes.py drops them)."""
+    """`python -m feedback` on a free port, its log lines kept (tests/processes.py drops them)."""
 
     def __init__(self, log_dir: Path, env: dict[str, str]):
         from scripts.local_redis import free_port
@@ -87,7 +87,7 @@ class FeedbackService:
         self.port = free_port()
         env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(log_dir),
                "RECSYS_LOG_LEVEL": "WARNING", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         while True:
@@ -152,7 +152,7 @@ class Services:
 
 @pytest.fixture(scope="module")
 def services(feature_repo, triton_gw, tmp_path_factory):
-    from gateway.background import BackgroundGateway
+    from cli.background import BackgroundGateway
     from gateway.config import GatewaySettings
 
     tmp = tmp_path_factory.mktemp("fuzz")

@@ -30,7 +30,7 @@ def _settings(feature_repo, triton, tmp_path_factory, **over):
 
 @pytest.fixture(scope="module")
 def gateway(feature_repo, triton_gw, tmp_path_factory):
-    from gateway.background import BackgroundGateway
+    from cli.background import BackgroundGateway
     from scripts.local_redis import free_port
 
     settings = _settings(feature_repo, triton_gw, tmp_path_factory, metrics_port=free_port())
@@ -40,7 +40,7 @@ def gateway(feature_repo, triton_gw, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(gateway):
-    from gateway.client import GatewayClient
+    from rpc.clients import GatewayClient
 
     with GatewayClient(gateway.address, timeout_s=30) as c:
         yield c
@@ -158,8 +158,8 @@ def test_home_feed_for_a_known_user_uses_their_history(feature_repo, client, ite
 
 
 def test_brand_cap_diversifies(feature_repo, triton_gw, tmp_path_factory, items):
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
 
     settings = _settings(feature_repo, triton_gw, tmp_path_factory, brand_cap=2)
     with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
@@ -171,8 +171,8 @@ def test_brand_cap_diversifies(feature_repo, triton_gw, tmp_path_factory, items)
 # --- Redis --------------------------------------------------------------------------------------------
 
 def test_redis_online_store_end_to_end(feature_repo, triton_gw, tmp_path_factory, items, monkeypatch):
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
 
     monkeypatch.setenv("REDIS_CONNECTION_STRING", feature_repo.redis.connection_string)
     settings = _settings(feature_repo, triton_gw, tmp_path_factory, feature_store_yaml=REDIS_YAML)
@@ -199,8 +199,8 @@ def _triton_health(address: str, service: str = "triton") -> str:
 
 def test_triton_down_gives_degraded_answers_within_the_deadline_then_recovers(feature_repo, models, tmp_path_factory,
                                                                             items):
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
 
     server = start_triton(models, tmp_path_factory.mktemp("gw_triton_down"))
     deadline_ms = 1000  # the ranker alone takes ~0.2-0.5 s on 2 busy CI cores
@@ -340,8 +340,8 @@ def test_undecodable_request_bytes_are_invalid_argument(gateway):
 
 
 def test_online_store_down_answers_without_personalization(feature_repo, triton_gw, tmp_path_factory, monkeypatch):
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
     from scripts.local_redis import local_redis
 
     # A Redis of its own (empty: the registry is shared, the data is not), killed mid-test.
@@ -450,12 +450,12 @@ def test_cli_query_prints_a_ranked_table_with_reasons(gateway):
     import sys
 
     env = {**os.environ, "COLUMNS": "300"}  # rich wraps at 80 columns without a terminal
-    out = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "--user",
+    out = subprocess.run([sys.executable, "-m", "cli.app", "query", "--address", gateway.address, "--user",
                           "cli-user", "-n", "3", "waterproof hiking backpack under 200"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert "matches 'waterproof hiking backpack'" in out.stdout and "<= 200" in out.stdout, out.stdout
-    bad = subprocess.run([sys.executable, "-m", "scorer.cli", "query", "--address", gateway.address, "-n", "500", "x"],
+    bad = subprocess.run([sys.executable, "-m", "cli.app", "query", "--address", gateway.address, "-n", "500", "x"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stdout and "num_results" in bad.stdout
 
@@ -466,8 +466,8 @@ def test_not_serving_and_unavailable_until_triton_is_there(feature_repo, tmp_pat
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
     from scripts.local_redis import free_port
 
     class NoTriton:
@@ -501,12 +501,12 @@ def test_a_new_encoder_version_swaps_the_index_without_failed_requests(feature_r
     swapped atomically, answers say which version served them, and no request fails or degrades."""
     import torch
 
-    from gateway.background import BackgroundGateway
+    from cli.background import BackgroundGateway
     from scorer.export.encoder_export import export_encoder
     from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
-    from scorer.triton.publish import publish_encoder
+    from modelrepo.publish import publish_encoder
     from tests.traffic import RecommendTraffic, wait_for_encoder
 
     repo = copy_repository_configs(tmp_path_factory.mktemp("swap_models") / "models")

@@ -20,7 +20,7 @@ def test_int8_encoder_stays_close_to_fp32(encoder_repo, tmp_path):
     import onnxruntime as ort
 
     from scorer.export.encoder_export import export_encoder
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import load_tokenizer
 
     fp32_repo, encoder, fp32_version = encoder_repo

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from gateway.feedback.event_log import EventLog
+from eventlog.event_log import EventLog
 
 pytestmark = pytest.mark.integration
 

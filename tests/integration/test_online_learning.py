@@ -10,12 +10,12 @@ import grpc
 import pandas as pd
 import pytest
 
-from gateway.background import BackgroundFeedback, BackgroundGateway
+from cli.background import BackgroundFeedback, BackgroundGateway
 from gateway.config import GatewaySettings
-from gateway.feedback.server import FeedbackSettings
+from feedback.server import FeedbackSettings
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
-from scorer.cli import run_simulation
-from scorer.simulate import SimConfig, SimulatedShop
+from cli.app import run_simulation
+from cli.simulate import SimConfig, SimulatedShop
 
 
 def _gateway_settings(repo, triton, cache, **over) -> GatewaySettings:
@@ -63,7 +63,7 @@ def test_online_weights_recover_ctr_after_a_taste_shift(feature_repo, private_re
 
 
 def test_gateway_answers_with_the_feedback_service_down(feature_repo, triton_gw, tmp_path_factory):
-    from gateway.client import GatewayClient
+    from rpc.clients import GatewayClient
     from scripts.local_redis import free_port
 
     settings = _gateway_settings(feature_repo.path, triton_gw, tmp_path_factory.getbasetemp() / "embeddings",

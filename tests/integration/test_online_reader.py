@@ -17,7 +17,7 @@ from gateway.features.online_reader import (
     ViewStatus,
     open_reader,
 )
-from scorer.data.feature_tables import SessionState
+from contract.session import SessionState
 
 pytestmark = pytest.mark.integration
 

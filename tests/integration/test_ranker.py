@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from scorer.ranker_inputs import NUMERIC_FEATURES
+from contract.ranker_inputs import NUMERIC_FEATURES
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, tmp_path):
-    from gateway.background import BackgroundGateway
+    from cli.background import BackgroundGateway
     from gateway.config import GatewaySettings
     from scorer.export.encoder_export import export_encoder
     from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
     from scorer.retrain import Registry, adopt_serving, new_labels_since, retrain_encoder, rollback
     from tests.traffic import RecommendTraffic, wait_for_encoder
@@ -56,12 +56,12 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
 
 
 def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(feature_repo, tmp_path):
-    from gateway.background import BackgroundGateway
+    from cli.background import BackgroundGateway
     from gateway.config import GatewaySettings
     from scorer.export.encoder_export import export_encoder
     from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
     from scorer.retrain import Registry, adopt_serving, retrain_models, rollback
     from tests.traffic import RecommendTraffic, wait_for_answer

@@ -105,7 +105,7 @@ def test_async_client_errors_are_clear(triton):
     import asyncio
 
     from gateway.triton_client import TritonClient, TritonDeadlineExceeded, TritonError, TritonUnavailable
-    from scorer.triton.launcher import free_port
+    from localtriton.launcher import free_port
 
     async def go():
         client = TritonClient(triton.grpc_url)

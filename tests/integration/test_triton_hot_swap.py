@@ -18,9 +18,9 @@ def test_publish_new_version_without_failed_requests(tmp_path):
     import tritonclient.grpc as grpcclient
 
     from scorer.export.encoder_export import export_encoder
-    from scorer.export.triton_repo import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
-    from scorer.triton.publish import publish_encoder, serving_version
+    from modelrepo.publish import publish_encoder, serving_version
 
     repo = copy_repository_configs(tmp_path / "models")
     encoder = TextEncoder()

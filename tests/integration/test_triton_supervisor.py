@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scorer.triton.launcher import STUB_NAME, TritonServer, free_port, install_file, stub_processes
+from localtriton.launcher import STUB_NAME, TritonServer, free_port, install_file, stub_processes
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,8 @@ def _gone(procs: list[psutil.Process]) -> bool:
 
 def test_sigkill_restarts_with_pinned_version(repo, tmp_path):
     from gateway.triton_client import TritonClient, TritonError
-    from scorer.triton.publish import publish
-    from scorer.triton.supervisor import TritonSupervisor
+    from modelrepo.publish import publish
+    from localtriton.supervisor import TritonSupervisor
 
     events = []
     server = TritonServer(model_repository=repo, workdir=tmp_path / "run")
@@ -200,9 +200,9 @@ GATEWAY_RANKED_AGAIN_S = 45.0  # SIGKILL of tritonserver -> the gateway's first 
 def test_gateway_answers_ranked_again_after_tritonserver_is_sigkilled(feature_repo, models, tmp_path, tmp_path_factory):
     """The whole chain: the supervisor restarts the server, the gateway's channel reconnects (1 s
     backoff cap) and its Triton watch closes the breakers: ranked answers again, unattended."""
-    from gateway.background import BackgroundGateway
-    from gateway.client import GatewayClient
-    from scorer.triton.supervisor import TritonSupervisor
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
+    from localtriton.supervisor import TritonSupervisor
     from tests.integration.test_gateway import _settings
 
     server = TritonServer(model_repository=models, workdir=tmp_path / "run")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gateway.feedback.blend_learner import DIM, BlendLearner, LearnerSettings, pending_key
+from feedback.blend_learner import DIM, BlendLearner, LearnerSettings, pending_key
 
 PRIOR = (1.0, 1.0, 0.3, 0.2)
 

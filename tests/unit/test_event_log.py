@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.feedback.event_log import (DB_NAME, EventLog, EventLogDamaged, EventLogFull, _wal_commit_frames, check,
+from eventlog.event_log import (DB_NAME, EventLog, EventLogDamaged, EventLogFull, _wal_commit_frames, check,
                                         read_rows, recover)
-from gateway.feedback.service import FeedbackServicer
+from feedback.service import FeedbackServicer
 from recsys.v1 import feedback_pb2 as fb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def test_read_since_returns_the_window_in_time_order(tmp_path):
 
 
 def test_session_replay_reads_only_the_ttl_window_in_time_order(tmp_path):
-    from gateway.feedback.sessions import SessionUpdater
+    from feedback.sessions import SessionUpdater
 
     log = EventLog(tmp_path)
     now = T0 + timedelta(hours=5)
@@ -167,7 +167,7 @@ def test_a_damaged_page_refuses_to_open_naming_the_file_and_recover_counts_what_
         EventLog(tmp_path)
     message = str(err.value)
     assert str(db) in message and "quick_check" in message
-    assert f"python3 gateway/feedback/event_log.py recover {tmp_path}" in message
+    assert f"python3 eventlog/event_log.py recover {tmp_path}" in message
 
     report = recover(tmp_path)
     assert report.expected == 1000 and 0 < report.lost < 100 and report.copied == 1000 - report.lost
@@ -270,7 +270,7 @@ def test_the_service_does_not_start_on_a_damaged_log_and_says_why(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"garbage" * 1000)
     env = {**os.environ, "RECSYS_EVENT_LOG_DIR": str(tmp_path), "RECSYS_FEEDBACK_PORT": "0",
            "RECSYS_LOG_LEVEL": "WARNING"}
-    proc = subprocess.run([sys.executable, "-m", "gateway.feedback"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "feedback"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("feedback service not started: event log") and "Traceback" not in proc.stderr

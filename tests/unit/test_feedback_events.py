@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gateway.feedback.events import EventError, validate_event
+from feedback.events import EventError, validate_event
 from recsys.v1 import feedback_pb2 as fb
 
 OK = dict(event_id="e1", type=fb.EVENT_TYPE_CLICK, user_id="u1", item_id="i1")

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.config import load_settings
-from gateway.logs import JsonFormatter, request_id_var
+from rpc.logs import JsonFormatter, request_id_var
 
 
 def test_env_overrides_the_file_which_overrides_defaults(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from gateway.feedback.event_log import EventLog
+from eventlog.event_log import EventLog
 from scorer.data.labels import attribute, read_event_log
 
 T0 = pd.Timestamp("2026-11-01 12:00", tz="UTC")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.feedback.blend_learner import BlendLearner, LearnerSettings, pending_key
-from gateway.feedback.served import parse_served
+from feedback.blend_learner import BlendLearner, LearnerSettings, pending_key
+from feedback.served import parse_served
 from recsys.v1 import feedback_pb2 as fb
 
 PRIOR = (1.0, 1.0, 0.3, 0.2)

@@ -11,7 +11,7 @@ from gateway.admission import Admission
 from gateway.breaker import Breaker, BreakerSettings, State
 from gateway.budget import CallBudget, Deadline, LatencyEstimate
 from gateway.degradation import Cause, Degradation, Part
-from gateway.logs import loggable_id
+from rpc.logs import loggable_id
 from gateway.query_cache import QueryEmbeddingCache
 
 

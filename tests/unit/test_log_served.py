@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gateway.config import GatewaySettings
-from gateway.feedback.blend_learner import BlendLearner
-from gateway.feedback.served import ServedError, ServedLimits, parse_served
-from gateway.feedback.service import FeedbackServicer
+from feedback.blend_learner import BlendLearner
+from feedback.served import ServedError, ServedLimits, parse_served
+from feedback.service import FeedbackServicer
 from recsys.v1 import feedback_pb2 as fb
 
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from scorer.export.triton_repo import copy_repository_configs, loadable_models, next_version, versions
-from scorer.item_text import item_text
-from scorer.ranker_inputs import NUMERIC_FEATURES, context_text, numeric_features
+from modelrepo.layout import copy_repository_configs, loadable_models, next_version, versions
+from contract.item_text import item_text
+from contract.ranker_inputs import NUMERIC_FEATURES, context_text, numeric_features
 
 USER = {
     "top_categories": ["Running Shoes", "Jackets"], "top_category_scores": [0.7, 0.3],

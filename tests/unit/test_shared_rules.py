@@ -1,4 +1,4 @@
-"""One set of rules for ids and free text (gateway/rules.py): the gateway's request validation and
+"""One set of rules for ids and free text (contract/rules.py): the gateway's request validation and
 the feedback service's event validation accept and refuse the same values, with the same reasons."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import GatewaySettings
-from gateway.feedback.events import MAX_QUERY_CHARS, EventError, validate_event
-from gateway.rules import id_error, text_error
+from feedback.events import MAX_QUERY_CHARS, EventError, validate_event
+from contract.rules import id_error, text_error
 from gateway.validation import RequestError, validate_recommend
 from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import recommend_pb2

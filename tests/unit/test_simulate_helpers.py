@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from scorer.simulate import SimConfig, SimResult, model_switches
+from cli.simulate import SimConfig, SimResult, model_switches
 
 
 def outcomes(rows: list[tuple]) -> pd.DataFrame:

@@ -68,7 +68,7 @@ class BackgroundFeedback:
         return f"{self.settings.host}:{self.port}"
 
     def __enter__(self) -> "BackgroundFeedback":
-        from gateway.feedback.server import start
+        from feedback.server import start
 
         self._thread.start()
         self.running = asyncio.run_coroutine_threadsafe(start(self.settings), self.loop).result(120)

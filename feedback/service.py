@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from gateway.feedback import metrics
-from gateway.feedback.blend_learner import BlendLearner
-from gateway.feedback.event_log import EventLog, EventLogError, EventLogFull
-from gateway.feedback.events import MAX_BATCH, EventError, validate_event
-from gateway.feedback.served import ServedError, ServedLimits, parse_served
-from gateway.scoring import PART_NAMES
+from feedback import metrics
+from feedback.blend_learner import BlendLearner
+from eventlog.event_log import EventLog, EventLogError, EventLogFull
+from feedback.events import MAX_BATCH, EventError, validate_event
+from feedback.served import ServedError, ServedLimits, parse_served
+from contract.scores import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -6,12 +6,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway.rules import gateway_default, id_error, text_error
+from contract.rules import MAX_QUERY_CHARS, id_error, text_error
 from recsys.v1 import feedback_pb2
 
 MAX_BATCH = 10_000
 # The gateway's limit, so a query the gateway answered is never refused when the shop logs it.
-MAX_QUERY_CHARS: int = gateway_default("max_query_chars")
 MAX_QUANTITY = 10_000
 MAX_CLOCK_SKEW_S = 24 * 3600  # client clocks may run ahead; a day ahead is a bug, not skew
 EARLIEST = datetime(2000, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -44,7 +43,7 @@ def validate_event(e: feedback_pb2.Event, now: float | None = None) -> dict[str,
     _id("request_id", e.request_id, required=kind == "IMPRESSION")
     if kind == "QUERY" and not e.query:
         raise EventError("query", "is required for EVENT_TYPE_QUERY")
-    # The gateway's text rule (gateway/rules.py): a NUL or escape code must not reach the user's
+    # The gateway's text rule (contract/rules.py): a NUL or escape code must not reach the user's
     # live recent_queries, which the gateway would then read back as if the user had typed it.
     if (problem := text_error(e.query, MAX_QUERY_CHARS)) is not None:
         raise EventError("query", problem)

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.feedback.held import Held
-from gateway.scoring import PART_NAMES
+from feedback.held import Held
+from contract.scores import PART_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ STATE_FILE = "blend_weights.json"
 MiB = 1 << 20
 
 # How entries are stored, compactly: a served list is one tuple (time, ids, parts) where ids is
-# " i1 i2 ... " (ids never contain a space: gateway/rules.py) and parts is the float32 bytes of an
+# " i1 i2 ... " (ids never contain a space: contract/rules.py) and parts is the float32 bytes of an
 # (items x parts) array; a pending impression is one bytes object packing (time, position, parts)
 # under the key "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served
 # item; this costs ~39 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py).

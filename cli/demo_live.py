@@ -18,20 +18,21 @@ import grpc
 import pandas as pd
 from rich.console import Console
 
-from gateway.background import BackgroundFeedback, BackgroundGateway
-from gateway.client import GatewayClient, response_table
+from cli.background import BackgroundFeedback, BackgroundGateway
+from cli.tables import response_table
+from rpc.clients import GatewayClient
 from gateway.config import GatewaySettings
-from gateway.feedback.server import FeedbackSettings
+from feedback.server import FeedbackSettings
 from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import feedback_pb2_grpc
 from scorer.export.encoder_export import export_encoder
 from scorer.export.interest_export import export_interest
 from scorer.export.ranker_export import export_ranker
-from scorer.export.triton_repo import MODEL_REPOSITORY
+from modelrepo.layout import MODEL_REPOSITORY
 from scorer.models.encoder import EncoderConfig, TextEncoder
 from scorer.models.interest import InterestModel
-from scorer.triton.launcher import TritonServer
-from scorer.triton.publish import publish_encoder
+from localtriton.launcher import TritonServer
+from modelrepo.publish import publish_encoder
 
 QUERY = "running shoes"
 
@@ -73,8 +74,8 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
 
 def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console) -> None:
     """Synthetic shoppers on the live system; tastes shift; the online arm's CTR recovers (plot)."""
-    from scorer.cli import run_simulation
-    from scorer.simulate import SimConfig, SimulatedShop
+    from cli.app import run_simulation
+    from cli.simulate import SimConfig, SimulatedShop
 
     console.rule("11. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
     config = SimConfig(requests=480, shift_at=120, window=40, seed=0)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.feedback import metrics
-from gateway.feedback.events import MAX_BATCH
-from gateway.rules import ID_PATTERN, gateway_default, id_error
-from gateway.scoring import PART_NAMES
+from feedback import metrics
+from feedback.events import MAX_BATCH
+from contract.rules import ID_PATTERN, MAX_NUM_RESULTS, id_error
+from contract.scores import PART_NAMES
 from recsys.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ServedError(ValueError):
 class ServedLimits:
     max_lists: int = MAX_BATCH  # lists per call (the proto's 1-10000)
     # A gateway never serves more than its max_num_results; read from its defaults, not copied.
-    max_items: int = gateway_default("max_num_results")
+    max_items: int = MAX_NUM_RESULTS
 
 
 @dataclass(frozen=True)

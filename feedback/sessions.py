@@ -1,7 +1,7 @@
 """Live session features: every stored query / click / cart / purchase updates the user's session
 in the online store, so the very next Recommend sees it.
 
-The update logic is `SessionState` (scorer/data/feature_tables.py), the same code that builds the
+The update logic is `SessionState` (contract/session.py), the same code that builds the
 offline session table for training, so online and offline sessions cannot drift. Writes go
 through Feast's push API (`user_session_push`, PushMode.ONLINE): one push per stored batch, Feast's
 own online layout, no parity question. Session states live in memory and are rebuilt at start-up
@@ -18,14 +18,10 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
-from gateway.feedback.event_log import EventLog
-from scorer.data.feature_tables import SessionState
-from scorer.data.session_push import PUSH_SOURCE
+from eventlog.event_log import EventLog
+from contract.session import PUSH_SOURCE, SESSION_EVENTS, SessionState
 
 log = logging.getLogger(__name__)
-
-SESSION_EVENTS = ("QUERY", "CLICK", "ADD_TO_CART", "PURCHASE")
-
 
 class SessionUpdater:
     def __init__(self, store, categories: dict[str, str], ttl: timedelta = timedelta(hours=1)):

@@ -16,7 +16,7 @@ wait the backoff (0.5 s doubling to 30 s, back to 0.5 s once a server has stayed
 `stable_after_s`), start it again on the same ports (clients' channels reconnect by themselves) and
 restore the versions it was serving.
 
-Versions: the publisher (scorer/triton/publish.py) switches versions through Triton's model-control
+Versions: the publisher (modelrepo/publish.py) switches versions through Triton's model-control
 API; a restarted server forgets all of it and comes up with each config's own policy (the newest two
 versions, ensembles unpinned = the newest), which after a rollback is the wrong model. The publisher
 keeps no record of its own and may run in another process (`recsys triton publish`, the retraining
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from scorer.triton.launcher import TritonServer
+from localtriton.launcher import TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def restore_serving_state(url: str, repo: Path, state: ServingState) -> list[str
     (files deleted meanwhile) falls back to the model's config default rather than serving nothing."""
     import tritonclient.grpc as grpcclient
 
-    from scorer.triton.publish import load_with_versions, pin_ensemble, read_config
+    from modelrepo.publish import load_with_versions, pin_ensemble, read_config
 
     now = read_serving_state(url)
 

@@ -11,7 +11,7 @@ The recipe (see docs/architecture.md and ../shared/brief/FINDINGS.md):
   readiness polled over HTTP;
 - its own process group (the python-backend stubs are forked into it): `stop()` signals the whole
   group and then removes what a crashed server leaves behind (orphaned stubs, /dev/shm regions).
-  `scorer/triton/supervisor.py` restarts it when it dies.
+  `localtriton/supervisor.py` restarts it when it dies.
 In production the NGC `tritonserver` container serves the same `triton_models/` (docs/triton.md).
 """
 
@@ -32,9 +32,9 @@ from typing import Sequence
 
 import psutil
 
-from scorer.export.triton_repo import loadable_models
+from modelrepo.layout import loadable_models
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
 MODEL_REPOSITORY = PROJECT_ROOT / "triton_models"
 SHIM = Path(__file__).with_name("onnxruntime_shim.py")

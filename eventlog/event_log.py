@@ -32,8 +32,8 @@ stored or acknowledged) and works again once there is space.
 Old segment folders (`segment-*.jsonl`) are imported once, on open, validating every line.
 
 Recovery (standard library only, so it runs without the project's venv):
-    python3 gateway/feedback/event_log.py recover DIR     # readable rows -> DIR/events.recovered.sqlite
-    python3 gateway/feedback/event_log.py check DIR       # integrity_check + every row's checksum
+    python3 eventlog/event_log.py recover DIR     # readable rows -> DIR/events.recovered.sqlite
+    python3 eventlog/event_log.py check DIR       # integrity_check + every row's checksum
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "events.sqlite"
 RECOVERED_NAME = "events.recovered.sqlite"
-# The stored form of an event (gateway/feedback/events.py: validate_event), in column order.
+# The stored form of an event (feedback/events.py: validate_event), in column order.
 COLUMNS = ("event_id", "event_type", "user_id", "session_id", "item_id", "request_id", "position", "query",
            "quantity", "timestamp", "received_at")
 INT_COLUMNS = frozenset({"position", "quantity"})
@@ -115,7 +115,7 @@ def _recovery_hint(path: Path) -> str:
     return (f"The feedback service does not open a damaged log. To repair: stop the service, copy {path.name} "
             f"(and {path.name}-wal if present) aside, copy every readable event into a new file (it reports how many "
             f"were lost) with\n"
-            f"  python3 gateway/feedback/event_log.py recover {path.parent}    # from the repository root\n"
+            f"  python3 eventlog/event_log.py recover {path.parent}    # from the repository root\n"
             f"then move {path.parent / RECOVERED_NAME} to {path} and start again (docs/feedback.md, Event log).")
 
 

@@ -1,4 +1,4 @@
-"""The feedback service process: FeedbackService, health, reflection; `python -m gateway.feedback`.
+"""The feedback service process: FeedbackService, health, reflection; `python -m feedback`.
 
 Settings from the environment: RECSYS_FEEDBACK_HOST (127.0.0.1), RECSYS_FEEDBACK_PORT (50052; 0 picks
 a free port), RECSYS_EVENT_LOG_DIR (feature_repo/data/events), RECSYS_FEEDBACK_FEATURE_REPO (a Feast
@@ -30,13 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.config import ScoreWeights
-from gateway.feedback.blend_learner import BlendLearner, LearnerSettings
-from gateway.feedback.event_log import EventLog, EventLogError
-from gateway.interceptors import DecodeErrors
-from gateway.feedback.served import ServedLimits
-from gateway.feedback.service import FeedbackServicer
-from gateway.scoring import PART_NAMES
+from contract.scores import ScoreWeights
+from feedback.blend_learner import BlendLearner, LearnerSettings
+from eventlog.event_log import EventLog, EventLogError
+from rpc.interceptors import DecodeErrors
+from feedback.served import ServedLimits
+from feedback.service import FeedbackServicer
+from contract.scores import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def session_updater(settings: FeedbackSettings, event_log: EventLog):
 
     from feast import FeatureStore
 
-    from gateway.feedback.sessions import SessionUpdater, load_categories
+    from feedback.sessions import SessionUpdater, load_categories
 
     repo = settings.feature_repo.resolve()
     store = FeatureStore(repo_path=str(repo), fs_yaml_file=repo / settings.feature_store_yaml)
@@ -188,7 +188,7 @@ def _tune_malloc() -> None:
 
 
 def main() -> None:
-    from gateway.logs import configure_logging
+    from rpc.logs import configure_logging
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
     _tune_malloc()

@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from contract.scores import POPULARITY_SCALE
+
 NUMERIC_FEATURES = (
     "text_similarity",  # bi-encoder cosine(context, item): the retrieval score, free at serving time
     "log_price",
@@ -74,7 +76,7 @@ def numeric_features(item: Mapping[str, Any], user: Mapping[str, Any], text_simi
     return [
         float(text_similarity),
         math.log1p(max(price, 0.0)) / 8.0,
-        _num(item.get("popularity_7d")) / 5.0,
+        _num(item.get("popularity_7d")) / POPULARITY_SCALE,
         _num(item.get("ctr_7d")) * 5.0,
         _num(cat_aff.get(category)),
         _num(brand_aff.get(brand)),

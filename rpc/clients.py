@@ -1,15 +1,10 @@
-"""A small synchronous client for the gateway (CLI, demo, tests) and a rich table of the answer."""
+"""A small synchronous client for the gateway (CLI, demo, tests)."""
 
 from __future__ import annotations
 
 import grpc
-from rich.table import Table
 
-from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc
-
-SOURCE_SHORT = {common_pb2.CANDIDATE_SOURCE_QUERY: "query", common_pb2.CANDIDATE_SOURCE_INTEREST: "interest",
-                common_pb2.CANDIDATE_SOURCE_SESSION: "session", common_pb2.CANDIDATE_SOURCE_POPULAR: "popular",
-                common_pb2.CANDIDATE_SOURCE_CALLER: "caller"}
+from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 
 
 class GatewayClient:
@@ -37,16 +32,3 @@ class GatewayClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def response_table(response, titles: dict[str, str] | None = None, title: str = "") -> Table:
-    """Rank, item, score and its parts, sources, reasons."""
-    titles = titles or {}
-    table = Table("#", "item", "score", "rel", "pers", "pop", "sources", "reasons", title=title)
-    for item in response.items:
-        b = item.breakdown
-        name = titles.get(item.item_id, "")
-        table.add_row(str(item.rank), f"{item.item_id} {name}".strip(), f"{item.score:.2f}", f"{b.relevance:.2f}",
-                      f"{b.personalization:.2f}", f"{b.popularity:.2f}",
-                      ",".join(SOURCE_SHORT.get(s, "?") for s in item.sources), "; ".join(item.reasons))
-    return table

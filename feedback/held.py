@@ -13,7 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from gateway.feedback import metrics
+from feedback import metrics
 
 V = TypeVar("V")
 

@@ -6,8 +6,10 @@ import re
 import shutil
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = PROJECT_ROOT / "triton_models"
+# The python-backend model of text_tokenizer / pair_tokenizer, copied into each exported version.
+TOKENIZER_MODEL = Path(__file__).resolve().with_name("tokenizer_model.py")
 
 
 def versions(repo: Path, model: str) -> list[int]:

@@ -193,12 +193,12 @@ def triton_serve(
     import logging
     import signal as _signal
 
-    from scorer.triton.launcher import TritonServer
-    from scorer.triton.supervisor import SupervisorEvent, TritonSupervisor
+    from localtriton.launcher import TritonServer
+    from localtriton.supervisor import SupervisorEvent, TritonSupervisor
 
     # The supervisor's own log lines would repeat what `report` prints (Python's last-resort
     # handler writes WARNINGs to stderr when nothing is configured).
-    logging.getLogger("scorer.triton.supervisor").addHandler(logging.NullHandler())
+    logging.getLogger("localtriton.supervisor").addHandler(logging.NullHandler())
 
     def report(event: SupervisorEvent) -> None:
         style = {"restarted": "green", "died": "red"}.get(event.kind, "yellow")
@@ -232,7 +232,7 @@ def triton_publish(
     repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
 ) -> None:
     """Switch the serving encoder to VERSION with zero failed requests."""
-    from scorer.triton.publish import publish_encoder
+    from modelrepo.publish import publish_encoder
 
     old = publish_encoder(url, repo, version)
     console.print(f"[green]serving encoder v{version}[/] (was v{old})")
@@ -506,7 +506,8 @@ def query_cmd(
     """Ask the gateway for recommendations and print them with their reasons."""
     import grpc
 
-    from gateway.client import GatewayClient, response_table
+    from cli.tables import response_table
+    from rpc.clients import GatewayClient
     from recsys.v1 import common_pb2
 
     filters = common_pb2.Filters(brands=brand, categories=category)
@@ -549,7 +550,7 @@ def simulate_cmd(
     shoppers click at once) and the gateway with RECSYS_FEEDBACK_URL and RECSYS_ONLINE_WEIGHTS_HOLDOUT=0.5,
     so one run compares online-learned weights with the configured ones.
     """
-    from scorer.simulate import SimConfig, SimulatedShop
+    from cli.simulate import SimConfig, SimulatedShop
 
     try:
         truth = SimulatedShop.from_dir(shop)
@@ -565,7 +566,7 @@ def run_simulation(truth, gateway: str, feedback: str, config, out: Path):
     """Run a simulation with a progress bar; print the per-arm table; write the plot and the tables."""
     from rich.progress import Progress
 
-    from scorer.simulate import plot, simulate
+    from cli.simulate import plot, simulate
 
     with Progress(console=console) as progress:
         task = progress.add_task("simulated shoppers", total=config.requests)
@@ -628,7 +629,7 @@ def demo(
     train_interest_cmd(repo=FEATURE_REPO, out=interest, encoder=ckpt, steps=300, lr=3e-3, seed=0,
                        report=PROJECT_ROOT / "var" / "reports" / "interest")
     console.rule("10. Triton + the gateway: a shopper's results change after a few clicks")
-    from scorer.demo_live import live_demo
+    from cli.demo_live import live_demo
 
     live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)
 

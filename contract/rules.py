@@ -4,29 +4,24 @@ feedback/served.py), so the same id or text is accepted or refused by both.
 Each rule returns why a value is invalid (a message without the field name) or None; the caller
 names the field and raises its own error type (RequestError, EventError, ServedError), because
 the two services answer differently (the gateway fails the call, the feedback service rejects one
-event). Emptiness is the caller's business: it depends on the field whether "" means "absent".
+event). This module imports neither service. Emptiness is the caller's business: it depends on the field whether "" means "absent".
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
-
-from gateway.config import GatewaySettings
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 ID_RULE = "1-128 characters of A-Z a-z 0-9 _ . : @ -"
 ONLY_WHITESPACE = "is only whitespace"
+# The defaults of the limits both services enforce (the gateway's settings may lower or raise them;
+# the feedback service accepts what the gateway can serve at its defaults).
+MAX_QUERY_CHARS = 512
+MAX_NUM_RESULTS = 200
 SHOWN_CHARS = 40  # how much of a bad value an error message repeats
 # Tab and newline are allowed in free text (pasted multi-line searches); every other C0 control
 # character (NUL, ESC, ...) is refused: it breaks logs, terminals and downstream text tokenizers.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (0x09) and \n (0x0a)
-
-
-def gateway_default(name: str) -> Any:
-    """A GatewaySettings default (e.g. max_query_chars): services that must agree with the gateway
-    read its limits from there instead of copying the numbers."""
-    return GatewaySettings.model_fields[name].default
 
 
 def shown(value: str) -> str:

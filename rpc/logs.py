@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from gateway.rules import ID_PATTERN
+from contract.rules import ID_PATTERN
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 

@@ -1,1 +1,0 @@
-"""The feedback service: events in, durable labels and fresh session features out."""

@@ -67,15 +67,15 @@ async def concurrent(fn, clients: int, per_client: int) -> dict[str, float]:
 
 
 def set_dynamic_batching(url: str, repo: Path, model: str, enabled: bool) -> None:
-    import tritonclient.grpc as grpcclient
     from google.protobuf import json_format
 
+    from modelrepo.admin import AdminClient
     from modelrepo.publish import read_config
 
     config = read_config(repo, model)
     if not enabled:
         config.ClearField("dynamic_batching")
-    client = grpcclient.InferenceServerClient(url)
+    client = AdminClient(url)
     client.load_model(model, config=json_format.MessageToJson(config))
     client.close()
 

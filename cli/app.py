@@ -195,6 +195,7 @@ def triton_serve(
 
     from localtriton.launcher import TritonServer
     from localtriton.supervisor import SupervisorEvent, TritonSupervisor
+    from modelrepo.admin import KEY_ENV, key_file
 
     # The supervisor's own log lines would repeat what `report` prints (Python's last-resort
     # handler writes WARNINGs to stderr when nothing is configured).
@@ -219,6 +220,8 @@ def triton_serve(
             supervisor.start()
         console.print(f"[green]ready[/] (supervised): gRPC {server.grpc_url}, HTTP {server.http_url} "
                       f"(log: {server.log_path})", soft_wrap=True)
+        console.print(f"model control (publish, load, unload) needs the admin key in {key_file()} "
+                      f"(or ${KEY_ENV}); inference and health are open", soft_wrap=True)
         supervisor.wait()
         console.print("stopping tritonserver and its python-backend stubs")
     why = _signal.Signals(supervisor.received_signal).name if supervisor.received_signal else "stop"
@@ -507,7 +510,7 @@ def query_cmd(
     import grpc
 
     from cli.tables import response_table
-    from rpc.clients import GatewayClient
+    from rpc.clients import RecommendClient
     from recsys.v1 import common_pb2
 
     filters = common_pb2.Filters(brands=brand, categories=category)
@@ -515,7 +518,7 @@ def query_cmd(
         filters.max_price = max_price
     if min_price is not None:
         filters.min_price = min_price
-    with GatewayClient(address, timeout) as client:
+    with RecommendClient(address, timeout) as client:
         try:
             response = client.recommend(text, user_id=user, session_id=session, num_results=n, filters=filters)
         except grpc.RpcError as e:

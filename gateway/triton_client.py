@@ -207,13 +207,18 @@ class TritonClient:
         return result.as_numpy(_INTEREST_OUT)[0]
 
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
-        """Versions of `model` that are loaded and ready, newest first."""
+        """Versions of `model` that are loaded and ready, newest first.
+
+        From the model's metadata (which lists its ready versions), not the repository index: the
+        index is a model-control API, restricted to the admin key (modelrepo/admin.py), and the
+        gateway holds no key. A model that is not loaded at all answers "unknown model": []."""
         try:
-            index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+            meta = await self._client.get_model_metadata(model, as_json=True, client_timeout=timeout_s)
         except InferenceServerException as e:
-            raise _wrap(e, "repository index") from None
-        versions = [m["version"] for m in index.get("models", []) if m["name"] == model and m.get("state") == "READY"]
-        return sorted(versions, key=int, reverse=True)
+            if "unknown model" in str(e.message()).lower() or "not found" in str(e.message()).lower():
+                return []
+            raise _wrap(e, f"{model} metadata") from None
+        return sorted((str(v) for v in meta.get("versions", [])), key=int, reverse=True)
 
     async def serving_version(self, ensemble: str, component: str, timeout_s: float = 2.0) -> str:
         """The version of `component` that `ensemble` runs: its pinned step version, or (unpinned)

@@ -32,11 +32,10 @@ from typing import Sequence
 
 import psutil
 
-from modelrepo.layout import loadable_models
+from modelrepo.admin import admin_key as load_admin_key, restriction_flags
+from modelrepo.layout import MODEL_REPOSITORY, PROJECT_ROOT, loadable_models
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
-MODEL_REPOSITORY = PROJECT_ROOT / "triton_models"
 SHIM = Path(__file__).with_name("onnxruntime_shim.py")
 STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
@@ -168,6 +167,9 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
     log_verbose: int = 0
+    # Model control (load/unload/index), shared memory, statistics, trace and logging answer only
+    # calls carrying this key (modelrepo/admin.py); inference, health and metadata stay open.
+    admin_key: str = field(default_factory=lambda: load_admin_key(create=True), repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
     # Prefix of the python backend's /dev/shm regions, new for every start: cleanup after a crash
     # removes exactly this server's regions, never those of other servers on the machine.
@@ -214,6 +216,7 @@ class TritonServer:
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit",
+            *restriction_flags(self.admin_key),
             *[f"--load-model={m}" for m in models],
             "--strict-readiness=true",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",

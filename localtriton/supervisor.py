@@ -92,13 +92,13 @@ class SupervisorEvent:
     down_s: float | None = None  # "restarted": from noticing the death to ready and restored
 
 
-def read_serving_state(url: str) -> ServingState:
+def read_serving_state(url: str, admin_key: str | None = None) -> ServingState:
     """Every READY model version and every ensemble's pin (read as publish.py's `ready_versions` and
     `serving_version` do, but in one index call and with deadlines)."""
-    import tritonclient.grpc as grpcclient
+    from modelrepo.admin import AdminClient
     from tritonclient.utils import InferenceServerException
 
-    client = grpcclient.InferenceServerClient(url)
+    client = AdminClient(url, admin_key)
     try:
         index = client.get_model_repository_index(as_json=True, client_timeout=_POLL_TIMEOUT_S).get("models", [])
         loaded: dict[str, list[int]] = {}
@@ -121,17 +121,16 @@ def read_serving_state(url: str) -> ServingState:
         client.close()
 
 
-def restore_serving_state(url: str, repo: Path, state: ServingState) -> list[str]:
+def restore_serving_state(url: str, repo: Path, state: ServingState, admin_key: str | None = None) -> list[str]:
     """Load what `state` says onto the server at `url` (started with no models); return what was
     loaded (for the log). The order publish uses: models with their exact versions first (in
     parallel: each load is seconds of ONNX session set-up on CPU), then the ensembles, pinned
     where they were, since a pinned step must already be loaded. A version that no longer loads
     (files deleted meanwhile) falls back to the model's config default rather than serving nothing."""
-    import tritonclient.grpc as grpcclient
-
+    from modelrepo.admin import AdminClient
     from modelrepo.publish import load_with_versions, pin_ensemble, read_config
 
-    now = read_serving_state(url)
+    now = read_serving_state(url, admin_key)
 
     def is_ensemble(model: str) -> bool:
         try:
@@ -140,7 +139,7 @@ def restore_serving_state(url: str, repo: Path, state: ServingState) -> list[str
             return False
 
     ensembles = {m for m in state.loaded if is_ensemble(m)}
-    client = grpcclient.InferenceServerClient(url)
+    client = AdminClient(url, admin_key)
 
     def load(model: str) -> str:
         versions = list(state.loaded[model])
@@ -313,7 +312,7 @@ class TritonSupervisor:
     def _poll_versions(self) -> None:
         self._last_poll = time.monotonic()
         try:
-            self.serving = read_serving_state(self.server.grpc_url)
+            self.serving = read_serving_state(self.server.grpc_url, self.server.admin_key)
         except Exception as e:  # busy or dying: keep the last known state, the check decides
             log.debug("version poll failed: %s", e)
 
@@ -367,7 +366,7 @@ class TritonSupervisor:
             self._launch_and_wait()
             return []
         self._launch_and_wait([])
-        return restore_serving_state(self.server.grpc_url, self.server.model_repository, state)
+        return restore_serving_state(self.server.grpc_url, self.server.model_repository, state, self.server.admin_key)
 
     def _emit(self, event: SupervisorEvent) -> None:
         if self.on_event is not None:

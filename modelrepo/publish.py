@@ -21,9 +21,12 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-ENCODER_COMPONENTS = ("text_tokenizer", "encoder_onnx")
-RANKER_COMPONENTS = ("pair_tokenizer", "ranker_onnx")
-INTEREST_COMPONENTS = ("interest_onnx",)
+from contract.tensors import ENCODER_ONNX, INTEREST_MODEL, PAIR_TOKENIZER, RANKER_ONNX, TEXT_TOKENIZER
+from modelrepo.admin import AdminClient
+
+ENCODER_COMPONENTS = (TEXT_TOKENIZER.name, ENCODER_ONNX.name)
+RANKER_COMPONENTS = (PAIR_TOKENIZER.name, RANKER_ONNX.name)
+INTEREST_COMPONENTS = (INTEREST_MODEL.name,)
 
 
 def read_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
@@ -62,7 +65,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
     version loaded (only for an ensemble: a bare model serves its newest loaded version)."""
     if keep_previous and not ensemble:
         raise ValueError("keep_previous needs an ensemble that pins the serving version")
-    client = grpcclient.InferenceServerClient(url)
+    client = AdminClient(url)
     try:
         old = serving_version(client, ensemble) if ensemble else None
         if old is None:  # unpinned ensemble (fresh start) or a bare model: the newest loaded version serves

@@ -93,11 +93,10 @@ def adopt_serving(registry: Registry, version: int, checkpoint: Path | None, mod
 
 def serving_versions_in_triton(triton_url: str) -> dict[str, int | None]:
     """Per model, the version Triton serves now (pinned in its ensemble, else the newest loaded)."""
-    import tritonclient.grpc as grpcclient
-
+    from modelrepo.admin import AdminClient
     from modelrepo.publish import COMPONENTS, ready_versions, serving_version
 
-    client = grpcclient.InferenceServerClient(triton_url)
+    client = AdminClient(triton_url)
     try:
         out: dict[str, int | None] = {}
         for model, (ensemble, components) in COMPONENTS.items():

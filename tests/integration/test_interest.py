@@ -95,13 +95,15 @@ def test_untrained_model_is_the_gateway_fallback(table):
 def test_served_by_triton_equals_torch(trained, encoder_repo, triton, table):
     import tritonclient.grpc as grpcclient
 
+    from modelrepo.admin import AdminClient
+
     from gateway.triton_client import TritonClient
     from scorer.export.interest_export import export_interest
 
     model, _, _ = trained
     repo = encoder_repo[0]
     version = export_interest(repo, model)
-    admin = grpcclient.InferenceServerClient(triton.grpc_url)
+    admin = AdminClient(triton.grpc_url, triton.admin_key)
     admin.load_model("interest_onnx")
     try:
         items = np.zeros((10, table.items.shape[1]), np.float32)

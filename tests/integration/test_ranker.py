@@ -71,7 +71,7 @@ def test_ranker_orders_an_obvious_case_before_and_after_training(trained):
 
 
 def test_ranker_served_by_triton_equals_torch(trained, encoder_repo, triton):
-    import tritonclient.grpc as grpcclient
+    from modelrepo.admin import AdminClient
 
     from gateway.triton_client import TritonClient
     from scorer.export.ranker_export import export_ranker
@@ -79,7 +79,7 @@ def test_ranker_served_by_triton_equals_torch(trained, encoder_repo, triton):
     model, _ = trained
     repo = encoder_repo[0]
     version = export_ranker(repo, model)
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client = AdminClient(triton.grpc_url, triton.admin_key)
     for name in ("pair_tokenizer", "ranker_onnx", "ranker"):  # explicit model control: load while serving
         client.load_model(name)
     client.close()

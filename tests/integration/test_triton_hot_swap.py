@@ -21,6 +21,7 @@ def test_publish_new_version_without_failed_requests(tmp_path):
     from modelrepo.layout import copy_repository_configs
     from scorer.models.encoder import TextEncoder
     from modelrepo.publish import publish_encoder, serving_version
+    from modelrepo.admin import AdminClient
 
     repo = copy_repository_configs(tmp_path / "models")
     encoder = TextEncoder()
@@ -60,7 +61,7 @@ def test_publish_new_version_without_failed_requests(tmp_path):
         assert len(answers) > 20
         after = _embed(server)
         assert float(before @ after) < 0.999  # the serving model really changed
-        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client = AdminClient(server.grpc_url, server.admin_key)
         assert serving_version(client) == 2
         index = client.get_model_repository_index(as_json=True)["models"]
         ready = {(m["name"], m["version"]) for m in index if m.get("state") == "READY"}

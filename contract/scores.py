@@ -16,6 +16,27 @@ RANKER_PRIOR = 5.0
 # `popularity_7d` input and the gateway's popularity part read it on the same scale.
 POPULARITY_SCALE = 5.0
 
+# The range of each unweighted part a gateway can produce, (low, high) by name in PART_NAMES order.
+# The feedback service refuses a served list outside them (feedback/served.py) and its learner never
+# sees one, so no single example can carry an arbitrary amount of evidence (a part of 3e38 once made
+# the learner's Hessian singular, tests/unit/test_learner_poisoning.py). Derived from the gateway:
+PART_BOUNDS = {
+    # RANKER_PRIOR x cosine is within [-5, 5] (the BM25 fallback within [0, 2.5]), plus the query
+    # boost of at most 1.0 (gateway BOOST 0.5 x a named brand and a named category). The trained
+    # ranker's score (prior x cosine + a learned head) is unbounded in principle; real heads stay
+    # within a few units, so 50 is generous and still bounds what one example can teach.
+    "relevance": (-50.0, 50.0),
+    # 0.5 x category affinity + 0.5 x brand affinity (profile shares, each 0-1) + the session lifts
+    # (gateway SESSION_BRAND 0.6 + SESSION_CATEGORY 0.3, x shares 0-1): 0 to 1.9, never negative.
+    # Twice that, so tuning the lifts does not silently refuse every served list.
+    "personalization": (0.0, 4.0),
+    # popularity_7d / POPULARITY_SCALE, popularity_7d = log1p(a weighted count) >= 0. log1p of any
+    # float32 is under 89, so under 18 here: 20 holds whatever the feature store can hold.
+    "popularity": (0.0, 20.0),
+    # clip(1 - age_days / FRESH_DAYS, 0, 1) in gateway/scoring.py feature_terms.
+    "freshness": (0.0, 1.0),
+}
+
 
 class ScoreWeights(BaseSettings):
     """How the final score blends its parts (each part is reported in ScoreBreakdown)."""

@@ -20,6 +20,16 @@ logistic regression with a persisted posterior; the Newton solve is over ~14 dim
 
 Everything joined in memory (served lists, pending impressions, early events) is bounded by count,
 estimated bytes and age (held.py, LearnerSettings): under any load the learner's memory is flat.
+
+What it learns from is untrusted (anyone who reaches the service can send LogServed lists and
+clicks), so what one source can teach is bounded too (tests/unit/test_learner_poisoning.py):
+- parts outside contract/scores.py PART_BOUNDS (what a gateway can produce) are never learned from;
+- a request, a user and a caller each contribute at most so many examples per window;
+- one batch moves each served weight by at most `max_step` (a trust region), and the posterior never
+  leaves a box around the prior (`max_weight_shift`, `max_offset_shift`, `max_precision`);
+- the numerics cannot overflow (logits clipped) and the Newton system is positive definite (prior
+  precision > 0 on the diagonal); an update that still ends non-finite is refused, the last good
+  posterior kept, and only a sane posterior is saved or loaded.
 """
 
 from __future__ import annotations
@@ -36,8 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
+from feedback import learner_metrics
 from feedback.held import Held
-from contract.scores import PART_NAMES
+from contract.rules import MAX_NUM_RESULTS
+from contract.scores import PART_BOUNDS, PART_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +60,26 @@ POSITIVE_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
 JOINED_EVENTS = ("IMPRESSION", *POSITIVE_EVENTS)
 STATE_FILE = "blend_weights.json"
 MiB = 1 << 20
+PART_LOW = np.array([PART_BOUNDS[name][0] for name in PART_NAMES])
+PART_HIGH = np.array([PART_BOUNDS[name][1] for name in PART_NAMES])
+# sigmoid(30) is 1 - 1e-13: clipping there changes no probability that matters, and exp never
+# overflows (the review saw `overflow encountered in exp` freeze the learner after a poisoned batch).
+MAX_LOGIT = 30.0
 
-# How entries are stored, compactly: a served list is one tuple (time, ids, parts) where ids is
-# " i1 i2 ... " (ids never contain a space: contract/rules.py) and parts is the float32 bytes of an
-# (items x parts) array; a pending impression is one bytes object packing (time, position, parts)
-# under the key "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served
-# item; this costs ~39 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py).
+# How entries are stored, compactly: a served list is one list [time, ids, parts, joined] where ids
+# is " i1 i2 ... " (ids never contain a space: contract/rules.py), parts is the float32 bytes of an
+# (items x parts) array and joined counts its impressions joined so far (max_per_request); a
+# pending impression is one bytes object packing (time, position, parts) under the key
+# "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served item; this costs
+# ~41 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py).
 SEP = " "
 PART_BYTES = 4 * N_PARTS
 PENDING = struct.Struct("<di")  # impression time, position; the item's parts follow
 # Estimated bytes per entry beyond its strings (CPython 3.11, 64-bit): the container objects and
 # their share of the OrderedDict, measured with tracemalloc (tests/unit/test_learner_bounds.py
 # checks these stay within 25% of the real cost).
-SERVED_ENTRY_BYTES = 300  # + request id + ids + 16 per item
+SERVED_ENTRY_BYTES = 315  # + request id + ids + 16 per item
+SOURCE_ENTRY_BYTES = 190  # + key, per user or caller with a budget window open
 PENDING_ENTRY_BYTES = 180  # + key
 EARLY_LIST_BYTES = 260  # + request id, per request waiting for its served list
 EARLY_EVENT_BYTES = 125  # + item id, per event held
@@ -85,6 +104,34 @@ class LearnerSettings:
     max_pending_bytes: int = 96 * MiB
     max_early: int = 50_000  # events waiting for their served list (at most label_delay_s each)
     max_early_bytes: int = 16 * MiB
+    # What one source may teach per window (examples: impressions joined to a served list, each
+    # labelled once). Without them one client sending 10,000 forged lists with clicks moved the
+    # freshness weight 0.2 -> 1.4 in 5 s.
+    source_window_s: float = 3600.0
+    # ~13 pages of 20 an hour: more is a bot, a crawler or an attack, and the population's weights
+    # must not be its heaviest user's. Beyond it a user's impressions are simply not learned from.
+    max_per_user: int = 256
+    # A request serves at most max_num_results items, each labelled once; its window is as long as
+    # its list is held (a list re-sent under the same request id keeps its count).
+    max_per_request: int = MAX_NUM_RESULTS
+    # Served items an hour from one authenticated caller (LogServed): above one gateway's share of
+    # the measured load (~2.9M an hour at 40 requests/s of 20 items). Unidentified callers ("", all
+    # of them until the service authenticates) have no caller budget, only the ones above.
+    max_per_caller: int = 4_000_000
+    max_sources: int = 100_000  # users and callers with a window open; past it the oldest window closes
+    max_sources_bytes: int = 32 * MiB
+    # The trust region: one batch moves each served weight by at most this. Honest batches of 64
+    # move ~0.04 (median; 0.09 at p90) once past the first few, so this rarely slows real learning,
+    # while one user's hourly budget (256 / min_batch = 4 batches) moves a weight by at most 0.2.
+    max_step: float = 0.05
+    # The box around the prior the posterior never leaves: 4 prior stds for the served weights (a
+    # learner that wants more is broken or pushed; change the configured weights instead), and
+    # for the bias and position terms (not served) a click rate from e^-10 to ~1 around the prior.
+    max_weight_shift: float = 2.0
+    max_offset_shift: float = 8.0
+    # A variance floor (std >= 0.001): exploration never dies and forgetting brings a flooded
+    # posterior back within ~250 batches, however much evidence one batch carried.
+    max_precision: float = 1e6
 
 
 def features(parts: np.ndarray, position: int) -> np.ndarray:
@@ -106,8 +153,9 @@ def _rank(ids: str, item_id: str) -> int:
     return -1 if at < 0 else ids.count(SEP, 0, at)
 
 
-# A served list: (time, " i1 i2 ... ", float32 parts bytes); an early entry: (time, [(kind, item, position)]).
-Served = tuple[float, str, bytes]
+# A served list: [time, " i1 i2 ... ", float32 parts bytes, examples joined so far] (a list: the count
+# grows in place); an early entry: (time, [(kind, item, position)]); a source's budget: [window start, examples].
+Served = list
 Early = tuple[float, list[tuple[str, str, int | None]]]
 
 
@@ -117,6 +165,15 @@ def _served_size(key: str, v: Served) -> int:
 
 def _early_size(key: str, v: Early) -> int:
     return EARLY_LIST_BYTES + len(key) + sum(EARLY_EVENT_BYTES + len(item) for _, item, _ in v[1])
+
+
+def outside_bounds(parts: np.ndarray) -> np.ndarray:
+    """Which values of an (items x parts) array no gateway produces (PART_BOUNDS); NaN included."""
+    return ~((parts >= PART_LOW) & (parts <= PART_HIGH))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -MAX_LOGIT, MAX_LOGIT)))
 
 
 class BlendLearner:
@@ -133,8 +190,16 @@ class BlendLearner:
         self.prior_mean[N_PARTS] = -2.0  # a click rate of ~12% before any evidence
         self.prior_precision = np.full(DIM, 1.0 / settings.prior_std ** 2)
         self.prior_precision[N_PARTS:] = 0.25  # bias and position terms: weak prior, learned quickly
+        # The trust region per batch (served weights only: the bias and position terms may follow a
+        # batch of negatives at once) and the box around the prior.
+        self.step_bound = np.full(DIM, np.inf)
+        self.step_bound[:N_PARTS] = settings.max_step
+        shift = np.full(DIM, settings.max_offset_shift)
+        shift[:N_PARTS] = settings.max_weight_shift
+        self.box_low, self.box_high = self.prior_mean - shift, self.prior_mean + shift
         self.mean = self.prior_mean.copy()
         self.precision = self.prior_precision.copy()
+        self.warned = False  # a refused update is logged once, then only counted (learner_metrics.REJECTED)
         self.labelled = 0
         self.version = 0
         self.updated_at = datetime.now(timezone.utc)
@@ -146,6 +211,9 @@ class BlendLearner:
         # faster than the gateway's 100 ms flush): held until it comes or the click window passes.
         self.early: Held[Early] = Held("early", st.max_early, st.max_early_bytes, lambda v: v[0], _early_size,
                                        units_of=lambda v: len(v[1]))
+        # Budget windows of users ("user <id>") and callers ("caller <id>"); a request's is its served list.
+        self.sources: Held[list] = Held("sources", st.max_sources, st.max_sources_bytes, lambda v: v[0],
+                                        lambda k, v: SOURCE_ENTRY_BYTES + len(k))
         self.batch_x: list[np.ndarray] = []
         self.batch_y: list[float] = []
         self.path = state_dir / STATE_FILE if state_dir is not None else None
@@ -165,16 +233,21 @@ class BlendLearner:
             return False
         return self.add_served_arrays(request_id, ids, array)
 
-    def add_served_arrays(self, request_id: str, item_ids: Sequence[str], parts: np.ndarray) -> bool:
-        """add_served for a list already split into ids and an (items x parts) array (LogServed's path)."""
+    def add_served_arrays(self, request_id: str, item_ids: Sequence[str], parts: np.ndarray, caller: str = "") -> bool:
+        """add_served for a list already split into ids and an (items x parts) array (LogServed's path).
+        `caller`: who sent it, once the service authenticates callers ("": unidentified)."""
         n = len(item_ids)
-        if not request_id or not n or parts.shape != (n, N_PARTS) or not np.isfinite(parts).all():
+        if not request_id or not n or parts.shape != (n, N_PARTS) or outside_bounds(parts).any():
             return False
         ids = SEP + SEP.join(item_ids) + SEP
         if ids.count(SEP) != n + 1 or not all(item_ids):  # a space or an empty id would break the lookup
             return False
         now = self.clock()
-        if not self.served.put(request_id, (now, ids, parts.astype(np.float32, copy=False).tobytes())):
+        if not self._charge("caller", caller, n, self.settings.max_per_caller, now):
+            return False  # each served item can become one example: the caller's budget counts them
+        old = self.served.get(request_id)
+        entry = [now, ids, parts.astype(np.float32, copy=False).tobytes(), old[3] if old is not None else 0]
+        if not self.served.put(request_id, entry):
             return False  # larger than the whole served-bytes bound
         early = self.early.pop(request_id)
         if early is not None:
@@ -186,9 +259,31 @@ class BlendLearner:
         """Stored feedback events (the feedback service's post-store hook)."""
         now = self.clock()
         for e in events:
-            if e["event_type"] in JOINED_EVENTS:
-                self._event(e["event_type"], e.get("request_id") or "", e.get("item_id") or "", e.get("position"), now)
+            kind, request_id = e["event_type"], e.get("request_id") or ""
+            if kind not in JOINED_EVENTS:
+                continue
+            # An impression is what becomes an example (a click only labels one): the user pays for it.
+            if kind == "IMPRESSION" and request_id and not self._charge(
+                    "user", e.get("user_id") or "", 1, self.settings.max_per_user, now):
+                continue
+            self._event(kind, request_id, e.get("item_id") or "", e.get("position"), now)
         self.tick()
+
+    def _charge(self, kind: str, source: str, n: int, limit: int, now: float) -> bool:
+        """Count `n` examples against a source's budget for the window; False (nothing counted) when
+        they would pass `limit`. An empty source has no identity and no budget of its own."""
+        if not source:
+            return True
+        key = kind + SEP + source
+        window = self.sources.get(key)
+        if window is None or window[0] <= now - self.settings.source_window_s:
+            window = [now, 0]
+            self.sources.put(key, window)
+        if window[1] + n > limit:
+            learner_metrics.CAPPED_BY[kind].inc(n)
+            return False
+        window[1] += n
+        return True
 
     def _event(self, kind: str, request_id: str, item_id: str, position: int | None, now: float) -> None:
         if not request_id:
@@ -211,6 +306,10 @@ class BlendLearner:
         if kind == "IMPRESSION" and key not in self.pending:
             index = _rank(served[1], item_id)
             if index >= 0:
+                if served[3] >= self.settings.max_per_request:
+                    learner_metrics.CAPPED_BY["request"].inc()
+                    return
+                served[3] += 1
                 start = index * PART_BYTES
                 self.pending.put(key, PENDING.pack(now, int(position or index + 1))
                                  + served[2][start:start + PART_BYTES])
@@ -225,6 +324,8 @@ class BlendLearner:
         cutoff = now - self.settings.label_delay_s
         self.served.drop_older(cutoff - self.settings.served_margin_s)
         self.early.drop_older(cutoff)  # never served by this gateway (or its record was lost)
+        for _ in self.sources.pop_older(now - self.settings.source_window_s):  # windows closed
+            pass
         for _, packed in self.pending.pop_older(cutoff):
             self._example(packed, 0.0)
         if len(self.batch_y) >= self.settings.min_batch:
@@ -233,8 +334,8 @@ class BlendLearner:
         self.publish()
 
     def publish(self) -> None:
-        """What is held, to Prometheus (cheap: six gauge sets)."""
-        for held in (self.served, self.pending, self.early):
+        """What is held, to Prometheus (cheap: eight gauge sets)."""
+        for held in (self.served, self.pending, self.early, self.sources):
             held.publish()
 
     def _example(self, packed: bytes, y: float) -> None:
@@ -243,28 +344,64 @@ class BlendLearner:
         self.batch_y.append(y)
 
     # --- the model --------------------------------------------------------------------------------
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        """One posterior update on a batch (Chapelle & Li Algorithm 3, with forgetting)."""
-        q0 = self.prior_precision + self.settings.forget * (self.precision - self.prior_precision)
+    def update(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """One posterior update on a batch (Chapelle & Li Algorithm 3, with forgetting), inside the
+        trust region; False when it gave no sane posterior (then the last good one stays)."""
+        st = self.settings
+        q0 = self.prior_precision + st.forget * (self.precision - self.prior_precision)
         m0 = self.mean
+        low = np.maximum(m0 - self.step_bound, self.box_low)
+        high = np.minimum(m0 + self.step_bound, self.box_high)
         w = m0.copy()
-        for _ in range(self.settings.newton_steps):  # MAP of the Gaussian prior x logistic likelihood
-            p = 1.0 / (1.0 + np.exp(-(x @ w)))
-            grad = q0 * (w - m0) + x.T @ (p - y)
-            hess = np.diag(q0) + (x * (p * (1 - p))[:, None]).T @ x
-            step = np.linalg.solve(hess, grad)
-            w -= step
-            if np.abs(step).max() < 1e-6:
-                break
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        self.mean = w
-        self.precision = q0 + (x ** 2 * (p * (1 - p))[:, None]).sum(axis=0)
+        try:
+            for _ in range(st.newton_steps):  # MAP of the Gaussian prior x logistic likelihood
+                p = sigmoid(x @ w)
+                grad = q0 * (w - m0) + x.T @ (p - y)
+                # diag(q0) >= the prior precision > 0, plus a positive semi-definite term: positive
+                # definite, and with parts within PART_BOUNDS well conditioned. solve can only fail
+                # on non-finite input (direct callers); lstsq then, and the check below decides.
+                hess = np.diag(q0) + (x * (p * (1 - p))[:, None]).T @ x
+                try:
+                    step = np.linalg.solve(hess, grad)
+                except np.linalg.LinAlgError:
+                    step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+                # Projected Newton: every iterate stays in the trust region, so the bias and position
+                # terms are fitted to the weights as held back, not as the batch wanted them.
+                new = np.clip(w - step, low, high)
+                moved, w = np.abs(new - w).max(), new
+                if moved < 1e-6:
+                    break
+            p = sigmoid(x @ w)
+            precision = np.minimum(q0 + (x ** 2 * (p * (1 - p))[:, None]).sum(axis=0), st.max_precision)
+            problem = self._problem(w, precision)
+        except np.linalg.LinAlgError:  # lstsq too: nothing finite to solve
+            problem = "singular"
+        if problem is not None:
+            learner_metrics.REJECTED.labels(problem).inc()
+            if not self.warned:  # once: a stream of bad batches must not become a stream of logs
+                log.warning("blend weights: refused an update on %d examples (%s); kept v%d. Later refusals are only "
+                            "counted (recsys_feedback_learner_rejected_total)", len(y), problem, self.version)
+                self.warned = True
+            return False
+        if ((w == low) | (w == high)).any():
+            learner_metrics.CLIPPED.inc()
+        self.mean, self.precision = w, precision
         self.labelled += len(y)
         self.version += 1
         self.updated_at = datetime.now(timezone.utc)
         self._save()
         log.info("blend weights v%d from %d labelled impressions: %s", self.version, self.labelled,
                  ", ".join(f"{n}={v:.3f}" for n, v in zip(PART_NAMES, self.weights())))
+        return True
+
+    def _problem(self, mean: np.ndarray, precision: np.ndarray) -> str | None:
+        """Why a (DIM,) mean and precision are not a posterior to serve or save; None when they are."""
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+            return "non_finite"
+        if ((mean < self.box_low) | (mean > self.box_high)).any() or \
+                ((precision < self.prior_precision) | (precision > self.settings.max_precision)).any():
+            return "out_of_box"
+        return None
 
     def weights(self) -> np.ndarray:
         return self.mean[:N_PARTS].copy()
@@ -283,11 +420,28 @@ class BlendLearner:
         os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new state, never half
 
     def _load(self) -> None:
-        state = json.loads(self.path.read_text())
-        if state.get("part_names") != list(PART_NAMES) or len(state["mean"]) != DIM:
-            log.warning("ignoring %s: written for other score parts %s", self.path, state.get("part_names"))
+        """The saved posterior if it is one this learner could have written, else the prior with a
+        warning: a damaged or hostile file must not reach the gateways' scores (nor survive restarts)."""
+        try:
+            state = json.loads(self.path.read_text())
+            names = state["part_names"]
+            mean, precision = np.array(state["mean"], np.float64), np.array(state["precision"], np.float64)
+            labelled, version = int(state["labelled"]), int(state["version"])
+            updated_at = datetime.fromisoformat(state["updated_at"])
+        except (OSError, ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+            problem: str | None = f"unreadable: {type(e).__name__}: {str(e)[:200]}"
+        else:
+            if names != list(PART_NAMES):
+                problem = f"written for other score parts {str(names)[:200]}"
+            elif mean.shape != (DIM,) or precision.shape != (DIM,):
+                problem = f"mean and precision must be {DIM} numbers each, got shapes {mean.shape}, {precision.shape}"
+            elif labelled < 0 or version < 0:
+                problem = f"negative counts (labelled {labelled}, version {version})"
+            else:
+                problem = self._problem(mean, precision)
+        if problem is not None:
+            learner_metrics.REJECTED.labels("state_file").inc()
+            log.warning("ignoring %s (%s): starting from the prior", self.path, problem)
             return
-        self.mean = np.array(state["mean"])
-        self.precision = np.array(state["precision"])
-        self.labelled, self.version = int(state["labelled"]), int(state["version"])
-        self.updated_at = datetime.fromisoformat(state["updated_at"])
+        self.mean, self.precision = mean, precision
+        self.labelled, self.version, self.updated_at = labelled, version, updated_at

@@ -6,6 +6,9 @@ and nothing of it is kept. They bound the work and memory one call can cost, and
 breaks them is misconfigured (e.g. a gateway with a larger max_num_results than this service).
 A list with a malformed part vector (wrong length, NaN or infinity) is dropped alone, as the proto
 documents (`LogServedResponse.accepted`): one bad score must not cost the learner 5,000 good lists.
+A well-formed part outside contract/scores.py PART_BOUNDS (the range a gateway can produce, e.g.
+relevance 3e38) refuses the call like a limit: no gateway sends it, so the client is forged or broken,
+and such a value once made the learner's Newton step singular (tests/unit/test_learner_poisoning.py).
 The message size is bounded before any of this, by grpc (server.py: max_receive_message_length).
 """
 
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedback import metrics
+from feedback.blend_learner import outside_bounds
 from feedback.events import MAX_BATCH
 from contract.rules import ID_PATTERN, MAX_NUM_RESULTS, id_error
-from contract.scores import PART_NAMES
+from contract.scores import PART_BOUNDS, PART_NAMES
 from recsys.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -51,12 +55,13 @@ class ServedLimits:
 class ParsedList:
     request_id: str
     item_ids: list[str]
-    parts: np.ndarray  # (items, N_PARTS) float32, finite
+    parts: np.ndarray  # (items, N_PARTS) float32, within PART_BOUNDS
 
 
 def parse_served(request: feedback_pb2.LogServedRequest, limits: ServedLimits = ServedLimits()) -> list[ParsedList]:
-    """The call's lists with well-formed parts; ServedError naming the first field over a limit or
-    with a bad id. Lists with malformed parts are left out (counted, the first one logged)."""
+    """The call's lists with well-formed parts; ServedError naming the first field over a limit,
+    with a bad id or with a part out of bounds. Lists with malformed parts are left out (counted,
+    the first one logged)."""
     n = len(request.lists)
     if not 1 <= n <= limits.max_lists:
         raise ServedError("lists", f"1-{limits.max_lists} lists per call, got {n}")
@@ -75,7 +80,7 @@ def parse_served(request: feedback_pb2.LogServedRequest, limits: ServedLimits = 
 
 
 def _parse_list(at: str, served: feedback_pb2.ServedList, limits: ServedLimits) -> ParsedList | str:
-    """The list, or why its parts are malformed; ServedError for a limit or an id."""
+    """The list, or why its parts are malformed; ServedError for a limit, an id or a part out of bounds."""
     if not served.request_id:
         raise ServedError(f"{at}.request_id", "is required")
     if (problem := id_error(served.request_id)) is not None:
@@ -101,4 +106,10 @@ def _parse_list(at: str, served: feedback_pb2.ServedList, limits: ServedLimits) 
     if not finite.all():
         j = int(np.flatnonzero(~finite)[0])
         return f"{at}.items[{j}].parts: must be finite numbers, got {parts[j].tolist()}"
+    outside = outside_bounds(parts)
+    if outside.any():
+        j, k = (int(i) for i in np.argwhere(outside)[0])
+        low, high = PART_BOUNDS[PART_NAMES[k]]
+        raise ServedError(f"{at}.items[{j}].parts[{k}]",
+                          f"{PART_NAMES[k]} must be within [{low:g}, {high:g}], got {float(parts[j, k]):g}")
     return ParsedList(served.request_id, ids, parts)

@@ -32,12 +32,18 @@ def click(rid: str, item: str, kind: str = "CLICK") -> dict:
     return {"event_type": kind, "request_id": rid, "item_id": item, "position": None}
 
 
+def random_parts(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Parts a gateway could serve (contract/scores.py PART_BOUNDS): relevance around 0,
+    personalization and popularity 0-2, freshness 0-1."""
+    return np.column_stack([rng.normal(0, 1, n), rng.uniform(0, 2, n), rng.uniform(0, 2, n), rng.uniform(0, 1, n)])
+
+
 def simulate(lrn: BlendLearner, clock: Clock, true_w: np.ndarray, n_requests: int, rng: np.random.Generator,
              list_len: int = 8) -> None:
     """Lists of random parts; clicks from a logistic model with position bias; labels after the delay."""
     for r in range(n_requests):
         rid = f"r{clock.t:.0f}-{r}"
-        parts = rng.normal(0, 1, (list_len, 4)) * [1.0, 0.5, 1.0, 1.0]
+        parts = random_parts(rng, list_len)
         items = [(f"i{k}", parts[k]) for k in range(list_len)]
         assert lrn.add_served(rid, items)
         events = [impression(rid, f"i{k}", k + 1) for k in range(list_len)]
@@ -52,9 +58,11 @@ def test_learns_the_direction_of_the_true_weights():
     clock, rng = Clock(), np.random.default_rng(0)
     lrn = learner(clock)
     true_w = np.array([1.0, 0.5, -0.8, 1.5])  # shoppers now avoid the popular and chase the new
-    simulate(lrn, clock, true_w, 600, rng)
+    # 1200 requests: parts within PART_BOUNDS vary less than the N(0, 1) parts this test once used,
+    # and the trust region (max_step per batch) holds back the first batches.
+    simulate(lrn, clock, true_w, 1200, rng)
     w = lrn.weights()
-    assert lrn.version > 0 and lrn.labelled > 3000
+    assert lrn.version > 0 and lrn.labelled > 6000
     assert w[2] < 0 < w[3], w  # popularity turned negative, freshness up
     assert w[3] > PRIOR[3] + 0.8
     assert np.corrcoef(w, true_w)[0, 1] > 0.9
@@ -95,7 +103,7 @@ def test_events_before_the_served_record_are_joined_when_it_arrives():
     assert lrn.batch_y == [1.0, 0.0] and not lrn.early  # the orphan expired with the click window
 
 
-@pytest.mark.parametrize("parts", [[1.0, 2.0], [1.0, 2.0, float("nan"), 0.0], []])
+@pytest.mark.parametrize("parts", [[1.0, 2.0], [1.0, 2.0, float("nan"), 0.0], [], [3e38, 0, 0, 0], [0, 0, 0, 1.5]])
 def test_malformed_served_lists_are_refused(parts):
     lrn = learner(Clock())
     assert not lrn.add_served("r1", [("a", parts)])
@@ -133,7 +141,7 @@ def test_forgetting_lets_it_follow_a_shift():
         clock, rng = Clock(), np.random.default_rng(2)
         lrn = learner(clock, forget=forget)
         simulate(lrn, clock, np.array([1.0, 0.5, 1.0, -0.5]), 800, rng)  # popular good, new bad
-        simulate(lrn, clock, np.array([1.0, 0.5, -0.5, 1.0]), 150, rng)  # the shift
+        simulate(lrn, clock, np.array([1.0, 0.5, -0.5, 1.0]), 300, rng)  # the shift
         after[forget] = lrn.weights()
     assert after[0.9][3] > after[1.0][3] + 0.2  # freshness recovered further
     assert after[0.9][2] < after[1.0][2] - 0.2

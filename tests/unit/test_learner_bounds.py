@@ -155,7 +155,7 @@ def _request(n_lists: int, n_items: int, rng: np.random.Generator) -> fb.LogServ
     for _ in range(n_lists):
         s = req.lists.add(request_id=uuid.uuid4().hex)
         for _ in range(n_items):
-            s.items.add(item_id=f"i{rng.integers(100_000):05d}", parts=rng.normal(size=4).tolist())
+            s.items.add(item_id=f"i{rng.integers(100_000):05d}", parts=rng.uniform(0, 1, size=4).tolist())
     return req
 
 
@@ -200,3 +200,18 @@ def test_the_pending_and_early_estimates_are_within_a_quarter_of_the_real_cost()
         estimate = early.early.bytes / m
         print(f"early, {per_request} events per request: {real:.0f} bytes real, {estimate:.0f} estimated")
         assert abs(estimate - real) <= 0.25 * real
+
+
+def test_the_source_budget_estimate_is_within_a_quarter_of_the_real_cost():
+    n = 20_000
+    lrn = BlendLearner(PRIOR, None, LearnerSettings(max_sources=10**9, max_sources_bytes=1 << 40))
+    users = [f"u-{uuid.uuid4().hex}" for _ in range(n)]  # made before: the event dicts hold them anyway
+
+    def charge():  # what observe does for each impression of a new user
+        for user in users:
+            assert lrn._charge("user", user, 1, 10**6, 0.0)
+
+    real = _allocated(charge) / n
+    estimate = lrn.sources.bytes / n
+    print(f"source budget window: {real:.0f} bytes real, {estimate:.0f} estimated")
+    assert len(lrn.sources) == n and abs(estimate - real) <= 0.25 * real

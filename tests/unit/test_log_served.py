@@ -1,5 +1,5 @@
-"""LogServed limits: over a limit or with a bad id the call answers INVALID_ARGUMENT naming the field;
-a list with malformed parts is dropped alone (the proto's contract)."""
+"""LogServed limits: over a limit, with a bad id or a part out of bounds the call answers
+INVALID_ARGUMENT naming the field; a list with malformed parts is dropped alone (the proto's contract)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from gateway.config import GatewaySettings
 from feedback.blend_learner import BlendLearner
 from feedback.served import ServedError, ServedLimits, parse_served
 from feedback.service import FeedbackServicer
+from contract.scores import PART_BOUNDS, PART_NAMES
 from recsys.v1 import feedback_pb2 as fb
 
 
-def lst(rid: str = "r1", n: int = 3, item=lambda k: f"i{k}", parts=lambda k: [k, 0.5, 0.25, 0.0]) -> fb.ServedList:
+def lst(rid: str = "r1", n: int = 3, item=lambda k: f"i{k}", parts=lambda k: [k % 50, 0.5, 0.25, 0.0]) -> fb.ServedList:
     return fb.ServedList(request_id=rid, items=[fb.ServedItem(item_id=item(k), parts=parts(k)) for k in range(n)])
 
 
@@ -63,6 +64,22 @@ def test_a_list_with_malformed_parts_is_dropped_alone(parts):
     assert [p.request_id for p in got] == ["good", "good2"]
 
 
+@pytest.mark.parametrize("k,name", list(enumerate(PART_NAMES)))
+def test_a_part_out_of_bounds_refuses_the_call_naming_it(k, name):
+    low, high = PART_BOUNDS[name]
+    edges = [[low if i == k else PART_BOUNDS[n][0] for i, n in enumerate(PART_NAMES)],
+             [high if i == k else PART_BOUNDS[n][1] for i, n in enumerate(PART_NAMES)]]
+    got = parse_served(fb.LogServedRequest(lists=[lst(n=2, parts=lambda j: edges[j])]))  # the bounds are in
+    np.testing.assert_array_equal(got[0].parts, np.array(edges, np.float32))
+    for beyond in (low - 0.5, high + 0.5, 3e38, -3e38):
+        bad = lambda j: [beyond if (i == k and j == 2) else 0.5 for i in range(4)]  # noqa: E731
+        with pytest.raises(ServedError) as err:
+            parse_served(fb.LogServedRequest(lists=[lst("r0"), lst("r1", parts=bad)]))
+        assert err.value.field == f"lists[1].items[2].parts[{k}]"
+        assert str(err.value) == f"lists[1].items[2].parts[{k}]: {name} must be within [{low:g}, {high:g}], " \
+                                 f"got {float(np.float32(beyond)):g}"
+
+
 class Aborted(Exception):
     pass
 
@@ -86,3 +103,16 @@ def test_the_servicer_answers_invalid_argument_and_keeps_nothing_of_a_refused_ca
         log_served(servicer, lst("r3"), lst("r4", n=11))
     assert err.value.args == (grpc.StatusCode.INVALID_ARGUMENT, "lists[1].items: at most 10 items, got 11")
     assert list(learner.served) == ["r1"]  # r3 was valid, but the call was refused as a whole
+
+
+def test_the_bounds_hold_what_the_gateways_formulas_produce():
+    """contract/scores.py PART_BOUNDS is derived from the gateway's code; if its lifts grow past the
+    bounds, every served list would be refused: this fails first."""
+    from gateway.scoring import SESSION_BRAND, SESSION_CATEGORY
+    from contract.scores import POPULARITY_SCALE, RANKER_PRIOR
+
+    assert 0.5 + 0.5 + SESSION_BRAND + SESSION_CATEGORY <= PART_BOUNDS["personalization"][1]  # affinities + lifts
+    low, high = PART_BOUNDS["relevance"]
+    assert low <= -RANKER_PRIOR and RANKER_PRIOR + 2 * 0.5 <= high  # prior x cosine + BOOST x a brand and a category
+    assert np.log1p(np.finfo(np.float32).max) / POPULARITY_SCALE <= PART_BOUNDS["popularity"][1]
+    assert PART_BOUNDS["freshness"] == (0.0, 1.0) and tuple(PART_BOUNDS) == PART_NAMES

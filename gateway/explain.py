@@ -7,6 +7,8 @@ popularity reason when the item is really among its category's most popular).
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import numpy as np
 
 from gateway.catalog import Catalog
@@ -32,7 +34,7 @@ class Explainer:
                 self._popular_cut[cat] = max(float(np.quantile(pops, 1 - POPULAR_TOP_SHARE)), 1e-6)
 
     def reasons(self, pos: int, query_text: str, cosine: float | None, user: UserView, popularity: float,
-                sources: set[int], constraints: list[str], fresh: float, limit: int = 3) -> list[str]:
+                sources: AbstractSet[int], constraints: list[str], fresh: float, limit: int = 3) -> list[str]:
         cat, brand = self.catalog.categories[pos], self.catalog.brands[pos]
         out: list[tuple[float, str]] = []
         if query_text and cosine is not None and cosine >= MATCH_COSINE:
@@ -57,3 +59,17 @@ class Explainer:
             out.append((0.5, "popular right now"))
         out.sort(key=lambda r: -r[0])
         return [text for _, text in out[:limit]]
+
+
+class ExplainerCache:
+    """One Explainer for the catalog being served: its per-category popularity cuts cost a pass over
+    the catalog, so they are computed once per catalog snapshot, not once per request."""
+
+    def __init__(self) -> None:
+        self._by_catalog: dict[int, Explainer] = {}
+
+    def get(self, catalog: Catalog) -> Explainer:
+        key = id(catalog)  # the cached Explainer holds the catalog, so its id cannot be reused meanwhile
+        if key not in self._by_catalog:
+            self._by_catalog = {key: Explainer(catalog)}  # only the newest catalog is ever asked for again
+        return self._by_catalog[key]

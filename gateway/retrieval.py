@@ -6,7 +6,9 @@ its candidates, so the response can say where each item came from.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 
@@ -24,12 +26,15 @@ CALLER = common_pb2.CANDIDATE_SOURCE_CALLER
 SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", SESSION: "session", POPULAR: "popular", CALLER: "caller"}
 
 
+Source: TypeAlias = common_pb2.CandidateSource.ValueType  # an int at run time
+
+
 @dataclass
 class Candidates:
     positions: list[int] = field(default_factory=list)
-    sources: dict[int, set[int]] = field(default_factory=dict)
+    sources: dict[int, set[Source]] = field(default_factory=dict)  # position -> where it came from
 
-    def add(self, positions, source: int) -> int:
+    def add(self, positions: Iterable[int], source: Source) -> int:
         n = 0
         for p in positions:
             p = int(p)
@@ -40,7 +45,7 @@ class Candidates:
             self.sources[p].add(source)
         return n
 
-    def count(self, source: int) -> int:
+    def count(self, source: Source) -> int:
         return sum(1 for s in self.sources.values() if source in s)
 
 

@@ -1,7 +1,8 @@
 """Feature terms of the final score: personalization, popularity, freshness; and their fusion.
 
 final = w_rel * relevance + w_pers * personalization + w_pop * popularity + w_fresh * freshness
-Each weighted part is reported in ScoreBreakdown, so the parts add up to the score.
+(`score_parts` and `fuse`: the one place this formula is written). Each weighted part is reported
+in ScoreBreakdown, so the parts add up to the score.
 relevance is the Triton ranker's score for the top-K, else prior x cosine similarity (the
 untrained ranker's own formula, so ranked and unranked items are on one scale).
 """
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from gateway.catalog import Catalog
-from contract.scores import POPULARITY_SCALE, ScoreWeights
+from contract.scores import PART_NAMES, POPULARITY_SCALE, ScoreWeights
 
 FRESH_DAYS = 14.0
 # A session's brand and category shares (0-1) lift an item by up to this much (x the personalization
@@ -24,6 +25,7 @@ FRESH_DAYS = 14.0
 # page without filling the page with it.
 SESSION_BRAND = 0.6
 SESSION_CATEGORY = 0.3
+BOOST = 0.5  # relevance bonus for a brand/category the query named but that could not be a hard filter
 
 
 @dataclass
@@ -62,6 +64,19 @@ class UserView:
 
 def weight_vector(weights: ScoreWeights) -> np.ndarray:
     return np.array([getattr(weights, name) for name in PART_NAMES], dtype=np.float32)
+
+
+def score_parts(w: np.ndarray, relevance: np.ndarray, pers: np.ndarray, pop: np.ndarray,
+                fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted parts of the final score (in PART_NAMES order): what ScoreBreakdown reports."""
+    return w[0] * relevance, w[1] * pers, w[2] * pop, w[3] * fresh
+
+
+def fuse(w: np.ndarray, relevance: np.ndarray, pers: np.ndarray, pop: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """The final score: the sum of `score_parts`, added in part order (so a breakdown built from
+    the same parts adds up to exactly this score)."""
+    rel_part, pers_part, pop_part, fresh_part = score_parts(w, relevance, pers, pop, fresh)
+    return rel_part + pers_part + pop_part + fresh_part
 
 
 def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_popularity: np.ndarray,

@@ -1,0 +1,45 @@
+"""Pre-score: every candidate's relevance and feature terms, fused with the request's blend weights,
+and the candidates in pre-score order (which picks the head the ranker re-scores).
+
+No downstream call and no stage of its own in `x-recsys-stages-ms` (it never had one: the
+metadata's stage names stay what dashboards and the benchmarks read).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.services import Services
+from gateway.scoring import BOOST, feature_terms, fuse, weight_vector
+from gateway.state import Snapshot
+from contract.scores import RANKER_PRIOR
+
+
+def pre_score(ctx: RequestContext, svc: Services) -> None:
+    """Fills `positions`, `cosine`, `relevance`, `pers`, `pop`, `fresh`, `weights`, `blend_version`, `order`."""
+    req, catalog = ctx.req, ctx.catalog
+    ctx.positions = positions = np.array(ctx.cands.positions, dtype=np.int64)
+    probe = ctx.query_vec if ctx.query_vec is not None else ctx.interest
+    ctx.cosine = ctx.snap.index.similarity(probe, positions) if probe is not None else None
+    ctx.relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine) + BOOST * ctx.boosts[positions]
+    if svc.blend is not None:
+        ctx.weights, ctx.blend_version = svc.blend.weights_for(req.user_id or req.session_id or req.request_id)
+    else:
+        ctx.weights, ctx.blend_version = weight_vector(svc.settings.weights), ""
+    ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
+    pre = fuse(ctx.weights, ctx.relevance, ctx.pers, ctx.pop, ctx.fresh)
+    ctx.order = np.argsort(-pre, kind="stable")
+
+
+def base_relevance(snap: Snapshot, query: str, positions: np.ndarray, cosine: np.ndarray | None) -> np.ndarray:
+    """Relevance before the ranker, on the untrained ranker's scale (RANKER_PRIOR x cosine), so
+    ranked and unranked items compare."""
+    if cosine is not None:
+        relevance = RANKER_PRIOR * cosine
+    elif query:  # encoder down: BM25 scores scaled into the cosine range
+        lex = snap.lexical.scores(query)
+        relevance = RANKER_PRIOR * 0.5 * (lex[positions] / max(float(lex[positions].max(initial=0)), 1e-9))
+    else:
+        relevance = np.zeros(len(positions), dtype=np.float32)
+    return relevance.astype(np.float32)

@@ -1,0 +1,44 @@
+"""What the stages call and share across requests: settings, the downstream clients, the guarded
+call, the query cache, the blend and the model versions the server keeps current.
+
+One object per gateway (the Recommender holds it); stages get it next to their RequestContext, so
+a test hands them fakes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.config import GatewaySettings
+from gateway.explain import ExplainerCache
+from gateway.features.online_reader import OnlineFeatureReader
+from gateway.online_blend import OnlineBlend
+from gateway.pipeline.guarded import GuardedCalls
+from gateway.query_cache import QueryEmbeddingCache
+from gateway.state import ServingState
+from gateway.triton_client import TritonClient
+
+
+@dataclass
+class Services:
+    settings: GatewaySettings
+    state: ServingState
+    reader: OnlineFeatureReader | None  # None: no online store (no personalization, no fresh item features)
+    triton: TritonClient
+    guard: GuardedCalls
+    query_cache: QueryEmbeddingCache
+    blend: OnlineBlend | None = None  # online-learned blend weights; None: the configured weights
+    ranker_version: str = ""  # kept current by the server's refresh loop
+    interest_version: str = ""  # "": no interest model in Triton; the fallback formula is used
+    explainers: ExplainerCache = field(default_factory=ExplainerCache)
+
+    @property
+    def reserve_s(self) -> float:
+        """Time kept back after a downstream call for what follows it (fusion and the reply)."""
+        return self.settings.reserve_ms / 1e3
+
+    @classmethod
+    def build(cls, settings: GatewaySettings, state: ServingState, reader: OnlineFeatureReader | None,
+              triton: TritonClient, blend: OnlineBlend | None = None) -> "Services":
+        return cls(settings, state, reader, triton, GuardedCalls(settings),
+                   QueryEmbeddingCache(settings.embedding_cache_size), blend)

@@ -91,10 +91,12 @@ def session_updater(settings: FeedbackSettings, event_log: EventLog):
     from feast import FeatureStore
 
     from feedback.sessions import SessionUpdater, load_categories
+    from sources.feast_source import FeastCatalogSource
 
     repo = settings.feature_repo.resolve()
     store = FeatureStore(repo_path=str(repo), fs_yaml_file=repo / settings.feature_store_yaml)
-    updater = SessionUpdater(store, load_categories(store), store.get_feature_view("user_session").ttl)
+    updater = SessionUpdater(store, load_categories(FeastCatalogSource.from_feature_store(store)),
+                             store.get_feature_view("user_session").ttl)
     replayed = updater.replay(event_log, datetime.now(timezone.utc))
     log.info("session features on: %d users' sessions rebuilt from %d recent events", len(updater.states), replayed)
     return updater

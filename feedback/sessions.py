@@ -20,6 +20,7 @@ import pandas as pd
 
 from eventlog.event_log import EventLog
 from contract.session import PUSH_SOURCE, SESSION_EVENTS, SessionState
+from sources.interface import CatalogSource
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ class SessionUpdater:
         return replayed
 
 
-def load_categories(store) -> dict[str, str]:
-    """item_id -> category, from the item source the feature view reads."""
-    path = store.get_feature_view("item_attributes").batch_source.path
-    items = pd.read_parquet(path, columns=["item_id", "category", "event_timestamp"])
-    items = items.sort_values("event_timestamp").drop_duplicates("item_id", keep="last")
+def load_categories(source: CatalogSource) -> dict[str, str]:
+    """item_id -> category, each item's newest row of the item source the feature view reads."""
+    items = source.latest_items(["category"])
     return dict(zip(items["item_id"], items["category"]))

@@ -1,47 +1,48 @@
 """The catalog the gateway retrieves from: ids, text, brand, category, price, popularity, co-visitation.
 
-Loaded from the Feast offline sources named in the registry (item_attributes, item_popularity and
-the event log), so the gateway and training read the same files and a new item appears here as
-soon as it is in the item source. Everything is column arrays indexed by an item's *position*:
-filters become boolean masks and the ANN index stores positions.
+Read through a `sources.interface.CatalogSource` (in production Feast's offline store API over the
+sources the registry names: item_attributes, item_popularity and the event log), so the gateway and
+training read the same rows, whatever the offline store, and a new item appears here as soon as it
+is in the item source. Everything is column arrays indexed by an item's *position*: filters become
+boolean masks and the ANN index stores positions.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from contract.item_text import catalog_texts
+from sources.interface import POPULARITY, CatalogSource
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 log = logging.getLogger(__name__)
 
 COVISIT_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
 COVISIT_NEIGHBOURS = 20
 COVISIT_MAX_SESSION_ITEMS = 30  # a basket of 300 items would add 90k pairs and say little
+CATALOG_COLUMNS = ("title", "brand", "category", "price", "attributes")  # what catalog_texts and filters read
 
 
-@dataclass(frozen=True)
 class CatalogSources:
-    items: Path
-    popularity: Path
-    events: Path
+    """The gateway's name for where its catalog comes from (gateway/server.py calls
+    `CatalogSources.from_feature_store(store)`): the feature repo's Feast-backed CatalogSource."""
 
-    @classmethod
-    def from_feature_store(cls, store) -> "CatalogSources":
-        return cls(
-            items=Path(store.get_feature_view("item_attributes").batch_source.path),
-            popularity=Path(store.get_feature_view("item_popularity").batch_source.path),
-            events=Path(store.get_data_source("events_source").path),
-        )
+    @staticmethod
+    def from_feature_store(store: FeatureStore) -> CatalogSource:
+        # Imported here: importing gateway.catalog (cli/simulate.py wants epoch_seconds) stays light.
+        from sources.feast_source import FeastCatalogSource
 
-    def mtimes(self) -> tuple[float, ...]:
-        return tuple(os.path.getmtime(p) if p.exists() else 0.0 for p in (self.items, self.popularity, self.events))
+        return FeastCatalogSource.from_feature_store(store)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Catalog:
     popularity: np.ndarray  # float32, latest popularity_7d (0 when none)
     popular: np.ndarray  # positions, most popular first
     covisit: dict[int, np.ndarray] = field(repr=False)  # position -> co-visited positions, strongest first
-    source_mtimes: tuple[float, ...] = ()
+    source_version: Hashable = None  # the source's version() when this was read (reload when it moves)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -73,12 +74,9 @@ class Catalog:
         return brands, cats, prices
 
 
-def _latest_popularity(path: Path, item_ids: list[str]) -> np.ndarray:
-    if not path.exists():
-        return np.zeros(len(item_ids), dtype=np.float32)
-    pop = pd.read_parquet(path, columns=["item_id", "popularity_7d", "event_timestamp"])
-    latest = pop.sort_values("event_timestamp").drop_duplicates("item_id", keep="last").set_index("item_id")
-    return latest["popularity_7d"].reindex(item_ids).fillna(0.0).to_numpy(np.float32)
+def _latest_popularity(source: CatalogSource, item_ids: list[str]) -> np.ndarray:
+    latest = source.latest_popularity().set_index("item_id")
+    return latest[POPULARITY].astype("float64").reindex(item_ids).fillna(0.0).to_numpy(np.float32)
 
 
 def covisitation(events: pd.DataFrame, position: dict[str, int], k: int = COVISIT_NEIGHBOURS) -> dict[int, np.ndarray]:
@@ -104,23 +102,25 @@ def epoch_seconds(timestamps: pd.Series) -> np.ndarray:
     return pd.to_datetime(timestamps, utc=True).astype("datetime64[ns, UTC]").astype("int64").to_numpy() / 1e9
 
 
-def load_catalog(sources: CatalogSources, order: tuple[str, ...] = ()) -> Catalog:
+def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_since: datetime | None = None) -> Catalog:
     """order: the ids of the catalog being replaced; they keep their positions (new items come
-    after them), so an index over the old catalog stays valid and only needs the new items added."""
+    after them), so an index over the old catalog stays valid and only needs the new items added.
+    covisit_since: co-visitation from the events since then (None: all of them)."""
     t0 = time.perf_counter()
-    mtimes = sources.mtimes()
-    items = pd.read_parquet(sources.items)
-    items = items.sort_values("event_timestamp", kind="stable").drop_duplicates("item_id", keep="last")
+    version = source.version()  # before the reads: a change during them shows as a change next time
+    items = source.latest_items(CATALOG_COLUMNS)
+    # The source returns rows in any order: creation time, then id, is the order of new items
+    # (deterministic whatever the offline store; the ANN index stores positions).
+    items = items.sort_values(["event_timestamp", "item_id"], kind="stable")
     if order:
         rank = {item_id: i for i, item_id in enumerate(order)}
         items = items.assign(_order=items["item_id"].map(rank).fillna(len(rank)))
-        items = items.sort_values(["_order", "event_timestamp"], kind="stable").drop(columns="_order")
+        items = items.sort_values("_order", kind="stable").drop(columns="_order")
     items = items.reset_index(drop=True)
     ids = items["item_id"].astype(str).tolist()
     position = {item_id: i for i, item_id in enumerate(ids)}
-    popularity = _latest_popularity(sources.popularity, ids)
-    events = (pd.read_parquet(sources.events, columns=["session_id", "item_id", "event_type", "timestamp"])
-              if sources.events.exists() else pd.DataFrame(columns=["session_id", "item_id", "event_type", "timestamp"]))
+    popularity = _latest_popularity(source, ids)
+    events = source.events(covisit_since)
     catalog = Catalog(
         item_ids=tuple(ids),
         position=position,
@@ -133,7 +133,7 @@ def load_catalog(sources: CatalogSources, order: tuple[str, ...] = ()) -> Catalo
         popularity=popularity,
         popular=np.argsort(-popularity, kind="stable"),
         covisit=covisitation(events, position),
-        source_mtimes=mtimes,
+        source_version=version,
     )
     log.info("catalog loaded: %d items, %d with co-visitation neighbours (%.1fs)",
              len(ids), len(catalog.covisit), time.perf_counter() - t0)

@@ -22,11 +22,12 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from gateway.catalog import Catalog, CatalogSources, load_catalog
+from gateway.catalog import Catalog, load_catalog
 from gateway.catalog_embeddings import EmbeddingCache, embed_texts
 from gateway.index import ItemIndex
 from gateway.query_parser import QueryParser
 from gateway.triton_client import TritonClient
+from sources.interface import CatalogSource
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ async def serving_encoder_version(triton: TritonClient) -> str:
 
 
 class ServingState:
-    def __init__(self, sources: CatalogSources, triton: TritonClient, cache_dir: Path):
+    def __init__(self, sources: CatalogSource, triton: TritonClient, cache_dir: Path):
         self.sources = sources
         self.triton = triton
         self.cache_dir = cache_dir
@@ -123,14 +124,15 @@ class ServingState:
             return self.snapshot
 
     async def refresh(self) -> str:
-        """Pick up a new encoder version or changed catalog files; return what happened."""
+        """Pick up a new encoder version or a changed catalog source; return what happened."""
         async with self._lock:
             current = self.snapshot
             if current is None:
                 raise RuntimeError("refresh() before load()")
             version = await serving_encoder_version(self.triton)
             self.triton_encoder = version
-            catalog_changed = self.sources.mtimes() != current.catalog.source_mtimes
+            # In a thread: for a source other than a local file, version() is an offline-store query.
+            catalog_changed = await asyncio.to_thread(self.sources.version) != current.catalog.source_version
             if version == current.encoder_version and not catalog_changed:
                 return "unchanged"
             catalog = (await asyncio.to_thread(load_catalog, self.sources, current.catalog.item_ids)

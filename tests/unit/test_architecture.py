@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ROOMS = ("contract", "eventlog", "rpc", "modelrepo", "gateway", "feedback", "scorer", "localtriton", "cli")
+ROOMS = ("contract", "eventlog", "rpc", "sources", "modelrepo", "gateway", "feedback", "scorer", "localtriton", "cli")
 
 
 def test_import_contracts_hold() -> None:

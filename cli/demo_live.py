@@ -14,17 +14,15 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import pandas as pd
 from rich.console import Console
 
 from cli.background import BackgroundFeedback, BackgroundGateway
 from cli.tables import response_table
-from rpc.clients import GatewayClient
+from rpc.clients import FeedbackClient, RecommendClient
 from gateway.config import GatewaySettings
 from feedback.server import FeedbackSettings
 from recsys.v1 import feedback_pb2 as fb
-from recsys.v1 import feedback_pb2_grpc
 from scorer.export.encoder_export import export_encoder
 from scorer.export.interest_export import export_interest
 from scorer.export.ranker_export import export_ranker
@@ -63,9 +61,9 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
                 gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
             try:
                 console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
-                with GatewayClient(gateway.address, timeout_s=10) as client:
-                    stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(fb_service.address))
-                    play_script(client, stub, repo, console)
+                with RecommendClient(gateway.address, timeout_s=10) as client, \
+                        FeedbackClient(fb_service.address, timeout_s=10) as feedback:
+                    play_script(client, feedback, repo, console)
                 if shop_dir is not None:
                     simulate_loop(shop_dir, gateway.address, fb_service.address, console)
             finally:
@@ -87,7 +85,7 @@ def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console)
                    Path(shop_dir).resolve().parents[0] / "reports" / "simulation")
 
 
-def play_script(client: GatewayClient, feedback, repo: Path, console: Console) -> None:
+def play_script(client: RecommendClient, feedback: FeedbackClient, repo: Path, console: Console) -> None:
     items = pd.read_parquet(repo / "data" / "offline" / "item_features.parquet").set_index("item_id")
     titles = items["title"].to_dict()
     user, session = f"demo-shopper-{uuid.uuid4().hex[:6]}", "demo-session"
@@ -104,7 +102,7 @@ def play_script(client: GatewayClient, feedback, repo: Path, console: Console) -
     events = [fb.Event(event_id=f"{user}-click-{n}", type=fb.EVENT_TYPE_CLICK, user_id=user, session_id=session,
                        item_id=item_id, request_id=before.request_id, position=n + 1) for n, item_id in enumerate(clicked)]
     t0 = time.perf_counter()
-    reply = feedback.Log(fb.LogRequest(events=events), timeout=10)
+    reply = feedback.log(events)
     console.print(f"the shopper clicks 3 {brand} shoes ({', '.join(clicked)}); the feedback service stored "
                   f"{reply.accepted} events (fsync'd) and updated the live session in "
                   f"{(time.perf_counter() - t0) * 1e3:.0f} ms")

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from gateway.catalog import epoch_seconds
-from recsys.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from recsys.v1 import common_pb2, feedback_pb2
+from rpc.clients import AsyncFeedbackClient, AsyncRecommendClient
 from scorer.data import vocab
 from scorer.data.synthetic import (FRESH_DAYS, PRICE_BAND_LEVEL, TASTE, Catalog, Shop, Taste, UserLatent, _draw_intent,
                                    _intent_match, _ItemArrays, cart_probability, click_probability, click_utility,
@@ -160,8 +161,8 @@ class Simulator:
         self.shop = shop
         self.config = config
         self.addresses = (gateway, feedback)
-        self.gateway: recommend_pb2_grpc.RecommendServiceStub | None = None  # aio stubs: made inside the loop
-        self.feedback: feedback_pb2_grpc.FeedbackServiceStub | None = None
+        self.gateway: AsyncRecommendClient | None = None  # asyncio clients: made inside the loop (run)
+        self.feedback: AsyncFeedbackClient | None = None
         activity = np.array([u.activity for u in shop.users])
         self.user_p = activity / activity.sum()
         self.run_id = uuid.uuid4().hex[:8]
@@ -182,9 +183,8 @@ class Simulator:
             common_pb2.Context(surface=common_pb2.SURFACE_CATEGORY, page_category=category)
         t0 = time.perf_counter()
         try:
-            response = await self.gateway.Recommend(recommend_pb2.RecommendRequest(
-                user_id=user.user_id, session_id=session, query=intent.query or "", context=context,
-                num_results=cfg.list_length), timeout=cfg.timeout_s)
+            response = await self.gateway.recommend(intent.query or "", user.user_id, session, cfg.list_length,
+                                                    explain=False, context=context, timeout_s=cfg.timeout_s)
         except grpc.aio.AioRpcError:
             self.failed += 1
             return
@@ -223,7 +223,7 @@ class Simulator:
                 if rng.random() < purchase_probability(price_fit[k]):
                     purchases += 1
                     event(EVENT.EVENT_TYPE_PURCHASE, shown[k], int(k) + 1, quantity=1)
-        await self.feedback.Log(feedback_pb2.LogRequest(events=events), timeout=cfg.timeout_s * 5)
+        await self.feedback.log(events, timeout_s=cfg.timeout_s * 5)
         self.outcomes.append(Outcome(step, response.model_versions.get("blend", "static").split("-")[0], search,
                                      len(shown), len(clicked), carts, purchases, shifted, latency_ms,
                                      " ".join(f"{k}={v}" for k, v in sorted(response.model_versions.items())
@@ -231,7 +231,7 @@ class Simulator:
 
     async def record_weights(self, step: int) -> None:
         try:
-            w = await self.feedback.GetBlendWeights(feedback_pb2.GetBlendWeightsRequest(), timeout=1.0)
+            w = await self.feedback.get_blend_weights(timeout_s=1.0)
         except grpc.aio.AioRpcError:
             return  # online learning off in the feedback service: no weight curve
         self.weights.append({"step": step, "version": w.version, "labelled": w.labelled,
@@ -240,9 +240,8 @@ class Simulator:
     async def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         cfg = self.config
         counter = iter(range(cfg.requests))
-        channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
-        self.gateway = recommend_pb2_grpc.RecommendServiceStub(channels[0])
-        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(channels[1])
+        self.gateway = AsyncRecommendClient(self.addresses[0], cfg.timeout_s)
+        self.feedback = AsyncFeedbackClient(self.addresses[1], cfg.timeout_s)
 
         async def shopper() -> None:
             for step in counter:
@@ -256,8 +255,8 @@ class Simulator:
             await asyncio.gather(*(shopper() for _ in range(cfg.concurrency)))
             await self.record_weights(cfg.requests)
         finally:
-            for channel in channels:
-                await channel.close()
+            await self.gateway.close()
+            await self.feedback.close()
         outcomes = pd.DataFrame([o.__dict__ for o in self.outcomes]).sort_values("step", ignore_index=True)
         return SimResult(outcomes, pd.DataFrame(self.weights).sort_values("step", ignore_index=True), cfg, self.failed)
 

@@ -7,7 +7,14 @@ one process (tests only) the gauges show whichever published last.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
+
+# Per FeedbackService call, counted by the server's AccessLog interceptor (rpc/interceptors.py).
+# A Log call waits for its fsync; a maximum-size LogServed call parses for ~150 ms.
+REQUESTS = Counter("recsys_feedback_requests_total", "FeedbackService RPCs by method and status code",
+                   ["method", "code"])
+REQUEST_SECONDS = Histogram("recsys_feedback_request_seconds", "FeedbackService RPC latency", ["method"],
+                            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 
 # `store` is what the online learner holds in memory (blend_learner.py): served lists ("served"),
 # impressions waiting for their label ("pending"), events waiting for their served list ("early").

@@ -33,7 +33,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contract.scores import ScoreWeights
 from feedback.blend_learner import BlendLearner, LearnerSettings
 from eventlog.event_log import EventLog, EventLogError
-from rpc.interceptors import DecodeErrors
+from rpc.interceptors import server_interceptors
+from feedback import metrics
 from feedback.served import ServedLimits
 from feedback.service import FeedbackServicer
 from contract.scores import PART_NAMES
@@ -109,6 +110,18 @@ async def _tick(learner: BlendLearner) -> None:
         learner.tick()
 
 
+ACCESS_LOG = "feedback.access"
+
+
+def interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Request ids, the access log and request metrics (recsys_feedback_requests_total,
+    recsys_feedback_request_seconds), exceptions -> INTERNAL naming the request id, undecodable
+    requests -> INVALID_ARGUMENT (rpc/interceptors.py); auth (API keys, roles) goes in `auth=`.
+    The event log's own refusals stay the servicer's (feedback/service.py)."""
+    return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
+                               request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,))
+
+
 @dataclass
 class RunningFeedback:
     server: grpc.aio.Server
@@ -131,7 +144,7 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
                            settings.learner_settings()) if settings.online_learning else None
-    server = grpc.aio.server(interceptors=[DecodeErrors()], options=[("grpc.so_reuseport", 0),
+    server = grpc.aio.server(interceptors=interceptors(), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,
                                 ServedLimits(max_items=settings.max_served_items))

@@ -6,6 +6,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
+# Per RecommendService call, counted by the server's AccessLog interceptor (rpc/interceptors.py).
 REQUESTS = Counter("recsys_requests_total", "RPCs by method and status code", ["method", "code"])
 REQUEST_SECONDS = Histogram("recsys_request_seconds", "End-to-end RPC latency", ["method"], buckets=_LATENCY_BUCKETS)
 STAGE_SECONDS = Histogram("recsys_stage_seconds", "Latency per pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS)

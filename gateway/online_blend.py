@@ -26,7 +26,8 @@ from gateway import metrics
 from gateway.config import GatewaySettings
 from contract.scores import PART_NAMES
 from gateway.scoring import weight_vector
-from recsys.v1 import feedback_pb2, feedback_pb2_grpc
+from recsys.v1 import feedback_pb2
+from rpc.clients import AsyncFeedbackClient
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class OnlineBlend:
         self.poll_s = settings.online_weights_poll_s
         self.queue: deque[feedback_pb2.ServedList] = deque()
         self.rng = np.random.default_rng(seed)
-        self.channel = grpc.aio.insecure_channel(settings.feedback_url)
-        self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+        self.feedback = AsyncFeedbackClient(settings.feedback_url)  # made in the gateway's loop (Gateway.start)
 
     # --- per request --------------------------------------------------------------------------
     def in_holdout(self, unit: str) -> bool:
@@ -78,7 +78,7 @@ class OnlineBlend:
     async def poll(self) -> bool:
         """Fetch the learner's posterior; False (weights unchanged) when it cannot be had."""
         try:
-            got = await self.stub.GetBlendWeights(feedback_pb2.GetBlendWeightsRequest(), timeout=1.0)
+            got = await self.feedback.get_blend_weights(timeout_s=1.0)
         except grpc.aio.AioRpcError as e:
             metrics.DOWNSTREAM_ERRORS.labels("feedback", e.code().name).inc()
             return False
@@ -107,7 +107,7 @@ class OnlineBlend:
                 metrics.SERVED_LOG_DROPPED.inc()
                 continue
             try:
-                await self.stub.LogServed(feedback_pb2.LogServedRequest(lists=batch), timeout=2.0)
+                await self.feedback.log_served(batch, timeout_s=2.0)
             except grpc.aio.AioRpcError as e:
                 metrics.DOWNSTREAM_ERRORS.labels("feedback", e.code().name).inc()
                 metrics.SERVED_LOG_DROPPED.inc(len(batch))
@@ -128,4 +128,4 @@ class OnlineBlend:
 
     async def close(self) -> None:
         await self.flush()
-        await self.channel.close()
+        await self.feedback.close()

@@ -26,10 +26,10 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
-from rpc.interceptors import DecodeErrors
+from rpc.interceptors import server_interceptors
 from gateway.online_blend import OnlineBlend
-from gateway.recommender import Recommender
-from gateway.service import RecommendServicer
+from gateway.recommender import Recommender, Unavailable
+from gateway.service import ACCESS_LOG, LOGGED_IDS, RecommendServicer
 from gateway.state import ServingState, serving_encoder_version
 from gateway.triton_client import TritonClient, TritonError
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
@@ -78,7 +78,7 @@ class Gateway:
         if self.blend is not None:
             self._tasks.append(asyncio.create_task(self.blend.run()))
 
-        self.server = grpc.aio.server(interceptors=[DecodeErrors()], options=[
+        self.server = grpc.aio.server(interceptors=self.interceptors(), options=[
             ("grpc.so_reuseport", int(self.settings.reuse_port)), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         self.servicer = RecommendServicer(self.settings, self.recommender)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.server)
@@ -99,6 +99,13 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._bring_up()))
         log.info("gateway listening on %s:%d (not serving until ready)", self.settings.host, self.port)
         return self.port
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Request ids, the access log and request metrics, exceptions -> status codes, undecodable
+        requests -> INVALID_ARGUMENT (rpc/interceptors.py); auth (API keys, roles) goes in `auth=`."""
+        return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
+                                   request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,),
+                                   id_fields=LOGGED_IDS, errors={Unavailable: grpc.StatusCode.UNAVAILABLE})
 
     async def _bring_up(self) -> None:
         while True:

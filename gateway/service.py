@@ -1,8 +1,14 @@
-"""RecommendService over gRPC: validation, admission, deadlines, status codes, metrics and a log line per call."""
+"""RecommendService over gRPC: validation, admission, deadlines and the answer.
+
+What every call gets is the server's interceptors' (rpc/interceptors.py, wired in gateway/server.py):
+the request id (the message's `request_id` when set, else the caller's `x-request-id`, else a
+generated one; echoed in the response and in the `x-request-id` initial metadata), the access log
+line and the request metrics, and the status of an exception: Unavailable -> UNAVAILABLE, anything
+unexpected -> INTERNAL naming the request id.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -12,12 +18,16 @@ from gateway import metrics
 from gateway.admission import Admission
 from gateway.budget import LatencyEstimate
 from gateway.config import GatewaySettings
-from rpc.logs import loggable_id, request_id_var
-from gateway.recommender import Outcome, Recommender, Request, Unavailable, new_request_id
+from rpc.logs import request_id_var
+from gateway.recommender import Outcome, Recommender, Request
+from rpc.ids import new_request_id
 from gateway.validation import RequestError, validate_rank, validate_recommend
 from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc
 
-log = logging.getLogger("gateway.access")
+# The gateway's access log (one line per call, written by rpc.interceptors.AccessLog) and its
+# request fields logged through rpc.logs.loggable_id.
+ACCESS_LOG = "gateway.access"
+LOGGED_IDS = ("user_id",)
 
 # Trailing metadata on every answer: "parse=0.05,features_personalization=1.21,embed=7.80,..." (ms).
 STAGES_METADATA = "x-recsys-stages-ms"
@@ -41,50 +51,32 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 
     async def _serve(self, method: str, request, context, validate, to_request) -> Outcome:
         t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
-        rid = ""
         try:
-            try:
-                validate(request, self.settings)
-            except RequestError as e:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, str(e))
-            rid = request.request_id or new_request_id()
-            request_id_var.set(rid)
-            budget = self._budget(context)
-            if budget <= 0 or math.isnan(budget):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                await context.abort(code, "the request's deadline had already passed when it arrived")
-            if not await self._admit(budget):
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                metrics.SHED.labels(method).inc()
-                await context.abort(code, f"the gateway is at capacity ({self.admission.limit} requests in flight, "
-                                          f"{self.admission.queued} queued); retry after the "
-                                          f"{RETRY_METADATA} trailing metadata (ms)",
-                                    trailing_metadata=((RETRY_METADATA, str(self._retry_after_ms())),))
-            started = time.perf_counter()
-            try:
-                outcome = await self.recommender.run(to_request(request, rid), budget - (started - t0))
-                self.service_time.observe(time.perf_counter() - started)
-                return outcome
-            except Unavailable as e:
-                code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, str(e))
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error")
-                await context.abort(code, f"internal error (request_id={rid}); see the gateway log")
-            finally:
-                self.admission.release()
-                metrics.IN_FLIGHT.set(self.admission.in_flight)
+            validate(request, self.settings)
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # The message's own id wins (validated above), else the interceptor's (the caller's
+        # x-request-id or a generated one): the same id the interceptor chose, logged and echoed.
+        rid = request.request_id or request_id_var.get() or new_request_id()
+        request_id_var.set(rid)
+        budget = self._budget(context)
+        if budget <= 0 or math.isnan(budget):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline had already passed when it arrived")
+        if not await self._admit(budget):
+            metrics.SHED.labels(method).inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the gateway is at capacity ({self.admission.limit} requests in flight, "
+                                f"{self.admission.queued} queued); retry after the "
+                                f"{RETRY_METADATA} trailing metadata (ms)",
+                                trailing_metadata=((RETRY_METADATA, str(self._retry_after_ms())),))
+        started = time.perf_counter()
+        try:
+            outcome = await self.recommender.run(to_request(request, rid), budget - (started - t0))
+            self.service_time.observe(time.perf_counter() - started)
+            return outcome
         finally:
-            seconds = time.perf_counter() - t0
-            metrics.REQUESTS.labels(method, code.name).inc()
-            metrics.REQUEST_SECONDS.labels(method).observe(seconds)
-            # Only validated ids reach the log; anything else is replaced (no log amplification).
-            log.info("%s %s", method, code.name, extra={"fields": {
-                "method": method, "code": code.name, "ms": round(seconds * 1e3, 2),
-                "user_id": loggable_id(request.user_id), "request_id": loggable_id(rid)}})
+            self.admission.release()
+            metrics.IN_FLIGHT.set(self.admission.in_flight)
 
     async def _admit(self, budget_s: float) -> bool:
         """A slot in the pipeline, waiting only as long as the request can still be served in time."""

@@ -229,8 +229,9 @@ class Authenticate(grpc.aio.ServerInterceptor):
         self.store = store
         self.reflection_open = reflection_open
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -252,7 +253,7 @@ def server_credentials(cert_file: Path, key_file: Path, client_ca_file: Path | N
     """TLS for a server port; with `client_ca_file`, mutual TLS (clients must present a certificate
     signed by that CA)."""
     ca = client_ca_file.read_bytes() if client_ca_file is not None else None
-    return grpc.ssl_server_credentials(((key_file.read_bytes(), cert_file.read_bytes()),),
+    return grpc.ssl_server_credentials([(key_file.read_bytes(), cert_file.read_bytes())],
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 

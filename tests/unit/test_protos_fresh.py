@@ -10,7 +10,9 @@ from scripts.gen_protos import PROTO_ROOT, generate, proto_files
 def test_generated_code_is_fresh(tmp_path: Path):
     generate(tmp_path)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
-    assert len(generated) == 3 * len(proto_files())  # _pb2.py, _pb2.pyi, _pb2_grpc.py each
+    # _pb2.py, _pb2_grpc.py and their mypy-protobuf stubs _pb2.pyi, _pb2_grpc.pyi, each
+    assert len(generated) == 4 * len(proto_files())
+    assert all("mypy-protobuf" in (tmp_path / rel).read_text() for rel in generated if rel.suffix == ".pyi")
     stale = [str(rel) for rel in generated if (PROTO_ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
     assert not stale, f"stale generated code, run `make protos`: {stale}"
 

@@ -37,6 +37,11 @@ PART_BOUNDS = {
     "freshness": (0.0, 1.0),
 }
 
+# The learned blend weights never leave the configured weights +- this (each weight): the learner
+# keeps its posterior inside the box (feedback/blend_learner.py, 4 prior stds) and the gateway
+# refuses received weights outside it (gateway/blend_guard.py), keeping its last good ones.
+BLEND_MAX_WEIGHT_SHIFT = 2.0
+
 
 class ScoreWeights(BaseSettings):
     """How the final score blends its parts (each part is reported in ScoreBreakdown)."""

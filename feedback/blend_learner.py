@@ -49,7 +49,7 @@ import numpy as np
 from feedback import learner_metrics
 from feedback.held import Held
 from contract.rules import MAX_NUM_RESULTS
-from contract.scores import PART_BOUNDS, PART_NAMES
+from contract.scores import BLEND_MAX_WEIGHT_SHIFT, PART_BOUNDS, PART_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class LearnerSettings:
     # The box around the prior the posterior never leaves: 4 prior stds for the served weights (a
     # learner that wants more is broken or pushed; change the configured weights instead), and
     # for the bias and position terms (not served) a click rate from e^-10 to ~1 around the prior.
-    max_weight_shift: float = 2.0
+    max_weight_shift: float = BLEND_MAX_WEIGHT_SHIFT
     max_offset_shift: float = 8.0
     # A variance floor (std >= 0.001): exploration never dies and forgetting brings a flooded
     # posterior back within ~250 batches, however much evidence one batch carried.

@@ -30,9 +30,62 @@ train_app = typer.Typer(help="Fine-tune models from the label log (through Feast
 eval_app = typer.Typer(help="Offline evaluation against baselines.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+auth_app = typer.Typer(help="API keys for the gateway and the feedback service (docs/security.md).", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 console = Console()
 
 DEMO_SHOP_DIR = PROJECT_ROOT / "var" / "demo_shop"
+AUTH_KEYS_FILE = PROJECT_ROOT / "var" / "auth" / "keys"
+API_KEY_HELP = "API key sent as 'authorization: Bearer <key>' (env RECSYS_API_KEY)."
+
+
+def append_key(path: Path, name: str, roles: list[str], key: str) -> None:
+    """Append `key`'s hashed line to the key file, creating it (and its folder) owner-only (0600)."""
+    import os
+
+    from rpc.auth import key_line
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(key_line(name, roles, key) + "\n")
+
+
+@auth_app.command("new-key")
+def auth_new_key(
+    name: str = typer.Argument(..., help="Who the key is for (logged as the caller), e.g. shop-web."),
+    roles: str = typer.Argument(..., help="Comma-separated roles: recommend, events, internal, admin."),
+    file: Path = typer.Option(AUTH_KEYS_FILE, "--file", help="Key file the services read (RECSYS_AUTH_KEYS_FILE)."),
+) -> None:
+    """Make an API key: print it once (only its hash is stored) and append its line to the key file."""
+    from rpc.auth import ROLES, new_key, parse_keys
+
+    role_list = [r.strip() for r in roles.split(",") if r.strip()]
+    unknown = sorted(set(role_list) - set(ROLES))
+    if unknown or not role_list:
+        raise typer.BadParameter(f"unknown roles {unknown or '(none)'}; choose from {', '.join(ROLES)}",
+                                 param_hint="ROLES")
+    if not name or any(c.isspace() or c == "#" for c in name):
+        raise typer.BadParameter("a name without spaces or '#'", param_hint="NAME")
+    if file.exists() and any(k.name == name for k in parse_keys(file.read_text(), str(file)).values()):
+        console.print(f"[yellow]note[/]: {file} already has a key named {name!r}; both are valid until you delete "
+                      "the old line (that is how a key is rotated)")
+    key = new_key()
+    append_key(file, name, role_list, key)
+    console.print(f"key [bold]{name}[/] ({', '.join(role_list)}) added to {file}; the services re-read it within "
+                  "a second. The key (shown only now):")
+    print(key)
+    console.print(f"servers: export RECSYS_AUTH_KEYS_FILE={file.resolve()}\n"
+                  f"callers: export RECSYS_API_KEY={key}   (or recsys query --api-key ...)")
+
+
+@auth_app.command("roles")
+def auth_roles() -> None:
+    """Which methods each role may call."""
+    from rpc.auth import roles_of
+
+    for role, methods in roles_of().items():
+        console.print(f"[bold]{role}[/]: {', '.join(methods) or '-'}")
 
 
 @data_app.command("generate")
@@ -505,6 +558,7 @@ def query_cmd(
     category: list[str] = typer.Option([], help="Filter: category (repeatable)."),
     max_price: Optional[float] = typer.Option(None), min_price: Optional[float] = typer.Option(None),
     timeout: float = typer.Option(2.0, help="Deadline in seconds."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RECSYS_API_KEY", help=API_KEY_HELP),
 ) -> None:
     """Ask the gateway for recommendations and print them with their reasons."""
     import grpc
@@ -518,7 +572,7 @@ def query_cmd(
         filters.max_price = max_price
     if min_price is not None:
         filters.min_price = min_price
-    with RecommendClient(address, timeout) as client:
+    with RecommendClient(address, timeout, api_key=api_key or "") as client:
         try:
             response = client.recommend(text, user_id=user, session_id=session, num_results=n, filters=filters)
         except grpc.RpcError as e:
@@ -546,6 +600,11 @@ def simulate_cmd(
     window: int = typer.Option(50, help="Requests per point of the curves."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "simulation", help="Plot and tables go here."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RECSYS_API_KEY",
+                                          help="The shop's key (roles recommend, events; env RECSYS_API_KEY)."),
+    weights_api_key: Optional[str] = typer.Option(None, "--weights-api-key", envvar="RECSYS_WEIGHTS_API_KEY",
+                                                  help="A key with role internal or admin, to plot the learned "
+                                                       "weights (default: --api-key)."),
 ) -> None:
     """Synthetic shoppers use the live gateway and feedback service; CTR and conversion over time per arm.
 
@@ -561,7 +620,8 @@ def simulate_cmd(
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1) from None
     config = SimConfig(requests=requests, shift_at=shift_at if shift_at is not None and shift_at >= 0 else None,
-                       concurrency=concurrency, window=window, seed=seed)
+                       concurrency=concurrency, window=window, seed=seed, api_key=api_key or "",
+                       weights_api_key=weights_api_key)
     run_simulation(truth, gateway, feedback, config, out)
 
 

@@ -33,9 +33,43 @@ from localtriton.launcher import TritonServer
 from modelrepo.publish import publish_encoder
 
 QUERY = "running shoes"
+DEMO_KEYS = {"shop": ("recommend", "events"), "gateway": ("internal",)}  # name -> roles
+
+
+def demo_keys(keys_file: Path) -> dict[str, str]:
+    """The demo's raw keys (name -> key), from demo.keys next to `keys_file`; keys missing from either
+    file are made and their hashed lines appended to `keys_file` (both files owner-only, 0600)."""
+    import os
+
+    from cli.app import append_key
+    from rpc.auth import hash_key, new_key, parse_keys
+
+    raw_file = keys_file.parent / "demo.keys"
+    raw: dict[str, str] = {}
+    if raw_file.exists():
+        for line in raw_file.read_text().splitlines():
+            if len(line.split()) == 2:
+                name, key = line.split()
+                raw[name] = key
+    known = parse_keys(keys_file.read_text(), str(keys_file)) if keys_file.exists() else {}
+    for name, roles in DEMO_KEYS.items():
+        if name in raw and hash_key(raw[name]) in known:
+            continue
+        raw[name] = new_key()
+        append_key(keys_file, name, list(roles), raw[name])
+    fd = os.open(raw_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# the demo's own raw API keys (their hashes are in keys); keep this file private\n")
+        f.writelines(f"{name} {key}\n" for name, key in raw.items())
+    return raw
 
 
 def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, shop_dir: Path | None = None) -> None:
+    from cli.app import AUTH_KEYS_FILE
+
+    keys = demo_keys(AUTH_KEYS_FILE)
+    console.print(f"auth on: API keys in {AUTH_KEYS_FILE} (hashed; the services re-read it on change), the demo's "
+                  f"raw keys in {AUTH_KEYS_FILE.parent / 'demo.keys'}: 'shop' (recommend, events), 'gateway' (internal)")
     with console.status("exporting the fine-tuned encoder (int8), the ranker (1 layer, int8) and the interest model"):
         encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))), int8=True)
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
@@ -48,35 +82,41 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
         events_dir = repo / "data" / "events"
         (events_dir / "blend_weights.json").unlink(missing_ok=True)  # each demo starts from the configured weights
         feedback_settings = FeedbackSettings(port=0, event_log_dir=events_dir, feature_repo=repo, label_delay_s=1.0,
-                                             learner_min_batch=32)
+                                             learner_min_batch=32, auth_keys_file=AUTH_KEYS_FILE)
         with BackgroundFeedback(feedback_settings) as fb_service:
             console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
             # Half the shoppers get the online-learned blend weights, half the configured ones.
             settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
                                        embed_timeout_ms=1000, interest_timeout_ms=1000, rank_timeout_ms=1500,
-                                       feedback_url=fb_service.address,
+                                       feedback_url=fb_service.address, feedback_api_key=keys["gateway"],
+                                       auth_keys_file=AUTH_KEYS_FILE,
                                        online_weights_holdout=0.5, online_weights_poll_s=0.5)
             t0 = time.perf_counter()
             with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):
                 gateway = BackgroundGateway(settings).start(ready_timeout_s=1800)
             try:
-                console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s")
-                with RecommendClient(gateway.address, timeout_s=10) as client, \
-                        FeedbackClient(fb_service.address, timeout_s=10) as feedback:
+                console.print(f"gateway SERVING on {gateway.address} after {time.perf_counter() - t0:.0f}s; call it "
+                              f"with the shop's key: RECSYS_API_KEY=$(awk '$1==\"shop\"{{print $2}}' "
+                              f"{AUTH_KEYS_FILE.parent / 'demo.keys'}) recsys query 'rain jacket' --address {gateway.address}")
+                with RecommendClient(gateway.address, timeout_s=10, api_key=keys["shop"]) as client, \
+                        FeedbackClient(fb_service.address, timeout_s=10, api_key=keys["shop"]) as feedback:
                     play_script(client, feedback, repo, console)
                 if shop_dir is not None:
-                    simulate_loop(shop_dir, gateway.address, fb_service.address, console)
+                    simulate_loop(shop_dir, gateway.address, fb_service.address, console, keys)
             finally:
                 gateway.stop()
 
 
-def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console) -> None:
+def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console,
+                  keys: dict[str, str] | None = None) -> None:
     """Synthetic shoppers on the live system; tastes shift; the online arm's CTR recovers (plot)."""
     from cli.app import run_simulation
     from cli.simulate import SimConfig, SimulatedShop
 
     console.rule("11. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
-    config = SimConfig(requests=480, shift_at=120, window=40, seed=0)
+    keys = keys or {}
+    config = SimConfig(requests=480, shift_at=120, window=40, seed=0, api_key=keys.get("shop"),
+                       weights_api_key=keys.get("gateway"))  # the learned weights: an internal key reads them
     console.print(f"{config.requests} requests from the shop's synthetic users (hidden tastes); at request "
                   f"{config.shift_at} they start chasing new arrivals and ignoring what is popular. Half of them "
                   "(by user id) are served the configured weights (holdout), half the weights the feedback "

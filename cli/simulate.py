@@ -17,7 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -47,6 +47,10 @@ class SimConfig:
     window: int = 50  # requests per point of the curves
     seed: int = 0
     timeout_s: float = 2.0
+    # The shop's key (roles recommend, events; None: $RECSYS_API_KEY) and a key that may read the
+    # learned weights (GetBlendWeights: role internal or admin; None: the same key).
+    api_key: str | None = field(default=None, repr=False)
+    weights_api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -163,6 +167,7 @@ class Simulator:
         self.addresses = (gateway, feedback)
         self.gateway: AsyncRecommendClient | None = None  # asyncio clients: made inside the loop (run)
         self.feedback: AsyncFeedbackClient | None = None
+        self.weights_client: AsyncFeedbackClient | None = None
         activity = np.array([u.activity for u in shop.users])
         self.user_p = activity / activity.sum()
         self.run_id = uuid.uuid4().hex[:8]
@@ -231,7 +236,7 @@ class Simulator:
 
     async def record_weights(self, step: int) -> None:
         try:
-            w = await self.feedback.get_blend_weights(timeout_s=1.0)
+            w = await self.weights_client.get_blend_weights(timeout_s=1.0)
         except grpc.aio.AioRpcError:
             return  # online learning off in the feedback service: no weight curve
         self.weights.append({"step": step, "version": w.version, "labelled": w.labelled,
@@ -240,8 +245,10 @@ class Simulator:
     async def run(self, progress: Callable[[int], None] | None = None) -> SimResult:
         cfg = self.config
         counter = iter(range(cfg.requests))
-        self.gateway = AsyncRecommendClient(self.addresses[0], cfg.timeout_s)
-        self.feedback = AsyncFeedbackClient(self.addresses[1], cfg.timeout_s)
+        self.gateway = AsyncRecommendClient(self.addresses[0], cfg.timeout_s, api_key=cfg.api_key)
+        self.feedback = AsyncFeedbackClient(self.addresses[1], cfg.timeout_s, api_key=cfg.api_key)
+        self.weights_client = self.feedback if cfg.weights_api_key is None else \
+            AsyncFeedbackClient(self.addresses[1], cfg.timeout_s, api_key=cfg.weights_api_key)
 
         async def shopper() -> None:
             for step in counter:
@@ -257,6 +264,8 @@ class Simulator:
         finally:
             await self.gateway.close()
             await self.feedback.close()
+            if self.weights_client is not self.feedback:
+                await self.weights_client.close()
         outcomes = pd.DataFrame([o.__dict__ for o in self.outcomes]).sort_values("step", ignore_index=True)
         return SimResult(outcomes, pd.DataFrame(self.weights).sort_values("step", ignore_index=True), cfg, self.failed)
 

@@ -10,7 +10,9 @@ RECSYS_FEEDBACK_PRIOR_WEIGHTS ([1.0, 1.0, 0.3, 0.2]: the gateway's configured we
 bounds of the learner and LogServed limits: RECSYS_FEEDBACK_MAX_SERVED_LISTS, ..._MAX_SERVED_BYTES,
 ..._SERVED_MARGIN_S, ..._MAX_PENDING, ..._MAX_PENDING_BYTES, ..._MAX_EARLY, ..._MAX_EARLY_BYTES,
 ..._MAX_SERVED_ITEMS, ..._MAX_MESSAGE_BYTES (docs/feedback.md). RECSYS_FEEDBACK_METRICS_PORT (0:
-no /metrics endpoint) serves Prometheus metrics.
+no /metrics endpoint) serves Prometheus metrics. Who may call (docs/security.md):
+RECSYS_FEEDBACK_AUTH_KEYS_FILE or RECSYS_AUTH_KEYS_FILE (a key file) and/or RECSYS_AUTH_KEYS;
+RECSYS_FEEDBACK_REFLECTION, ..._REFLECTION_OPEN, ..._TLS_CERT_FILE, ..._TLS_KEY_FILE, ..._TLS_CLIENT_CA_FILE.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.scores import ScoreWeights
 from feedback.blend_learner import BlendLearner, LearnerSettings
 from eventlog.event_log import EventLog, EventLogError
+from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from feedback import metrics
 from feedback.served import ServedLimits
@@ -71,19 +74,30 @@ class FeedbackSettings(BaseSettings):
     max_pending_bytes: int = Field(_LEARNER.max_pending_bytes, gt=0)
     max_early: int = Field(_LEARNER.max_early, gt=0, description="events waiting for their served list")
     max_early_bytes: int = Field(_LEARNER.max_early_bytes, gt=0)
+    max_per_caller: int = Field(_LEARNER.max_per_caller, gt=0,
+                                description="served items an hour one authenticated caller may send (LogServed)")
     # LogServed limits (served.py); the gateway's max_num_results by default.
     max_served_items: int = Field(_SERVED.max_items, gt=0, description="items per served list")
     # grpc refuses a larger message with RESOURCE_EXHAUSTED before parsing it. 4 MiB (grpc's own
     # default, now explicit) holds 10,000 typical events or ~700 served lists of 200 items.
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables")
+    # Who may call (rpc/auth.py, docs/security.md). Keys: this file and/or RECSYS_AUTH_KEYS; neither: auth off.
+    auth_keys_file: Path | None = Field(None, validation_alias=AliasChoices("RECSYS_FEEDBACK_AUTH_KEYS_FILE",
+                                                                          "RECSYS_AUTH_KEYS_FILE"))
+    reflection: bool = True
+    reflection_open: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
     def learner_settings(self) -> LearnerSettings:
         return LearnerSettings(label_delay_s=self.label_delay_s, forget=self.learner_forget,
                                min_batch=self.learner_min_batch, served_margin_s=self.served_margin_s,
                                max_lists=self.max_served_lists, max_served_bytes=self.max_served_bytes,
                                max_pending=self.max_pending, max_pending_bytes=self.max_pending_bytes,
-                               max_early=self.max_early, max_early_bytes=self.max_early_bytes)
+                               max_early=self.max_early, max_early_bytes=self.max_early_bytes,
+                               max_per_caller=self.max_per_caller)
 
 
 def session_updater(settings: FeedbackSettings, event_log: EventLog):
@@ -113,13 +127,16 @@ async def _tick(learner: BlendLearner) -> None:
 ACCESS_LOG = "feedback.access"
 
 
-def interceptors() -> list[grpc.aio.ServerInterceptor]:
+def interceptors(settings: FeedbackSettings | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Request ids, the access log and request metrics (recsys_feedback_requests_total,
     recsys_feedback_request_seconds), exceptions -> INTERNAL naming the request id, undecodable
-    requests -> INVALID_ARGUMENT (rpc/interceptors.py); auth (API keys, roles) goes in `auth=`.
+    requests -> INVALID_ARGUMENT (rpc/interceptors.py); API keys and roles (rpc/auth.py) when
+    `settings` configure keys (else one warning that auth is off; no settings: no auth).
     The event log's own refusals stay the servicer's (feedback/service.py)."""
+    auth = server_auth(settings.auth_keys_file, reflection_open=settings.reflection_open, service="feedback service",
+                       keys_setting="RECSYS_AUTH_KEYS_FILE") if settings is not None else []
     return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
-                               request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,))
+                               request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,), auth=auth)
 
 
 @dataclass
@@ -144,16 +161,18 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
                            settings.learner_settings()) if settings.online_learning else None
-    server = grpc.aio.server(interceptors=interceptors(), options=[("grpc.so_reuseport", 0),
+    server = grpc.aio.server(interceptors=interceptors(settings), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,
                                 ServedLimits(max_items=settings.max_served_items))
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = add_port(server, f"{settings.host}:{settings.port}", settings.tls_cert_file, settings.tls_key_file,
+                    settings.tls_client_ca_file)
     await server.start()
     if settings.metrics_port:
         from prometheus_client import start_http_server

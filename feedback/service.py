@@ -16,6 +16,7 @@ from feedback.events import MAX_BATCH, EventError, validate_event
 from feedback.served import ServedError, ServedLimits, parse_served
 from contract.scores import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
+from rpc.auth import caller_var
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         except ServedError as e:
             metrics.SERVED_REFUSED.labels(e.field.rsplit(".", 1)[-1].split("[")[0]).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        accepted = sum(self.learner.add_served_arrays(s.request_id, s.item_ids, s.parts) for s in parsed)
+        caller = caller_var.get()  # the key's name: the learner's per-caller budget ("": auth off)
+        accepted = sum(self.learner.add_served_arrays(s.request_id, s.item_ids, s.parts, caller=caller) for s in parsed)
         self.learner.publish()
         metrics.SERVED_LISTS.inc(accepted)
         return feedback_pb2.LogServedResponse(accepted=accepted)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from contract.rules import MAX_NUM_RESULTS, MAX_QUERY_CHARS
@@ -48,6 +48,14 @@ class GatewaySettings(BaseSettings):
     ranker_model: str = RANKER_MODEL.name
     embedding_cache_dir: Path | None = None  # item embeddings per encoder version; None: <feature_repo>/data/embeddings
 
+    # Who may call (rpc/auth.py, docs/security.md). Keys: this file and/or RECSYS_AUTH_KEYS; neither: auth off.
+    auth_keys_file: Path | None = Field(None, description="API key file (name, roles, SHA-256 of the key; re-read on change)")
+    reflection: bool = Field(True, description="serve gRPC reflection (with auth on it needs an admin key unless reflection_open)")
+    reflection_open: bool = Field(False, description="reflection answered without a key")
+    tls_cert_file: Path | None = Field(None, description="TLS certificate (PEM); with tls_key_file the port is TLS")
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(None, description="CA of client certificates: mutual TLS")
+
     # Deadlines (milliseconds). A request's budget is its gRPC deadline, capped at request_timeout_ms.
     request_timeout_ms: int = Field(250, gt=0)
     embed_timeout_ms: int = Field(100, gt=0)
@@ -84,6 +92,8 @@ class GatewaySettings(BaseSettings):
     online_weights_holdout: float = Field(0.0, ge=0, le=1, description="share of users kept on the configured weights (control group)")
     online_weights_explore: bool = Field(True, description="sample weights from the posterior per request (Thompson sampling)")
     online_weights_poll_s: float = Field(1.0, gt=0, description="how often to fetch the learned weights")
+    feedback_api_key: SecretStr = Field(SecretStr(""), description="the gateway's own key (role internal) for LogServed / GetBlendWeights")
+    feedback_tls_ca_file: Path | None = Field(None, description="CA of the feedback service's TLS certificate; None: plaintext")
 
     # Background work.
     refresh_interval_s: float = Field(10.0, gt=0, description="how often to look for a new encoder version or new items")

@@ -27,6 +27,7 @@ from gateway.config import GatewaySettings
 from contract.scores import PART_NAMES
 from gateway.scoring import weight_vector
 from recsys.v1 import feedback_pb2
+from rpc.auth import channel_credentials
 from rpc.clients import AsyncFeedbackClient
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class OnlineBlend:
         self.poll_s = settings.online_weights_poll_s
         self.queue: deque[feedback_pb2.ServedList] = deque()
         self.rng = np.random.default_rng(seed)
-        self.feedback = AsyncFeedbackClient(settings.feedback_url)  # made in the gateway's loop (Gateway.start)
+        # Made in the gateway's loop (Gateway.start); the gateway's own key ("" sends none, never $RECSYS_API_KEY).
+        ca = settings.feedback_tls_ca_file
+        self.feedback = AsyncFeedbackClient(settings.feedback_url, api_key=settings.feedback_api_key.get_secret_value(),
+                                            credentials=channel_credentials(ca) if ca is not None else None)
 
     # --- per request --------------------------------------------------------------------------
     def in_holdout(self, unit: str) -> bool:

@@ -26,6 +26,7 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
+from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender, Unavailable
@@ -83,10 +84,12 @@ class Gateway:
         self.servicer = RecommendServicer(self.settings, self.recommender)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
+        s = self.settings
+        self.port = add_port(self.server, f"{s.host}:{s.port}", s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
         for service in ("", SERVICE_NAME):
@@ -97,15 +100,19 @@ class Gateway:
 
             start_http_server(self.settings.metrics_port, addr=self.settings.host)
         self._tasks.append(asyncio.create_task(self._bring_up()))
-        log.info("gateway listening on %s:%d (not serving until ready)", self.settings.host, self.port)
+        log.info("gateway listening on %s:%d%s (not serving until ready)", self.settings.host, self.port,
+                 " (TLS)" if self.settings.tls_cert_file else "")
         return self.port
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Request ids, the access log and request metrics, exceptions -> status codes, undecodable
-        requests -> INVALID_ARGUMENT (rpc/interceptors.py); auth (API keys, roles) goes in `auth=`."""
+        requests -> INVALID_ARGUMENT (rpc/interceptors.py); API keys and roles (rpc/auth.py) when keys
+        are configured (auth_keys_file / RECSYS_AUTH_KEYS), else one warning that auth is off."""
+        auth = server_auth(self.settings.auth_keys_file, reflection_open=self.settings.reflection_open,
+                           service="gateway", keys_setting="RECSYS_AUTH_KEYS_FILE")
         return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
                                    request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,),
-                                   id_fields=LOGGED_IDS, errors={Unavailable: grpc.StatusCode.UNAVAILABLE})
+                                   id_fields=LOGGED_IDS, errors={Unavailable: grpc.StatusCode.UNAVAILABLE}, auth=auth)
 
     async def _bring_up(self) -> None:
         while True:

@@ -264,6 +264,33 @@ def channel_credentials(ca_file: Path | None = None, cert_file: Path | None = No
     return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
+def server_auth(keys_file: Path | None, *, reflection_open: bool, service: str,
+                keys_setting: str) -> list[grpc.aio.ServerInterceptor]:
+    """The auth interceptors for a server's `server_interceptors(auth=...)`: [Authenticate] when
+    keys are configured (`keys_file` and/or RECSYS_AUTH_KEYS), else [] and ONE warning saying so."""
+    store = KeyStore.from_settings(keys_file)
+    if store is None:
+        log.warning("%s: authentication is off: any caller may call every RPC; set %s to a key file "
+                    "(`recsys auth new-key NAME ROLES` makes one) or %s to key lines", service, keys_setting, KEYS_ENV)
+        return []
+    log.info("%s: authentication on: %d keys (%s%s)", service, len(store), keys_file or "",
+             f"{' + ' if keys_file else ''}{KEYS_ENV}" if os.environ.get(KEYS_ENV, "").strip() else "")
+    return [Authenticate(store, reflection_open)]
+
+
+def add_port(server: grpc.aio.Server, address: str, cert_file: Path | None = None, key_file: Path | None = None,
+             client_ca_file: Path | None = None) -> int:
+    """Bind `address`: TLS when `cert_file` and `key_file` are set (mTLS with `client_ca_file`), else
+    plaintext. Returns the port (0: not bound)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("TLS needs both a certificate file and a key file (tls_cert_file, tls_key_file)")
+    if client_ca_file is not None and cert_file is None:
+        raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too")
+    if cert_file is not None and key_file is not None:
+        return server.add_secure_port(address, server_credentials(cert_file, key_file, client_ca_file))
+    return server.add_insecure_port(address)
+
+
 def roles_of(methods: Mapping[str, str] = METHOD_ROLES) -> dict[str, list[str]]:
     """role -> the methods it may call (docs, `recsys auth roles`)."""
     out: dict[str, list[str]] = {r: [] for r in ROLES}

@@ -18,17 +18,24 @@ a larger request fails at the client instead of costing a round trip), and keepa
 5 minutes while a call is open (gRPC servers refuse more frequent pings without data with GOAWAY
 "too_many_pings"; that is their default minimum), answered within 20 s or the connection is dropped.
 An asyncio client must be made inside the running event loop (a grpc.aio channel binds to it).
+
+Keys and TLS (docs/security.md): `api_key` is sent as `authorization: Bearer <key>` on every call
+(None: $RECSYS_API_KEY when set; "": no key); `credentials` (rpc.auth.channel_credentials) makes
+the channel TLS / mTLS. `channel()` / `aio_channel()` make bare channels that send a key the same
+way (for code that uses the generated stubs directly: benchmarks, tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
 from recsys.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from rpc.auth import auth_metadata
 from rpc.ids import REQUEST_ID_METADATA, Metadata, request_id_in
 
 DEFAULT_TIMEOUT_S = 2.0
@@ -37,7 +44,103 @@ MAX_MESSAGE_BYTES = 4 << 20
 KEEPALIVE_TIME_MS = 300_000
 KEEPALIVE_TIMEOUT_MS = 20_000
 
+API_KEY_ENV = "RECSYS_API_KEY"  # the key a client sends when it is given none
+
 ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def api_key_or_env(api_key: str | None) -> str:
+    """`api_key`; None: $RECSYS_API_KEY ("" when unset)."""
+    return os.environ.get(API_KEY_ENV, "").strip() if api_key is None else api_key
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _SendKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+               grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata (the key) to every call of a synchronous channel."""
+
+    def __init__(self, entries: Metadata):
+        self.entries = tuple(entries)
+
+    def _details(self, d: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(d.method, d.timeout, (*(d.metadata or ()), *self.entries), d.credentials,  # type: ignore[return-value]
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: grpc.ClientCallDetails,
+                              request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: grpc.ClientCallDetails,
+                               request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], client_call_details: grpc.ClientCallDetails,
+                               request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], client_call_details: grpc.ClientCallDetails,
+                                request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioSendKey:
+    def __init__(self, entries: Metadata):
+        self.entries = tuple(entries)
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return d._replace(metadata=grpc.aio.Metadata(*tuple(d.metadata or ()), *self.entries))  # type: ignore[attr-defined]
+
+
+class _AioUnaryUnary(_AioSendKey, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioUnaryStream(_AioSendKey, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamUnary(_AioSendKey, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                     request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioStreamStream(_AioSendKey, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def channel(address: str, *, api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+            options: ChannelOptions = ()) -> grpc.Channel:
+    """A synchronous channel whose every call sends `api_key` (None: $RECSYS_API_KEY); TLS with `credentials`."""
+    raw = (grpc.secure_channel(address, credentials, options=list(options)) if credentials is not None
+           else grpc.insecure_channel(address, options=list(options)))
+    entries = auth_metadata(api_key_or_env(api_key))
+    return grpc.intercept_channel(raw, _SendKey(entries)) if entries else raw
+
+
+def aio_channel(address: str, *, api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                options: ChannelOptions = ()) -> grpc.aio.Channel:
+    """An asyncio channel whose every call sends `api_key` (None: $RECSYS_API_KEY); make it inside the loop."""
+    entries = auth_metadata(api_key_or_env(api_key))
+    interceptors: list[Any] = [cls(entries) for cls in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary,
+                                                        _AioStreamStream)] if entries else []
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=list(options), interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
@@ -63,10 +166,10 @@ def request_id_of(call: grpc.Call | grpc.RpcError | grpc.aio.AioRpcError) -> str
 class _Calls:
     """What the four clients share: default timeout and metadata, per-call overrides."""
 
-    def __init__(self, timeout_s: float, stream_timeout_s: float, metadata: Metadata):
+    def __init__(self, timeout_s: float, stream_timeout_s: float, metadata: Metadata, api_key: str | None = None):
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
-        self.metadata = tuple(metadata)
+        self.metadata = (*auth_metadata(api_key_or_env(api_key)), *metadata)
 
     def _timeout(self, timeout_s: float | None, stream: bool = False) -> float:
         if timeout_s is not None:
@@ -98,10 +201,13 @@ class RecommendClient(_Calls):
     """RecommendService (the gateway), synchronous."""
 
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, metadata: Metadata = (),
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = ()):
-        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata)
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (), api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata, api_key)
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, options))
+        opts = channel_options(max_message_bytes, options)
+        self.channel = (grpc.secure_channel(address, credentials, options=opts) if credentials is not None
+                        else grpc.insecure_channel(address, options=opts))
         self.stub = recommend_pb2_grpc.RecommendServiceStub(self.channel)
 
     def recommend(self, query: str = "", user_id: str = "", session_id: str = "", num_results: int = 10,
@@ -147,10 +253,13 @@ class AsyncRecommendClient(_Calls):
     """RecommendService (the gateway), asyncio; make it inside the running loop."""
 
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, metadata: Metadata = (),
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = ()):
-        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata)
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (), api_key: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata, api_key)
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes, options))
+        opts = channel_options(max_message_bytes, options)
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials is not None
+                        else grpc.aio.insecure_channel(address, options=opts))
         self.stub = recommend_pb2_grpc.RecommendServiceStub(self.channel)
 
     async def recommend(self, query: str = "", user_id: str = "", session_id: str = "", num_results: int = 10,
@@ -195,10 +304,13 @@ class FeedbackClient(_Calls):
     """FeedbackService, synchronous: Log, Stream, LogServed, GetBlendWeights."""
 
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, stream_timeout_s: float = STREAM_TIMEOUT_S,
-                 metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = ()):
-        super().__init__(timeout_s, stream_timeout_s, metadata)
+                 metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (),
+                 api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        super().__init__(timeout_s, stream_timeout_s, metadata, api_key)
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes, options))
+        opts = channel_options(max_message_bytes, options)
+        self.channel = (grpc.secure_channel(address, credentials, options=opts) if credentials is not None
+                        else grpc.insecure_channel(address, options=opts))
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
 
     def log(self, events: Iterable[feedback_pb2.Event], *, request_id: str = "", timeout_s: float | None = None,
@@ -248,10 +360,13 @@ class AsyncFeedbackClient(_Calls):
     """FeedbackService, asyncio; make it inside the running loop."""
 
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, stream_timeout_s: float = STREAM_TIMEOUT_S,
-                 metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = ()):
-        super().__init__(timeout_s, stream_timeout_s, metadata)
+                 metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (),
+                 api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        super().__init__(timeout_s, stream_timeout_s, metadata, api_key)
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes, options))
+        opts = channel_options(max_message_bytes, options)
+        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials is not None
+                        else grpc.aio.insecure_channel(address, options=opts))
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
 
     async def log(self, events: Iterable[feedback_pb2.Event], *, request_id: str = "", timeout_s: float | None = None,
@@ -288,4 +403,4 @@ class AsyncFeedbackClient(_Calls):
 
 
 __all__ = ["AsyncFeedbackClient", "AsyncRecommendClient", "FeedbackClient", "GatewayClient", "RecommendClient",
-           "channel_options", "request_id_of", "DEFAULT_TIMEOUT_S", "STREAM_TIMEOUT_S", "MAX_MESSAGE_BYTES"]
+           "aio_channel", "api_key_or_env", "channel", "channel_options", "request_id_of", "API_KEY_ENV", "DEFAULT_TIMEOUT_S", "STREAM_TIMEOUT_S", "MAX_MESSAGE_BYTES"]

@@ -8,7 +8,8 @@ Both servers build their chain with `server_interceptors()`; outermost first:
                 (every log line carries it) and sent back at once as initial metadata `x-request-id`
                 (before the handler runs, so an aborted call carries it too; handlers must not send
                 initial metadata of their own).
-  AccessLog     timing: one structured log line per call (method, code, ms, request_id and the
+  AccessLog     timing: one structured log line per call (method, code, ms, request_id, caller: the
+                API key's name set by rpc.auth.Authenticate, and the
                 service's id fields, e.g. the gateway's user_id through rpc.logs.loggable_id) and the
                 service's Prometheus counter (method, code) and histogram (method). Only the methods
                 of the service's own gRPC services (not health checks, not reflection).
@@ -16,8 +17,8 @@ Both servers build their chain with `server_interceptors()`; outermost first:
                 with the exception's message (the gateway's Unavailable -> UNAVAILABLE); anything else
                 becomes INTERNAL naming the request id, with the traceback logged once and none sent
                 to the caller. A handler's own `context.abort` passes through unchanged.
-  (auth)        the seam for an authentication / authorization interceptor (API keys, roles: a
-                later issue): `server_interceptors(auth=[...])` puts it here, after the id and the
+  (auth)        authentication / authorization (rpc.auth.Authenticate: API keys, roles):
+                `server_interceptors(auth=[...])` puts it here, after the id and the
                 access log (a refused call is logged and counted with its id) and inside ErrorStatus
                 (a bug in it answers INTERNAL); its aborts (UNAUTHENTICATED, PERMISSION_DENIED) pass.
   DecodeErrors  a request whose bytes are not a valid message of the method's type is the caller's
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from rpc.auth import caller_var
 from rpc.ids import REQUEST_ID_METADATA, new_request_id, request_id_in, valid_request_id
 from rpc.logs import loggable_id, request_id_var
 
@@ -233,6 +235,7 @@ class AccessLog(Around):
                 if isinstance(value, str):
                     fields[field] = loggable_id(value)
             fields["request_id"] = loggable_id(request_id_var.get())
+            fields["caller"] = caller_var.get()  # the API key's name ("": auth off or refused)
             self.log.info("%s %s", name, code.name, extra={"fields": fields})
 
 
@@ -338,7 +341,7 @@ def server_interceptors(*, access_log: logging.Logger, requests: Counter, reques
                         auth: Sequence[grpc.aio.ServerInterceptor] = ()) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors of a server, outermost first (see the module's docstring). `services`: the
     full names of the services whose calls are logged and counted; `errors`: known exception types
-    and their status; `auth`: authentication / authorization interceptors (none yet)."""
+    and their status; `auth`: authentication / authorization interceptors (rpc.auth.server_auth)."""
     return [
         RequestIds(),
         AccessLog(access_log, requests, request_seconds, services=services, id_fields=id_fields),

@@ -9,9 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-import grpc
-
 from recsys.v1 import feedback_pb2_grpc
+from rpc.clients import channel
 from scripts.local_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +35,9 @@ class FeedbackProcess:
         threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep draining
         return self
 
-    def stub(self) -> feedback_pb2_grpc.FeedbackServiceStub:
-        return feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+    def stub(self, api_key: str | None = None) -> feedback_pb2_grpc.FeedbackServiceStub:
+        """A stub whose calls send `api_key` (None: $RECSYS_API_KEY, the test shop's key)."""
+        return feedback_pb2_grpc.FeedbackServiceStub(channel(f"127.0.0.1:{self.port}", api_key=api_key))
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

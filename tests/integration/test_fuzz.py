@@ -46,6 +46,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from recsys.v1 import feedback_pb2, recommend_pb2
+from rpc.clients import aio_channel, channel as authed_channel
+from tests.keys import ADMIN_KEY
 from tests.fuzz_strategies import (MessageStrategies, Vocab, decodes, named_field, nasty_doubles,
                                    normalize, short_repr, weighted)
 
@@ -272,7 +274,7 @@ class Caller:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.aio.insecure_channel(address)
+            self.channels[address] = aio_channel(address, api_key=ADMIN_KEY)  # every method: admin
         return self.channels[address]
 
     def _multicallable(self, case: Case):
@@ -316,7 +318,7 @@ class Caller:
     def call_blocking(self, case: Case) -> tuple[grpc.StatusCode, str, object]:
         address = self.services.address(case.method)
         if address not in self.blocking:
-            self.blocking[address] = grpc.insecure_channel(address)
+            self.blocking[address] = authed_channel(address, api_key=ADMIN_KEY)
         m = case.method
         multicallable = self.blocking[address].stream_unary(
             f"/{m.containing_service.full_name}/{m.name}",
@@ -570,8 +572,8 @@ def fuzz_rpc(method: MethodDescriptor, n: int, ms: MessageStrategies, caller: Ca
 def _after_fuzz(services: Services, report: Report) -> None:
     """Both services still answer normally and report SERVING."""
     time.sleep(1.0)  # the learner's last batch, the gateway's weight poll (0.2 s), a breaker's cooldown
-    gw = grpc.insecure_channel(services.gateway.address)
-    fb_channel = grpc.insecure_channel(services.feedback.address)
+    gw = authed_channel(services.gateway.address, api_key=ADMIN_KEY)
+    fb_channel = authed_channel(services.feedback.address, api_key=ADMIN_KEY)
     from recsys.v1 import feedback_pb2_grpc, recommend_pb2_grpc
 
     def check(what: str, fn) -> None:

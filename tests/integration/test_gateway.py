@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rpc.clients import aio_channel, channel as authed_channel
 from tests.conftest import REDIS_YAML, start_triton
+from tests.keys import ADMIN_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +65,7 @@ def test_health_reflection_and_metrics(gateway, client):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    channel = grpc.insecure_channel(gateway.address)
+    channel = authed_channel(gateway.address, api_key=ADMIN_KEY)  # reflection: an admin key (auth on)
     status = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service="recsys.v1.RecommendService"), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
@@ -192,7 +194,7 @@ def test_redis_online_store_end_to_end(feature_repo, triton_gw, tmp_path_factory
 def _triton_health(address: str, service: str = "triton") -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address) as channel:  # health: open without a key
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
@@ -253,7 +255,7 @@ def test_a_request_out_of_its_own_time_degrades_only_itself(gateway, client):
     async def go() -> list:
         from recsys.v1 import recommend_pb2_grpc
 
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
+        async with aio_channel(gateway.address) as channel:
             stub = recommend_pb2_grpc.RecommendServiceStub(channel)
             answers = []
             for n in range(100):
@@ -298,7 +300,7 @@ def test_excess_load_is_shed_with_a_retry_hint_and_admitted_requests_are_ranked(
     servicer.admission = Admission(limit=1, queue_limit=0)
 
     async def go():
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
+        async with aio_channel(gateway.address) as channel:
             stub = recommend_pb2_grpc.RecommendServiceStub(channel)
 
             async def one():
@@ -328,7 +330,7 @@ def test_excess_load_is_shed_with_a_retry_hint_and_admitted_requests_are_ranked(
 
 
 def test_undecodable_request_bytes_are_invalid_argument(gateway):
-    channel = grpc.insecure_channel(gateway.address)
+    channel = authed_channel(gateway.address)
     for method in ("/recsys.v1.RecommendService/Recommend", "/recsys.v1.RecommendService/Rank"):
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         for junk in (b"\xff\xff\xff", b"\x0a\x80", b"\x12\x05abc"):

@@ -16,6 +16,8 @@ from feedback.server import FeedbackSettings
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 from cli.app import run_simulation
 from cli.simulate import SimConfig, SimulatedShop
+from rpc.clients import channel as authed_channel
+from tests.keys import GATEWAY_KEY
 
 
 def _gateway_settings(repo, triton, cache, **over) -> GatewaySettings:
@@ -35,7 +37,7 @@ def test_online_weights_recover_ctr_after_a_taste_shift(feature_repo, private_re
                                                        tmp_path):
     fb_settings = FeedbackSettings(port=0, event_log_dir=tmp_path / "events", feature_repo=private_repo,
                                    label_delay_s=1.0, learner_min_batch=32)
-    config = SimConfig(requests=480, shift_at=120, seed=3, window=40)
+    config = SimConfig(requests=480, shift_at=120, seed=3, window=40, weights_api_key=GATEWAY_KEY)
     with BackgroundFeedback(fb_settings) as feedback:
         settings = _gateway_settings(private_repo, triton_gw, tmp_path_factory.getbasetemp() / "embeddings",
                                      feedback_url=feedback.address, online_weights_holdout=0.5,
@@ -80,7 +82,7 @@ def test_gateway_answers_with_the_feedback_service_down(feature_repo, triton_gw,
 def test_log_served_and_weights_over_grpc(tmp_path):
     with BackgroundFeedback(FeedbackSettings(port=0, event_log_dir=tmp_path / "on")) as on, \
             BackgroundFeedback(FeedbackSettings(port=0, event_log_dir=tmp_path / "off", online_learning=False)) as off:
-        stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(on.address))
+        stub = feedback_pb2_grpc.FeedbackServiceStub(authed_channel(on.address, api_key=GATEWAY_KEY))
         good = feedback_pb2.ServedList(request_id="r1", items=[feedback_pb2.ServedItem(item_id="a", parts=[1, 0, 0, 0])])
         bad = feedback_pb2.ServedList(request_id="r2", items=[feedback_pb2.ServedItem(item_id="a", parts=[1, 0])])
         assert stub.LogServed(feedback_pb2.LogServedRequest(lists=[good, bad]), timeout=5).accepted == 1
@@ -91,7 +93,7 @@ def test_log_served_and_weights_over_grpc(tmp_path):
         assert list(weights.part_names) == ["relevance", "personalization", "popularity", "freshness"]
         assert list(weights.mean) == pytest.approx([1.0, 1.0, 0.3, 0.2]) and weights.version == 0
 
-        stub_off = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(off.address))
+        stub_off = feedback_pb2_grpc.FeedbackServiceStub(authed_channel(off.address, api_key=GATEWAY_KEY))
         with pytest.raises(grpc.RpcError) as e:
             stub_off.GetBlendWeights(feedback_pb2.GetBlendWeightsRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "online learning is off" in e.value.details()

@@ -28,6 +28,7 @@ from recsys.v1 import recommend_pb2
 from rpc.clients import AsyncFeedbackClient, AsyncRecommendClient, FeedbackClient, RecommendClient, request_id_of
 from rpc.ids import REQUEST_ID_METADATA
 from rpc.logs import JsonFormatter
+from tests.keys import ADMIN_KEY, ADMIN_NAME, SHOP
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +197,7 @@ def test_feedback_calls_are_named_answered_and_logged_once(feedback_service):
     ok_before = feedback_service.metric("recsys_feedback_requests_total", method="Log", code="OK")
     events = [fb.Event(event_id=f"plumb-e{n}", type=fb.EVENT_TYPE_CLICK, user_id="u1", session_id="s1",
                        item_id=f"i{n}", request_id="r1", position=1 + n) for n in range(4)]
-    with FeedbackClient(feedback_service.address, timeout_s=10) as client:
+    with FeedbackClient(feedback_service.address, timeout_s=10, api_key=ADMIN_KEY) as client:  # every method
         reply, call = client.stub.Log.with_call(fb.LogRequest(events=events[:2]), timeout=10,
                                                 metadata=((REQUEST_ID_METADATA, "fb-log"),))
         assert reply.accepted == 2 and request_id_of(call) == "fb-log"
@@ -223,6 +224,7 @@ def test_feedback_calls_are_named_answered_and_logged_once(feedback_service):
         (line,) = feedback_service.access(rid)  # exactly one per call
         assert (line["method"], line["code"], line["level"]) == (method, code, "info"), line
         assert line["msg"] == f"{method} {code}" and isinstance(line["ms"], float)
+        assert line["caller"] == (SHOP if rid == "fb-async" else ADMIN_NAME), line  # the key's name
     assert feedback_service.metric("recsys_feedback_requests_total", method="Log", code="OK") - ok_before == 3
     assert feedback_service.metric("recsys_feedback_requests_total", method="Log", code="INVALID_ARGUMENT") >= 1
     assert feedback_service.metric("recsys_feedback_request_seconds_count", method="Stream") >= 1

@@ -55,3 +55,18 @@ def start_service(module: str, port: int, env: dict[str, str], log_path: Path, c
         time.sleep(0.5)
     process.kill()
     raise TimeoutError(f"{what} not SERVING after {timeout_s:.0f} s")
+
+
+def auth_on() -> dict[str, str]:
+    """Turn auth on for the services a benchmark starts (they inherit os.environ) and its clients:
+    fresh keys in RECSYS_AUTH_KEYS, the benchmark's own (recommend, events) in RECSYS_API_KEY (what
+    rpc.clients.channel / aio_channel send), the gateway's (internal) in RECSYS_FEEDBACK_API_KEY.
+    Benchmarks measure the service as deployed: the key check (~1 us a call) included."""
+    from rpc.auth import EVENTS, INTERNAL, KEYS_ENV, RECOMMEND, key_line, new_key
+    from rpc.clients import API_KEY_ENV
+
+    client, gateway = new_key(), new_key()
+    env = {KEYS_ENV: ";".join((key_line("bench", (RECOMMEND, EVENTS), client), key_line("bench-gateway", (INTERNAL,), gateway))),
+           API_KEY_ENV: client, "RECSYS_FEEDBACK_API_KEY": gateway}
+    os.environ.update(env)
+    return env

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import percentile, write_results
+from rpc.clients import channel as key_channel
+from bench.common import auth_on, percentile, write_results
 from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import feedback_pb2_grpc
 from scripts.local_redis import free_port
@@ -93,7 +94,7 @@ def visibility(store: str, n: int = 200) -> dict:
                                      "RECSYS_FEEDBACK_FEATURE_REPO": str(repo), "RECSYS_FEEDBACK_FEATURE_STORE_YAML": yaml})
         try:
             assert "feedback service on" in proc.stdout.readline()
-            stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            stub = feedback_pb2_grpc.FeedbackServiceStub(key_channel(f"127.0.0.1:{port}"))
             lat, acks = [], []
             for k in range(n):
                 user, item = f"vis-{k % 20}", f"i{(k % 300) + 1:05d}"
@@ -116,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
+    auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
     with tempfile.TemporaryDirectory(prefix="feedback_bench_") as tmp:
         port = free_port()
         env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(port), "RECSYS_EVENT_LOG_DIR": tmp, "RECSYS_LOG_LEVEL": "WARNING"}
@@ -123,7 +125,7 @@ def main() -> None:
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert "feedback service on" in proc.stdout.readline()
-            stub = feedback_pb2_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            stub = feedback_pb2_grpc.FeedbackServiceStub(key_channel(f"127.0.0.1:{port}"))
             ids = itertools.count()
             rows = []
             for label, batch, stream in (("Log, 1 event per call (naive)", 1, False), ("Log, 100 per call", 100, False),

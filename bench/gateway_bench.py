@@ -37,7 +37,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import percentile, start_service, write_results
+from rpc.clients import aio_channel
+from bench.common import auth_on, percentile, start_service, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "gateway.json"
@@ -134,7 +135,7 @@ def run_gateway(address: str, requests: list[tuple[str, str]], concurrency: int,
     from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 
     async def go() -> tuple[list[float], list[dict], int, float]:
-        channel = grpc.aio.insecure_channel(address)
+        channel = aio_channel(address)
         stub = recommend_pb2_grpc.RecommendServiceStub(channel)
         latencies, stages, errors = [], [], 0
         stop_at = time.monotonic() + seconds
@@ -176,7 +177,7 @@ async def _aio_stages(call) -> dict[str, float]:
 async def _warm(address: str, requests: list[tuple[str, str]]) -> None:
     from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address) as channel:
         stub = recommend_pb2_grpc.RecommendServiceStub(channel)
         for user, query in requests:
             await stub.Recommend(recommend_pb2.RecommendRequest(user_id=user, query=query, num_results=20), timeout=10)
@@ -279,6 +280,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     ap.add_argument("--skip-naive", action="store_true", help="gateway only (quick iterations; no ratio)")
     args = ap.parse_args()
+    auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
 
     with tempfile.TemporaryDirectory(prefix="gateway_bench_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)

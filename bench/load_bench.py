@@ -46,7 +46,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import percentile, start_service, write_results
+from rpc.clients import aio_channel
+from bench.common import auth_on, percentile, start_service, write_results
 from bench.gateway_bench import GatewayProcess, build_feature_repo, build_models, log, sample_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,9 +115,9 @@ async def closed_loop(address: str, requests: list[tuple[str, str]], clients: in
     """`clients` closed-loop callers for `seconds`; returns the level's row."""
     from recsys.v1 import feedback_pb2, feedback_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
-    channel = grpc.aio.insecure_channel(address)
+    channel = aio_channel(address)
     stub = recommend_pb2_grpc.RecommendServiceStub(channel)
-    fb_channel = grpc.aio.insecure_channel(feedback_address) if feedback_address else None
+    fb_channel = aio_channel(feedback_address) if feedback_address else None
     fb = feedback_pb2_grpc.FeedbackServiceStub(fb_channel) if fb_channel else None
     latencies: list[float] = []
     outcomes: Counter = Counter()
@@ -193,7 +194,7 @@ async def closed_loop(address: str, requests: list[tuple[str, str]], clients: in
 async def warm(address: str, requests: list[tuple[str, str]]) -> None:
     from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address) as channel:
         stub = recommend_pb2_grpc.RecommendServiceStub(channel)
         for user, query in requests:
             try:
@@ -251,6 +252,7 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=10.0, help="0: no soak")
     ap.add_argument("--requests", type=int, default=2000)
     args = ap.parse_args()
+    auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
 
     from localtriton.launcher import TritonServer, free_port
     from localtriton.supervisor import TritonSupervisor

@@ -166,10 +166,10 @@ def request_id_of(call: grpc.Call | grpc.RpcError | grpc.aio.AioRpcError) -> str
 class _Calls:
     """What the four clients share: default timeout and metadata, per-call overrides."""
 
-    def __init__(self, timeout_s: float, stream_timeout_s: float, metadata: Metadata, api_key: str | None = None):
+    def __init__(self, timeout_s: float, stream_timeout_s: float, metadata: Metadata):
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
-        self.metadata = (*auth_metadata(api_key_or_env(api_key)), *metadata)
+        self.metadata = tuple(metadata)
 
     def _timeout(self, timeout_s: float | None, stream: bool = False) -> float:
         if timeout_s is not None:
@@ -203,11 +203,11 @@ class RecommendClient(_Calls):
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, metadata: Metadata = (),
                  max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (), api_key: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata, api_key)
+        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata)
         self.address = address
-        opts = channel_options(max_message_bytes, options)
-        self.channel = (grpc.secure_channel(address, credentials, options=opts) if credentials is not None
-                        else grpc.insecure_channel(address, options=opts))
+        # The key is the channel's (rpc.clients.channel): `.stub` calls send it too.
+        self.channel = channel(address, api_key=api_key, credentials=credentials,
+                               options=channel_options(max_message_bytes, options))
         self.stub = recommend_pb2_grpc.RecommendServiceStub(self.channel)
 
     def recommend(self, query: str = "", user_id: str = "", session_id: str = "", num_results: int = 10,
@@ -255,11 +255,11 @@ class AsyncRecommendClient(_Calls):
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, metadata: Metadata = (),
                  max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (), api_key: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata, api_key)
+        super().__init__(timeout_s, STREAM_TIMEOUT_S, metadata)
         self.address = address
-        opts = channel_options(max_message_bytes, options)
-        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials is not None
-                        else grpc.aio.insecure_channel(address, options=opts))
+        # The key is the channel's (rpc.clients.aio_channel): `.stub` calls send it too.
+        self.channel = aio_channel(address, api_key=api_key, credentials=credentials,
+                                   options=channel_options(max_message_bytes, options))
         self.stub = recommend_pb2_grpc.RecommendServiceStub(self.channel)
 
     async def recommend(self, query: str = "", user_id: str = "", session_id: str = "", num_results: int = 10,
@@ -306,11 +306,11 @@ class FeedbackClient(_Calls):
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, stream_timeout_s: float = STREAM_TIMEOUT_S,
                  metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (),
                  api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(timeout_s, stream_timeout_s, metadata, api_key)
+        super().__init__(timeout_s, stream_timeout_s, metadata)
         self.address = address
-        opts = channel_options(max_message_bytes, options)
-        self.channel = (grpc.secure_channel(address, credentials, options=opts) if credentials is not None
-                        else grpc.insecure_channel(address, options=opts))
+        # The key is the channel's (rpc.clients.channel): `.stub` calls send it too.
+        self.channel = channel(address, api_key=api_key, credentials=credentials,
+                               options=channel_options(max_message_bytes, options))
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
 
     def log(self, events: Iterable[feedback_pb2.Event], *, request_id: str = "", timeout_s: float | None = None,
@@ -362,11 +362,11 @@ class AsyncFeedbackClient(_Calls):
     def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, stream_timeout_s: float = STREAM_TIMEOUT_S,
                  metadata: Metadata = (), max_message_bytes: int = MAX_MESSAGE_BYTES, options: ChannelOptions = (),
                  api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(timeout_s, stream_timeout_s, metadata, api_key)
+        super().__init__(timeout_s, stream_timeout_s, metadata)
         self.address = address
-        opts = channel_options(max_message_bytes, options)
-        self.channel = (grpc.aio.secure_channel(address, credentials, options=opts) if credentials is not None
-                        else grpc.aio.insecure_channel(address, options=opts))
+        # The key is the channel's (rpc.clients.aio_channel): `.stub` calls send it too.
+        self.channel = aio_channel(address, api_key=api_key, credentials=credentials,
+                                   options=channel_options(max_message_bytes, options))
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
 
     async def log(self, events: Iterable[feedback_pb2.Event], *, request_id: str = "", timeout_s: float | None = None,

@@ -30,8 +30,10 @@ class FeedbackProcess:
                "RECSYS_LOG_LEVEL": "WARNING", **self.extra_env}
         self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.process.stdout.readline()  # printed once the port is open
-        assert "feedback service on" in line, line
+        seen = []
+        while "feedback service on" not in (line := self.process.stdout.readline()):  # printed once the port is open
+            assert line, f"the feedback service exited: {seen[-20:]}"
+            seen.append(line)
         threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep draining
         return self
 

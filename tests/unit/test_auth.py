@@ -130,3 +130,50 @@ def test_keys_from_the_environment_and_open_methods(monkeypatch: pytest.MonkeyPa
         grpc.StatusCode.PERMISSION_DENIED
     monkeypatch.delenv("RECSYS_AUTH_KEYS")
     assert KeyStore.from_settings(None) is None  # nothing configured: auth is off
+
+
+def test_clients_send_their_key_on_every_kind_of_channel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rpc.clients: the typed clients (their .stub too), channel() and aio_channel() send the key;
+    None means $RECSYS_API_KEY, "" means none; server_auth turns auth on only with keys."""
+    import logging
+
+    from rpc.auth import server_auth
+    from rpc.clients import AsyncRecommendClient, RecommendClient, aio_channel, channel
+
+    store = KeyStore(_keys(tmp_path / "keys"))
+    monkeypatch.delenv("RECSYS_AUTH_KEYS", raising=False)
+    assert server_auth(None, reflection_open=False, service="t", keys_setting="RECSYS_AUTH_KEYS_FILE") == []
+    assert len(server_auth(tmp_path / "keys", reflection_open=False, service="t", keys_setting="X")) == 1
+
+    async def go() -> None:
+        server = grpc.aio.server(interceptors=[Authenticate(store)])
+        recommend_pb2_grpc.add_RecommendServiceServicer_to_server(Recommend(), server)
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        req = recommend_pb2.RecommendRequest()
+        try:
+            async with AsyncRecommendClient(target, api_key=SHOP) as c:
+                assert (await c.recommend()).request_id == "shop"
+                assert (await c.stub.Recommend(req, timeout=5)).request_id == "shop"
+            async with aio_channel(target, api_key=ADMIN_KEY) as ch:
+                assert (await recommend_pb2_grpc.RecommendServiceStub(ch).Recommend(req, timeout=5)).request_id == "ops"
+            monkeypatch.setenv("RECSYS_API_KEY", GATEWAY)
+            async with aio_channel(target) as ch:  # $RECSYS_API_KEY: the gateway's key, no recommend role
+                code = await _code(recommend_pb2_grpc.RecommendServiceStub(ch).Recommend(req, timeout=5))
+                assert code == grpc.StatusCode.PERMISSION_DENIED
+            async with aio_channel(target, api_key="") as ch:
+                code = await _code(recommend_pb2_grpc.RecommendServiceStub(ch).Recommend(req, timeout=5))
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+
+            def sync_calls() -> None:
+                with RecommendClient(target, api_key=SHOP) as c:
+                    assert c.recommend().request_id == "shop" == c.stub.Recommend(req, timeout=5).request_id
+                with channel(target, api_key=ADMIN_KEY) as ch:
+                    assert recommend_pb2_grpc.RecommendServiceStub(ch).Recommend(req, timeout=5).request_id == "ops"
+
+            await asyncio.to_thread(sync_calls)
+        finally:
+            await server.stop(0)
+
+    logging.getLogger("rpc.auth").setLevel(logging.INFO)
+    asyncio.run(go())

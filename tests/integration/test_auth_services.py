@@ -173,6 +173,9 @@ HOSTILE = {
 }
 
 
+CLIENT_REFUSES = ("non-ASCII", "control characters")  # not legal in an HTTP/2 header value
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_authorization_metadata_is_unauthenticated(gateway, feedback, case):
     calls = (
@@ -189,6 +192,8 @@ def test_hostile_authorization_metadata_is_unauthenticated(gateway, feedback, ca
                 assert "metadata" in str(e).lower(), e
                 continue
             except grpc.RpcError as e:
+                if e.code() == S.INTERNAL and e.details() == "Invalid metadata" and case in CLIENT_REFUSES:
+                    continue  # grpc's client will not send a header value HTTP/2 forbids: nothing reached the server
                 if case == "huge" and e.code() in (S.RESOURCE_EXHAUSTED, S.INTERNAL) and "header" in e.details().lower():
                     continue  # over grpc's header-size limit: refused by the transport, before the service
                 assert e.code() == S.UNAUTHENTICATED, (case, address, e.code(), e.details())

@@ -27,7 +27,7 @@ from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import feedback_pb2_grpc
 from scripts.local_redis import free_port
 from rpc.clients import channel as authed_channel
-from tests.keys import GATEWAY_KEY
+from tests.keys import ADMIN_KEY
 from tests.processes import FeedbackProcess
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
 
 def test_memory_stays_flat_under_a_logserved_flood_and_the_service_stays_healthy(tmp_path):
     metrics_port = free_port()
-    # The flood is one caller (the gateway's key) far past its hourly budget: this test is about the
+    # The flood is one caller far past its hourly budget: this test is about the
     # learner's memory bounds, so that budget (tests/unit on the learner) is lifted here.
     service = FeedbackProcess(tmp_path / "events", env={"RECSYS_FEEDBACK_METRICS_PORT": str(metrics_port),
                                                         "RECSYS_FEEDBACK_MAX_PER_CALLER": str(10**12),
@@ -73,7 +73,8 @@ def test_memory_stays_flat_under_a_logserved_flood_and_the_service_stays_healthy
 
 
 def _flood_and_measure(service: FeedbackProcess, metrics_port: int) -> None:
-    channel = authed_channel(f"127.0.0.1:{service.port}", api_key=GATEWAY_KEY)  # LogServed: role internal
+    # LogServed (role internal) and Log (role events) on one channel: the admin key may call both.
+    channel = authed_channel(f"127.0.0.1:{service.port}", api_key=ADMIN_KEY)
     stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
     # Raw bytes: the client builds each 4 MiB call by a byte substitution instead of protobuf work,
     # so the two shared cores go to the service under test.

@@ -74,6 +74,8 @@ class FeedbackSettings(BaseSettings):
     max_pending_bytes: int = Field(_LEARNER.max_pending_bytes, gt=0)
     max_early: int = Field(_LEARNER.max_early, gt=0, description="events waiting for their served list")
     max_early_bytes: int = Field(_LEARNER.max_early_bytes, gt=0)
+    max_per_user: int = Field(_LEARNER.max_per_user, gt=0,
+                              description="labelled impressions an hour one user may teach the learner")
     max_per_caller: int = Field(_LEARNER.max_per_caller, gt=0,
                                 description="served items an hour one authenticated caller may send (LogServed)")
     # LogServed limits (served.py); the gateway's max_num_results by default.
@@ -97,7 +99,7 @@ class FeedbackSettings(BaseSettings):
                                max_lists=self.max_served_lists, max_served_bytes=self.max_served_bytes,
                                max_pending=self.max_pending, max_pending_bytes=self.max_pending_bytes,
                                max_early=self.max_early, max_early_bytes=self.max_early_bytes,
-                               max_per_caller=self.max_per_caller)
+                               max_per_user=self.max_per_user, max_per_caller=self.max_per_caller)
 
 
 def session_updater(settings: FeedbackSettings, event_log: EventLog):

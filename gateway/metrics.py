@@ -25,5 +25,10 @@ INDEX_ITEMS = Gauge("recsys_index_items", "Items in the serving vector index")
 INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encoder version or new items)")
 BLEND_WEIGHT = Gauge("recsys_blend_weight", "Online-learned blend weight (posterior mean) per score part", ["part"])
 BLEND_VERSION = Gauge("recsys_blend_version", "Version of the online blend weights in use (0: configured prior)")
+BLEND_REFUSED = Counter("recsys_blend_weights_refused_total",
+                        "Blend weights from the learner refused (not finite, outside the box); the last good ones stay")
+BLEND_OK = Gauge("recsys_blend_weights_ok", "1 while the last blend weights received were accepted, 0 after a refusal")
+SERVED_PARTS_CLIPPED = Counter("recsys_served_parts_clipped_total",
+                               "Served items whose score parts were clipped into PART_BOUNDS before LogServed")
 SERVED_LOG_DROPPED = Counter("recsys_served_log_dropped_total", "Served lists not delivered to the online learner")
 DETACHED_CALLS = Gauge("recsys_detached_downstream_calls", "Downstream calls still running after their request stopped waiting")

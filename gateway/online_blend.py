@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from gateway import metrics
+from gateway.blend_guard import clip_parts, weights_problem
 from gateway.config import GatewaySettings
 from contract.scores import PART_NAMES
 from gateway.scoring import weight_vector
@@ -46,6 +47,7 @@ class OnlineBlend:
         self.mean = self.prior.copy()
         self.std = np.zeros_like(self.prior)
         self.version = 0
+        self.weights_ok = True  # False while the learner's latest weights are refused (blend_guard.py)
         self.labelled = 0
         self.holdout = settings.online_weights_holdout
         self.explore = settings.online_weights_explore
@@ -72,7 +74,10 @@ class OnlineBlend:
     def record(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]]) -> None:
         served = feedback_pb2.ServedList(request_id=request_id)
         for item_id, parts in items:
-            served.items.add(item_id=item_id, parts=[float(p) for p in parts])
+            clipped, moved = clip_parts(parts)  # one runaway score must not get the whole batch refused
+            if moved:
+                metrics.SERVED_PARTS_CLIPPED.inc()
+            served.items.add(item_id=item_id, parts=clipped)
         if len(self.queue) >= MAX_QUEUED_LISTS:  # the learner is away: drop the oldest
             self.queue.popleft()
             metrics.SERVED_LOG_DROPPED.inc()
@@ -89,6 +94,16 @@ class OnlineBlend:
         if tuple(got.part_names) != PART_NAMES:
             log.warning("ignoring blend weights for parts %s (the gateway scores %s)", list(got.part_names), PART_NAMES)
             return False
+        if (problem := weights_problem(got.mean, got.variance, self.prior)) is not None:
+            if self.weights_ok:
+                log.warning("refusing blend weights v%d from the learner (%s); keeping v%d", got.version, problem,
+                            self.version)
+            self.weights_ok = False
+            metrics.BLEND_REFUSED.inc()
+            metrics.BLEND_OK.set(0)
+            return False
+        self.weights_ok = True
+        metrics.BLEND_OK.set(1)
         self.mean = np.array(got.mean, np.float32)
         self.std = np.sqrt(np.array(got.variance, np.float32))
         self.version, self.labelled = int(got.version), int(got.labelled)

@@ -61,10 +61,11 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
 
 def test_memory_stays_flat_under_a_logserved_flood_and_the_service_stays_healthy(tmp_path):
     metrics_port = free_port()
-    # The flood is one caller far past its hourly budget: this test is about the
-    # learner's memory bounds, so that budget (tests/unit on the learner) is lifted here.
+    # The flood is one caller and one user far past their hourly budgets: this test is about the
+    # learner's memory bounds, so those budgets (tests/unit on the learner) are lifted here.
     service = FeedbackProcess(tmp_path / "events", env={"RECSYS_FEEDBACK_METRICS_PORT": str(metrics_port),
                                                         "RECSYS_FEEDBACK_MAX_PER_CALLER": str(10**12),
+                                                        "RECSYS_FEEDBACK_MAX_PER_USER": str(10**12),
                                                         "RECSYS_FEEDBACK_MAX_PENDING": str(MAX_PENDING)}).start()
     try:
         _flood_and_measure(service, metrics_port)

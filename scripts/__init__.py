@@ -1,0 +1,2 @@
+"""Project scripts: set-up, locking, proto generation, a throwaway local redis-server.
+Run by the Makefile; not imported by the services."""

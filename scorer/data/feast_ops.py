@@ -61,6 +61,12 @@ def copy_feature_repo(dest: Path) -> Path:
 
 def load_store(repo: Path = FEATURE_REPO, yaml: str | None = None):
     """A FeatureStore for the repo (imports feast: seconds; keep out of hot paths)."""
+    import warnings
+
     from feast import FeatureStore
 
+    # ibis (Feast's DuckDB offline store) calls duckdb's deprecated fetch_arrow_table() on every
+    # historical read; nothing here to fix, and training / the demo should not print it. After the
+    # import: Feast puts its own DeprecationWarning filter first when it loads.
+    warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated", category=DeprecationWarning)
     return FeatureStore(repo_path=str(repo), fs_yaml_file=Path(repo) / yaml if yaml else None)

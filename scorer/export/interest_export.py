@@ -9,7 +9,7 @@ import torch
 
 from contract.tensors import INTEREST_MODEL, names
 from modelrepo.layout import MODEL_REPOSITORY, next_version
-from scorer.export.encoder_export import OPSET
+from scorer.export.encoder_export import OPSET, quiet_export
 from scorer.models.interest import InterestModel
 
 INPUTS = names(INTEREST_MODEL.inputs)
@@ -20,7 +20,7 @@ def export_interest_onnx(model: InterestModel, path: Path) -> None:
     d, k = model.config.dim, model.config.max_items
     example = (torch.zeros(2, d), torch.ones(2, 1), torch.zeros(2, k, d), torch.ones(2, k))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_export():
         torch.onnx.export(
             model, example, str(path), input_names=INPUTS, output_names=names(INTEREST_MODEL.outputs),
             dynamic_axes={"query": {0: "batch"}, "has_query": {0: "batch"}, "items": {0: "batch", 1: "k"},

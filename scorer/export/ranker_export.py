@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from scorer.export.encoder_export import OPSET, quantize_int8, write_tokenizer_version
+from scorer.export.encoder_export import OPSET, quiet_export, quantize_int8, write_tokenizer_version
 from modelrepo.layout import MODEL_REPOSITORY, next_version
 from contract.tensors import RANKER_ONNX, names
 from scorer.models.ranker import CrossEncoderRanker, load_ranker_tokenizer
@@ -20,7 +20,7 @@ def export_ranker_onnx(model: CrossEncoderRanker, path: Path) -> None:
     ids = torch.ones((2, 24), dtype=torch.long)
     numeric = torch.zeros((2, model.config.n_numeric), dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_export():
         torch.onnx.export(
             model, (ids, ids, torch.zeros_like(ids), numeric), str(path),
             input_names=INPUTS, output_names=names(RANKER_ONNX.outputs),

@@ -49,3 +49,38 @@ class FeedbackProcess:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class LoggedFeedback:
+    """`python -m feedback` on a free port, every line it prints kept in `lines` (FeedbackProcess
+    drops its output); started once the service says it is on."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.port = free_port()
+        env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(log_dir),
+               "RECSYS_LOG_LEVEL": "WARNING", **env}
+        self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        assert self.process.stdout is not None
+        while True:
+            line = self.process.stdout.readline()
+            assert line, f"the feedback service exited: {self.lines[-20:]}"
+            if "feedback service on" in line:
+                break
+            self.lines.append(line)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)

@@ -27,9 +27,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +45,7 @@ from hypothesis import strategies as st
 from recsys.v1 import feedback_pb2, recommend_pb2
 from rpc.clients import aio_channel, channel as authed_channel
 from tests.keys import ADMIN_KEY
+from tests.processes import LoggedFeedback
 from tests.fuzz_strategies import (MessageStrategies, Vocab, decodes, named_field, nasty_doubles,
                                    normalize, short_repr, weighted)
 
@@ -80,33 +78,8 @@ def _cls(descriptor) -> type[Message]:
 
 # --- the services ------------------------------------------------------------------------------------
 
-class FeedbackService:
-    """`python -m feedback` on a free port, its log lines kept (tests/processes.py drops them)."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]):
-        from scripts.local_redis import free_port
-
-        self.port = free_port()
-        env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(log_dir),
-               "RECSYS_LOG_LEVEL": "WARNING", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        while True:
-            line = self.process.stdout.readline()
-            assert line, f"the feedback service exited: {self.lines[-20:]}"
-            if "feedback service on" in line:
-                break
-            self.lines.append(line)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+class FeedbackService(LoggedFeedback):
+    """`python -m feedback` on a free port, its log lines kept (tests/processes.py LoggedFeedback)."""
 
     def errors(self) -> list[str]:
         """Error lines it logged (JSON lines; a traceback spans several plain lines)."""
@@ -124,10 +97,6 @@ class FeedbackService:
                 out.append(f"{entry.get('logger')}: {entry.get('msg', '')[:200]}{tail}")
         return out
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 class ErrorLogs(logging.Handler):

@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +25,7 @@ from rpc.clients import AsyncFeedbackClient, AsyncRecommendClient, FeedbackClien
 from rpc.ids import REQUEST_ID_METADATA
 from rpc.logs import JsonFormatter
 from tests.keys import ADMIN_KEY, ADMIN_NAME, SHOP
+from tests.processes import LoggedFeedback
 
 pytestmark = pytest.mark.integration
 
@@ -45,33 +42,14 @@ def _wait_for(predicate, timeout_s: float = 10.0, what: str = ""):
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
-class FeedbackService:
+class FeedbackService(LoggedFeedback):
     """`python -m feedback` on a free port, logging at INFO, its JSON lines kept."""
 
     def __init__(self, log_dir: Path):
         from scripts.local_redis import free_port
 
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {**os.environ, "RECSYS_FEEDBACK_PORT": str(self.port), "RECSYS_EVENT_LOG_DIR": str(log_dir),
-               "RECSYS_FEEDBACK_METRICS_PORT": str(self.metrics_port), "RECSYS_LOG_LEVEL": "INFO"}
-        self.process = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        while True:
-            line = self.process.stdout.readline()
-            assert line, f"the feedback service exited: {self.lines[-20:]}"
-            if "feedback service on" in line:
-                break
-            self.lines.append(line)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        super().__init__(log_dir, {"RECSYS_FEEDBACK_METRICS_PORT": str(self.metrics_port), "RECSYS_LOG_LEVEL": "INFO"})
 
     def entries(self) -> list[dict]:
         out = []
@@ -92,10 +70,6 @@ class FeedbackService:
         values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(want + " ")]
         return values[0] if values else 0.0
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 class AccessLines(logging.Handler):

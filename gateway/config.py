@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -25,6 +26,18 @@ class Breakers(BaseModel):
     encoder: BreakerSettings = BreakerSettings()
     interest: BreakerSettings = BreakerSettings()
     ranker: BreakerSettings = BreakerSettings()
+
+
+class SourceFusion(BaseModel):
+    """Weighted reciprocal-rank fusion of the candidate sources (gateway/scoring.py `source_fusion`):
+    an item's relevance without a query is sum_s w_s / (k + rank_s), scaled into the ranker's range.
+    Defaults chosen on validation (bench/tune_fusion.py, docs/gateway.md#ranking-and-fusion)."""
+
+    k: float = Field(60.0, gt=0, description="rank offset: larger flattens the difference between ranks")
+    query: float = Field(1.0, ge=0)
+    interest: float = Field(1.0, ge=0)
+    session: float = Field(1.0, ge=0, description="co-visitation of the page, session and profile items")
+    popular: float = Field(0.3, ge=0)
 
 
 def _default_max_in_flight() -> int:
@@ -79,6 +92,10 @@ class GatewaySettings(BaseSettings):
     rerank_depth: int = Field(20, ge=0, description="top-K candidates the Triton ranker re-scores; 0: no ranker")
     brand_cap: int = Field(0, ge=0, description="at most this many items per brand in a response; 0: no cap")
     interest_recent_items: int = Field(10, gt=0)
+    covisit_recent_items: int = Field(10, ge=0, description="profile items (newest first) whose co-visits are candidates")
+    fusion: SourceFusion = SourceFusion()
+    ranker_mode: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: the ranker only when its served version beat the blend on validation")
     weights: ScoreWeights = ScoreWeights()
 
     # Request limits (validation).

@@ -7,6 +7,14 @@ join gives a training row only what was known at the label's time:
 - user_profile:    a snapshot per user at the end of each day the user was active (cumulative).
 - user_session:    a snapshot after every query / click / cart / purchase (the same values the
                    feedback service pushes live, so training and serving see the same features).
+
+Serving a backfill (`as_of`): the profile-like tables (user_profile, item_popularity) also get one
+*current* snapshot per entity stamped at the import's as-of time (default: the moment of the import),
+holding the state at the end of the log. Feast's TTLs count from a row's timestamp, so without it a
+log whose events are months old would be materialized as expired everywhere; with it the profile is
+fresh for its TTL from the import, as a snapshot taken "now" is. Historical snapshots keep their true
+times, so point-in-time joins for training are unchanged (every label lies before the as-of row).
+The session view keeps true event times: an old session is correctly expired.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import pandas as pd
 
 from contract.session import SessionState
 from scorer.data.labels import attribute
+from scorer.data.offline_schema import SCHEMAS
 
 PROFILE_RECENT_ITEMS = 20
 PROFILE_TOP_K = 5
@@ -87,9 +96,7 @@ def item_popularity(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def _empty_popularity() -> pd.DataFrame:
-    cols = ["item_id", "impressions_7d", "clicks_7d", "carts_7d", "purchases_7d", "purchases_30d", "ctr_7d",
-            "popularity_7d", "event_timestamp"]
-    return pd.DataFrame({c: [] for c in cols})
+    return SCHEMAS["item_popularity"].empty_table().to_pandas()
 
 
 def _rolling(grid: np.ndarray, window: int) -> np.ndarray:
@@ -105,8 +112,10 @@ def user_profile(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
         items[["item_id", "category", "brand", "price"]], on="item_id", how="left"
     )
     if ev.empty:
-        return pd.DataFrame()
+        return SCHEMAS["user_profile"].empty_table().to_pandas()
     # Price position of an item within its category, in log space: < 0 cheaper than typical.
+    # Items without a price (NaN) count for taste but not for price: they are left out of the
+    # price averages, and a user who only touched unpriced items has no price band (None).
     median = items.groupby("category")["price"].median()
     ev["price_pos"] = np.log((ev["price"].clip(lower=0.01)) / ev["category"].map(median).clip(lower=0.01))
     ev["w"] = ev["event_type"].map(INTERACTION_WEIGHT)
@@ -123,7 +132,8 @@ def user_profile(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
             w = h["w"].to_numpy() * decay
             cats = _top_scores(h["category"].to_numpy(), w)
             brands = _top_scores(h["brand"].to_numpy(), w)
-            price_pos = float(np.average(h["price_pos"].to_numpy(), weights=w))
+            price_pos = _weighted_mean(h["price_pos"].to_numpy(), w)
+            avg_price = _weighted_mean(h["price"].to_numpy(dtype=float), w)
             recent = list(dict.fromkeys(h["item_id"].to_numpy()[::-1]))[:PROFILE_RECENT_ITEMS]
             kinds = Counter(h["event_type"])
             rows.append(
@@ -133,8 +143,9 @@ def user_profile(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
                     "top_category_scores": [s for _, s in cats],
                     "top_brands": [b for b, _ in brands],
                     "top_brand_scores": [s for _, s in brands],
-                    "avg_price": float(np.average(h["price"].to_numpy(), weights=w)),
-                    "price_band": "budget" if price_pos < -0.25 else "premium" if price_pos > 0.25 else "mid",
+                    "avg_price": avg_price,
+                    "price_band": None if np.isnan(price_pos) else
+                    "budget" if price_pos < -0.25 else "premium" if price_pos > 0.25 else "mid",
                     "n_clicks": int(kinds["CLICK"]),
                     "n_carts": int(kinds["ADD_TO_CART"]),
                     "n_purchases": int(kinds["PURCHASE"]),
@@ -145,6 +156,14 @@ def user_profile(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     out["event_timestamp"] = _us(out["event_timestamp"])
     return out
+
+
+def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
+    """Weighted mean over the finite values; NaN when there is none (no known price)."""
+    known = np.isfinite(values)
+    if not known.any() or weights[known].sum() <= 0:
+        return float("nan")
+    return float(np.average(values[known], weights=weights[known]))
 
 
 def _top_scores(keys: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
@@ -172,21 +191,49 @@ def user_session(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
         state.apply(etype, item_id, query, category.get(item_id))
         rows.append({"user_id": user_id, **state.features(), "event_timestamp": ts})
     out = pd.DataFrame(rows)
-    if not out.empty:
-        out["event_timestamp"] = _us(out["event_timestamp"])
-        # Two events of a user in the same microsecond: keep the last state (Feast keeps one row).
-        out = out.drop_duplicates(["user_id", "event_timestamp"], keep="last").reset_index(drop=True)
-    return out
+    if out.empty:
+        return SCHEMAS["user_session"].empty_table().to_pandas()
+    out["event_timestamp"] = _us(out["event_timestamp"])
+    # Two events of a user in the same microsecond: keep the last state (Feast keeps one row).
+    return out.drop_duplicates(["user_id", "event_timestamp"], keep="last").reset_index(drop=True)
 
 
-def build_all(items: pd.DataFrame, events: pd.DataFrame, progress=None) -> dict[str, pd.DataFrame]:
+def current_snapshot(table: pd.DataFrame, key: str, as_of: pd.Timestamp, final_only: bool = False) -> pd.DataFrame:
+    """`table` plus, per entity, its latest row re-stamped at `as_of` (see the module docstring).
+
+    final_only: only entities that have a row at the table's newest time (item popularity: the
+    windows measured back from the end of the log; an item idle by then has no current row).
+    A user profile needs no recomputation at `as_of`: its decay is relative, so later snapshots of
+    an unchanged history have the same normalised scores and weighted averages.
+    """
+    if table.empty:
+        return table
+    as_of = pd.Timestamp(as_of).tz_convert("UTC")
+    latest = table.sort_values("event_timestamp", kind="stable").drop_duplicates(key, keep="last")
+    if final_only:
+        latest = latest[latest["event_timestamp"] == table["event_timestamp"].max()]
+    latest = latest[latest["event_timestamp"] < as_of]
+    current = latest.assign(event_timestamp=as_of).astype({"event_timestamp": "datetime64[us, UTC]"})
+    return pd.concat([table, current], ignore_index=True)
+
+
+def build_all(items: pd.DataFrame, events: pd.DataFrame, progress=None,
+              as_of: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
+    """Every derived table; with `as_of`, user_profile and item_popularity also get their current
+    snapshot at that time (it must not be before the newest event)."""
     say = progress or (lambda msg: None)
+    if as_of is not None and len(events) and as_of < events["timestamp"].max():
+        raise ValueError(f"as-of time {as_of} is before the newest event ({events['timestamp'].max()}): "
+                         "a snapshot then would not include every event")
     say("item features")
     tables = {"item_features": item_features(items)}
     say("item popularity")
     tables["item_popularity"] = item_popularity(events)
     say("user profiles")
     tables["user_profile"] = user_profile(items, events)
+    if as_of is not None:
+        tables["item_popularity"] = current_snapshot(tables["item_popularity"], "item_id", as_of, final_only=True)
+        tables["user_profile"] = current_snapshot(tables["user_profile"], "user_id", as_of)
     say("session snapshots")
     tables["user_session"] = user_session(items, events)
     say("labels (attribution windows)")

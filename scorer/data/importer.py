@@ -9,19 +9,24 @@ failed import leaves the previous data untouched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from scorer.data import feature_tables
-from scorer.data.schema import TABLES
+from scorer.data.offline_schema import write_table
+from scorer.data.schema import CATEGORY_MAX_CHARS, TABLES, shorten_category
 
 MAX_REPORTED_ERRORS = 20
+log = logging.getLogger(__name__)
+MANIFEST = "import.json"
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class ValidatedData:
     items: pd.DataFrame
     users: pd.DataFrame
     events: pd.DataFrame
+    notes: list[str]  # what was changed on the way in (shortened categories, ...), for the user
 
 
 def load_and_validate(data_dir: Path) -> ValidatedData:
@@ -127,7 +133,15 @@ def load_and_validate(data_dir: Path) -> ValidatedData:
     if errors:
         raise ImportValidationError(errors[:MAX_REPORTED_ERRORS], total=len(errors))
     events["event_type"] = events["event_type"].map(lambda t: t.value)
-    return ValidatedData(items=_normalise(items), users=_normalise(users), events=_normalise(events))
+    notes = []
+    short = items["category"].map(shorten_category)
+    changed = int((short != items["category"]).sum())
+    if changed:
+        example = items.loc[short != items["category"], "category"].iloc[0]
+        notes.append(f"{changed:,} item categor{'y' if changed == 1 else 'ies'} longer than {CATEGORY_MAX_CHARS} characters "
+                     f"kept only their last levels (e.g. {example[:40]!r}... -> {shorten_category(example)!r})")
+        items["category"] = short
+    return ValidatedData(items=_normalise(items), users=_normalise(users), events=_normalise(events), notes=notes)
 
 
 def _normalise(df: pd.DataFrame) -> pd.DataFrame:
@@ -137,30 +151,51 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
             df[col] = pd.to_datetime(df[col], utc=True).astype("datetime64[us, UTC]")
     if "attributes" in df:
         df["attributes"] = df["attributes"].map(lambda a: json.dumps(a, sort_keys=True))
+    if "price" in df:
+        df["price"] = df["price"].astype("float64")  # None (unknown price) -> NaN
     for col in ("position", "quantity"):
         if col in df:
             df[col] = df[col].astype("Int32")
     return df
 
 
-def import_dataset(data_dir: Path, offline_dir: Path, progress=None) -> dict[str, int]:
+def import_dataset(data_dir: Path, offline_dir: Path, progress=None, as_of: pd.Timestamp | datetime | None = None,
+                   notes=None) -> dict[str, int]:
     """Validate data_dir and atomically replace offline_dir with the imported tables.
 
+    as_of: when the profile-like tables' current snapshot is taken (scorer/data/feature_tables.py;
+    default now; never before the newest event). notes: called with each message about what the
+    import changed (default: logged as a warning).
     Returns the row count of every table written. Raises ImportValidationError (nothing written)
     when any row is invalid.
     """
     say = progress or (lambda msg: None)
+    note = notes or log.warning
     say("validating")
     data = load_and_validate(Path(data_dir))
+    for message in data.notes:
+        note(message)
+    newest = data.events["timestamp"].max() if len(data.events) else None
+    if as_of is None:  # now, or the newest event when the log runs a little ahead of this clock
+        as_of = max(pd.Timestamp.now(tz="UTC"), newest) if newest is not None else pd.Timestamp.now(tz="UTC")
+    as_of = pd.Timestamp(as_of)
+    as_of = (as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")).ceil("us")
+    if newest is not None and as_of < newest:
+        raise ImportValidationError([RowError(data.events.attrs.get("file", "events"), -1, "timestamp",
+                                              f"the newest event ({newest}) is after the as-of time {as_of}")])
     offline_dir = Path(offline_dir)
     offline_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=offline_dir.parent))
     try:
         say("deriving feature tables")
         tables = {"items": data.items, "users": data.users, "events": data.events}
-        tables.update(feature_tables.build_all(data.items, data.events, progress=say))
+        tables.update(feature_tables.build_all(data.items, data.events, progress=say, as_of=as_of))
         for name, df in tables.items():
-            df.to_parquet(staging / f"{name}.parquet", index=False)
+            write_table(name, df, staging / f"{name}.parquet")
+        # What this import was, for the summaries of `recsys data import` and `recsys train ...`.
+        manifest = {"source": str(Path(data_dir).resolve()), "as_of": as_of.isoformat(), "notes": data.notes,
+                    "rows": {name: len(df) for name, df in tables.items()}}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         # Swap in with renames: readers see the old directory or the new one, never a mix.
         old = offline_dir.with_name(offline_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

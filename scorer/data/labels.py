@@ -9,7 +9,9 @@ Windows: click 30 min, cart 2 h, purchase 24 h. Each impression's label is its b
 (purchase 3 > cart 2 > click 1 > nothing 0), stamped at the *impression's* time, so a
 point-in-time join gives the features known when the list was shown.
 
-The result is `labels.parquet`, the Feast offline source `labels_source`.
+The result is `labels.parquet`, the Feast offline source `labels_source`. A log without
+impressions (a shop's order export) has no labels here: 0 rows, typed. Training then builds its
+examples from the interactions themselves (scorer/train/data.py `interaction_labels`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from eventlog.event_log import COLUMNS, DB_NAME, read_rows, read_segments
+from scorer.data.offline_schema import write_table
 
 GRADE = {"CLICK": 1, "ADD_TO_CART": 2, "PURCHASE": 3}
 WINDOW = {"CLICK": pd.Timedelta(minutes=30), "ADD_TO_CART": pd.Timedelta(hours=2), "PURCHASE": pd.Timedelta(hours=24)}
@@ -97,6 +100,6 @@ def build_labels(offline_dir: Path, event_log: Path | None = None) -> pd.DataFra
         events = pd.concat([events, logged.astype({"timestamp": events["timestamp"].dtype})], ignore_index=True)
     labels = attribute(events)
     tmp = offline_dir / "labels.parquet.tmp"
-    labels.to_parquet(tmp, index=False)
+    write_table("labels", labels, tmp)
     os.replace(tmp, offline_dir / "labels.parquet")
     return labels

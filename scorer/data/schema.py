@@ -63,6 +63,29 @@ MaybeId = Annotated[Id | None, BeforeValidator(_empty_to_none)]
 MaybeUtc = Annotated[UtcDatetime | None, BeforeValidator(_empty_to_none)]
 
 
+CATEGORY_MAX_CHARS = 100  # what the feature tables keep (a Feast string, the query parser's vocabulary)
+CATEGORY_INPUT_MAX_CHARS = 1000
+CATEGORY_LEVEL_SEPARATOR = ">"
+
+
+def shorten_category(category: str, max_chars: int = CATEGORY_MAX_CHARS) -> str:
+    """A category path that fits `max_chars`, keeping its most specific (last) levels:
+    'Home > Kitchen > ... > Mugs' -> 'Kitchen > ... > Mugs'. The leaf says what the item is, so the
+    root levels are dropped first; a single level longer than the limit is cut at the limit."""
+    if len(category) <= max_chars:
+        return category
+    levels = [level.strip() for level in category.split(CATEGORY_LEVEL_SEPARATOR) if level.strip()]
+    if not levels:
+        return category[:max_chars]
+    kept: list[str] = []
+    for level in reversed(levels):
+        candidate = [level, *kept]
+        if len(f" {CATEGORY_LEVEL_SEPARATOR} ".join(candidate)) > max_chars:
+            break
+        kept = candidate
+    return f" {CATEGORY_LEVEL_SEPARATOR} ".join(kept) if kept else levels[-1][:max_chars].rstrip()
+
+
 class EventType(str, Enum):
     IMPRESSION = "IMPRESSION"
     CLICK = "CLICK"
@@ -77,9 +100,12 @@ class ItemRow(BaseModel):
     item_id: Id
     title: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=300)]
     description: Annotated[str, BeforeValidator(lambda v: _empty_to_none(v) or "")] = Field("", max_length=5000)
-    category: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    # Longer paths are accepted and shortened to their last levels by the importer (shorten_category).
+    category: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=CATEGORY_INPUT_MAX_CHARS)]
     brand: Annotated[str, BeforeValidator(lambda v: _empty_to_none(v) or "")] = Field("", max_length=100)
-    price: float = Field(ge=0, allow_inf_nan=False)
+    # Unknown price: None (NaN in the tables). It gives no price term in the item text and neutral
+    # price features (docs/data_format.md); 0 means "free", not "unknown".
+    price: Annotated[float | None, BeforeValidator(_empty_to_none)] = Field(None, ge=0, allow_inf_nan=False)
     attributes: Annotated[dict[str, str], BeforeValidator(_attributes)] = {}  # JSON object in files
     created_at: MaybeUtc = None
 

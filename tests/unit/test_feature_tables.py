@@ -114,3 +114,50 @@ def test_session_snapshots_follow_each_event_and_reset_per_session():
 def test_build_all_writes_microsecond_timestamps(table):
     out = ft.build_all(ITEMS, EVENTS)[table]
     assert str(out["event_timestamp"].dtype) == "datetime64[us, UTC]"
+
+
+def _feature_views():
+    """The feature views of feature_repo/, loaded the way `feast apply` loads them."""
+    import importlib
+    import sys
+
+    from scorer.data.feast_ops import FEATURE_REPO
+
+    sys.path.insert(0, str(FEATURE_REPO))
+    try:
+        from feast import FeatureView
+
+        module = importlib.import_module("features")
+        return [v for v in vars(module).values() if isinstance(v, FeatureView)]
+    finally:
+        sys.path.remove(str(FEATURE_REPO))
+        for name in ("features", "data_sources", "entities"):  # plain names: leave none behind
+            sys.modules.pop(name, None)
+
+
+def _kind_of_arrow(t) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_list(t):
+        return _kind_of_arrow(t.value_type) + "_LIST"
+    return "STRING" if pa.types.is_string(t) else "INT" if pa.types.is_integer(t) else "FLOAT" if pa.types.is_floating(t) else str(t)
+
+
+def test_offline_schemas_match_the_feature_views():
+    """Every feature a view reads from an imported table has a column of the same kind there (the
+    importer writes by these schemas, so even an all-empty column keeps the view's type)."""
+    from pathlib import Path
+
+    from scorer.data.offline_schema import SCHEMAS
+
+    views = _feature_views()
+    assert {v.name for v in views} == {"item_attributes", "item_popularity", "user_profile", "user_session"}
+    for view in views:
+        source = view.batch_source
+        table = Path(source.path).stem
+        schema = SCHEMAS[table]
+        assert schema.field(source.timestamp_field).type == SCHEMAS["labels"].field("event_timestamp").type
+        for field in view.schema:
+            feast_kind = field.dtype.to_value_type().name.replace("INT32", "INT").replace("INT64", "INT")
+            feast_kind = feast_kind.replace("DOUBLE", "FLOAT")
+            assert _kind_of_arrow(schema.field(field.name).type) == feast_kind, (view.name, field.name)

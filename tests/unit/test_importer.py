@@ -74,7 +74,7 @@ def test_bad_values_name_file_row_and_field(tmp_path):
             "item_id": ["a1", "bad id!", "a3"],
             "title": ["ok", "", "ok"],
             "category": ["c", "c", "c"],
-            "price": [1.0, -3.0, float("nan")],
+            "price": [1.0, -3.0, float("inf")],
             "attributes": ["{}", "{not json", json.dumps({"k": 1})],
         }
     )
@@ -83,7 +83,7 @@ def test_bad_values_name_file_row_and_field(tmp_path):
     assert "items.parquet: row 1, field 'item_id'" in text and "bad id!" in text
     assert "items.parquet: row 1, field 'title'" in text
     assert "items.parquet: row 1, field 'price'" in text and "greater than or equal to 0" in text
-    assert "items.parquet: row 2, field 'price'" in text  # NaN is not a price
+    assert "items.parquet: row 2, field 'price'" in text  # infinity is not a price (NaN: no price given)
     assert "items.parquet: row 1, field 'attributes'" in text and "not valid JSON" in text
     assert "items.parquet: row 2, field 'attributes'" in text and "string keys to string values" in text
 
@@ -175,3 +175,129 @@ def test_created_at_timezone_handling(tmp_path):
     _write(tmp_path)
     data = load_and_validate(tmp_path)
     assert data.items["created_at"][0] == pd.Timestamp(datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+# --- interaction-only logs, optional fields, backfills (issue 14) ---------------------------------
+
+KINDS = ("IMPRESSION", "CLICK", "ADD_TO_CART", "PURCHASE", "QUERY")
+
+
+def _log(kinds: list[str], n: int, start: str = "2011-03-01T09:00:00Z") -> pd.DataFrame:
+    """n events cycling through `kinds`, two users, two sessions each; ids only where the kind has them."""
+    t0 = pd.Timestamp(start)
+    rows = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        rows.append({
+            "event_id": f"e{i}", "timestamp": (t0 + pd.Timedelta(hours=7 * i)).isoformat(), "user_id": f"u{1 + i % 2}",
+            "session_id": f"s{i % 4}", "event_type": kind, "item_id": "" if kind == "QUERY" else ("a1", "a2")[i % 2],
+            "query": "rain jacket" if kind == "QUERY" else "", "request_id": "r1" if kind == "IMPRESSION" else "",
+            "position": "1" if kind == "IMPRESSION" else "", "quantity": "2" if kind == "PURCHASE" else "",
+        })
+    return pd.DataFrame(rows)
+
+
+def _null_typed(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_null(t) or (pa.types.is_list(t) and _null_typed(t.value_type))
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=5, unique=True), n=st.integers(1, 12),
+       fmt=st.sampled_from(["csv", "parquet"]))
+def test_every_written_column_has_its_schema_type_whatever_the_event_kinds(kinds, n, fmt):
+    """Any subset of event kinds (none at all included): every table keeps its declared Arrow types,
+    never `null` / `list<null>` (which Feast's DuckDB store cannot cast)."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from scorer.data.offline_schema import SCHEMAS
+
+    events = _log(kinds, n) if kinds else _log(["CLICK"], 1).iloc[:0]
+    with tempfile.TemporaryDirectory() as d:
+        src, offline = Path(d) / "src", Path(d) / "offline"
+        src.mkdir()
+        _write(src, events=events, fmt=fmt)
+        import_dataset(src, offline)
+        for name, schema in SCHEMAS.items():
+            got = pq.read_schema(offline / f"{name}.parquet")
+            assert [(f.name, f.type) for f in got] == [(f.name, f.type) for f in schema], name
+            assert not any(_null_typed(f.type) for f in got), name
+            pd.read_parquet(offline / f"{name}.parquet")  # and reads back
+
+
+def test_a_purchase_only_log_has_typed_empty_session_lists_and_no_labels(tmp_path):
+    src, offline = tmp_path / "src", tmp_path / "offline"
+    src.mkdir()
+    _write(src, events=_log(["PURCHASE"], 6))
+    counts = import_dataset(src, offline)
+    assert counts["labels"] == 0 and counts["user_session"] > 0
+    sess = pd.read_parquet(offline / "user_session.parquet")
+    assert sess["recent_queries"].map(len).eq(0).all() and sess["recent_clicked_item_ids"].map(len).eq(0).all()
+    assert sess["recent_carted_item_ids"].map(len).gt(0).all()
+
+
+def test_unknown_price_stays_unknown(tmp_path):
+    from contract.item_text import catalog_texts
+
+    items = pd.DataFrame({"item_id": ["a1", "a2"], "title": ["Trail Shoe", "Rain Jacket"], "category": ["Shoes", "Jackets"],
+                          "price": [None, 120.0]})
+    src, offline = tmp_path / "src", tmp_path / "offline"
+    src.mkdir()
+    _write(src, items=items, events=_log(["PURCHASE"], 6), fmt="csv")
+    import_dataset(src, offline)
+    feats = pd.read_parquet(offline / "item_features.parquet").set_index("item_id")
+    assert pd.isna(feats.at["a1", "price"]) and feats.at["a2", "price"] == 120.0
+    texts = dict(zip(feats.index, catalog_texts(feats)))
+    assert texts["a1"] == "Trail Shoe | Shoes" and texts["a2"].endswith("price 120.00")
+    profile = pd.read_parquet(offline / "user_profile.parquet")
+    u1 = profile[profile["user_id"] == "u1"].iloc[-1]  # u1 bought only a1 (even events): no price known
+    assert pd.isna(u1["avg_price"]) and u1["price_band"] is None
+    u2 = profile[profile["user_id"] == "u2"].iloc[-1]
+    assert u2["avg_price"] == 120.0 and u2["price_band"] == "mid"
+
+
+def test_a_long_category_path_keeps_its_last_levels_and_is_reported(tmp_path):
+    from scorer.data.schema import CATEGORY_MAX_CHARS, shorten_category
+
+    path = " > ".join(["Home and Garden Furniture and Decoration"] * 3 + ["Kitchen", "Mugs"])
+    assert shorten_category(path) == "Home and Garden Furniture and Decoration > Home and Garden Furniture and Decoration > Kitchen > Mugs"
+    assert len(shorten_category(path)) <= CATEGORY_MAX_CHARS
+    assert shorten_category("x" * 150) == "x" * 100  # one level: cut at the limit
+    items = pd.DataFrame({"item_id": ["a1", "a2"], "title": ["Mug", "Cup"], "category": [path, "Cups"], "price": [3.0, 2.0]})
+    src, offline = tmp_path / "src", tmp_path / "offline"
+    src.mkdir()
+    _write(src, items=items, events=_log(["PURCHASE"], 2))
+    notes: list[str] = []
+    import_dataset(src, offline, notes=notes.append)
+    assert len(notes) == 1 and notes[0].startswith("1 item category longer than 100 characters")
+    assert pd.read_parquet(offline / "items.parquet")["category"].tolist() == [shorten_category(path), "Cups"]
+
+
+def test_a_backfill_gets_current_profile_and_popularity_snapshots_at_the_as_of_time(tmp_path):
+    src, offline = tmp_path / "src", tmp_path / "offline"
+    src.mkdir()
+    _write(src, events=_log(["PURCHASE", "CLICK"], 8))  # March 2011
+    as_of = pd.Timestamp("2026-11-30T12:00:00Z")
+    import_dataset(src, offline, as_of=as_of)
+    profile = pd.read_parquet(offline / "user_profile.parquet")
+    current = profile[profile["event_timestamp"] == as_of]
+    assert sorted(current["user_id"]) == ["u1", "u2"]
+    for user, g in profile.groupby("user_id"):  # the current snapshot holds the last state
+        g = g.sort_values("event_timestamp")
+        assert g.iloc[-1].drop("event_timestamp").equals(g.iloc[-2].drop("event_timestamp"))
+    assert profile["event_timestamp"].lt(pd.Timestamp("2011-04-01", tz="UTC")).sum() == len(profile) - 2  # history kept
+    pop = pd.read_parquet(offline / "item_popularity.parquet")
+    assert set(pop.loc[pop["event_timestamp"] == as_of, "item_id"]) == {"a1", "a2"}
+    sessions = pd.read_parquet(offline / "user_session.parquet")
+    assert sessions["event_timestamp"].max() < pd.Timestamp("2011-04-01", tz="UTC")  # true times
+    assert json.loads((offline / "import.json").read_text())["as_of"] == as_of.isoformat()
+    with pytest.raises(ImportValidationError, match="after the as-of time"):
+        import_dataset(src, tmp_path / "other", as_of=pd.Timestamp("2011-03-02", tz="UTC"))

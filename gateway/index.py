@@ -18,6 +18,9 @@ EF_SEARCH = 256  # top-100 needs a wide beam: recall@100 ~0.95+ on catalog-like 
 # Below this many (allowed) vectors an exact scan is at least as fast as HNSW on this machine:
 # bench/index_bench.py measures it (docs/benchmarks.md).
 EXACT_MAX = 20_000
+# An exact search over an allowed subset copies the subset's rows only when it is under 1/GATHER_SHARE
+# of the catalog; otherwise it scores every row (a matrix-vector product beats a large copy).
+GATHER_SHARE = 8
 
 
 class ItemIndex:
@@ -73,10 +76,17 @@ class ItemIndex:
         return ids[0][keep].astype(np.int64), scores[0][keep]
 
     def _exact(self, query: np.ndarray, k: int, subset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        emb = self.embeddings if subset is None else self._emb[subset]
-        if emb.shape[0] == 0:
+        if subset is not None and len(subset) == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        scores = emb @ query
+        if subset is None:
+            scores = self._emb @ query
+        elif len(subset) * GATHER_SHARE < self._n:
+            scores = self._emb[subset] @ query
+        else:
+            # Most of the catalog is allowed (the usual case: in stock, no filter): scoring every row
+            # and picking the allowed scores is ~35x cheaper than copying the allowed rows first
+            # (5k x 384: 0.25 vs 9 ms on 2 cores, and it runs on the event loop twice a request).
+            scores = (self._emb @ query)[subset]
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]

@@ -9,8 +9,12 @@ on open (one flipped byte lost every later acknowledged event) and held all ids 
 
 Layout: `<dir>/events.sqlite` (+ `-wal`, `-shm` while open). WAL mode, `synchronous=FULL`: a
 commit returns once its WAL frames are fsync'd. One transaction per `append` call (group commit:
-one fsync per call, as before). `seq` orders the rows; events are never deleted, so `max(seq)` is
-the number of events (`__len__` reads it once at open, then counts commits).
+one fsync per call, as before). `seq` orders the rows. Rows are deleted only when a user is erased
+(`erase`, docs/security.md#privacy); each erasure records the gaps it left in seq (table
+`erasures`: when, how many rows, gaps; no ids), so the number of events is `max(seq) - gaps`
+(`__len__` reads it once at open, then counts commits) without counting the table.
+Erasing overwrites what it deletes (`secure_delete`) and truncates the WAL, so no copy of an erased
+row stays in the files.
 
 Damage is detected, never silently dropped:
 - at open, `PRAGMA quick_check` (page structure) and a scan of the WAL's frame headers: SQLite
@@ -63,9 +67,11 @@ _COLUMN_SET = frozenset(COLUMNS)
 
 # seq is the rowid (INTEGER PRIMARY KEY; SQLite allows one primary key per table), so event_id is
 # the table's other key, NOT NULL UNIQUE: the same unique B-tree a TEXT PRIMARY KEY would be.
-# seq is assigned as max(seq) + 1. Not AUTOINCREMENT: that keyword only matters after deletes (there
-# are none), and it spends a number on every insert that ON CONFLICT turns away, which would break
-# `max(seq) = number of events`. ts_us: the timestamp as epoch microseconds, what the time index
+# seq is assigned as max(seq) + 1. Not AUTOINCREMENT: it spends a number on every insert that ON
+# CONFLICT turns away, which would break `max(seq) - gaps = number of events` (an erasure that removes
+# the highest rows lets their numbers be reused: no gap, `erase` counts only real ones). erasures.gaps:
+# max(seq) - count(*) right after that erasure (the latest row holds the current value; inserts only
+# add seqs above max, so it holds until the next one). ts_us: the timestamp as epoch microseconds, what the time index
 # sorts by (ISO strings with different offsets do not sort by time). crc: see _crc.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -88,11 +94,20 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts_us);
 CREATE TABLE IF NOT EXISTS imported_segments (
     name TEXT PRIMARY KEY, events INTEGER NOT NULL, imported_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS erasures (
+    at TEXT NOT NULL, events INTEGER NOT NULL, gaps INTEGER NOT NULL
+);
 """
 _STORED = COLUMNS + ("ts_us", "crc")
 _INSERT = (f"INSERT INTO events ({', '.join(_STORED)}) VALUES ({', '.join('?' * len(_STORED))}) "
            "ON CONFLICT (event_id) DO NOTHING")
 _SELECT = f"SELECT seq, {', '.join(_STORED)} FROM events"
+
+
+@dataclass(frozen=True)
+class Erased:
+    events: int  # rows deleted
+    request_ids: frozenset[str]  # the request ids they named
 
 
 class EventLogError(Exception):
@@ -325,7 +340,7 @@ class EventLog:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit, before the ack
             conn.executescript(SCHEMA)
-            self._count = self._max_seq()
+            self._count = self._stored()
         except sqlite3.DatabaseError as e:
             self.close()
             if _is_damage(e):
@@ -370,6 +385,10 @@ class EventLog:
     def _max_seq(self) -> int:
         return self._db().execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
 
+    def _stored(self) -> int:
+        """The number of events: max(seq) less the gaps erasures left (no count over the table)."""
+        return self._max_seq() - _gaps(self._db())
+
     # --- writing --------------------------------------------------------------------------------
     def __contains__(self, event_id: str) -> bool:
         with self._lock:
@@ -398,12 +417,69 @@ class EventLog:
                 try:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
-                    self._count = self._max_seq()  # exact again, whatever the failed commit did
+                    self._count = self._stored()  # exact again, whatever the failed commit did
                 except sqlite3.Error:
                     pass
                 raise _classify(e, self.path, f"storing a batch of {len(rows)} events") from e
             self._count += sum(fresh)
             return fresh
+
+    # --- erasing --------------------------------------------------------------------------------
+    def erase(self, user_ids: Sequence[str]) -> Erased:
+        """Delete every event of these users, durably, overwriting the deleted content
+        (secure_delete) and truncating the WAL afterwards, so no copy stays in the files; return how
+        many were deleted and their request ids (the learner's records of them). One transaction:
+        appends wait meanwhile (erasing scans the table: seconds for millions of events). Erasing
+        users with no events deletes nothing and records nothing."""
+        ids = sorted(set(user_ids))
+        if not ids:
+            return Erased(0, frozenset())
+        where = f"user_id IN ({', '.join('?' * len(ids))})"
+        with self._lock:
+            conn = self._db()
+            if self._damage is not None:
+                raise damaged(self.path, self._damage)
+            try:
+                conn.execute("PRAGMA secure_delete=ON")
+                conn.execute("BEGIN IMMEDIATE")
+                request_ids = frozenset(r for (r,) in conn.execute(
+                    f"SELECT DISTINCT request_id FROM events WHERE {where} AND request_id IS NOT NULL", ids))
+                deleted = conn.execute(f"DELETE FROM events WHERE {where}", ids).rowcount
+                if deleted:
+                    gaps = conn.execute("SELECT coalesce(max(seq), 0) - count(*) FROM events").fetchone()[0]
+                    conn.execute("INSERT INTO erasures VALUES (?, ?, ?)",
+                                 (datetime.now(timezone.utc).isoformat(timespec="seconds"), deleted, gaps))
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise _classify(e, self.path, f"erasing the events of {len(ids)} user ids") from e
+            finally:
+                try:
+                    conn.execute("PRAGMA secure_delete=OFF")
+                except sqlite3.Error:
+                    pass
+            self._count = self._stored()
+            if deleted:
+                self._truncate_wal(conn)
+        return Erased(deleted, request_ids)
+
+    def _truncate_wal(self, conn: sqlite3.Connection, attempts: int = 50) -> None:
+        """Copy the WAL into the file and empty it: its older frames hold the erased rows' pages as
+        they were. A reader's open snapshot holds the checkpoint back (busy): retry for ~5 s."""
+        import time
+
+        for _ in range(attempts):
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.1)
+        raise EventLogUnavailable(f"event log {self.path}: the erased events are deleted, but readers kept the "
+                                  f"write-ahead log from being truncated; old copies stay in {self.path.name}-wal "
+                                  "until the next checkpoint (run the erasure again to retry)")
 
     # --- reading --------------------------------------------------------------------------------
     def read_all(self) -> Iterator[dict[str, Any]]:
@@ -456,7 +532,7 @@ class EventLog:
             if isinstance(e, sqlite3.Error):
                 raise _classify(e, self.path, "importing segment files") from e
             raise
-        self._count = self._max_seq()
+        self._count = self._stored()
         log.warning("event log %s: imported %d events from %d segment files (%d duplicates, %d torn tail lines "
                     "skipped); the segment files are kept, remove them once checked",
                     self.path, imported, len(todo), duplicates, torn)
@@ -511,6 +587,38 @@ def read_segments(directory: Path) -> Iterator[tuple]:
             yield row[:-2]  # without ts_us and crc
 
 
+def erase_from_segments(directory: Path, user_ids: Sequence[str]) -> int:
+    """Rewrite the former log's segment files (kept beside the database after their import)
+    without these users' lines; return how many lines went. Each file is replaced atomically; a line
+    that does not parse is kept as it is (it is reported as damage on import, not guessed at)."""
+    import os
+
+    ids = frozenset(user_ids)
+    removed = 0
+    for path in sorted(Path(directory).glob("segment-*.jsonl")):
+        kept: list[bytes] = []
+        dropped = 0
+        with path.open("rb") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict) and event.get("user_id") in ids:
+                    dropped += 1
+                else:
+                    kept.append(line)
+        if dropped:
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("wb") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            removed += dropped
+    return removed
+
+
 def _bad_line(path: Path, number: int, problem: str, why: str) -> EventLogDamaged:
     return EventLogDamaged(
         f"segment {path}, line {number}: {problem}. That is damage, not a torn write ({why}); nothing was "
@@ -554,7 +662,8 @@ def recover(path: Path, dest: Path | None = None) -> Recovery:
     try:
         out.execute("PRAGMA journal_mode=WAL")
         out.executescript(SCHEMA)
-        report.expected = _highest_seq(src)
+        highest = _highest_seq(src)
+        report.expected = None if highest is None else highest - _gaps(src)
         out.execute("BEGIN")
         next_seq, done = 1, False
         while not done:
@@ -564,13 +673,13 @@ def recover(path: Path, dest: Path | None = None) -> Recovery:
                     if _crc(row[1:-1]) != row[-1]:
                         report.bad_checksum.append(row[0])
                         continue
-                    # renumbered in order, so that max(seq) stays the number of events
+                    # renumbered in order: the copy has no gaps, max(seq) is its number of events
                     out.execute(_INSERT, row[1:])
                     report.copied += 1
                 done = True
             except sqlite3.DatabaseError:
-                resume = _next_readable(src, next_seq, report.expected)
-                report.unreadable.append((next_seq, resume - 1 if resume else report.expected or next_seq))
+                resume = _next_readable(src, next_seq, highest)
+                report.unreadable.append((next_seq, resume - 1 if resume else highest or next_seq))
                 next_seq, done = resume or 0, resume is None
         out.execute("COMMIT")
     finally:
@@ -580,11 +689,20 @@ def recover(path: Path, dest: Path | None = None) -> Recovery:
 
 
 def _highest_seq(conn: sqlite3.Connection) -> int | None:
-    """The number of events the file held (seqs run 1..max without gaps); None if unreadable."""
+    """The highest seq in the file; None if unreadable."""
     try:
         return conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
     except sqlite3.DatabaseError:
         return None
+
+
+def _gaps(conn: sqlite3.Connection) -> int:
+    """The seqs below max(seq) that erasures left empty (0: none, or a file from before erasures)."""
+    try:
+        row = conn.execute("SELECT gaps FROM erasures ORDER BY rowid DESC LIMIT 1").fetchone()
+    except sqlite3.DatabaseError:  # no such table (written before erasures existed), or unreadable
+        return 0
+    return row[0] if row else 0
 
 
 def _readable(conn: sqlite3.Connection, seq: int) -> bool | None:

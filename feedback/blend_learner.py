@@ -317,6 +317,26 @@ class BlendLearner:
     async def __call__(self, events: list[dict]) -> None:
         self.observe(events)
 
+    def forget(self, user_ids: Iterable[str], request_ids: Iterable[str]) -> int:
+        """Erase a user (feedback/erase.py): drop their budget windows and everything held for their
+        requests (served lists, impressions waiting for a label, early events); return how many
+        entries went. Served lists carry no user id: a user's requests are the request ids of their
+        stored events. Examples already in the open batch are anonymous numbers (parts, position,
+        label) and stay; the posterior learned from earlier batches cannot be unlearned."""
+        removed = 0
+        for user_id in user_ids:
+            removed += self.sources.pop("user" + SEP + user_id) is not None
+        requests = set(request_ids)
+        for request_id in requests:
+            removed += self.served.pop(request_id) is not None
+            removed += self.early.pop(request_id) is not None
+        if requests:
+            prefixes = tuple(r + SEP for r in requests)
+            for key in [k for k in self.pending if k.startswith(prefixes)]:
+                removed += self.pending.pop(key) is not None
+        self.publish()
+        return removed
+
     def tick(self) -> None:
         """Label impressions whose click window has passed as negatives, drop what is too old to
         be joined; update when a batch is full."""

@@ -1,4 +1,4 @@
-"""The feedback service process: FeedbackService, health, reflection; `python -m feedback`.
+"""The feedback service process: FeedbackService, AdminService, health, reflection; `python -m feedback`.
 
 Settings from the environment: RECSYS_FEEDBACK_HOST (127.0.0.1), RECSYS_FEEDBACK_PORT (50052; 0 picks
 a free port), RECSYS_EVENT_LOG_DIR (feature_repo/data/events), RECSYS_FEEDBACK_FEATURE_REPO (a Feast
@@ -13,6 +13,10 @@ bounds of the learner and LogServed limits: RECSYS_FEEDBACK_MAX_SERVED_LISTS, ..
 no /metrics endpoint) serves Prometheus metrics. Who may call (docs/security.md):
 RECSYS_FEEDBACK_AUTH_KEYS_FILE or RECSYS_AUTH_KEYS_FILE (a key file) and/or RECSYS_AUTH_KEYS;
 RECSYS_FEEDBACK_REFLECTION, ..._REFLECTION_OPEN, ..._TLS_CERT_FILE, ..._TLS_KEY_FILE, ..._TLS_CLIENT_CA_FILE.
+Privacy (docs/security.md#privacy): RECSYS_PSEUDONYM_KEY_FILE (or RECSYS_FEEDBACK_PSEUDONYM_KEY_FILE,
+or the key itself in RECSYS_PSEUDONYM_KEY) turns user and session ids into pseudonyms;
+RECSYS_FEEDBACK_PRIVACY_AUDIT_FILE (default: privacy_audit.jsonl in the event log folder) receives
+one record per AdminService.EraseUser.
 """
 
 from __future__ import annotations
@@ -38,15 +42,20 @@ from eventlog.event_log import EventLog, EventLogError
 from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from feedback import metrics
+from feedback.admin import AdminServicer
+from feedback.erase import AUDIT_FILE, Stores
 from feedback.served import ServedLimits
 from feedback.service import FeedbackServicer
 from contract.scores import PART_NAMES
-from recsys.v1 import feedback_pb2, feedback_pb2_grpc
+from recsys.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_grpc
+from rpc import pseudonyms as pseudonym_keys
+from rpc.pseudonyms import Pseudonyms
 
 log = logging.getLogger(__name__)
 _LEARNER = LearnerSettings()
 _SERVED = ServedLimits()
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class FeedbackSettings(BaseSettings):
@@ -92,6 +101,13 @@ class FeedbackSettings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # Privacy (rpc/pseudonyms.py, feedback/erase.py). No key file: $RECSYS_PSEUDONYM_KEY, else off.
+    pseudonym_key_file: Path | None = Field(None, validation_alias=AliasChoices("RECSYS_FEEDBACK_PSEUDONYM_KEY_FILE",
+                                                                              "RECSYS_PSEUDONYM_KEY_FILE"))
+    privacy_audit_file: Path | None = None  # None: <event_log_dir>/privacy_audit.jsonl
+
+    def audit_file(self) -> Path:
+        return self.privacy_audit_file or self.event_log_dir / AUDIT_FILE
 
     def learner_settings(self) -> LearnerSettings:
         return LearnerSettings(label_delay_s=self.label_delay_s, forget=self.learner_forget,
@@ -129,7 +145,8 @@ async def _tick(learner: BlendLearner) -> None:
 ACCESS_LOG = "feedback.access"
 
 
-def interceptors(settings: FeedbackSettings | None = None) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(settings: FeedbackSettings | None = None,
+                 pseudonyms: Pseudonyms | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Request ids, the access log and request metrics (recsys_feedback_requests_total,
     recsys_feedback_request_seconds), exceptions -> INTERNAL naming the request id, undecodable
     requests -> INVALID_ARGUMENT (rpc/interceptors.py); API keys and roles (rpc/auth.py) when
@@ -138,7 +155,8 @@ def interceptors(settings: FeedbackSettings | None = None) -> list[grpc.aio.Serv
     auth = server_auth(settings.auth_keys_file, reflection_open=settings.reflection_open, service="feedback service",
                        keys_setting="RECSYS_AUTH_KEYS_FILE") if settings is not None else []
     return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
-                               request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,), auth=auth)
+                               request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME, ADMIN_SERVICE_NAME),
+                               auth=auth, pseudonyms=pseudonyms)
 
 
 @dataclass
@@ -156,23 +174,41 @@ class RunningFeedback:
         self.event_log.close()
 
 
+def erase_stores(settings: FeedbackSettings, event_log: EventLog, updater, learner: BlendLearner | None) -> Stores:
+    """What AdminService.EraseUser reaches from this process (feedback/erase.py)."""
+    stores = Stores(settings.audit_file(), event_log=event_log, learner=learner, sessions=updater)
+    if updater is not None:
+        stores.online = [updater.store]
+        stores.offline_dir = settings.feature_repo.resolve() / "data" / "offline"
+    else:
+        stores.not_configured.append("online store and offline sources: this feedback service has no feature repo "
+                                     "(RECSYS_FEEDBACK_FEATURE_REPO); erase there with `recsys privacy erase --offline "
+                                     "--repo REPO`")
+    return stores
+
+
 async def start(settings: FeedbackSettings) -> RunningFeedback:
+    # A configured but unreadable pseudonym key refuses to start (PseudonymKeyError), never runs keyless.
+    pseudonyms = pseudonym_keys.load(settings.pseudonym_key_file)
     # Raises EventLogDamaged (its message names the file and the recovery command) rather than
     # serving from a damaged log; quick_check and the one-time segment import run here.
     event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
                            settings.learner_settings()) if settings.online_learning else None
-    server = grpc.aio.server(interceptors=interceptors(settings), options=[("grpc.so_reuseport", 0),
+    server = grpc.aio.server(interceptors=interceptors(settings, pseudonyms), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,
-                                ServedLimits(max_items=settings.max_served_items))
+                                ServedLimits(max_items=settings.max_served_items), pseudonyms)
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(erase_stores(settings, event_log, updater, learner), pseudonyms), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls_cert_file, settings.tls_key_file,
                     settings.tls_client_ca_file)
     await server.start()
@@ -180,7 +216,7 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     ticker = asyncio.create_task(_tick(learner)) if learner is not None else None
     return RunningFeedback(server, port, event_log, learner, ticker)
@@ -189,7 +225,8 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
 async def serve(settings: FeedbackSettings) -> None:
     running = await start(settings)
     print(f"feedback service on {settings.host}:{running.port}, {len(running.event_log)} events in "
-          f"{settings.event_log_dir} (pid {os.getpid()})", flush=True)
+          f"{settings.event_log_dir} (pid {os.getpid()})"
+          f"{', pseudonymised ids' if pseudonym_keys.load(settings.pseudonym_key_file).on else ''}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -230,7 +267,7 @@ def main() -> None:
     _tune_malloc()
     try:
         asyncio.run(serve(FeedbackSettings()))
-    except EventLogError as e:
+    except (EventLogError, pseudonym_keys.PseudonymKeyError) as e:
         # An operator's problem with a stated fix (e.g. a damaged log and its recovery command):
         # the message, plainly, not a traceback; exit status 2.
         print(f"feedback service not started: {e}", file=sys.stderr, flush=True)

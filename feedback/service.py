@@ -1,4 +1,8 @@
-"""FeedbackService over gRPC: per-event validation, durable writes before the reply, idempotency."""
+"""FeedbackService over gRPC: per-event validation, durable writes before the reply, idempotency.
+
+Ids enter here: a valid event's user and session ids become their pseudonyms (rpc/pseudonyms.py,
+when a key is configured) before the event log, the live session push and the learner see it.
+LogServed carries no user ids (request and item ids only)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from feedback.served import ServedError, ServedLimits, parse_served
 from contract.scores import PART_NAMES
 from recsys.v1 import feedback_pb2, feedback_pb2_grpc
 from rpc.auth import caller_var
+from rpc.pseudonyms import Pseudonyms
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,9 @@ class Tally:
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, event_log: EventLog, on_stored: Sequence[OnStored] = (), learner: BlendLearner | None = None,
-                 served_limits: ServedLimits = ServedLimits()):
+                 served_limits: ServedLimits = ServedLimits(), pseudonyms: Pseudonyms = Pseudonyms()):
         self.log = event_log
+        self.pseudonyms = pseudonyms
         self.on_stored = list(on_stored)
         self.learner = learner
         self.served_limits = served_limits
@@ -53,11 +59,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
     async def _store(self, indexed: list[tuple[int, feedback_pb2.Event]], tally: Tally) -> None:
         valid = []
+        pseudonymise = self.pseudonyms.event if self.pseudonyms.on else None
         for index, event in indexed:
             try:
-                valid.append(validate_event(event))
+                stored = validate_event(event)
             except EventError as e:
-                tally.reject(index, event, str(e))
+                tally.reject(index, event, str(e))  # the caller's own input, back to the caller only
+                continue
+            valid.append(pseudonymise(stored) if pseudonymise else stored)
         if not valid:
             return
         fresh = await asyncio.to_thread(self.log.append, valid)  # returns after fsync

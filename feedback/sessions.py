@@ -64,6 +64,19 @@ class SessionUpdater:
         self.store.push(PUSH_SOURCE, rows, to=PushMode.ONLINE)
         self.last_push_ms = (time.perf_counter() - t0) * 1e3
 
+    def forget(self, user_ids: Iterable[str]) -> int:
+        """Drop these users' in-memory sessions (erasure); return how many were held. The caller
+        holds `push_lock` while it also deletes their online rows, so no push races it."""
+        removed = 0
+        for user_id in user_ids:
+            removed += self.states.pop(user_id, None) is not None
+            self.updated_at.pop(user_id, None)
+        return removed
+
+    @property
+    def push_lock(self) -> asyncio.Lock:
+        return self._push_lock
+
     async def __call__(self, events: list[dict]) -> None:
         """The feedback service's post-store hook (runs after the events are durable)."""
         rows = self.apply(events)

@@ -5,6 +5,11 @@ the request id (the message's `request_id` when set, else the caller's `x-reques
 generated one; echoed in the response and in the `x-request-id` initial metadata), the access log
 line and the request metrics, and the status of an exception: Unavailable -> UNAVAILABLE, anything
 unexpected -> INTERNAL naming the request id.
+
+Ids enter here: once a request is valid, its user and session ids become their pseudonyms
+(rpc/pseudonyms.py; unchanged when no key is configured) before anything else sees them, so the
+online store lookups, the pipeline and its logs only ever hold pseudonyms. The access log
+pseudonymises the same way (rpc/interceptors.py AccessLog).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gateway.config import GatewaySettings
 from rpc.logs import request_id_var
 from gateway.recommender import Outcome, Recommender, Request
 from rpc.ids import new_request_id
+from rpc.pseudonyms import Pseudonyms
 from gateway.validation import RequestError, validate_rank, validate_recommend
 from recsys.v1 import common_pb2, recommend_pb2, recommend_pb2_grpc
 
@@ -38,9 +44,10 @@ ADMISSION_MARGIN_S = 0.005  # a queued request must still have this much beyond 
 
 
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
-    def __init__(self, settings: GatewaySettings, recommender: Recommender):
+    def __init__(self, settings: GatewaySettings, recommender: Recommender, pseudonyms: Pseudonyms = Pseudonyms()):
         self.settings = settings
         self.recommender = recommender
+        self.pseudonyms = pseudonyms
         self.admission = Admission(settings.max_in_flight, settings.max_queued)
         self.service_time = LatencyEstimate(prior_s=0.05)  # of admitted requests, for the queue wait
 
@@ -105,8 +112,10 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         return response
 
     async def Recommend(self, request: recommend_pb2.RecommendRequest, context) -> recommend_pb2.RecommendResponse:
+        ps = self.pseudonyms
+
         def to_request(r: recommend_pb2.RecommendRequest, rid: str) -> Request:
-            return Request(rid, r.user_id, r.session_id, r.query, r.context, r.filters,
+            return Request(rid, ps.user(r.user_id), ps.session(r.session_id), r.query, r.context, r.filters,
                            r.num_results or self.settings.default_num_results, r.explain,
                            list(r.candidate_item_ids) if r.candidate_item_ids else None)
 
@@ -123,9 +132,11 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         return response
 
     async def Rank(self, request: recommend_pb2.RankRequest, context) -> recommend_pb2.RankResponse:
+        ps = self.pseudonyms
+
         def to_request(r: recommend_pb2.RankRequest, rid: str) -> Request:
             # Rank returns every known id: the query's constraints only boost, never filter.
-            return Request(rid, r.user_id, r.session_id, r.query, r.context, common_pb2.Filters(),
+            return Request(rid, ps.user(r.user_id), ps.session(r.session_id), r.query, r.context, common_pb2.Filters(),
                            len(r.item_ids), r.explain, list(r.item_ids), apply_filters=False)
 
         outcome = await self._serve("Rank", request, context, validate_rank, to_request)

@@ -55,6 +55,7 @@ METHOD_ROLES: dict[str, str] = {
     "/recsys.v1.FeedbackService/Stream": EVENTS,
     "/recsys.v1.FeedbackService/LogServed": INTERNAL,
     "/recsys.v1.FeedbackService/GetBlendWeights": INTERNAL,
+    "/recsys.v1.AdminService/EraseUser": ADMIN,  # docs/security.md#privacy
 }
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 REFLECTION_SERVICES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")

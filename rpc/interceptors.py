@@ -10,7 +10,8 @@ Both servers build their chain with `server_interceptors()`; outermost first:
                 initial metadata of their own).
   AccessLog     timing: one structured log line per call (method, code, ms, request_id, caller: the
                 API key's name set by rpc.auth.Authenticate, and the
-                service's id fields, e.g. the gateway's user_id through rpc.logs.loggable_id) and the
+                service's id fields, e.g. the gateway's user_id through rpc.logs.loggable_id, or their
+                pseudonyms when rpc.pseudonyms has a key: never the raw id then) and the
                 service's Prometheus counter (method, code) and histogram (method). Only the methods
                 of the service's own gRPC services (not health checks, not reflection).
   ErrorStatus   an exception a handler did not turn into a status: a known type becomes its status
@@ -51,6 +52,7 @@ from prometheus_client import Counter, Histogram
 from rpc.auth import caller_var
 from rpc.ids import REQUEST_ID_METADATA, new_request_id, request_id_in, valid_request_id
 from rpc.logs import loggable_id, request_id_var
+from rpc.pseudonyms import SESSION, USER, Pseudonyms
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -200,15 +202,24 @@ class AccessLog(Around):
     """One log line and one count per call of `services`' methods (None: every method).
     `requests`: a Counter labelled (method, code); `seconds`: a Histogram labelled (method);
     `id_fields`: the request message's id fields to log (through loggable_id: a rejected 4 MB id
-    must not become 4 MB of log)."""
+    must not become 4 MB of log); `pseudonyms`: when on, a valid id is logged as its pseudonym (the
+    same one the service stores) and an invalid one only as its length marker, never raw."""
 
     def __init__(self, logger: logging.Logger, requests: Counter, seconds: Histogram, *,
-                 services: Collection[str] | None = None, id_fields: Sequence[str] = ()):
+                 services: Collection[str] | None = None, id_fields: Sequence[str] = (),
+                 pseudonyms: Pseudonyms | None = None):
         self.log = logger
         self.counter = requests
         self.histogram = seconds
         self.services = None if services is None else frozenset(services)
         self.id_fields = tuple(id_fields)
+        self.pseudonyms = pseudonyms if pseudonyms is not None and pseudonyms.on else None
+
+    def logged_id(self, field: str, value: str) -> str:
+        logged = loggable_id(value)
+        if self.pseudonyms is None or logged != value:  # off, or invalid: the marker
+            return logged
+        return self.pseudonyms.of(value, SESSION if field == "session_id" else USER)
 
     def wraps(self, method: str) -> bool:
         return self.services is None or service_name(method) in self.services
@@ -233,7 +244,7 @@ class AccessLog(Around):
             for field in self.id_fields:
                 value = getattr(request, field, None)
                 if isinstance(value, str):
-                    fields[field] = loggable_id(value)
+                    fields[field] = self.logged_id(field, value)
             fields["request_id"] = loggable_id(request_id_var.get())
             fields["caller"] = caller_var.get()  # the API key's name ("": auth off or refused)
             self.log.info("%s %s", name, code.name, extra={"fields": fields})
@@ -338,13 +349,16 @@ async def _checked(requests: AsyncIterator[Any], context: Context, method: str) 
 def server_interceptors(*, access_log: logging.Logger, requests: Counter, request_seconds: Histogram,
                         services: Collection[str], id_fields: Sequence[str] = (),
                         errors: Mapping[type[BaseException], grpc.StatusCode] | None = None,
-                        auth: Sequence[grpc.aio.ServerInterceptor] = ()) -> list[grpc.aio.ServerInterceptor]:
+                        auth: Sequence[grpc.aio.ServerInterceptor] = (),
+                        pseudonyms: Pseudonyms | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors of a server, outermost first (see the module's docstring). `services`: the
     full names of the services whose calls are logged and counted; `errors`: known exception types
-    and their status; `auth`: authentication / authorization interceptors (rpc.auth.server_auth)."""
+    and their status; `auth`: authentication / authorization interceptors (rpc.auth.server_auth);
+    `pseudonyms`: the service's (rpc/pseudonyms.py): logged ids are pseudonyms when it is on."""
     return [
         RequestIds(),
-        AccessLog(access_log, requests, request_seconds, services=services, id_fields=id_fields),
+        AccessLog(access_log, requests, request_seconds, services=services, id_fields=id_fields,
+                  pseudonyms=pseudonyms),
         ErrorStatus(errors, access_log),
         *auth,
         DecodeErrors(),

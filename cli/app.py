@@ -88,6 +88,121 @@ def auth_roles() -> None:
         console.print(f"[bold]{role}[/]: {', '.join(methods) or '-'}")
 
 
+privacy_app = typer.Typer(help="Pseudonymised ids and erasing a user (docs/security.md#privacy).", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
+PSEUDONYM_KEY_FILE = PROJECT_ROOT / "var" / "privacy" / "pseudonym.key"
+EVENT_LOG_DIR = FEATURE_REPO / "data" / "events"
+
+
+@privacy_app.command("new-key", help=(
+    "Write a new pseudonym key (32 random bytes). Every process must use the same one: the gateway, the feedback "
+    "service, `recsys data import` and `recsys privacy erase`. A new key unlinks all history stored under the old "
+    "one (users look new): choose it once, before the first import."))
+def privacy_new_key(
+    file: Path = typer.Option(PSEUDONYM_KEY_FILE, "--file", help="Where to write the key (owner-only, 0600)."),
+) -> None:
+    import os
+
+    from rpc.pseudonyms import KEY_FILE_ENV, new_key
+
+    if file.exists():
+        raise typer.BadParameter(f"{file} exists: replacing the key unlinks every stored profile, session and event "
+                                 "from its user; delete the file yourself if that is what you want", param_hint="--file")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_key() + "\n")
+    console.print(f"pseudonym key written to {file} (0600). Give it to every service and to the import:\n"
+                  f"  export {KEY_FILE_ENV}={file.resolve()}\n"
+                  "then re-import the offline data (`recsys data import`) and materialize, so stored ids are pseudonyms.")
+
+
+@privacy_app.command("pseudonym")
+def privacy_pseudonym(user: str = typer.Argument(..., help="The shop's user id.")) -> None:
+    """Print a user's pseudonym under the configured key (to find them in logs and stores)."""
+    from contract.rules import id_error
+    from rpc.pseudonyms import KEY_ENV, KEY_FILE_ENV, load
+
+    if (problem := id_error(user)) is not None:
+        raise typer.BadParameter(problem, param_hint="USER")
+    pseudonyms = load()
+    if not pseudonyms.on:
+        console.print(f"[yellow]pseudonyms are off[/] (no {KEY_FILE_ENV} / {KEY_ENV}): ids are stored as they are")
+    print(pseudonyms.user(user))
+
+
+@privacy_app.command("erase", help=(
+    "Erase a user from the event log, the label log and offline sources, the online store (live session included) "
+    "and the learner's records, through the running feedback service (an admin key) or --offline; append an audit "
+    "record that names the user by a keyed hash, never the id. Idempotent: a user with no data succeeds with zero "
+    "counts. Not reached: backups, aggregates (item popularity), models trained before (docs/security.md#privacy)."))
+def privacy_erase(
+    user: str = typer.Argument(..., help="The shop's user id (raw; with pseudonyms on, its pseudonym is erased too)."),
+    feedback: str = typer.Option("127.0.0.1:50052", help="The running feedback service (AdminService.EraseUser)."),
+    api_key: Optional[str] = typer.Option(None, help="An admin API key (env RECSYS_API_KEY)."),
+    offline: bool = typer.Option(False, "--offline", help="No service: erase from the files directly. Stop the "
+                                                         "feedback service first (it holds sessions and learner "
+                                                         "records in memory, and writes the event log)."),
+    repo: Path = typer.Option(FEATURE_REPO, help="--offline: the feature repo (online store, data/offline)."),
+    yaml: list[str] = typer.Option(["feature_store.yaml"], help="--offline: feature_store yaml(s) of the repo whose "
+                                                               "online stores to erase from (repeat for SQLite and Redis)."),
+    event_log: Path = typer.Option(EVENT_LOG_DIR, help="--offline: the feedback service's event log folder."),
+    audit_file: Optional[Path] = typer.Option(None, help="--offline: the audit file (default: privacy_audit.jsonl in "
+                                                          "the event log folder, as the service writes it)."),
+) -> None:
+    from contract.rules import id_error
+
+    if (problem := id_error(user)) is not None:
+        raise typer.BadParameter(problem, param_hint="USER")
+    if offline:
+        subject, removed, not_reached, where, pseudonymised = _erase_offline(user, repo, yaml, event_log, audit_file)
+    else:
+        subject, removed, not_reached, where, pseudonymised = _erase_online(user, feedback, api_key)
+    table = Table("store", "removed", title=f"erased user (audit subject {subject})")
+    for name, n in sorted(removed.items()):
+        table.add_row(name, f"{n:,}")
+    console.print(table)
+    console.print(f"{sum(removed.values()):,} records removed; ids pseudonymised: {'yes' if pseudonymised else 'no'}; "
+                  f"audit record appended to {where}")
+    for line in not_reached:
+        console.print(f"[yellow]not reached[/]: {line}")
+
+
+def _erase_online(user: str, address: str, api_key: str | None) -> tuple[str, dict[str, int], list[str], str, bool]:
+    import grpc
+
+    from recsys.v1 import admin_pb2, admin_pb2_grpc
+    from rpc.clients import channel
+
+    with channel(address, api_key=api_key) as ch:
+        try:
+            reply = admin_pb2_grpc.AdminServiceStub(ch).EraseUser(admin_pb2.EraseUserRequest(user_id=user), timeout=300)
+        except grpc.RpcError as e:
+            console.print(f"[red]erase failed[/] ({e.code().name}): {e.details()}")
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                console.print(f"is the feedback service running at {address}? Without it: --offline")
+            raise typer.Exit(1) from None
+    return reply.subject, dict(reply.removed), list(reply.not_reached), reply.audit_file, reply.pseudonymised
+
+
+def _erase_offline(user: str, repo: Path, yamls: list[str], event_log: Path,
+                   audit_file: Path | None) -> tuple[str, dict[str, int], list[str], str, bool]:
+    import asyncio
+
+    from feedback.erase import AUDIT_FILE, Stores, erase_user, offline_operator
+    from rpc.pseudonyms import load
+    from scorer.data.feast_ops import load_store
+
+    with console.status("loading the feature store"):
+        stores = Stores(audit_file or event_log / AUDIT_FILE, event_log_dir=event_log,
+                        online=[load_store(repo, y) for y in yamls], offline_dir=repo / "data" / "offline")
+    stores.not_configured.append("the learner's in-memory records: they live in the running feedback service "
+                                 "(held at most a few minutes; gone when it stopped)")
+    with console.status("erasing"):
+        done = asyncio.run(erase_user(user, load(), stores, by=offline_operator()))
+    return done.subject, done.removed, done.not_reached, str(done.audit_file), done.pseudonymised
+
+
 @data_app.command("generate")
 def data_generate(
     out: Path = typer.Option(DEMO_SHOP_DIR, help="Output folder (generic format: items/users/events.parquet)."),
@@ -116,17 +231,25 @@ def data_import(
     source: Path = typer.Argument(..., help="Folder with items, users, events (.parquet or .csv)."),
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline/ receives the tables."),
 ) -> None:
-    """Validate every row of a data set and write the feature repo's offline sources."""
+    """Validate every row of a data set and write the feature repo's offline sources (user and session
+    ids as pseudonyms when a pseudonym key is configured: RECSYS_PSEUDONYM_KEY_FILE)."""
+    from contextlib import nullcontext
+
+    from rpc.pseudonyms import load
     from scorer.data.importer import ImportValidationError, import_dataset
+    from scorer.data.pseudonymise import pseudonymised_copy
 
     t0 = time.perf_counter()
+    pseudonyms = load()
     try:
-        with console.status("importing") as status:
-            counts = import_dataset(source, repo / "data" / "offline", progress=lambda m: status.update(f"importing: {m}"))
+        with console.status("importing") as status, \
+                (pseudonymised_copy(source, pseudonyms) if pseudonyms.on else nullcontext(source)) as data:
+            counts = import_dataset(data, repo / "data" / "offline", progress=lambda m: status.update(f"importing: {m}"))
     except ImportValidationError as e:
         console.print(f"[red]import failed, nothing written:[/] {e}")
         raise typer.Exit(1) from None
-    table = Table("table", "rows", title=f"imported into {repo / 'data' / 'offline'} in {time.perf_counter() - t0:.1f}s")
+    table = Table("table", "rows", title=f"imported into {repo / 'data' / 'offline'} in {time.perf_counter() - t0:.1f}s"
+                                         + (" (ids pseudonymised)" if pseudonyms.on else ""))
     for name, n in counts.items():
         table.add_row(name, f"{n:,}")
     console.print(table)
@@ -152,8 +275,11 @@ def features_show(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo."),
     yaml: Optional[str] = typer.Option(None, help="Alternative feature_store yaml in the repo (e.g. the Redis one)."),
 ) -> None:
-    """Read one user + items through the fast online reader and print them."""
-    show_features(user, [i for i in items.split(",") if i], repo, yaml)
+    """Read one user + items through the fast online reader and print them (the user's pseudonym
+    when a pseudonym key is configured)."""
+    from rpc.pseudonyms import load
+
+    show_features(load().user(user), [i for i in items.split(",") if i], repo, yaml)
 
 
 def show_features(user: str, item_ids: list[str], repo: Path, yaml: str | None = None) -> None:

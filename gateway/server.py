@@ -28,6 +28,7 @@ from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
 from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
+from rpc import pseudonyms as pseudonym_keys
 from gateway.online_blend import OnlineBlend
 from gateway.recommender import Recommender, Unavailable
 from gateway.service import ACCESS_LOG, LOGGED_IDS, RecommendServicer
@@ -67,6 +68,9 @@ class Gateway:
         self.servicer: RecommendServicer | None = None
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # RECSYS_PSEUDONYM_KEY_FILE / RECSYS_PSEUDONYM_KEY (rpc/pseudonyms.py): user and session ids
+        # become pseudonyms where requests enter (service.py) and in the access log.
+        self.pseudonyms = pseudonym_keys.load()
 
     async def start(self) -> int:
         """Open the port (health NOT_SERVING) and start bringing the parts up; return the port."""
@@ -81,7 +85,7 @@ class Gateway:
 
         self.server = grpc.aio.server(interceptors=self.interceptors(), options=[
             ("grpc.so_reuseport", int(self.settings.reuse_port)), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-        self.servicer = RecommendServicer(self.settings, self.recommender)
+        self.servicer = RecommendServicer(self.settings, self.recommender, self.pseudonyms)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.reflection:
@@ -100,8 +104,9 @@ class Gateway:
 
             start_http_server(self.settings.metrics_port, addr=self.settings.host)
         self._tasks.append(asyncio.create_task(self._bring_up()))
-        log.info("gateway listening on %s:%d%s (not serving until ready)", self.settings.host, self.port,
-                 " (TLS)" if self.settings.tls_cert_file else "")
+        log.info("gateway listening on %s:%d%s%s (not serving until ready)", self.settings.host, self.port,
+                 " (TLS)" if self.settings.tls_cert_file else "",
+                 ", pseudonymised ids" if self.pseudonyms.on else "")
         return self.port
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -112,7 +117,8 @@ class Gateway:
                            service="gateway", keys_setting="RECSYS_AUTH_KEYS_FILE")
         return server_interceptors(access_log=logging.getLogger(ACCESS_LOG), requests=metrics.REQUESTS,
                                    request_seconds=metrics.REQUEST_SECONDS, services=(SERVICE_NAME,),
-                                   id_fields=LOGGED_IDS, errors={Unavailable: grpc.StatusCode.UNAVAILABLE}, auth=auth)
+                                   id_fields=LOGGED_IDS, errors={Unavailable: grpc.StatusCode.UNAVAILABLE}, auth=auth,
+                                   pseudonyms=self.pseudonyms)
 
     async def _bring_up(self) -> None:
         while True:

@@ -344,8 +344,12 @@ def export_ranker_cmd(
     from scorer.export.ranker_export import export_ranker
     from scorer.models.ranker import CrossEncoderRanker
 
+    from modelrepo.layout import read_validation
+
     model = CrossEncoderRanker.load(checkpoint) if checkpoint else None
-    version = export_ranker(repo, model, int8=int8)
+    # The checkpoint's validation verdict travels with the version (none: the gateway's ranker_mode
+    # auto does not apply it).
+    version = export_ranker(repo, model, int8=int8, validation=read_validation(checkpoint) if checkpoint else None)
     console.print(f"[green]exported[/] ranker_onnx/{version} and pair_tokenizer/{version} into {repo}")
 
 
@@ -451,7 +455,9 @@ def train_ranker_cmd(
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "ranker", help="Evaluation report folder."),
 ) -> None:
     """Fine-tune the ranker on shown lists (listwise) and compare it on the holdout lists."""
-    from scorer.eval.ranking_eval import evaluate_lists, logged_order, popularity, ranker_scorer, write_ranking_report
+    from modelrepo.layout import write_validation
+    from scorer.eval.ranking_eval import (blend_verdict, evaluate_lists, logged_order, popularity, ranker_scorer,
+                                          write_ranking_report)
     from scorer.models.ranker import CrossEncoderRanker
     from scorer.train.ranker_data import load_ranker_lists
     from scorer.train.ranker_train import RankerTrainConfig, train_ranker
@@ -464,9 +470,14 @@ def train_ranker_cmd(
                                       "untrained ranker": ranker_scorer(CrossEncoderRanker().eval()),
                                       "fine-tuned ranker": ranker_scorer(model)})
     path = write_ranking_report(result, report, f"Ranker fine-tuned {steps} steps, on the holdout's shown lists")
+    verdict = blend_verdict(result, "fine-tuned ranker")
+    write_validation(out, verdict)  # `recsys export ranker` carries it into the version
     _plot_curve(losses, report / "training_loss.png")
     console.print(result.to_string(index=False))
     console.print(f"[green]saved[/] {out}; report: {path}")
+    console.print(f"ranker NDCG@5 {verdict['ranker']:.4f} vs the blend's order {verdict['blend']:.4f}: "
+                  + ("beats the blend (the gateway applies it)" if verdict["beats_blend"]
+                     else "[yellow]does not beat the blend: the gateway (ranker_mode auto) will not apply it[/]"))
 
 
 @train_app.command("interest")

@@ -23,6 +23,11 @@ NUMERIC_FEATURES = (
     "session_category_share",
 )
 
+# The ranker's validation verdict, as a parameter of the `ranker` ensemble's config (value "true" or
+# "false"): written by the publisher from the version's validation.json (modelrepo/layout.py), read
+# by the gateway, which applies a ranker in mode auto only when its served version says "true".
+RANKER_VERDICT_PARAMETER = "beats_blend"
+
 
 def _seq(v: Any) -> Sequence:
     # Feast/pandas give lists, numpy arrays, tuples or None/NaN for missing list features.

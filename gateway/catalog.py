@@ -59,6 +59,8 @@ class Catalog:
     popular: np.ndarray  # positions, most popular first
     covisit: dict[int, np.ndarray] = field(repr=False)  # position -> co-visited positions, strongest first
     source_version: Hashable = None  # the source's version() when this was read (reload when it moves)
+    # position -> the weights of `covisit[position]` (same order); absent: rank-based weights 1/(1 + rank)
+    covisit_weights: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -80,7 +82,14 @@ def _latest_popularity(source: CatalogSource, item_ids: list[str]) -> np.ndarray
 
 
 def covisitation(events: pd.DataFrame, position: dict[str, int], k: int = COVISIT_NEIGHBOURS) -> dict[int, np.ndarray]:
-    """Items touched (click/cart/purchase) in the same session, weighted 1/(1 + distance in the session)."""
+    """Items touched (click/cart/purchase) in the same session, strongest first (`covisit_table`)."""
+    return covisit_table(events, position, k)[0]
+
+
+def covisit_table(events: pd.DataFrame, position: dict[str, int], k: int = COVISIT_NEIGHBOURS
+                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per position, its top-k co-visited positions and their weights: items touched (click/cart/
+    purchase) in the same session, each pair weighted 1/(1 + distance in the session), summed."""
     ev = events[events["event_type"].isin(COVISIT_EVENTS) & events["item_id"].notna()]
     ev = ev.sort_values(["session_id", "timestamp"], kind="stable").drop_duplicates(["session_id", "item_id"])
     ev = ev.assign(pos=ev["item_id"].map(position)).dropna(subset=["pos"])
@@ -89,11 +98,13 @@ def covisitation(events: pd.DataFrame, position: dict[str, int], k: int = COVISI
     pairs = ev[["session_id", "pos", "rank"]].merge(ev[["session_id", "pos", "rank"]], on="session_id")
     pairs = pairs[pairs["pos_x"] != pairs["pos_y"]]
     if pairs.empty:
-        return {}
+        return {}, {}
     pairs = pairs.assign(w=1.0 / (1.0 + (pairs["rank_x"] - pairs["rank_y"]).abs()))
     weights = pairs.groupby(["pos_x", "pos_y"], sort=False)["w"].sum().reset_index()
     weights = weights.sort_values(["pos_x", "w"], ascending=[True, False]).groupby("pos_x").head(k)
-    return {int(p): g["pos_y"].to_numpy(np.int64) for p, g in weights.groupby("pos_x")}
+    groups = weights.groupby("pos_x")
+    return ({int(p): g["pos_y"].to_numpy(np.int64) for p, g in groups},
+            {int(p): g["w"].to_numpy(np.float32) for p, g in groups})
 
 
 def epoch_seconds(timestamps: pd.Series) -> np.ndarray:
@@ -121,6 +132,7 @@ def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_sin
     position = {item_id: i for i, item_id in enumerate(ids)}
     popularity = _latest_popularity(source, ids)
     events = source.events(covisit_since)
+    covisit, covisit_weights = covisit_table(events, position)
     catalog = Catalog(
         item_ids=tuple(ids),
         position=position,
@@ -132,8 +144,9 @@ def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_sin
         texts=tuple(catalog_texts(items)),
         popularity=popularity,
         popular=np.argsort(-popularity, kind="stable"),
-        covisit=covisitation(events, position),
+        covisit=covisit,
         source_version=version,
+        covisit_weights=covisit_weights,
     )
     log.info("catalog loaded: %d items, %d with co-visitation neighbours (%.1fs)",
              len(ids), len(catalog.covisit), time.perf_counter() - t0)

@@ -45,8 +45,12 @@ class Explainer:
             out.append((1.5 + n / 10, f"you viewed {_count(n, brand + ' item')} this session"))
         elif isinstance(cat, str) and (n := user.session_categories.get(cat, 0)) >= 2:
             out.append((1.4 + n / 10, f"you browsed {cat} this session"))
-        if common_pb2.CANDIDATE_SOURCE_SESSION in sources and user.session_positions:
-            out.append((1.3, f"often viewed with {self.catalog.titles[user.session_positions[0]]}"))
+        if common_pb2.CANDIDATE_SOURCE_SESSION in sources:
+            # The newest of the user's items (session, then profile) that this one was co-visited with.
+            covisit = self.catalog.covisit
+            seed = next((s for s in user.session_positions + user.recent_positions if pos in covisit.get(s, ())), None)
+            if seed is not None:
+                out.append((1.3, f"often viewed with {self.catalog.titles[seed]}"))
         if isinstance(brand, str) and user.brand_affinity.get(brand, 0.0) >= 0.2:
             out.append((1.2, f"you often choose {brand}"))
         elif isinstance(cat, str) and user.category_affinity.get(cat, 0.0) >= 0.25:

@@ -1,7 +1,8 @@
-"""Candidate retrieval: query vector, interest vector, session co-visitation, popularity.
+"""Candidate retrieval: query vector, interest vector, co-visitation, popularity.
 
-Every source respects the request's constraints (a boolean mask over catalog positions) and tags
-its candidates, so the response can say where each item came from.
+Every source respects the request's constraints (a boolean mask over catalog positions), tags its
+candidates, so the response can say where each item came from, and keeps its own ranking of them
+(`Candidates.ranks`): without a query the sources are fused by rank (scoring.source_fusion).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ Source: TypeAlias = common_pb2.CandidateSource.ValueType  # an int at run time
 class Candidates:
     positions: list[int] = field(default_factory=list)
     sources: dict[int, set[Source]] = field(default_factory=dict)  # position -> where it came from
+    ranks: dict[Source, dict[int, int]] = field(default_factory=dict)  # source -> position -> 0-based rank there
 
     def add(self, positions: Iterable[int], source: Source) -> int:
+        """Add a source's candidates, best first; return how many were new to the list."""
         n = 0
+        ranked = self.ranks.setdefault(source, {})
         for p in positions:
             p = int(p)
+            ranked.setdefault(p, len(ranked))
             if p not in self.sources:
                 self.sources[p] = set()
                 self.positions.append(p)
@@ -47,6 +52,13 @@ class Candidates:
 
     def count(self, source: Source) -> int:
         return sum(1 for s in self.sources.values() if source in s)
+
+    def remove(self, position: int) -> None:
+        if position in self.sources:
+            self.positions.remove(position)
+            del self.sources[position]
+            for ranked in self.ranks.values():
+                ranked.pop(position, None)
 
 
 def _unit(v: np.ndarray) -> np.ndarray | None:
@@ -73,6 +85,38 @@ def fallback_interest(snap: Snapshot, history: list[int], query_vec: np.ndarray 
     return _unit(QUERY_SHARE * query_vec + mean)
 
 
+SESSION_SEEDS = 5  # the session's newest clicked/carted items whose co-visits are candidates
+
+
+def covisit_seeds(user: UserView, page_position: int | None, recent_items: int) -> list[int]:
+    """Whose co-visits are candidates, newest first: the page's item, the session's newest items,
+    then the profile's recent items (history older than the 1-hour session still says a lot)."""
+    seeds = (([page_position] if page_position is not None else []) + user.session_positions[:SESSION_SEEDS]
+             + user.recent_positions[:recent_items])
+    return list(dict.fromkeys(seeds))
+
+
+def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray) -> np.ndarray:
+    """The top-k co-visited positions of `seeds` within `allowed`, best first: each seed's
+    neighbours weighted by their co-visitation (relative to the seed's strongest) times
+    RECENCY_DECAY^(seed's place), summed over the seeds."""
+    catalog = snap.catalog
+    scores: dict[int, float] = {}
+    for j, seed in enumerate(seeds):
+        neighbours = catalog.covisit.get(seed)
+        if neighbours is None or len(neighbours) == 0:
+            continue
+        w = catalog.covisit_weights.get(seed)
+        if w is None or len(w) != len(neighbours):
+            w = 1.0 / (1.0 + np.arange(len(neighbours), dtype=np.float32))
+        decay = RECENCY_DECAY ** j / max(float(w[0]), 1e-9)
+        for p, x in zip(neighbours.tolist(), w.tolist()):
+            if allowed[p]:
+                scores[p] = scores.get(p, 0.0) + decay * x
+    best = sorted(scores, key=lambda p: -scores[p])[:k]  # stable: ties keep the seeds' order
+    return np.array(best, dtype=np.int64)
+
+
 def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """BM25 top-k within `allowed` (positions, scores); used when the encoder is unavailable."""
     scores = snap.lexical.scores(query)
@@ -85,7 +129,8 @@ def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tupl
 
 
 def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray | None, lexical_query: str,
-             interest: np.ndarray | None, user: UserView, page_position: int | None) -> Candidates:
+             interest: np.ndarray | None, user: UserView, page_position: int | None,
+             covisit_recent_items: int = 10) -> Candidates:
     cands = Candidates()
     if query_vec is not None:
         cands.add(snap.index.search(query_vec, k, allowed)[0], QUERY)
@@ -93,15 +138,12 @@ def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray 
         cands.add(lexical_top(snap, lexical_query, k, allowed)[0], QUERY)
     if interest is not None:  # already fused with the query (interest model)
         cands.add(snap.index.search(interest, k, allowed)[0], INTEREST)
-    seeds = ([page_position] if page_position is not None else []) + user.session_positions[:5]
-    covisit = snap.catalog.covisit
-    neighbours = [p for s in seeds for p in covisit.get(s, ())[: max(k // max(len(seeds), 1), 5)]]
-    cands.add([p for p in neighbours if allowed[p] and p != page_position], SESSION)
+    seeds = covisit_seeds(user, page_position, covisit_recent_items)
+    cands.add(covisit_neighbours(snap, seeds, k, allowed), SESSION)
     # Popularity: the whole list for cold start / no query; a backfill otherwise.
     want = k if (query_vec is None and not lexical_query) else max(k // 5, 10)
     popular = snap.catalog.popular
     cands.add(popular[allowed[popular]][:want], POPULAR)
-    if page_position is not None and page_position in cands.sources:  # never recommend the page's own item
-        cands.positions.remove(page_position)
-        del cands.sources[page_position]
+    if page_position is not None:  # never recommend the page's own item
+        cands.remove(page_position)
     return cands

@@ -4,7 +4,8 @@ final = w_rel * relevance + w_pers * personalization + w_pop * popularity + w_fr
 (`score_parts` and `fuse`: the one place this formula is written). Each weighted part is reported
 in ScoreBreakdown, so the parts add up to the score.
 relevance is the Triton ranker's score for the top-K, else prior x cosine similarity (the
-untrained ranker's own formula, so ranked and unranked items are on one scale).
+untrained ranker's own formula, so ranked and unranked items are on one scale); without a query,
+prior x the sources' reciprocal-rank fusion (`source_fusion`, in [0, 1] like a cosine).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Hashable, Mapping
 
 import numpy as np
 
@@ -77,6 +78,27 @@ def fuse(w: np.ndarray, relevance: np.ndarray, pers: np.ndarray, pop: np.ndarray
     the same parts adds up to exactly this score)."""
     rel_part, pers_part, pop_part, fresh_part = score_parts(w, relevance, pers, pop, fresh)
     return rel_part + pers_part + pop_part + fresh_part
+
+
+def source_fusion(ranks: Mapping[Hashable, Mapping[int, int]], positions: np.ndarray,
+                  weights: Mapping[Hashable, float], k: float) -> np.ndarray:
+    """Weighted reciprocal-rank fusion of the candidate sources, per position in `positions`:
+
+        sum over the sources s that found the item of w_s / (k + rank_s)      (rank_s = 1, 2, ...)
+
+    divided by what an item ranked first by every weighted source here would get (sum_s w_s / (k + 1)),
+    so it lies in [0, 1]. `ranks[s][p]` is p's 0-based rank in source s's list; a source with no
+    weight in `weights` counts 0 (and adds nothing to the maximum).
+    """
+    out = np.zeros(len(positions), dtype=np.float64)
+    top = 0.0
+    for source, ranked in ranks.items():
+        w = float(weights.get(source, 0.0))
+        if w <= 0.0 or not ranked:
+            continue
+        top += w / (k + 1.0)
+        out += np.array([w / (k + 1.0 + ranked[p]) if p in ranked else 0.0 for p in np.asarray(positions).tolist()])
+    return (out / top if top > 0 else out).astype(np.float32)
 
 
 def feature_terms(positions: np.ndarray, catalog: Catalog, user: UserView, item_popularity: np.ndarray,

@@ -30,12 +30,13 @@ from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from rpc import pseudonyms as pseudonym_keys
 from gateway.online_blend import OnlineBlend
+from gateway.pipeline.services import ranker_applies
 from gateway.recommender import Recommender, Unavailable
 from gateway.service import ACCESS_LOG, LOGGED_IDS, RecommendServicer
 from gateway.state import ServingState, serving_encoder_version
 from gateway.triton_client import TritonClient, TritonError
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
-from contract.ranker_inputs import NUMERIC_FEATURES
+from contract.ranker_inputs import NUMERIC_FEATURES, RANKER_VERDICT_PARAMETER
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +189,24 @@ class Gateway:
         """One encoder and one ranker call before SERVING: the first inference of a freshly loaded
         model is several times slower (allocations, ORT graph set-up) and must not hit a shopper."""
         await self.triton.embed(["warm up"], timeout_s=30)
-        if self.settings.rerank_depth and self.recommender.ranker_version:
-            n = self.settings.rerank_depth
+        if self.recommender.services.rerank_depth and self.recommender.ranker_version:
+            n = self.recommender.services.rerank_depth
             await self.triton.rank("warm up", ["warm up"] * n, np.zeros((n, len(NUMERIC_FEATURES)), np.float32),
                                    timeout_s=60)
 
     async def _update_ranker_version(self) -> None:
         """The ranker's serving version, and the interest model's (optional: "" when not loaded)."""
+        services = self.recommender.services
         try:
             self.recommender.ranker_version = await self.triton.serving_version(self.settings.ranker_model, "ranker_onnx")
+            verdict = await self.triton.config_parameter(self.settings.ranker_model, RANKER_VERDICT_PARAMETER)
+            verdict_now = None if verdict is None else verdict.strip().lower() == "true"
+            if verdict_now != services.ranker_verdict:
+                log.info("ranker v%s: validation verdict %s (ranker_mode %s: %s)", self.recommender.ranker_version,
+                         {None: "none", True: "beats the blend", False: "does not beat the blend"}[verdict_now],
+                         self.settings.ranker_mode, "applied" if ranker_applies(self.settings.ranker_mode, verdict_now)
+                         else "not applied")
+            services.ranker_verdict = verdict_now
         except TritonError as e:
             log.warning("ranker version unknown: %s", e)
         try:

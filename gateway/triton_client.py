@@ -236,6 +236,16 @@ class TritonClient:
             raise TritonUnavailable(f"no ready version of {component}")
         return versions[0]
 
+    async def config_parameter(self, model: str, key: str, timeout_s: float = 2.0) -> str | None:
+        """A string parameter of `model`'s loaded config (None: not set). The model-config API is
+        not a restricted protocol: the gateway reads it without the admin key."""
+        try:
+            config = (await self._client.get_model_config(model, as_json=True, client_timeout=timeout_s))["config"]
+        except InferenceServerException as e:
+            raise _wrap(e, f"{model} config") from None
+        value = config.get("parameters", {}).get(key)
+        return value.get("string_value") if isinstance(value, dict) else None
+
     async def is_live(self, timeout_s: float = 1.0) -> bool:
         try:
             return bool(await self._client.is_server_live(client_timeout=timeout_s))

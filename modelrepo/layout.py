@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -10,6 +11,25 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = PROJECT_ROOT / "triton_models"
 # The python-backend model of text_tokenizer / pair_tokenizer, copied into each exported version.
 TOKENIZER_MODEL = Path(__file__).resolve().with_name("tokenizer_model.py")
+
+
+# Beside a version's weights: how that version did on validation when it was trained (the ranker:
+# {"beats_blend": bool, "metric": ..., "ranker": ..., "blend": ...}). The publisher turns it into the
+# ensemble's config parameter the gateway reads (contract.ranker_inputs.RANKER_VERDICT_PARAMETER).
+VALIDATION_FILE = "validation.json"
+
+
+def write_validation(directory: Path, validation: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / VALIDATION_FILE
+    path.write_text(json.dumps(validation, indent=2) + "\n")
+    return path
+
+
+def read_validation(directory: Path) -> dict | None:
+    """The validation record in `directory` (a checkpoint or a version folder); None when there is none."""
+    path = directory / VALIDATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def versions(repo: Path, model: str) -> list[int]:

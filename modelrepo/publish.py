@@ -21,8 +21,10 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
 from contract.tensors import ENCODER_ONNX, INTEREST_MODEL, PAIR_TOKENIZER, RANKER_ONNX, TEXT_TOKENIZER
 from modelrepo.admin import AdminClient
+from modelrepo.layout import read_validation
 
 ENCODER_COMPONENTS = (TEXT_TOKENIZER.name, ENCODER_ONNX.name)
 RANKER_COMPONENTS = (PAIR_TOKENIZER.name, RANKER_ONNX.name)
@@ -39,11 +41,24 @@ def load_with_versions(client: grpcclient.InferenceServerClient, repo: Path, mod
     client.load_model(model, config=json_format.MessageToJson(config))
 
 
-def pin_ensemble(client: grpcclient.InferenceServerClient, repo: Path, ensemble: str, version: int) -> None:
+def pin_ensemble(client: grpcclient.InferenceServerClient, repo: Path, ensemble: str, version: int,
+                 parameters: dict[str, str] | None = None) -> None:
+    """Re-load `ensemble` with every step pinned to `version` and `parameters` set in its config
+    (the committed config's parameters otherwise: a version without a verdict carries none)."""
     config = read_config(repo, ensemble)
     for step in config.ensemble_scheduling.step:
         step.model_version = version
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     client.load_model(ensemble, config=json_format.MessageToJson(config))
+
+
+def verdict_parameters(repo: Path, weights_model: str, version: int) -> dict[str, str]:
+    """The ensemble parameters that carry a version's validation verdict (empty: it has none)."""
+    validation = read_validation(repo / weights_model / str(version))
+    if validation is None or RANKER_VERDICT_PARAMETER not in validation:
+        return {}
+    return {RANKER_VERDICT_PARAMETER: "true" if validation[RANKER_VERDICT_PARAMETER] is True else "false"}
 
 
 def serving_version(client: grpcclient.InferenceServerClient, ensemble: str = "encoder") -> int | None:
@@ -75,7 +90,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
         for model in components:
             load_with_versions(client, repo, model, keep)
         if ensemble:
-            pin_ensemble(client, repo, ensemble, version)
+            pin_ensemble(client, repo, ensemble, version, verdict_parameters(repo, components[-1], version))
         for model in components:
             load_with_versions(client, repo, model, keep if keep_previous else [version])
         return old

@@ -214,7 +214,7 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
 def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                    steps: int = 100, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
     """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5."""
-    from scorer.eval.ranking_eval import evaluate_lists, logged_order, ranker_scorer
+    from scorer.eval.ranking_eval import blend_verdict, evaluate_lists, logged_order, ranker_scorer
     from scorer.export.ranker_export import export_ranker
     from scorer.models.ranker import CrossEncoderRanker
     from scorer.train.ranker_data import load_ranker_lists
@@ -239,7 +239,10 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
                                table, "NDCG@5", before, after, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(lists.rows["event_timestamp"].max()))
     return _gate("ranker", registry, before, after, margin, "NDCG@5", report, candidate_dir,
-                 _publisher("ranker", model_repo, triton_url, lambda: export_ranker(model_repo, candidate, int8=True)),
+                 # The version carries whether it beat the logged (blend) order on these lists: the
+                 # gateway's ranker_mode auto applies it only then (docs/gateway.md#the-ranker-gate).
+                 _publisher("ranker", model_repo, triton_url, lambda: export_ranker(
+                     model_repo, candidate, int8=True, validation=blend_verdict(table, "candidate"))),
                  log)
 
 

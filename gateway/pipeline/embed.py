@@ -20,8 +20,9 @@ def texts_to_embed(query_text: str, ctx_text: str, rerank_depth: int) -> list[st
 
 
 async def embed(ctx: RequestContext, svc: Services) -> None:
-    """Fills `query_text`, `ctx_text`, `query_vec`, `ctx_vec` (vectors None when the encoder is left out)."""
-    depth = svc.settings.rerank_depth
+    """Fills `query_text`, `ctx_text`, `query_vec`, `ctx_vec` (vectors None when the encoder is left
+    out). With no query and no ranker applied there is nothing to embed: no encoder call at all."""
+    depth = svc.rerank_depth
     ctx.query_text = ctx.parsed.text or ctx.req.query
     ctx.ctx_text = context_text(ctx.query_text or None, ctx.user.values)
     texts = texts_to_embed(ctx.query_text, ctx.ctx_text, depth)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.config import SourceFusion
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.services import Services
-from gateway.scoring import BOOST, feature_terms, fuse, weight_vector
+from gateway.retrieval import SOURCE_NAMES, Candidates
+from gateway.scoring import BOOST, feature_terms, fuse, source_fusion, weight_vector
 from gateway.state import Snapshot
 from contract.scores import RANKER_PRIOR
 
@@ -22,7 +24,11 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
     ctx.positions = positions = np.array(ctx.cands.positions, dtype=np.int64)
     probe = ctx.query_vec if ctx.query_vec is not None else ctx.interest
     ctx.cosine = ctx.snap.index.similarity(probe, positions) if probe is not None else None
-    ctx.relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine) + BOOST * ctx.boosts[positions]
+    if not req.query and req.candidate_ids is None:  # no query: what the sources agree on
+        relevance = fused_relevance(ctx.cands, positions, svc.settings.fusion)
+    else:
+        relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine)
+    ctx.relevance = relevance + BOOST * ctx.boosts[positions]
     if svc.blend is not None:
         ctx.weights, ctx.blend_version = svc.blend.weights_for(req.user_id or req.session_id or req.request_id)
     else:
@@ -30,6 +36,13 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
     ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
     pre = fuse(ctx.weights, ctx.relevance, ctx.pers, ctx.pop, ctx.fresh)
     ctx.order = np.argsort(-pre, kind="stable")
+
+
+def fused_relevance(cands: Candidates, positions: np.ndarray, fusion: SourceFusion) -> np.ndarray:
+    """Relevance without a query: RANKER_PRIOR x the sources' weighted reciprocal-rank fusion (in
+    [0, 1], like the cosine it replaces), so ranked and unranked items still share one scale."""
+    weights = {source: getattr(fusion, name) for source, name in SOURCE_NAMES.items() if hasattr(fusion, name)}
+    return (RANKER_PRIOR * source_fusion(cands.ranks, positions, weights, fusion.k)).astype(np.float32)
 
 
 def base_relevance(snap: Snapshot, query: str, positions: np.ndarray, cosine: np.ndarray | None) -> np.ndarray:

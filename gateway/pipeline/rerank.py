@@ -1,5 +1,6 @@
 """Stages `features_item_features` and `rank`: the head of the pre-score order gets fresh item
-features (one online-store round trip) and the Triton ranker's scores for its top `rerank_depth`."""
+features (one online-store round trip) and the Triton ranker's scores for its top `rerank_depth`,
+when the ranker is applied at all (Services.rerank_depth: ranker_mode and the served version's verdict)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ async def read_head_features(ctx: RequestContext, svc: Services) -> None:
     """Fills `head`, `head_n`, `item_feats`; a head item's fresh 7-day popularity replaces the
     catalog's (which is as old as the last catalog load)."""
     catalog, positions, order = ctx.catalog, ctx.positions, ctx.order
-    ctx.head_n = max(min(svc.settings.rerank_depth, len(order)), 0)
+    ctx.head_n = max(min(svc.rerank_depth, len(order)), 0)
     # What the ranker scores and, when more are asked for, every item that can be shown.
     ctx.head = head = order[:max(ctx.head_n, min(ctx.req.num_results, len(order)))]
     head_ids = [catalog.item_ids[positions[i]] for i in head]

@@ -27,7 +27,8 @@ async def retrieve_candidates(ctx: RequestContext, svc: Services) -> None:
         else:
             # Without a query vector the query's words still find items (BM25).
             ctx.cands = retrieve(ctx.snap, svc.settings.candidates_per_source, ctx.allowed, ctx.query_vec,
-                                 req.query if ctx.query_vec is None else "", ctx.interest, ctx.user, ctx.page)
+                                 req.query if ctx.query_vec is None else "", ctx.interest, ctx.user, ctx.page,
+                                 svc.settings.covisit_recent_items)
         for source, name in SOURCE_NAMES.items():
             metrics.CANDIDATES.labels(name).observe(ctx.cands.count(source))
 

@@ -43,6 +43,18 @@ def ranker_scorer(model: CrossEncoderRanker) -> ListScorer:
     return score
 
 
+def blend_verdict(table: pd.DataFrame, method: str, blend: str = "logged order", metric: str = "ndcg@5") -> dict:
+    """Whether `method` (a ranker) beat the blend's order on the same validation lists, as the
+    record `export_ranker(validation=...)` stores and the gateway's ranker_mode auto obeys. The
+    logged order is what the gateway served: the blend of retrieval and features."""
+    from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
+
+    score = table[table["slice"] == "all"].set_index("method")[metric]
+    ranker, base = float(score[method]), float(score[blend])
+    return {RANKER_VERDICT_PARAMETER: ranker > base, "metric": metric, "ranker": ranker, "blend": base,
+            "lists": int(table[(table["slice"] == "all") & (table["method"] == method)]["lists"].iloc[0])}
+
+
 def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users: set[str] = frozenset()) -> pd.DataFrame:
     lists = trainable_lists(data)
     grades = data.rows["grade"].to_numpy()

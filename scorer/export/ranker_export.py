@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from scorer.export.encoder_export import OPSET, quiet_export, quantize_int8, write_tokenizer_version
-from modelrepo.layout import MODEL_REPOSITORY, next_version
+from modelrepo.layout import MODEL_REPOSITORY, next_version, write_validation
 from contract.tensors import RANKER_ONNX, names
 from scorer.models.ranker import CrossEncoderRanker, load_ranker_tokenizer
 
@@ -31,8 +31,11 @@ def export_ranker_onnx(model: CrossEncoderRanker, path: Path) -> None:
 
 
 def export_ranker(repo: Path = MODEL_REPOSITORY, model: CrossEncoderRanker | None = None, int8: bool = False,
-                  version: int | None = None) -> int:
-    """Write a new ranker version into `repo`; return its number."""
+                  version: int | None = None, validation: dict | None = None) -> int:
+    """Write a new ranker version into `repo`; return its number. `validation` (scorer/eval/
+    ranking_eval.py `blend_verdict`) goes beside the weights: publishing the version tells the
+    gateway whether this ranker beat the blend; without it (the untrained ranker) the gateway's
+    ranker_mode auto does not apply it."""
     model = model or CrossEncoderRanker()
     v = version or next_version(repo, "ranker_onnx", "pair_tokenizer")
     onnx_dir, tok_dir = repo / "ranker_onnx" / str(v), repo / "pair_tokenizer" / str(v)
@@ -44,6 +47,8 @@ def export_ranker(repo: Path = MODEL_REPOSITORY, model: CrossEncoderRanker | Non
         else:
             export_ranker_onnx(model, onnx_dir / "model.onnx")
         write_tokenizer_version(load_ranker_tokenizer(model.config), tok_dir, model.config.max_length)
+        if validation is not None:
+            write_validation(onnx_dir, validation)
     except BaseException:
         shutil.rmtree(onnx_dir, ignore_errors=True)
         shutil.rmtree(tok_dir, ignore_errors=True)

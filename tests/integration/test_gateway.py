@@ -26,7 +26,10 @@ def _settings(feature_repo, triton, tmp_path_factory, **over):
                 embedding_cache_dir=tmp_path_factory.getbasetemp() / "embeddings",
                 # Generous budgets: CI's 2 shared cores; the deadline test below sets its own.
                 request_timeout_ms=10_000, embed_timeout_ms=5_000, feature_timeout_ms=2_000, interest_timeout_ms=2_000,
-                rank_timeout_ms=5_000, refresh_interval_s=0.5)
+                rank_timeout_ms=5_000, refresh_interval_s=0.5,
+                # The ranker's path is under test here; the untrained ranker has no verdict, so mode
+                # auto would leave it out (test_ranker_mode_auto_leaves_an_unproven_ranker_out below).
+                ranker_mode="always")
     return GatewaySettings(**{**base, **over})
 
 
@@ -168,6 +171,30 @@ def test_brand_cap_diversifies(feature_repo, triton_gw, tmp_path_factory, items)
         response = c.recommend("running shoes", num_results=10)
     brands = items.loc[[i.item_id for i in response.items], "brand"]
     assert brands.value_counts().max() <= 2, brands.tolist()
+
+
+def test_ranker_mode_auto_leaves_an_unproven_ranker_out(feature_repo, triton_gw, tmp_path_factory, items):
+    """The demo's untrained ranker carries no validation verdict: in mode auto it is not applied, and
+    a page without a query then needs no encoder call at all (no `embed` stage)."""
+    from cli.background import BackgroundGateway
+    from rpc.clients import GatewayClient
+    from recsys.v1 import recommend_pb2
+
+    events = feature_repo.shop.events
+    user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
+    settings = _settings(feature_repo, triton_gw, tmp_path_factory, ranker_mode="auto")
+    with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+        assert gw.gateway.recommender.services.ranker_verdict is None  # Triton's ranker config says nothing
+        reply, call = c.stub.Recommend.with_call(recommend_pb2.RecommendRequest(user_id=user, num_results=10), timeout=30)
+        stages = dict(call.trailing_metadata())["x-recsys-stages-ms"]
+        assert len(reply.items) == 10 and not reply.degraded, reply.degraded_reasons
+        assert "ranker" not in reply.model_versions and "interest" in reply.model_versions
+        assert "embed=" not in stages and "rank=" not in stages, stages
+        reply, call = c.stub.Recommend.with_call(recommend_pb2.RecommendRequest(query="rain jacket", num_results=5),
+                                                 timeout=30)
+        stages = dict(call.trailing_metadata())["x-recsys-stages-ms"]
+        assert "embed=" in stages and "rank=" not in stages and "ranker" not in reply.model_versions
+        assert items.loc[reply.items[0].item_id, "category"] == "Jackets"
 
 
 # --- Redis --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
         settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
                                    embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
                                    embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
-                                   refresh_interval_s=0.5)
+                                   refresh_interval_s=0.5, ranker_mode="always")
         with BackgroundGateway(settings) as gw, RecommendTraffic(gw.address, "trail running shoes") as traffic:
             gated = retrain_encoder(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                     steps=3, margin=1.0)  # an impossible margin: never promoted
@@ -55,13 +55,20 @@ def test_gate_promote_and_rollback_with_the_gateway_under_traffic(feature_repo, 
         server.stop()
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
 def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(feature_repo, tmp_path):
     from cli.background import BackgroundGateway
     from gateway.config import GatewaySettings
     from scorer.export.encoder_export import export_encoder
     from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
-    from modelrepo.layout import copy_repository_configs
+    from modelrepo.layout import copy_repository_configs, read_validation
     from scorer.models.encoder import TextEncoder
     from scorer.retrain import Registry, adopt_serving, retrain_models, rollback
     from tests.traffic import RecommendTraffic, wait_for_answer
@@ -79,7 +86,7 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
         settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
                                    embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
                                    embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
-                                   refresh_interval_s=0.5,
+                                   refresh_interval_s=0.5, ranker_mode="always",  # every version answers
                                    # training shares this process's 2 cores: generous store reads, so
                                    # a degraded answer can only mean a failed model switch
                                    feature_timeout_ms=5_000)
@@ -92,6 +99,11 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
             assert [(r.model, r.promoted, r.version) for r in promoted] == [("ranker", True, 2), ("interest", True, 2)]
             wait_for_answer(traffic, "ranker", "2")
             wait_for_answer(traffic, "interest", "2")
+            # v2 carries its validation verdict (vs the logged blend order); Triton's ensemble config
+            # says it and the gateway read it (mode auto would apply v2 only if it is true).
+            validation = read_validation(model_repo / "ranker_onnx" / "2")
+            assert validation is not None and {"beats_blend", "ranker", "blend"} <= set(validation)
+            _wait_until(lambda: gw.gateway.recommender.services.ranker_verdict is validation["beats_blend"])
 
             gated = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                    models=("ranker",), steps={"ranker": 2}, margin=1.0)  # never promoted
@@ -100,6 +112,7 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
 
             assert rollback(model_repo, server.grpc_url, registry, "ranker") == 1
             wait_for_answer(traffic, "ranker", "1")
+            _wait_until(lambda: gw.gateway.recommender.services.ranker_verdict is None)  # v1: untrained, no verdict
             time.sleep(0.5)
         assert traffic.failures == []
         seen = {(m, a[m]) for a in traffic.answers for m in ("ranker", "interest") if m in a}

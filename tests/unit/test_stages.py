@@ -190,7 +190,8 @@ class FakeBlend:
 def settings(**over) -> GatewaySettings:
     base = dict(feature_repo=Path("/nonexistent"), request_timeout_ms=2_000, embed_timeout_ms=1_000,
                 feature_timeout_ms=1_000, interest_timeout_ms=1_000, rank_timeout_ms=1_000, reserve_ms=1,
-                candidates_per_source=20, rerank_depth=5, embedding_cache_size=100)
+                candidates_per_source=20, rerank_depth=5, embedding_cache_size=100,
+                ranker_mode="always")  # the ranker path; tests of mode auto set their own
     return GatewaySettings(**{**base, **over})
 
 

@@ -6,7 +6,8 @@ Set-up (as bench/gateway_bench.py): the synthetic shop imported into a private f
 `feast apply/materialize`, SQLite), the int8 encoder, the int8 ranker (1 layer x 32 tokens) and the
 interest model served by a real tritonserver on CPU, the feedback service (online learning on,
 live session features on) and the gateway as their own processes, depth 20, the gateway's default
-250 ms request budget. Requests: real (user, query) pairs from the shop's log.
+250 ms request budget. Requests: real (user, query) pairs from the shop's log, each sent once in a run (levels
+walk through the pool in turn), so the query cache helps only where the log itself repeats.
 
 Each level runs N closed-loop clients for `--seconds`; every call carries a 250 ms gRPC deadline.
 An answer counts as **ranked** when it is not degraded; **goodput** is ranked answers per second.
@@ -20,7 +21,9 @@ Configurations, in the same run, each on a fresh gateway:
 - `no query cache`: embedding_cache_size 0 (every request calls the encoder);
 - `2 workers`: two gateway processes on one port (SO_REUSEPORT), each with half the in-flight limit;
 - `1 ranker instance x 2 threads`: Triton's ranker as version one ran it, instead of the
-  repository's 2 instances x 1 thread.
+  repository's 2 instances x 1 thread;
+- `2 encoder instances x 1 thread`: the encoder as two single-thread instances instead of the
+  repository's one instance of two threads.
 Then a soak: `protected` at 8 clients for `--soak-minutes`, each answer's impressions (and a click
 on one in ten) sent to the feedback service; RSS of every process sampled every 10 s, slope by
 least squares after the first minute.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import subprocess
@@ -57,7 +61,13 @@ LEVELS = (1, 4, 8, 16, 32)
 DEADLINE_S = 0.25
 DEPTH = 20
 RETRY_METADATA = "grpc-retry-pushback-ms"
-DEFAULT_RANKER_SHAPE = (2, 1)  # triton_models/ranker_onnx/config.pbtxt: instances, threads each
+# One cursor through the request pool for the whole run: every level (and the soak) sends requests
+# no earlier level sent, so a later level does not find its requests already in the gateway's
+# query cache (each level used to restart at request 0: the 1-client level ran on a cold cache and
+# every later one on a cache warmed by the levels before it).
+REQUEST_CURSOR = itertools.count()
+# The repository's own instance groups (triton_models/*/config.pbtxt): instances, threads each.
+DEFAULT_SHAPES = {"ranker_onnx": (2, 1), "encoder_onnx": (1, 2)}
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -81,15 +91,17 @@ class FeedbackProcess:
         self.process.wait(30)
 
 
-def set_ranker_instances(models: Path, count: int, threads: int) -> None:
-    """Rewrite the private repository's ranker_onnx instance group (a restart of Triton applies it)."""
+def set_instances(models: Path, shapes: dict[str, tuple[int, int]]) -> None:
+    """Rewrite the private repository's instance groups, {model: (instances, threads each)}
+    (a restart of Triton applies them)."""
     import re
 
-    path = models / "ranker_onnx" / "config.pbtxt"
-    text = path.read_text()
-    text = re.sub(r"instance_group \[ \{ count: \d+ \} \]", f"instance_group [ {{ count: {count} }} ]", text)
-    text = re.sub(r'(key: "intra_op_thread_count" value: \{ string_value: )"\d+"', rf'\1"{threads}"', text)
-    path.write_text(text)
+    for model, (count, threads) in shapes.items():
+        path = models / model / "config.pbtxt"
+        text = path.read_text()
+        text = re.sub(r"instance_group \[ \{ count: \d+ \} \]", f"instance_group [ {{ count: {count} }} ]", text)
+        text = re.sub(r'(key: "intra_op_thread_count" value: \{ string_value: )"\d+"', rf'\1"{threads}"', text)
+        path.write_text(text)
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -123,7 +135,7 @@ async def closed_loop(address: str, requests: list[tuple[str, str]], clients: in
     outcomes: Counter = Counter()
     reasons: Counter = Counter()
     stop_at = time.monotonic() + seconds
-    counter = iter(range(10**12))
+    counter = REQUEST_CURSOR
     rng = random.Random(0)
 
     async def send_feedback(user: str, response) -> None:
@@ -239,7 +251,8 @@ CONFIGS = {
     "in-flight 4": {"RECSYS_MAX_IN_FLIGHT": "4", "RECSYS_MAX_QUEUED": "8"},
     "no query cache": {"RECSYS_EMBEDDING_CACHE_SIZE": "0"},
     "2 workers": {"workers": 2},
-    "1 ranker instance x 2 threads": {"ranker_instances": (1, 2)},
+    "1 ranker instance x 2 threads": {"instances": {"ranker_onnx": (1, 2)}},
+    "2 encoder instances x 1 thread": {"instances": {"encoder_onnx": (2, 1)}},
 }
 
 
@@ -250,7 +263,8 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--soak-minutes", type=float, default=10.0, help="0: no soak")
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=40000,
+                    help="(user, query) pairs drawn from the shop's log; levels walk through them without repeating")
     args = ap.parse_args()
     auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
 
@@ -272,13 +286,13 @@ def main() -> None:
         triton_shape: object = "none started"
         for name in args.configs:
             config = dict(CONFIGS[name])
-            shape = config.pop("ranker_instances", None)  # None: the repository's own instance group
+            shape = {**DEFAULT_SHAPES, **config.pop("instances", {})}
             workers = config.pop("workers", 1)
             if shape != triton_shape:
                 if supervisor is not None:
                     supervisor.stop()
-                set_ranker_instances(models, *(shape or DEFAULT_RANKER_SHAPE))
-                log(f"starting tritonserver, supervised (ranker instances x threads: {shape or DEFAULT_RANKER_SHAPE})")
+                set_instances(models, shape)
+                log(f"starting tritonserver, supervised (instances x threads: {shape})")
                 triton = TritonServer(model_repository=models, workdir=workdir / "triton")
                 # Supervised as in production: tritonserver 2.51 can crash under load (FINDINGS.md);
                 # a restart is counted in the row and shows up as degraded answers, not as a hang.
@@ -298,7 +312,7 @@ def main() -> None:
                         gw.env["RECSYS_MAX_IN_FLIGHT"] = str(max(1, (os.cpu_count() or 1) // workers))
                     procs.append(gws.enter_context(gw))
                 address = f"127.0.0.1:{port}"
-                asyncio.run(warm(address, requests[:30]))
+                asyncio.run(warm(address, requests[-30:]))  # the pool's end: the levels start at its head
                 for clients in args.levels:
                     restarts = supervisor.restarts
                     r = asyncio.run(closed_loop(address, requests, clients, args.seconds))

@@ -16,7 +16,8 @@ RECSYS_FEEDBACK_REFLECTION, ..._REFLECTION_OPEN, ..._TLS_CERT_FILE, ..._TLS_KEY_
 Privacy (docs/security.md#privacy): RECSYS_PSEUDONYM_KEY_FILE (or RECSYS_FEEDBACK_PSEUDONYM_KEY_FILE,
 or the key itself in RECSYS_PSEUDONYM_KEY) turns user and session ids into pseudonyms;
 RECSYS_FEEDBACK_PRIVACY_AUDIT_FILE (default: privacy_audit.jsonl in the event log folder) receives
-one record per AdminService.EraseUser.
+one record per AdminService.EraseUser; RECSYS_FEEDBACK_ERASE_FEATURE_STORE_YAMLS (a JSON list of the
+repo's feature_store yamls) adds online stores an erasure reaches besides the one sessions go to.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class FeedbackSettings(BaseSettings):
     pseudonym_key_file: Path | None = Field(None, validation_alias=AliasChoices("RECSYS_FEEDBACK_PSEUDONYM_KEY_FILE",
                                                                               "RECSYS_PSEUDONYM_KEY_FILE"))
     privacy_audit_file: Path | None = None  # None: <event_log_dir>/privacy_audit.jsonl
+    # The feature repo's online stores an erasure reaches (yaml files in feature_repo, e.g. both while
+    # moving from SQLite to Redis); empty: the one this service pushes sessions to (feature_store_yaml).
+    erase_feature_store_yamls: list[str] = []
 
     def audit_file(self) -> Path:
         return self.privacy_audit_file or self.event_log_dir / AUDIT_FILE
@@ -178,7 +182,12 @@ def erase_stores(settings: FeedbackSettings, event_log: EventLog, updater, learn
     """What AdminService.EraseUser reaches from this process (feedback/erase.py)."""
     stores = Stores(settings.audit_file(), event_log=event_log, learner=learner, sessions=updater)
     if updater is not None:
-        stores.online = [updater.store]
+        from feast import FeatureStore
+
+        repo = settings.feature_repo.resolve()
+        stores.online = [updater.store] + [FeatureStore(repo_path=str(repo), fs_yaml_file=repo / yaml)
+                                           for yaml in settings.erase_feature_store_yamls
+                                           if yaml != settings.feature_store_yaml]
         stores.offline_dir = settings.feature_repo.resolve() / "data" / "offline"
     else:
         stores.not_configured.append("online store and offline sources: this feedback service has no feature repo "

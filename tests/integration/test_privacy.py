@@ -12,7 +12,10 @@ is the shop's copy, not something the project writes."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,9 +30,7 @@ from recsys.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2 as fb, feedback_pb
 from rpc.clients import channel
 from rpc.pseudonyms import KEY_FILE_ENV, Pseudonyms, load, new_key
 from scorer.data import feast_ops
-from scorer.data.importer import import_dataset
 from scorer.data.labels import build_labels
-from scorer.data.pseudonymise import pseudonymised_copy
 from scorer.data.synthetic import generate_shop
 from scripts.local_redis import RedisServer, local_redis
 from tests.keys import ADMIN_KEY, ADMIN_NAME, GATEWAY_KEY, SHOP_KEY
@@ -39,7 +40,14 @@ pytestmark = pytest.mark.integration
 
 REDIS_YAML = "feature_store.redis.yaml"
 # Ids of their own, so a byte scan cannot mistake part of another id for them.
-ERASED, KEPT = "erase-me-7f3a9c", "keep-me-2b9c41"
+ERASED, KEPT, BY_CLI = "erase-me-7f3a9c", "keep-me-2b9c41", "erase-me-too-4c8d1e"
+RECSYS = str(Path(sys.executable).with_name("recsys"))
+
+
+def recsys(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The command line as an operator runs it (the installed entry point, a wide terminal)."""
+    return subprocess.run([RECSYS, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", **env})
 
 
 @dataclass
@@ -64,14 +72,16 @@ def world(tmp_path_factory) -> World:
     key_file.write_text(new_key() + "\n")
     pseudonyms = load(key_file)
     shop = generate_shop("tiny", seed=23, end=datetime.now(timezone.utc))
-    busiest = shop.events["user_id"].value_counts().index[:2]
-    renamed = {busiest[0]: ERASED, busiest[1]: KEPT}
+    busiest = shop.events["user_id"].value_counts().index[:3]
+    renamed = {busiest[0]: ERASED, busiest[1]: KEPT, busiest[2]: BY_CLI}
     for table in (shop.users, shop.events, shop.user_latent):
         table["user_id"] = table["user_id"].replace(renamed)
     shop.write(root / "export")
     repo = feast_ops.copy_feature_repo(work / "feature_repo")
-    with pseudonymised_copy(root / "export", pseudonyms) as data:  # what `recsys data import` does with a key
-        import_dataset(data, repo / "data" / "offline")
+    done = recsys({KEY_FILE_ENV: str(key_file)}, "data", "import", str(root / "export"), "--repo", str(repo))
+    assert done.returncode == 0, done.stdout + done.stderr
+    users = pd.read_parquet(repo / "data" / "offline" / "users.parquet")["user_id"]
+    assert pseudonyms.user(ERASED) in set(users) and ERASED not in set(users)  # imported as pseudonyms
     end = datetime.now(timezone.utc)
     with local_redis() as redis:
         env = {"REDIS_CONNECTION_STRING": redis.connection_string}
@@ -224,6 +234,33 @@ def test_erasing_a_user_leaves_nothing_of_them_where_the_project_writes(world: W
     assert (rows_of(world, kept), online_entities(world, kept)) == kept_before  # the other shopper's data is whole
     assert online_entities(world, erased) == {"recsys_user_profile": 0, "recsys_user_session": 0, "redis": 0}
     audit = [json.loads(line) for line in (world.work / "events" / "privacy_audit.jsonl").read_text().splitlines()]
+    audit = [a for a in audit if a["subject"] == reply.subject]
     assert [(a["by"], a["subject"], a["complete"], a["total"] > 0) for a in audit] == [
         (ADMIN_NAME, reply.subject, True, True), (ADMIN_NAME, reply.subject, True, False)]
     assert audit[0]["removed"] == removed
+
+
+def test_the_cli_erases_offline_and_through_the_service(world: World):
+    ps = world.pseudonyms
+    needles = [BY_CLI, ps.user(BY_CLI)]
+    env = {KEY_FILE_ENV: str(world.key_file), "REDIS_CONNECTION_STRING": world.redis.connection_string}
+    assert traces(world.work, needles) and redis_traces(world.redis, needles)  # imported and materialized
+    audit_file = world.work / "cli_audit.jsonl"
+    done = recsys(env, "privacy", "erase", BY_CLI, "--offline", "--repo", str(world.repo), "--event-log",
+                  str(world.work / "events"), "--yaml", "feature_store.yaml", "--yaml", REDIS_YAML,
+                  "--audit-file", str(audit_file))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "offline/users.parquet" in done.stdout and "online/redis" in done.stdout and "records removed" in done.stdout
+    assert traces(world.work, needles) == [] and redis_traces(world.redis, needles) == []
+    (record,) = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert record["by"].startswith("offline:") and record["subject"] == ps.audit_subject(BY_CLI) and record["total"] > 0
+
+    service = LoggedFeedback(world.work / "events", {"RECSYS_FEEDBACK_FEATURE_REPO": str(world.repo),
+                                                     KEY_FILE_ENV: str(world.key_file)})
+    try:
+        refused = recsys({**env, "RECSYS_API_KEY": SHOP_KEY}, "privacy", "erase", BY_CLI, "--feedback", service.address)
+        assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout, refused.stdout + refused.stderr
+        again = recsys({**env, "RECSYS_API_KEY": ADMIN_KEY}, "privacy", "erase", BY_CLI, "--feedback", service.address)
+        assert again.returncode == 0 and "0 records removed; ids pseudonymised: yes" in again.stdout, again.stdout
+    finally:
+        service.stop()

@@ -30,11 +30,11 @@ class Breakers(BaseModel):
 
 class SourceFusion(BaseModel):
     """Weighted reciprocal-rank fusion of the candidate sources (gateway/scoring.py `source_fusion`):
-    an item's relevance without a query is sum_s w_s / (k + rank_s), scaled into the ranker's range.
+    an item's relevance without a query is sum_s w_s / (k + rank_s), scaled into the ranker's range
+    (with a query, relevance stays the query's cosine: the query source is not fused).
     Defaults chosen on validation (bench/tune_fusion.py, docs/gateway.md#ranking-and-fusion)."""
 
     k: float = Field(60.0, gt=0, description="rank offset: larger flattens the difference between ranks")
-    query: float = Field(1.0, ge=0)
     interest: float = Field(1.0, ge=0)
     session: float = Field(1.0, ge=0, description="co-visitation of the page, session and profile items")
     popular: float = Field(0.3, ge=0)

@@ -77,7 +77,7 @@ def test_without_a_query_relevance_is_the_prior_times_the_fusion():
     ctx, svc = _page_request_context()
     assert {INTEREST, SESSION, POPULAR} <= set(ctx.cands.ranks) and QUERY not in ctx.cands.ranks
     f = svc.settings.fusion
-    weights = {INTEREST: f.interest, SESSION: f.session, POPULAR: f.popular, QUERY: f.query}
+    weights = {INTEREST: f.interest, SESSION: f.session, POPULAR: f.popular}
     want = RANKER_PRIOR * source_fusion(ctx.cands.ranks, ctx.positions, weights, f.k)
     assert ctx.relevance == pytest.approx(want, abs=1e-5)
     assert 0 < ctx.relevance.max() <= RANKER_PRIOR

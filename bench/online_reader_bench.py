@@ -1,10 +1,15 @@
-"""Online feature reads for 1 user + 100 items: the fast reader vs the Feast SDK, SQLite and Redis.
+"""Online feature reads for 1 user + 100 items: the fast reader vs the Feast SDK, on SQLite, one
+Redis node and a Redis Cluster (3 masters + 3 replicas).
 
 Builds a private feature repo from the demo-size synthetic shop (5k items, 2k users), applies and
-materializes it with the real `feast` CLI into SQLite and into a throwaway redis-server, then times
-the same random requests through every path in one run:
+materializes it with the real `feast` CLI into SQLite, a throwaway redis-server and a throwaway
+local Redis Cluster (scripts/local_redis_cluster.py), then times the same random requests through
+every path in one run:
 
-    python -m bench.online_reader_bench [--iterations 1000] [--items 100]
+    python -m bench.online_reader_bench [--iterations 1000] [--items 100] [--stores redis,redis_cluster,sqlite]
+
+On the cluster it also times redis-py's own cluster pipeline (`RedisCluster.pipeline()`), the
+alternative to the fast reader's per-master packed batches.
 
 Writes bench/results/online_reader.json and prints a markdown table (docs/benchmarks.md keeps it).
 The naive way is what most projects do: `FeatureStore.get_online_features` once for the user's
@@ -29,9 +34,10 @@ from scorer.data import feast_ops
 from scorer.data.importer import import_dataset
 from scorer.data.synthetic import generate_shop
 from scripts.local_redis import local_redis
+from scripts.local_redis_cluster import local_redis_cluster
 
 RESULTS = Path(__file__).resolve().parent / "results" / "online_reader.json"
-REDIS_YAML = "feature_store.redis.yaml"
+YAMLS = {"redis": "feature_store.redis.yaml", "redis_cluster": "feature_store.redis_cluster.yaml", "sqlite": None}
 
 
 def timed(fn: Callable[[str, list[str]], object], requests: list[tuple[str, list[str]]], warmup: int = 50) -> list[float]:
@@ -59,6 +65,27 @@ def timed_async(reader, requests: list[tuple[str, list[str]]], warmup: int = 50)
     return asyncio.run(go())
 
 
+def timed_interleaved(paths: dict[str, Callable[[str, list[str]], object]], requests: list[tuple[str, list[str]]],
+                      warmup: int = 50) -> dict[str, list[float]]:
+    """Every request through every path in turn (the order rotating), timed separately."""
+    names = list(paths)
+    for user, items in requests[:warmup]:
+        for name in names:
+            paths[name](user, items)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for n, (user, items) in enumerate(requests):
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            t0 = time.perf_counter()
+            paths[name](user, items)
+            out[name].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _row(store: str, path: str, ms: list[float]) -> dict:
+    return {"store": store, "path": path, "median_ms": statistics.median(ms), "p99_ms": percentile(ms, 99),
+            "mean_ms": statistics.fmean(ms)}
+
+
 def sdk_reader(store) -> Callable[[str, list[str]], object]:
     service = store.get_feature_service("recommend_serving")
     views = {p.name: store.get_feature_view(p.name).entities for p in service.feature_view_projections}
@@ -73,29 +100,50 @@ def sdk_reader(store) -> Callable[[str, list[str]], object]:
     return read
 
 
+def redis_py_pipeline_reader(reader) -> Callable[[str, list[str]], object]:
+    """The same read through redis-py's ClusterPipeline: it groups by node and follows MOVED/ASK
+    itself, but encodes every HMGET's arguments per command."""
+    reader.read("warm-up", [])  # creates the cluster client and its slot map
+
+    def read(user: str, items: list[str]):
+        pipe = reader._client.pipeline(transaction=False)
+        pipe.hmget(reader._user_key(user), reader._user_fields)
+        for i in items:
+            pipe.hmget(reader._item_key(i), reader._item_fields)
+        return reader._assemble(items, pipe.execute(), time.time())
+
+    return read
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--size", default="demo")
+    ap.add_argument("--stores", default="redis,redis_cluster,sqlite", help="comma separated: redis, redis_cluster, sqlite")
     args = ap.parse_args()
+    stores = [s for s in args.stores.split(",") if s]
+    unknown = set(stores) - set(YAMLS)
+    if unknown:
+        ap.error(f"--stores: unknown {sorted(unknown)} (known: {sorted(YAMLS)})")
 
     from gateway.features.layout import FeatureLayout
     from gateway.features.online_reader import open_reader
 
-    with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp, local_redis() as redis_server:
+    with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp, local_redis() as redis_server, \
+            local_redis_cluster() as cluster:
         root = Path(tmp)
-        print(f"building the {args.size} shop and both online stores in {root} ...", flush=True)
+        print(f"building the {args.size} shop and the online stores ({', '.join(stores)}) in {root} ...", flush=True)
         shop = generate_shop(args.size, seed=7, end=datetime.now(timezone.utc))
         shop.write(root / "raw")
         repo = feast_ops.copy_feature_repo(root / "feature_repo")
         import_dataset(root / "raw", repo / "data" / "offline")
-        env = {"REDIS_CONNECTION_STRING": redis_server.connection_string}
+        env = {"REDIS_CONNECTION_STRING": redis_server.connection_string,
+               "REDIS_CLUSTER_CONNECTION_STRING": cluster.connection_string}
         os.environ.update(env)
-        feast_ops.apply(repo, quiet=True)
-        feast_ops.materialize_all(repo, quiet=True)
-        feast_ops.apply(repo, yaml=REDIS_YAML, env=env, quiet=True)
-        feast_ops.materialize_all(repo, yaml=REDIS_YAML, env=env, quiet=True)
+        for backend in stores:
+            feast_ops.apply(repo, yaml=YAMLS[backend], env=env, quiet=True)
+            feast_ops.materialize_all(repo, yaml=YAMLS[backend], env=env, quiet=True)
 
         rng = random.Random(1)
         users = shop.users["user_id"].tolist()
@@ -103,21 +151,38 @@ def main() -> None:
         requests = [(rng.choice(users), rng.sample(items, args.items)) for _ in range(args.iterations)]
 
         rows = []
-        for backend, yaml in (("redis", REDIS_YAML), ("sqlite", None)):
-            store = feast_ops.load_store(repo, yaml)
+        fast: dict[str, Callable[[str, list[str]], object]] = {}
+        opened = []
+        for backend in stores:
+            print(f"timing {backend} ...", flush=True)
+            store = feast_ops.load_store(repo, YAMLS[backend])
             reader = open_reader(store.config, FeatureLayout.from_feature_store(store), repo)
             store.refresh_registry()  # so the SDK does not refresh inside a timed request
             paths = {
                 "fast reader (sync)": timed(reader.read, requests),
                 "fast reader (asyncio)": timed_async(reader, requests),
-                "Feast SDK get_online_features": timed(sdk_reader(store), requests),
             }
+            fast[f"{backend}: fast reader (sync)"] = reader.read
+            if backend == "redis_cluster":
+                pipeline = redis_py_pipeline_reader(reader)
+                paths["redis-py ClusterPipeline (sync)"] = timed(pipeline, requests)
+                fast["redis_cluster: redis-py ClusterPipeline (sync)"] = pipeline
+            paths["Feast SDK get_online_features"] = timed(sdk_reader(store), requests)
             for name, ms in paths.items():
-                rows.append({"store": backend, "path": name, "median_ms": statistics.median(ms),
-                             "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms)})
+                rows.append(_row(backend, name, ms))
+            opened.append(reader)
+        if "redis" in stores and "redis_cluster" in stores:
+            # Cluster vs single node on the same requests, alternating request by request, so a
+            # shared machine's load changes hit both alike (the rows above run one after another).
+            print("timing single node vs cluster, interleaved ...", flush=True)
+            for name, ms in timed_interleaved({k: v for k, v in fast.items() if not k.startswith("sqlite")},
+                                              requests).items():
+                backend, path = name.split(": ", 1)
+                rows.append(_row(backend, path.replace("(sync)", "(sync, interleaved)"), ms))
+        for reader in opened:
             reader.close()
 
-    for backend in ("redis", "sqlite"):
+    for backend in stores:
         sdk = next(r for r in rows if r["store"] == backend and r["path"].startswith("Feast"))
         for r in rows:
             if r["store"] == backend:

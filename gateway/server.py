@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -262,4 +263,8 @@ def main(config_file: Path | None = None) -> None:
     from rpc.logs import configure_logging
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
-    asyncio.run(serve(load_settings(config_file)))
+    try:
+        asyncio.run(serve(load_settings(config_file)))
+    except pseudonym_keys.PseudonymKeyError as e:  # a configured key that cannot be used: never serve keyless
+        print(f"gateway not started: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from recsys.v1 import feedback_pb2, recommend_pb2
+from recsys.v1 import admin_pb2, feedback_pb2, recommend_pb2
 from rpc.clients import aio_channel, channel as authed_channel
 from tests.keys import ADMIN_KEY
 from tests.processes import LoggedFeedback
@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("RECSYS_FUZZ_SCALE", "1.0"))
 # Requests per RPC (structured and raw together), in the order they run: LogServed before the
 # events that join with it, the feedback RPCs before the gateway's (which polls the learned weights).
-REQUESTS = {"LogServed": 1500, "Log": 1500, "Stream": 600, "GetBlendWeights": 600, "Recommend": 2000, "Rank": 1500}
+REQUESTS = {"LogServed": 1500, "Log": 1500, "Stream": 600, "GetBlendWeights": 600, "Recommend": 2000, "Rank": 1500,
+            "EraseUser": 150}
 RAW_SHARE = 15  # percent of an RPC's requests sent as raw wire bytes
 # Calls in flight per RPC: enough to keep 2 cores busy and to queue at the gateway's admission
 # control, not so many that most well-formed requests are shed (RESOURCE_EXHAUSTED) before they run.
@@ -68,7 +69,8 @@ S = grpc.StatusCode
 ALLOWED = {S.OK, S.INVALID_ARGUMENT, S.RESOURCE_EXHAUSTED, S.DEADLINE_EXCEEDED, S.UNAVAILABLE, S.FAILED_PRECONDITION,
            S.CANCELLED}
 SERVICES: list[ServiceDescriptor] = [recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"],
-                                     feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"]]
+                                     feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"],
+                                     admin_pb2.DESCRIPTOR.services_by_name["AdminService"]]  # on the feedback port
 METHODS: dict[str, MethodDescriptor] = {m.name: m for s in SERVICES for m in s.methods}
 
 
@@ -383,6 +385,11 @@ def check_response(request: Message, frames: list[Message], response: Message) -
     if name == "LogServedResponse":
         if not 0 <= response.accepted <= len(request.lists):
             return [f"accepted {response.accepted} of {len(request.lists)} lists"]
+        return []
+    if name == "EraseUserResponse":  # the fuzz's service has no pseudonym key
+        r = response
+        if not r.subject.startswith("sha256:") or r.pseudonymised or min(r.removed.values(), default=0) < 0:
+            return [f"subject {r.subject[:20]!r}, pseudonymised {r.pseudonymised}, removed {dict(r.removed)}"]
         return []
     if name == "BlendWeights":
         w = response

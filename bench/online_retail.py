@@ -11,6 +11,11 @@ what this script writes (var/ is git-ignored). When the source is absent the scr
 exits 0, so it is safe to call from scripts and CI that run without the data.
 
     python bench/online_retail.py [--source PATH] [--out DIR] [--limit N] [--import-to OFFLINE_DIR]
+
+The mapping uses the format's optional fields as they are meant: no brand and no description
+(empty: left out of the item text), the median unit price as the price, a one-word product kind as
+the category (never near the 100-character limit), the stock code as an attribute. Every event is a
+PURCHASE, so the import trains from interactions (docs/data_format.md, "Logs without impressions").
 """
 
 from __future__ import annotations
@@ -209,7 +214,8 @@ def main(
         from scorer.data.importer import import_dataset
 
         t1 = time.perf_counter()
-        tables = import_dataset(out, import_to, progress=lambda msg: typer.echo(f"  import: {msg}"))
+        tables = import_dataset(out, import_to, progress=lambda msg: typer.echo(f"  import: {msg}"),
+                                notes=lambda msg: typer.echo(f"  note: {msg}"))
         elapsed = time.perf_counter() - t1
         typer.echo(f"imported into {import_to} in {elapsed:.1f}s:")
         for name, n in tables.items():

@@ -230,6 +230,8 @@ def data_generate(
 def data_import(
     source: Path = typer.Argument(..., help="Folder with items, users, events (.parquet or .csv)."),
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline/ receives the tables."),
+    as_of: Optional[datetime] = typer.Option(None, "--as-of", help="Time of the profiles' and popularity's current "
+                                             "snapshot (UTC; default now): TTLs count from it (docs/data_format.md)."),
 ) -> None:
     """Validate every row of a data set and write the feature repo's offline sources (user and session
     ids as pseudonyms when a pseudonym key is configured: RECSYS_PSEUDONYM_KEY_FILE)."""
@@ -244,7 +246,8 @@ def data_import(
     try:
         with console.status("importing") as status, \
                 (pseudonymised_copy(source, pseudonyms) if pseudonyms.on else nullcontext(source)) as data:
-            counts = import_dataset(data, repo / "data" / "offline", progress=lambda m: status.update(f"importing: {m}"))
+            counts = import_dataset(data, repo / "data" / "offline", progress=lambda m: status.update(f"importing: {m}"),
+                                    as_of=as_of, notes=lambda m: console.print(f"[yellow]note[/]: {m}"))
     except ImportValidationError as e:
         console.print(f"[red]import failed, nothing written:[/] {e}")
         raise typer.Exit(1) from None
@@ -253,6 +256,9 @@ def data_import(
     for name, n in counts.items():
         table.add_row(name, f"{n:,}")
     console.print(table)
+    from cli.data_summary import print_import_summary
+
+    print_import_summary(console, repo)
 
 
 @data_app.command("labels")
@@ -433,13 +439,15 @@ def train_encoder_cmd(
     seed: int = typer.Option(0),
     start_from: Optional[Path] = typer.Option(None, help="Checkpoint to continue from (default: packaged model)."),
 ) -> None:
-    """Fine-tune the bi-encoder on (query -> clicked item) pairs with in-batch negatives."""
-    from scorer.train.data import load_labelled_requests
-    from scorer.train.encoder_train import EncoderTrainConfig, train_encoder, training_pairs
+    """Fine-tune the bi-encoder on (query -> clicked item) pairs with in-batch negatives; without
+    searches, on (previous item -> next item) pairs from the interactions."""
+    from cli.data_summary import require_trainable
+    from scorer.train.encoder_train import EncoderTrainConfig, encoder_pairs, train_encoder
 
+    require_trainable(console, repo, "encoder")
     with console.status("building training data through Feast"):
-        data = load_labelled_requests(repo)
-    pairs = training_pairs(data.train)
+        data, _ = encoder_pairs(repo)
+    pairs = data.train
     console.print(f"{len(pairs):,} training pairs before {data.cutoff:%Y-%m-%d %H:%M} (holdout after)")
     _, losses = train_encoder(pairs, out, EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed), start_from=start_from)
     _plot_curve(losses, out / "training_loss.png")
@@ -462,6 +470,9 @@ def train_ranker_cmd(
     from scorer.train.ranker_data import load_ranker_lists
     from scorer.train.ranker_train import RankerTrainConfig, train_ranker
 
+    from cli.data_summary import require_trainable
+
+    require_trainable(console, repo, "ranker")
     with console.status("building shown lists with features through Feast"):
         lists = load_ranker_lists(repo)
     model, losses = train_ranker(lists.split(holdout=False), out, RankerTrainConfig(max_steps=steps, seed=seed))
@@ -497,6 +508,9 @@ def train_interest_cmd(
     from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
     from scorer.train.interest_train import InterestTrainConfig, train_interest
 
+    from cli.data_summary import require_trainable
+
+    require_trainable(console, repo, "interest")
     with console.status("building next-interaction examples through Feast"):
         data = load_interest_examples(repo)
     with console.status("embedding the catalog and the queries with the serving encoder"):

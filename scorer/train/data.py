@@ -7,6 +7,12 @@ request's time, so an item's text is what it was when the shopper saw it.
 
 The split is by time: the last `holdout_fraction` of the period is held out, so evaluation asks
 "trained on the past, how well do we rank the future?" (new items and new users included).
+
+A log without impressions (most shops' order exports) has no shown lists and so no label log.
+Training then learns from the interactions themselves (`interaction_labels`: one example per click,
+cart or purchase, its target the item, its features those known just before it) and says so;
+`training_source` decides per model, and `require_source` refuses plainly, before any work, when
+the data holds nothing a model can learn from.
 """
 
 from __future__ import annotations
@@ -59,8 +65,159 @@ def graded_labels(events: pd.DataFrame) -> pd.DataFrame:
 
 def time_cutoff(events: pd.DataFrame, holdout_fraction: float) -> pd.Timestamp:
     """The moment after which the last `holdout_fraction` of the logged period lies."""
+    if events.empty:
+        raise CannotTrain("no examples to split: the data holds no labelled interactions")
     start, end = events["timestamp"].min(), events["timestamp"].max()
     return start + (end - start) * (1 - holdout_fraction)
+
+
+# --- what the data holds, and what each model can learn from it ----------------------------------
+
+SHOWN_LISTS = "shown lists"  # impressions with attributed clicks / carts / purchases (labels.parquet)
+INTERACTIONS = "interactions"  # the clicks / carts / purchases alone (no impressions)
+QUERIES = "search queries"  # (query, item a search led to) pairs, from the shown lists
+MIN_EXAMPLES = 2
+FEATURES_BEFORE = pd.Timedelta(microseconds=1)  # user features are joined just before the interaction
+
+
+class CannotTrain(ValueError):
+    """The data holds nothing this model can learn from; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class DataHolds:
+    """Counts of what an imported data set holds (from feature_repo/data/offline)."""
+
+    events: dict[str, int]  # per event kind, every kind present (0 when absent)
+    users: int
+    items: int
+    items_without_price: int
+    labels: int  # shown items (request x item)
+    positive_labels: int  # of those, with an attributed click / cart / purchase
+    positive_query_labels: int  # positive labels whose request had a search query
+    next_item_examples: int  # interactions that have an earlier interaction of the same user
+    start: pd.Timestamp | None
+    end: pd.Timestamp | None
+
+    @property
+    def interactions(self) -> int:
+        return sum(self.events[k] for k in GRADE)
+
+
+def what_data_holds(repo: Path) -> DataHolds:
+    offline = Path(repo) / "data" / "offline"
+    events = pd.read_parquet(offline / "events.parquet")
+    items = pd.read_parquet(offline / "items.parquet", columns=["item_id", "price"])
+    path = offline / "labels.parquet"
+    labels = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["grade", "query"])
+    positive = labels[labels["grade"] > 0]
+    kinds = events["event_type"].value_counts()
+    return DataHolds(
+        events={k: int(kinds.get(k, 0)) for k in ("IMPRESSION", "CLICK", "ADD_TO_CART", "PURCHASE", "QUERY")},
+        users=int(events["user_id"].nunique()), items=len(items), items_without_price=int(items["price"].isna().sum()),
+        labels=len(labels), positive_labels=len(positive), positive_query_labels=int(positive["query"].notna().sum()),
+        next_item_examples=int(_has_earlier(interaction_labels(events)).sum()),
+        start=events["timestamp"].min() if len(events) else None, end=events["timestamp"].max() if len(events) else None,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingSource:
+    model: str  # interest | encoder | ranker
+    source: str | None  # SHOWN_LISTS | INTERACTIONS | QUERIES; None: cannot be trained
+    says: str  # one plain sentence for the user
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.says}"
+
+
+def _missing(holds: DataHolds) -> str:
+    absent = [k for k, n in holds.events.items() if n == 0]
+    return f"the log has no {', '.join(absent)} events" if absent else "the log has every event kind"
+
+
+def training_source(holds: DataHolds, model: str) -> TrainingSource:
+    """What `model` (interest | encoder | ranker) trains on for this data, or why it cannot."""
+    pos, nxt = holds.positive_labels, holds.next_item_examples
+    if model == "interest":
+        if pos >= MIN_EXAMPLES:
+            return TrainingSource(model, SHOWN_LISTS, f"next interaction after a shown list ({pos:,} labelled)")
+        if nxt >= MIN_EXAMPLES:
+            return TrainingSource(model, INTERACTIONS, f"no impressions: next item after each user's earlier "
+                                                       f"interactions ({nxt:,} examples)")
+        return TrainingSource(model, None, f"cannot be trained: {_missing(holds)}; it needs users with at least two "
+                                           "clicks, carts or purchases (or impressions with interactions)")
+    if model == "encoder":
+        if holds.positive_query_labels >= MIN_EXAMPLES:
+            return TrainingSource(model, QUERIES, f"search query -> item a search led to "
+                                                  f"({holds.positive_query_labels:,} pairs)")
+        if nxt >= MIN_EXAMPLES:
+            why = "no searches with an attributed interaction" if holds.events["QUERY"] else "no search queries"
+            return TrainingSource(model, INTERACTIONS, f"{why}: item-to-item, previous item -> next item "
+                                                       f"({nxt:,} pairs)")
+        return TrainingSource(model, None, f"cannot be trained: {_missing(holds)}; it needs searches that led to a "
+                                           "click / cart / purchase, or users with at least two interactions")
+    if model == "ranker":
+        if pos >= 1:
+            return TrainingSource(model, SHOWN_LISTS, f"shown lists with their graded labels ({pos:,} positives)")
+        if holds.interactions >= 1:
+            return TrainingSource(model, INTERACTIONS, f"no impressions: each interaction against "
+                                                       f"{SAMPLED_NEGATIVES} sampled negatives (random catalog items)")
+        return TrainingSource(model, None, f"cannot be trained: {_missing(holds)}; it needs clicks, carts or purchases")
+    raise ValueError(f"unknown model {model!r}")
+
+
+def training_plan(holds: DataHolds) -> list[TrainingSource]:
+    return [training_source(holds, m) for m in ("interest", "encoder", "ranker")]
+
+
+def require_source(repo: Path, model: str) -> TrainingSource:
+    """The model's training source, or CannotTrain naming what the data lacks (check before any work)."""
+    plan = training_source(what_data_holds(repo), model)
+    if plan.source is None:
+        raise CannotTrain(f"the {model} model {plan.says}")
+    return plan
+
+
+SAMPLED_NEGATIVES = 9  # per interaction, for the ranker when nothing was shown
+
+
+def interaction_labels(events: pd.DataFrame) -> pd.DataFrame:
+    """One labelled row per click / cart / purchase of an item, in the label log's columns.
+
+    Stamped at the interaction's time (`event_timestamp`; item attributes are joined there: an item
+    first seen in this very event exists by then); user features must be joined at `features_at`,
+    just before it, so the interaction is not in its own features (the session snapshot at its
+    time includes it). The same item twice at one time (duplicate order lines) is one row with the
+    best grade. request_id is "interaction:<event_id>" (nothing was shown, so no request).
+    """
+    cols = ["event_id", "user_id", "session_id", "item_id", "query", "event_type", "timestamp"]
+    acts = events[events["event_type"].isin(list(GRADE)) & events["item_id"].notna()]
+    acts = acts.reindex(columns=cols).assign(grade=lambda d: d["event_type"].map(GRADE).astype("int64"))
+    acts = (acts.sort_values(["grade", "timestamp"], ascending=[False, True], kind="stable")
+            .drop_duplicates(["user_id", "item_id", "timestamp"]).sort_values(["timestamp", "event_id"], kind="stable"))
+    out = pd.DataFrame({
+        "request_id": "interaction:" + acts["event_id"].astype(str), "user_id": acts["user_id"],
+        "session_id": acts["session_id"], "item_id": acts["item_id"],
+        "query": acts["query"].where(acts["query"].notna(), None), "position": pd.array([pd.NA] * len(acts), "Int32"),
+        "event_timestamp": pd.to_datetime(acts["timestamp"], utc=True).astype("datetime64[us, UTC]"),
+        "grade": acts["grade"],
+    }).reset_index(drop=True)
+    out["features_at"] = out["event_timestamp"] - FEATURES_BEFORE
+    return out
+
+
+def _has_earlier(labels: pd.DataFrame) -> pd.Series:
+    """Rows whose user has an interaction strictly before this one's time."""
+    first = labels.groupby("user_id")["event_timestamp"].transform("min")
+    return labels["event_timestamp"] > first
+
+
+def interaction_log(repo: Path, holdout_fraction: float = 0.2) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """interaction_labels of the imported events, and their time split (like `label_log`)."""
+    events = pd.read_parquet(Path(repo) / "data" / "offline" / "events.parquet")
+    labels = interaction_labels(events)
+    return labels, time_cutoff(labels.rename(columns={"event_timestamp": "timestamp"}), holdout_fraction)
 
 
 def label_log(repo: Path, holdout_fraction: float = 0.2) -> tuple[pd.DataFrame, pd.Timestamp]:
@@ -81,9 +238,12 @@ def label_log(repo: Path, holdout_fraction: float = 0.2) -> tuple[pd.DataFrame, 
     return labels, time_cutoff(labels.rename(columns={"event_timestamp": "timestamp"}), holdout_fraction)
 
 
-def join_features(store, labels: pd.DataFrame, keys: list[str], features) -> pd.DataFrame:
-    """Feast point-in-time join at each label's event_timestamp, one row per label, in label order."""
-    entity_df = labels[keys + ["event_timestamp"]].copy()
+def join_features(store, labels: pd.DataFrame, keys: list[str], features, at: str = "event_timestamp") -> pd.DataFrame:
+    """Feast point-in-time join at each label's `at` column (default event_timestamp), one row per
+    label, in label order."""
+    if labels.empty:
+        raise CannotTrain("no examples to join features onto")
+    entity_df = labels[keys].assign(event_timestamp=labels[at])
     entity_df["label_row"] = range(len(entity_df))
     entity_df["event_timestamp"] = entity_df["event_timestamp"].astype("datetime64[us, UTC]")  # DuckDB
     feats = store.get_historical_features(entity_df=entity_df, features=features).to_df()

@@ -1,5 +1,8 @@
 """Fine-tune the bi-encoder: (query -> clicked/carted/purchased item text), in-batch negatives.
 
+Without search queries (an order export) the pairs are item-to-item: the user's previous item's
+text -> the next item's text (`item_pairs`), the retrieval a "more like what you bought" shelf needs.
+
 One obvious loop, nanoGPT style: sample a batch of (query, positive item) pairs, embed both with
 the shared encoder, cross-entropy over the batch's similarity matrix (every other item in the batch
 is a negative), AdamW, linear warm-up. Pairs are drawn with probability proportional to the label
@@ -17,7 +20,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from contract.item_text import catalog_texts
 from scorer.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
+from scorer.train.data import (INTERACTIONS, ITEM_FEATURES, CannotTrain, LabelledRequests, interaction_log, join_features,
+                               load_labelled_requests, require_source)
 from scorer.train.optim import optimizer_step, warmup_then_linear_decay
 
 
@@ -35,7 +41,58 @@ class EncoderTrainConfig:
 def training_pairs(train: pd.DataFrame) -> pd.DataFrame:
     """Query -> positive item text pairs (searches only; browsing has no query text)."""
     pairs = train[train["query"].notna() & (train["grade"] > 0)][["query", "item_text", "item_id", "grade"]]
-    return pairs.reset_index(drop=True)
+    return pairs.reset_index(drop=True).assign(anchor=ANCHOR_QUERY)
+
+
+ANCHOR_QUERY, ANCHOR_ITEM = "query", "item"  # what the left text of a pair is (its max length follows)
+
+
+def item_pairs(repo: Path, holdout_fraction: float = 0.2, store=None) -> LabelledRequests:
+    """Previous item -> next item, per user and in time order, from the interactions.
+
+    For each click / cart / purchase, the anchor is the item of the user's latest interaction
+    strictly before it (another item; items of one basket share a time, so a basket's items pair
+    with the previous basket's last one). Both texts are joined through Feast's item_attributes at
+    the interaction's time. Rows carry `query` = the anchor's text (the left side of the pair),
+    `anchor` = ANCHOR_ITEM, and the label log's columns; split by time.
+    """
+    from scorer.data.feast_ops import load_store
+
+    labels, cutoff = interaction_log(repo, holdout_fraction)
+    anchors, state = [], {}  # user -> (time of their latest basket, its last item, the item before that basket)
+    for user, item, ts in zip(labels["user_id"], labels["item_id"], labels["event_timestamp"]):
+        prev = state.get(user)
+        if prev is None:
+            before = None
+        elif prev[0] == ts:  # same basket: pair with what came before the basket
+            before = prev[2]
+        else:
+            before = prev[1]
+        anchors.append(before if before != item else None)
+        state[user] = (ts, item, before)
+    labels = labels.assign(anchor_id=anchors)
+    labels = labels[labels["anchor_id"].notna()].reset_index(drop=True)
+    if len(labels) < 2:
+        raise CannotTrain("fewer than two (previous item, next item) pairs: users need at least two interactions")
+    store = store or load_store(Path(repo))
+    target = join_features(store, labels, ["item_id"], ITEM_FEATURES)
+    anchor = join_features(store, labels.rename(columns={"item_id": "target_id", "anchor_id": "item_id"}),
+                           ["item_id"], ITEM_FEATURES)
+    labels["item_text"] = catalog_texts(target)
+    labels["query"] = catalog_texts(anchor)
+    labels["anchor"] = ANCHOR_ITEM
+    return LabelledRequests(labels, cutoff)
+
+
+def encoder_pairs(repo: Path, holdout_fraction: float = 0.2, store=None) -> tuple[LabelledRequests, str]:
+    """The encoder's pairs for this data (query -> item when searches led somewhere, else item ->
+    item) and the source used; CannotTrain when neither exists. `.train` feeds `train_encoder`."""
+    source = require_source(repo, "encoder").source
+    if source == INTERACTIONS:
+        return item_pairs(repo, holdout_fraction, store), source
+    data = load_labelled_requests(repo, holdout_fraction, store)
+    rows = data.rows[data.rows["query"].notna() & (data.rows["grade"] > 0)].reset_index(drop=True)
+    return LabelledRequests(rows.assign(anchor=ANCHOR_QUERY), data.cutoff), source
 
 
 def _batches(pairs: pd.DataFrame, cfg: EncoderTrainConfig, rng: random.Random):
@@ -57,8 +114,12 @@ def _batches(pairs: pd.DataFrame, cfg: EncoderTrainConfig, rng: random.Random):
 def train_encoder(pairs: pd.DataFrame, out_dir: Path, cfg: EncoderTrainConfig = EncoderTrainConfig(),
                   enc_cfg: EncoderConfig = EncoderConfig(), start_from: Path | None = None) -> tuple[TextEncoder, list[float]]:
     """Fine-tune from `start_from` (a checkpoint; default the packaged model); save to out_dir."""
+    pairs = pairs.reset_index(drop=True)  # a split's slice keeps its frame's index; batches index by position
     if len(pairs) < 2:
-        raise ValueError("need at least two (query, item) pairs to train")
+        raise CannotTrain("need at least two (query, item) or (previous item, next item) pairs to train")
+    # An item anchor is as long as the item it pairs with: give it the item's token budget.
+    anchor_max_length = (enc_cfg.item_max_length if "anchor" in pairs and (pairs["anchor"] == ANCHOR_ITEM).all()
+                         else enc_cfg.query_max_length)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
@@ -73,7 +134,7 @@ def train_encoder(pairs: pd.DataFrame, out_dir: Path, cfg: EncoderTrainConfig = 
     bar = tqdm(range(cfg.max_steps), desc="fine-tuning encoder", unit="step")
     for step in bar:
         queries, items = next(batches)
-        q = tok(queries, padding=True, truncation=True, max_length=enc_cfg.query_max_length, return_tensors="pt")
+        q = tok(queries, padding=True, truncation=True, max_length=anchor_max_length, return_tensors="pt")
         d = tok(items, padding=True, truncation=True, max_length=enc_cfg.item_max_length, return_tensors="pt")
         qe = model(q["input_ids"], q["attention_mask"])
         de = model(d["input_ids"], d["attention_mask"])

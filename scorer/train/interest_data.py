@@ -5,6 +5,10 @@ the inputs are the request's query and the user's recent items *as Feast knew th
 was shown* (session clicks and carts, then the profile's history), joined with
 `get_historical_features` at the impression time. Item and query vectors come from the serving
 encoder, embedded here in-process (the gateway gets the same vectors through Triton).
+
+A log without impressions gives next-item examples instead: one per click / cart / purchase, the
+history joined just before it (scorer/train/data.py `interaction_labels`); an interaction with
+neither a history nor a query (a user's very first) teaches nothing and is left out.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from scorer.models.interest import InterestConfig
-from scorer.train.data import LabelledRequests, join_features, label_log
+from scorer.train.data import (INTERACTIONS, CannotTrain, LabelledRequests, interaction_log, join_features, label_log,
+                               require_source)
 
 HISTORY_FEATURES = ["user_session:recent_clicked_item_ids", "user_session:recent_carted_item_ids",
                     "user_profile:recent_item_ids"]
@@ -36,16 +41,27 @@ def history_of(row: dict, max_items: int) -> list[str]:
 
 
 def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig(), holdout_fraction: float = 0.2,
-                           store=None) -> LabelledRequests:
+                           store=None, source: str | None = None) -> LabelledRequests:
     """Rows: user_id, query, item_id (target), grade, event_timestamp, history (ids, newest first);
-    split by time like every training set here."""
+    split by time like every training set here. source: SHOWN_LISTS or INTERACTIONS; default what
+    the data holds (`training_source`), CannotTrain when it holds neither."""
     from scorer.data.feast_ops import load_store
 
-    labels, cutoff = label_log(repo, holdout_fraction)
-    labels = labels[labels["grade"] > 0].reset_index(drop=True)
-    feats = join_features(store or load_store(Path(repo)), labels, ["user_id"], HISTORY_FEATURES)
+    source = source or require_source(repo, "interest").source
+    if source == INTERACTIONS:
+        labels, cutoff = interaction_log(repo, holdout_fraction)
+        at = "features_at"
+    else:
+        labels, cutoff = label_log(repo, holdout_fraction)
+        labels = labels[labels["grade"] > 0].reset_index(drop=True)
+        at = "event_timestamp"
+    feats = join_features(store or load_store(Path(repo)), labels, ["user_id"], HISTORY_FEATURES, at=at)
     labels["history"] = [history_of(r, config.max_items) for r in feats.to_dict("records")]
     labels["query"] = labels["query"].where(labels["query"].notna(), None)
+    if source == INTERACTIONS:
+        labels = labels[(labels["history"].map(len) > 0) | labels["query"].notna()].reset_index(drop=True)
+        if labels.empty:
+            raise CannotTrain("no interaction has an earlier one of the same user within the profile's TTL")
     return LabelledRequests(labels, cutoff)
 
 

@@ -301,3 +301,27 @@ def test_a_backfill_gets_current_profile_and_popularity_snapshots_at_the_as_of_t
     assert json.loads((offline / "import.json").read_text())["as_of"] == as_of.isoformat()
     with pytest.raises(ImportValidationError, match="after the as-of time"):
         import_dataset(src, tmp_path / "other", as_of=pd.Timestamp("2011-03-02", tz="UTC"))
+
+
+def test_train_commands_refuse_plainly_before_starting_when_the_data_cannot_train_them(tmp_path):
+    """One purchase per user: nothing comes after anything, so no next-item example exists."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    repo = tmp_path / "repo"
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(src, events=_log(["PURCHASE"], 2))  # u1 and u2 buy once each
+    import_dataset(src, repo / "data" / "offline")
+    runner = CliRunner()
+    for model in ("interest", "encoder"):
+        got = runner.invoke(app, ["train", model, "--repo", str(repo), "--out", str(tmp_path / model)])
+        assert got.exit_code == 1, got.output
+        assert isinstance(got.exception, SystemExit)  # no traceback
+        said = " ".join(got.output.split())
+        assert f"the {model} model cannot be trained: the log has no IMPRESSION, CLICK, ADD_TO_CART, QUERY events" in said
+        assert "at least two" in said
+        assert not (tmp_path / model).exists()
+    got = runner.invoke(app, ["train", "interest", "--repo", str(tmp_path / "nothing")])
+    assert got.exit_code == 1 and "run `recsys data import` first" in " ".join(got.output.split())

@@ -59,3 +59,69 @@ def test_the_feedback_log_reads_back_as_offline_events(tmp_path):
     events = read_event_log(tmp_path)
     assert list(events["event_id"]) == ["e1", "e2"] and str(events["timestamp"].dt.tz) == "UTC"
     assert labels(*events.to_dict("records")) == {("r1", "i1"): 1}
+
+
+# --- no impressions: labels from the interactions (issue 14) -------------------------------------
+
+def _events(*rows: dict) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[us, UTC]")
+    return df
+
+
+def test_a_log_without_impressions_has_zero_typed_labels_and_interaction_labels_instead():
+    from scorer.train.data import FEATURES_BEFORE, interaction_labels
+
+    ev = _events(row("PURCHASE", 0, request=None), row("PURCHASE", 0, request=None),  # the same line twice
+                 row("ADD_TO_CART", 0, item="i2"), row("PURCHASE", 60, item="i2"), row("QUERY", 61, item=None))
+    ev.loc[1, "event_id"] = "dup"
+    assert len(attribute(ev)) == 0
+    got = interaction_labels(ev)
+    assert sorted(zip(got["item_id"], got["grade"])) == [("i1", 3), ("i2", 2), ("i2", 3)]
+    assert got["event_timestamp"].is_monotonic_increasing
+    assert (got["features_at"] == got["event_timestamp"] - FEATURES_BEFORE).all()
+    assert got["request_id"].str.startswith("interaction:").all() and got["position"].isna().all()
+
+
+def _holds(**events):
+    from scorer.train.data import DataHolds
+
+    kinds = {k: events.get(k, 0) for k in ("IMPRESSION", "CLICK", "ADD_TO_CART", "PURCHASE", "QUERY")}
+    return DataHolds(events=kinds, users=2, items=3, items_without_price=0, labels=events.get("labels", 0),
+                     positive_labels=events.get("positive", 0), positive_query_labels=events.get("query_pos", 0),
+                     next_item_examples=events.get("next", 0), start=None, end=None)
+
+
+def test_each_model_trains_on_what_the_data_holds_or_says_what_is_missing():
+    from scorer.train.data import INTERACTIONS, QUERIES, SHOWN_LISTS, training_plan
+
+    shop = {p.model: p.source for p in training_plan(_holds(IMPRESSION=50, CLICK=9, QUERY=5, labels=50, positive=9,
+                                                            query_pos=4, next=8))}
+    assert shop == {"interest": SHOWN_LISTS, "encoder": QUERIES, "ranker": SHOWN_LISTS}
+    orders = training_plan(_holds(PURCHASE=40, next=30))
+    assert {p.model: p.source for p in orders} == {"interest": INTERACTIONS, "encoder": INTERACTIONS, "ranker": INTERACTIONS}
+    assert "no impressions" in orders[0].says and "item-to-item" in orders[1].says and "sampled negatives" in orders[2].says
+    one_each = {p.model: p for p in training_plan(_holds(PURCHASE=2, next=0))}
+    assert one_each["interest"].source is None and one_each["encoder"].source is None
+    assert "no IMPRESSION, CLICK, ADD_TO_CART, QUERY events" in one_each["interest"].says
+    assert "at least two" in one_each["interest"].says
+    assert one_each["ranker"].source == INTERACTIONS
+    assert all(p.source is None for p in training_plan(_holds()))
+
+
+def test_sampled_lists_hold_the_interaction_and_negatives_from_the_catalog_of_its_time():
+    from scorer.train.data import interaction_labels
+    from scorer.train.ranker_data import sampled_lists
+
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(1, 21)],
+                          "created_at": [None] * 10 + [T0 + pd.Timedelta(days=1)] * 10})  # i11..i20 come later
+    ev = _events(row("PURCHASE", 0), row("PURCHASE", 0, item="i2"), row("CLICK", 5, item="i3", user="u2"))
+    lists = sampled_lists(interaction_labels(ev), items, negatives=4, seed=1)
+    for _, g in lists.groupby("request_id"):
+        assert len(g) == 5 and (g["grade"] > 0).sum() == 1
+        assert sorted(g["position"]) == [1, 2, 3, 4, 5]
+        negatives = set(g.loc[g["grade"] == 0, "item_id"])
+        assert negatives <= {f"i{k}" for k in range(1, 11)}  # only items that existed then
+    u1 = lists[lists["user_id"] == "u1"]
+    assert not (set(u1.loc[u1["grade"] == 0, "item_id"]) & {"i1", "i2"})  # a basket's items are not its negatives
+    assert len(sampled_lists(interaction_labels(ev), items, negatives=4, max_lists=1)) == 5

@@ -177,10 +177,12 @@ def erase_online_store(store: Any, ids: Sequence[str]) -> dict[str, int]:
         from feast.infra.online_stores.helpers import _redis_key
         from feast.infra.online_stores.redis import RedisOnlineStore
 
+        # Feast's own client: a single node or a Redis Cluster (redis_type), as configured. One DEL
+        # per key: the keys of two ids hash to different cluster slots.
         client = RedisOnlineStore()._get_client(config.online_store)
-        removed = client.delete(*[_redis_key(config.project, k, entity_key_serialization_version=version)
-                                  for k in keys])
-        return {"online/redis": int(removed)}
+        removed = sum(int(client.delete(_redis_key(config.project, k, entity_key_serialization_version=version)))
+                      for k in keys)
+        return {"online/redis": removed}
     raise EraseError(f"online store type {kind!r}: erasing is implemented for sqlite and redis")
 
 

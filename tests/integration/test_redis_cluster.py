@@ -188,6 +188,22 @@ def test_session_push_through_the_feedback_updater_is_visible(feature_repo, clus
     assert reader.read("u-cluster-live", [], now=time.time() + 3700).user.status["user_session"] is ViewStatus.EXPIRED
 
 
+def test_erasing_a_user_reaches_the_cluster(feature_repo, cluster_store, reader):
+    """feedback/erase.py through Feast's cluster client: the user's hash goes, whatever its slot."""
+    from feedback.erase import erase_online_store
+    from feedback.sessions import SessionUpdater
+
+    first = feature_repo.shop.items["item_id"].iloc[0]
+    updater = SessionUpdater(cluster_store, {first: "shoes"})
+    ts = datetime.now(timezone.utc).isoformat()
+    updater.push(updater.apply([{"event_type": "CLICK", "user_id": "u-cluster-erased", "session_id": "s1",
+                                 "item_id": first, "timestamp": ts}]))
+    assert reader.read("u-cluster-erased", []).user.status["user_session"] is ViewStatus.FRESH
+    assert erase_online_store(cluster_store, ["u-cluster-erased", "u-cluster-nobody"]) == {"online/redis": 1}
+    assert reader.read("u-cluster-erased", []).user.status["user_session"] is ViewStatus.MISSING
+    assert erase_online_store(cluster_store, ["u-cluster-erased"]) == {"online/redis": 0}  # idempotent
+
+
 def test_slot_migration_is_followed_through_ask_and_moved(cluster, feature_repo, reader):
     user = _active_user(feature_repo)
     items = feature_repo.shop.items["item_id"].tolist()[:100]

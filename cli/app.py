@@ -486,7 +486,7 @@ def train_ranker_cmd(
     _plot_curve(losses, report / "training_loss.png")
     console.print(result.to_string(index=False))
     console.print(f"[green]saved[/] {out}; report: {path}")
-    console.print(f"ranker NDCG@5 {verdict['ranker']:.4f} vs the blend's order {verdict['blend']:.4f}: "
+    console.print(f"ranker {verdict['metric']} {verdict['ranker']:.4f} vs the blend's order {verdict['blend']:.4f}: "
                   + ("beats the blend (the gateway applies it)" if verdict["beats_blend"]
                      else "[yellow]does not beat the blend: the gateway (ranker_mode auto) will not apply it[/]"))
 

@@ -42,6 +42,13 @@ PART_BOUNDS = {
 # refuses received weights outside it (gateway/blend_guard.py), keeping its last good ones.
 BLEND_MAX_WEIGHT_SHIFT = 2.0
 
+# LogServed's logging-policy fields (feedback.proto ServedList): a blend weight a gateway can use
+# is within the configured weights +- BLEND_MAX_WEIGHT_SHIFT, far inside +-100; the log-density of a
+# 4-part Gaussian draw is beyond +-1000 nats only for a posterior std under e^-250 (the gateway
+# clamps it, feedback refuses beyond it).
+SERVED_MAX_ABS_WEIGHT = 100.0
+SERVED_MAX_ABS_LOG_DENSITY = 1000.0
+
 
 class ScoreWeights(BaseSettings):
     """How the final score blends its parts (each part is reported in ScoreBreakdown)."""

@@ -9,6 +9,10 @@ documents (`LogServedResponse.accepted`): one bad score must not cost the learne
 A well-formed part outside contract/scores.py PART_BOUNDS (the range a gateway can produce, e.g.
 relevance 3e38) refuses the call like a limit: no gateway sends it, so the client is forged or broken,
 and such a value once made the learner's Newton step singular (tests/unit/test_learner_poisoning.py).
+The logging-policy fields (positions, the blend weights and their log-density, docs/feedback.md
+"What LogServed carries") refuse the call when out of range, like a part out of bounds: positions
+0 (unset) or 1..max_items, weights empty or one finite number per part within
++-SERVED_MAX_ABS_WEIGHT, the log-density finite within +-SERVED_MAX_ABS_LOG_DENSITY.
 The message size is bounded before any of this, by grpc (server.py: max_receive_message_length).
 """
 
@@ -25,7 +29,7 @@ from feedback import metrics
 from feedback.blend_learner import outside_bounds
 from feedback.events import MAX_BATCH
 from contract.rules import ID_PATTERN, MAX_NUM_RESULTS, id_error
-from contract.scores import PART_BOUNDS, PART_NAMES
+from contract.scores import PART_BOUNDS, PART_NAMES, SERVED_MAX_ABS_LOG_DENSITY, SERVED_MAX_ABS_WEIGHT
 from recsys.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ class ParsedList:
     request_id: str
     item_ids: list[str]
     parts: np.ndarray  # (items, N_PARTS) float32, within PART_BOUNDS
+    positions: np.ndarray | None = None  # (items,) int16, 1-based as shown; None: the list order
+    weights_log_density: float | None = None  # None: fixed weights (not sampled)
 
 
 def parse_served(request: feedback_pb2.LogServedRequest, limits: ServedLimits = ServedLimits()) -> list[ParsedList]:
@@ -112,4 +118,37 @@ def _parse_list(at: str, served: feedback_pb2.ServedList, limits: ServedLimits) 
         low, high = PART_BOUNDS[PART_NAMES[k]]
         raise ServedError(f"{at}.items[{j}].parts[{k}]",
                           f"{PART_NAMES[k]} must be within [{low:g}, {high:g}], got {float(parts[j, k]):g}")
-    return ParsedList(served.request_id, ids, parts)
+    positions = _positions(at, items, limits)
+    _check_policy(at, served)
+    return ParsedList(served.request_id, ids, parts, positions,
+                      served.weights_log_density if served.weights_sampled else None)
+
+
+def _positions(at: str, items, limits: ServedLimits) -> np.ndarray | None:
+    """The items' positions (None when the gateway left them unset: the list order is the position)."""
+    pos = np.fromiter((item.position for item in items), np.int64, count=len(items))
+    if not pos.any():
+        return None
+    bad = (pos < 0) | (pos > limits.max_items)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ServedError(f"{at}.items[{j}].position", f"must be 0 (unset) or 1-{limits.max_items}, got {int(pos[j])}")
+    return pos.astype(np.int16)
+
+
+def _check_policy(at: str, served: feedback_pb2.ServedList) -> None:
+    """The logging policy's record: the blend weights and the log-density of their draw."""
+    density = served.weights_log_density
+    if not np.isfinite(density) or abs(density) > SERVED_MAX_ABS_LOG_DENSITY:
+        raise ServedError(f"{at}.weights_log_density",
+                          f"must be a finite number within +-{SERVED_MAX_ABS_LOG_DENSITY:g}, got {density:g}")
+    if served.weights_sampled is False and density != 0:
+        raise ServedError(f"{at}.weights_log_density", "is set but weights_sampled is false (fixed weights)")
+    w = np.asarray(served.weights, np.float64)
+    if w.size not in (0, N_PARTS):
+        raise ServedError(f"{at}.weights", f"empty or {N_PARTS} numbers ({', '.join(PART_NAMES)}), got {w.size}")
+    bad = ~np.isfinite(w) | (np.abs(w) > SERVED_MAX_ABS_WEIGHT)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ServedError(f"{at}.weights[{k}]",
+                          f"{PART_NAMES[k]} must be a finite number within +-{SERVED_MAX_ABS_WEIGHT:g}, got {w[k]:g}")

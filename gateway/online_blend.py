@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -25,7 +27,7 @@ import numpy as np
 from gateway import metrics
 from gateway.blend_guard import clip_parts, weights_problem
 from gateway.config import GatewaySettings
-from contract.scores import PART_NAMES
+from contract.scores import PART_NAMES, SERVED_MAX_ABS_LOG_DENSITY
 from gateway.scoring import weight_vector
 from recsys.v1 import feedback_pb2
 from rpc.auth import channel_credentials
@@ -39,6 +41,32 @@ FLUSH_INTERVAL_S = 0.1
 MAX_LISTS_PER_CALL = 5_000
 MAX_CALL_BYTES = 3 << 20  # below the feedback service's 4 MiB receive limit
 HOLDOUT_BUCKETS = 10_000
+
+
+@dataclass(frozen=True)
+class WeightDraw:
+    """The weights one request is scored with, and the logging policy's propensity of them."""
+
+    weights: np.ndarray
+    label: str  # "holdout", "online-v<version>"
+    sampled: bool  # False: fixed weights (holdout, exploration off), propensity 1
+    log_density: float = 0.0  # of `weights` under the posterior they were drawn from (nats)
+
+
+def draw_log_density(w: np.ndarray, mean: np.ndarray, std: np.ndarray, floor0: float) -> float:
+    """Log-density of a diagonal-Gaussian draw, for the weights as used: part 0 is clamped at
+    `floor0` (a point mass there, whose log-probability P(draw <= floor0) counts instead), a part
+    with std 0 is deterministic (log-probability 0). Clamped into +-SERVED_MAX_ABS_LOG_DENSITY."""
+    total = 0.0
+    for k, (x, m, s) in enumerate(zip(w.tolist(), mean.tolist(), std.tolist())):
+        if s <= 0:
+            continue
+        z = (x - m) / s
+        if k == 0 and x <= floor0:
+            total += math.log(max(0.5 * math.erfc(-z / math.sqrt(2)), 1e-300))
+        else:
+            total += -0.5 * z * z - math.log(s) - 0.5 * math.log(2 * math.pi)
+    return max(-SERVED_MAX_ABS_LOG_DENSITY, min(SERVED_MAX_ABS_LOG_DENSITY, total))
 
 
 class OnlineBlend:
@@ -65,19 +93,37 @@ class OnlineBlend:
 
     def weights_for(self, unit: str) -> tuple[np.ndarray, str]:
         """The weights for one request of `unit` (user, else session), and their label."""
-        if self.holdout and self.in_holdout(unit):
-            return self.prior, "holdout"
-        w = self.mean + self.std * self.rng.standard_normal(len(self.mean)) if self.explore else self.mean.copy()
-        w[0] = max(w[0], MIN_RELEVANCE_WEIGHT)
-        return w.astype(np.float32), f"online-v{self.version}"
+        got = self.draw(unit)
+        return got.weights, got.label
 
-    def record(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]]) -> None:
+    def draw(self, unit: str) -> WeightDraw:
+        """weights_for with the draw's propensity, which LogServed carries (docs/feedback.md)."""
+        if self.holdout and self.in_holdout(unit):
+            return WeightDraw(self.prior, "holdout", sampled=False)
+        label = f"online-v{self.version}"
+        if not self.explore or not (self.std > 0).any():
+            w = self.mean.copy()
+            w[0] = max(w[0], MIN_RELEVANCE_WEIGHT)
+            return WeightDraw(w.astype(np.float32), label, sampled=False)
+        w = self.mean + self.std * self.rng.standard_normal(len(self.mean))
+        w[0] = max(w[0], MIN_RELEVANCE_WEIGHT)
+        w = w.astype(np.float32)
+        return WeightDraw(w, label, sampled=True,
+                          log_density=draw_log_density(w, self.mean, self.std, MIN_RELEVANCE_WEIGHT))
+
+    def record(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]],
+               draw: WeightDraw | None = None) -> None:
+        """Queue one served list: items in the order shown (position = place + 1), with the draw."""
         served = feedback_pb2.ServedList(request_id=request_id)
-        for item_id, parts in items:
+        if draw is not None:
+            served.weights_sampled = draw.sampled
+            served.weights_log_density = draw.log_density
+            served.weights.extend(draw.weights.tolist())
+        for position, (item_id, parts) in enumerate(items, start=1):
             clipped, moved = clip_parts(parts)  # one runaway score must not get the whole batch refused
             if moved:
                 metrics.SERVED_PARTS_CLIPPED.inc()
-            served.items.add(item_id=item_id, parts=clipped)
+            served.items.add(item_id=item_id, parts=clipped, position=position)
         if len(self.queue) >= MAX_QUEUED_LISTS:  # the learner is away: drop the oldest
             self.queue.popleft()
             metrics.SERVED_LOG_DROPPED.inc()

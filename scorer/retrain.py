@@ -150,11 +150,13 @@ def write_gate_report(out_dir: Path, title: str, table: pd.DataFrame, metric: st
 
 
 def _gate(model: str, registry: Registry, before: float, after: float, margin: float, metric: str,
-          report: Path, candidate_dir: Path, promote: Callable[[], int], log) -> RetrainResult:
-    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin`."""
-    if after < before + margin:
+          report: Path, candidate_dir: Path, promote: Callable[[], int], log, veto: str | None = None) -> RetrainResult:
+    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin` (and no
+    `veto`: why a second judge refuses the candidate)."""
+    if after < before + margin or veto is not None:
         registry.save()
-        reason = f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})"
+        reason = (f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})" if veto is None
+                  else f"not promoted: {veto}")
         log(f"retrain {model}: {reason}; report {report}")
         return RetrainResult(model, False, reason, before, after, None, report)
     version = promote()
@@ -213,7 +215,9 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
 
 def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                    steps: int = 100, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
-    """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5."""
+    """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5,
+    with the position-debiased SNIPS-NDCG@5 (scorer/eval/ips.py) as a veto: a candidate whose gain is
+    only agreement with the logged order (clicked because shown high) is not promoted."""
     from scorer.eval.ranking_eval import blend_verdict, evaluate_lists, logged_order, ranker_scorer
     from scorer.export.ranker_export import export_ranker
     from scorer.models.ranker import CrossEncoderRanker
@@ -232,9 +236,15 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
     serving = CrossEncoderRanker.load(serving_ckpt) if serving_ckpt else CrossEncoderRanker().eval()
     table = evaluate_lists(lists.split(holdout=True), {"logged order": logged_order, "serving": ranker_scorer(serving),
                                                        "candidate": ranker_scorer(candidate)})
-    score = table[table["slice"] == "all"].set_index("method")["ndcg@5"]
-    before, after = float(score["serving"]), float(score["candidate"])
-    decision = "promote" if after >= before + margin else "keep serving"
+    overall = table[table["slice"] == "all"].set_index("method")
+    before, after = float(overall.loc["serving", "ndcg@5"]), float(overall.loc["candidate", "ndcg@5"])
+    fair_before, fair_after = float(overall.loc["serving", "snips_ndcg@5"]), float(overall.loc["candidate", "snips_ndcg@5"])
+    log(f"retrain ranker: NDCG@5 (naive holdout) {before:.4f} -> {after:.4f}; SNIPS-NDCG@5 (position-debiased) "
+        f"{fair_before:.4f} -> {fair_after:.4f}; the logged order {overall.loc['logged order', 'ndcg@5']:.4f} / "
+        f"{overall.loc['logged order', 'snips_ndcg@5']:.4f}")
+    veto = (f"SNIPS-NDCG@5 {fair_after:.4f} vs serving {fair_before:.4f}: the NDCG@5 gain ({before:.4f} -> "
+            f"{after:.4f}) does not survive the position correction" if fair_after < fair_before - margin else None)
+    decision = "promote" if after >= before + margin and veto is None else "keep serving"
     report = write_gate_report(work_dir / f"report-ranker-{stamp}", f"Ranker retrain {stamp}: candidate vs serving",
                                table, "NDCG@5", before, after, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(lists.rows["event_timestamp"].max()))
@@ -243,7 +253,7 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
                  # gateway's ranker_mode auto applies it only then (docs/gateway.md#the-ranker-gate).
                  _publisher("ranker", model_repo, triton_url, lambda: export_ranker(
                      model_repo, candidate, int8=True, validation=blend_verdict(table, "candidate"))),
-                 log)
+                 log, veto=veto)
 
 
 def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,

@@ -9,6 +9,7 @@ aligned: index i is the i-th candidate, `positions[i]` its catalog position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,7 @@ class RequestContext:
     fresh: np.ndarray = field(default_factory=_floats)
     weights: np.ndarray = field(default_factory=_floats)  # the blend weights, in PART_NAMES order
     blend_version: str = ""  # "" : the configured weights
+    weight_draw: Any = None  # online_blend.WeightDraw: the weights' propensity, for LogServed
     order: np.ndarray = field(default_factory=_ints)  # candidate indices by pre-score, best first
 
     # read_head_features, rank_head

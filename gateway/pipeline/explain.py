@@ -35,7 +35,7 @@ def explain(ctx: RequestContext, svc: Services) -> None:
     if svc.blend is not None:  # what was served and why: the online learner's training input
         svc.blend.record(ctx.req.request_id, [
             (catalog.item_ids[positions[i]], (ctx.relevance[i], ctx.pers[i], ctx.pop[i], ctx.fresh[i]))
-            for i in ctx.chosen])
+            for i in ctx.chosen], draw=ctx.weight_draw)
 
 
 def model_versions(ctx: RequestContext, svc: Services) -> dict[str, str]:

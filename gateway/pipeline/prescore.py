@@ -30,7 +30,8 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
         relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine)
     ctx.relevance = relevance + BOOST * ctx.boosts[positions]
     if svc.blend is not None:
-        ctx.weights, ctx.blend_version = svc.blend.weights_for(req.user_id or req.session_id or req.request_id)
+        ctx.weight_draw = svc.blend.draw(req.user_id or req.session_id or req.request_id)
+        ctx.weights, ctx.blend_version = ctx.weight_draw.weights, ctx.weight_draw.label
     else:
         ctx.weights, ctx.blend_version = weight_vector(svc.settings.weights), ""
     ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])

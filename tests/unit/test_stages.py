@@ -19,6 +19,7 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Cause, Degradation, Part
 from gateway.features.online_reader import EntityFeatures, OnlineFeatures, ViewStatus
 from gateway.index import ItemIndex
+from gateway.online_blend import WeightDraw
 from gateway.pipeline import guarded as guarded_module
 from gateway.pipeline.context import Request, RequestContext
 from gateway.pipeline.embed import embed
@@ -179,12 +180,14 @@ class FakeBlend:
     def __init__(self, w: Sequence[float]):
         self.w = np.asarray(w, np.float32)
         self.recorded: list[tuple[str, list]] = []
+        self.draws: list[WeightDraw | None] = []
 
-    def weights_for(self, unit: str) -> tuple[np.ndarray, str]:
-        return self.w.copy(), "online-v7"
+    def draw(self, unit: str) -> WeightDraw:
+        return WeightDraw(self.w.copy(), "online-v7", sampled=True, log_density=-1.5)
 
-    def record(self, request_id: str, items) -> None:
+    def record(self, request_id: str, items, draw: WeightDraw | None = None) -> None:
         self.recorded.append((request_id, list(items)))
+        self.draws.append(draw)
 
 
 def settings(**over) -> GatewaySettings:
@@ -676,6 +679,8 @@ def test_explain_breakdown_adds_up_to_the_score_and_reasons_follow_the_numbers()
     assert request_id == "req-1" and [s[0] for s in served] == [i.item_id for i in ctx.items]
     i = ctx.chosen[0]
     assert served[0][1] == (ctx.relevance[i], ctx.pers[i], ctx.pop[i], ctx.fresh[i])
+    # with the draw pre_score scored it with: the logging policy's propensity goes along
+    assert blend.draws == [ctx.weight_draw] and ctx.weight_draw.log_density == -1.5
     assert model_versions(ctx, svc) == {"encoder": "1", "blend": "online-v7"}  # no ranker version known
 
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18recsys/v1/feedback.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.recsys.v1.EventType\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0f\n\x07item_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\r\n\x05query\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\n \x01(\x05\".\n\nLogRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\">\n\nEventError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"k\n\x0bLogResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12%\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x15.recsys.v1.EventError\",\n\nServedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05parts\x18\x02 \x03(\x02\"F\n\nServedList\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ServedItem\"8\n\x10LogServedRequest\x12$\n\x05lists\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ServedList\"%\n\x11LogServedResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"\x18\n\x16GetBlendWeightsRequest\"\x95\x01\n\x0c\x42lendWeights\x12\x12\n\npart_names\x18\x01 \x03(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\x10\n\x08variance\x18\x03 \x03(\x01\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x14\n\x10\x45VENT_TYPE_QUERY\x10\x05\x32\x94\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x34\n\x03Log\x12\x15.recsys.v1.LogRequest\x1a\x16.recsys.v1.LogResponse\x12\x34\n\x06Stream\x12\x10.recsys.v1.Event\x1a\x16.recsys.v1.LogResponse(\x01\x12\x46\n\tLogServed\x12\x1b.recsys.v1.LogServedRequest\x1a\x1c.recsys.v1.LogServedResponse\x12M\n\x0fGetBlendWeights\x12!.recsys.v1.GetBlendWeightsRequest\x1a\x17.recsys.v1.BlendWeightsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18recsys/v1/feedback.proto\x12\trecsys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.recsys.v1.EventType\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0f\n\x07item_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x05\x12\r\n\x05query\x18\x08 \x01(\t\x12-\n\ttimestamp\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08quantity\x18\n \x01(\x05\".\n\nLogRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsys.v1.Event\">\n\nEventError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"k\n\x0bLogResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12%\n\x06\x65rrors\x18\x04 \x03(\x0b\x32\x15.recsys.v1.EventError\">\n\nServedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05parts\x18\x02 \x03(\x02\x12\x10\n\x08position\x18\x03 \x01(\x05\"\x8d\x01\n\nServedList\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.recsys.v1.ServedItem\x12\x1b\n\x13weights_log_density\x18\x03 \x01(\x01\x12\x17\n\x0fweights_sampled\x18\x04 \x01(\x08\x12\x0f\n\x07weights\x18\x05 \x03(\x02\"8\n\x10LogServedRequest\x12$\n\x05lists\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ServedList\"%\n\x11LogServedResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"\x18\n\x16GetBlendWeightsRequest\"\x95\x01\n\x0c\x42lendWeights\x12\x12\n\npart_names\x18\x01 \x03(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\x10\n\x08variance\x18\x03 \x03(\x01\x12\x10\n\x08labelled\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa3\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x14\n\x10\x45VENT_TYPE_QUERY\x10\x05\x32\x94\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12\x34\n\x03Log\x12\x15.recsys.v1.LogRequest\x1a\x16.recsys.v1.LogResponse\x12\x34\n\x06Stream\x12\x10.recsys.v1.Event\x1a\x16.recsys.v1.LogResponse(\x01\x12\x46\n\tLogServed\x12\x1b.recsys.v1.LogServedRequest\x1a\x1c.recsys.v1.LogServedResponse\x12M\n\x0fGetBlendWeights\x12!.recsys.v1.GetBlendWeightsRequest\x1a\x17.recsys.v1.BlendWeightsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=923
-  _globals['_EVENTTYPE']._serialized_end=1086
+  _globals['_EVENTTYPE']._serialized_start=1013
+  _globals['_EVENTTYPE']._serialized_end=1176
   _globals['_EVENT']._serialized_start=73
   _globals['_EVENT']._serialized_end=306
   _globals['_LOGREQUEST']._serialized_start=308
@@ -43,17 +43,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGRESPONSE']._serialized_start=420
   _globals['_LOGRESPONSE']._serialized_end=527
   _globals['_SERVEDITEM']._serialized_start=529
-  _globals['_SERVEDITEM']._serialized_end=573
-  _globals['_SERVEDLIST']._serialized_start=575
-  _globals['_SERVEDLIST']._serialized_end=645
-  _globals['_LOGSERVEDREQUEST']._serialized_start=647
-  _globals['_LOGSERVEDREQUEST']._serialized_end=703
-  _globals['_LOGSERVEDRESPONSE']._serialized_start=705
-  _globals['_LOGSERVEDRESPONSE']._serialized_end=742
-  _globals['_GETBLENDWEIGHTSREQUEST']._serialized_start=744
-  _globals['_GETBLENDWEIGHTSREQUEST']._serialized_end=768
-  _globals['_BLENDWEIGHTS']._serialized_start=771
-  _globals['_BLENDWEIGHTS']._serialized_end=920
-  _globals['_FEEDBACKSERVICE']._serialized_start=1089
-  _globals['_FEEDBACKSERVICE']._serialized_end=1365
+  _globals['_SERVEDITEM']._serialized_end=591
+  _globals['_SERVEDLIST']._serialized_start=594
+  _globals['_SERVEDLIST']._serialized_end=735
+  _globals['_LOGSERVEDREQUEST']._serialized_start=737
+  _globals['_LOGSERVEDREQUEST']._serialized_end=793
+  _globals['_LOGSERVEDRESPONSE']._serialized_start=795
+  _globals['_LOGSERVEDRESPONSE']._serialized_end=832
+  _globals['_GETBLENDWEIGHTSREQUEST']._serialized_start=834
+  _globals['_GETBLENDWEIGHTSREQUEST']._serialized_end=858
+  _globals['_BLENDWEIGHTS']._serialized_start=861
+  _globals['_BLENDWEIGHTS']._serialized_end=1010
+  _globals['_FEEDBACKSERVICE']._serialized_start=1179
+  _globals['_FEEDBACKSERVICE']._serialized_end=1455
 # @@protoc_insertion_point(module_scope)

@@ -205,8 +205,13 @@ class ServedItem(_message.Message):
 
     ITEM_ID_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     """The served item."""
+    position: _builtins.int
+    """1-based position at which it was shown (1-200); 0: unset, its place in `items` is its position.
+    With impressions' positions it is what the ranker's position-debiased judge reweights by.
+    """
     @_builtins.property
     def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Unweighted score parts, in BlendWeights.part_names order."""
@@ -216,10 +221,11 @@ class ServedItem(_message.Message):
         *,
         item_id: _builtins.str = ...,
         parts: _abc.Iterable[_builtins.float] | None = ...,
+        position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "parts", b"parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "parts", b"parts", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,21 +237,39 @@ class ServedList(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_LOG_DENSITY_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SAMPLED_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """RecommendResponse.request_id."""
+    weights_log_density: _builtins.float
+    """The logging policy's propensity of this list's blend weights: the log-density of the weights
+    the gateway drew (Thompson sampling) under the posterior it drew them from, in nats, within
+    [-1000, 1000]. Meaningful only when weights_sampled; off-policy evaluation of another weight
+    distribution reweights a list by exp(target log-density - this).
+    """
+    weights_sampled: _builtins.bool
+    """False: fixed weights (holdout arm, exploration off): propensity 1."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServedItem]:
         """In the order served."""
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The blend weights this list was scored with (part_names order; empty: unsaid)."""
 
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         items: _abc.Iterable[Global___ServedItem] | None = ...,
+        weights_log_density: _builtins.float = ...,
+        weights_sampled: _builtins.bool = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "request_id", b"request_id", "weights", b"weights", "weights_log_density", b"weights_log_density", "weights_sampled", b"weights_sampled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

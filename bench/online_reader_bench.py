@@ -6,7 +6,7 @@ materializes it with the real `feast` CLI into SQLite, a throwaway redis-server 
 local Redis Cluster (scripts/local_redis_cluster.py), then times the same random requests through
 every path in one run:
 
-    python -m bench.online_reader_bench [--iterations 1000] [--items 100] [--stores redis,redis_cluster,sqlite]
+    python -m bench.online_reader_bench [--iterations 1000] [--items 100] [--stores redis,redis_cluster,sqlite] [--out FILE]
 
 On the cluster it also times redis-py's own cluster pipeline (`RedisCluster.pipeline()`), the
 alternative to the fast reader's per-master packed batches.
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--size", default="demo")
     ap.add_argument("--stores", default="redis,redis_cluster,sqlite", help="comma separated: redis, redis_cluster, sqlite")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON (default: bench/results/online_reader.json)")
     args = ap.parse_args()
     stores = [s for s in args.stores.split(",") if s]
     unknown = set(stores) - set(YAMLS)
@@ -188,7 +189,7 @@ def main() -> None:
             if r["store"] == backend:
                 r["speedup_median_vs_sdk"] = sdk["median_ms"] / r["median_ms"]
                 r["speedup_p99_vs_sdk"] = sdk["p99_ms"] / r["p99_ms"]
-    write_results(RESULTS, f"online features, 1 user + {args.items} items, {args.iterations} requests", rows)
+    write_results(args.out, f"online features, 1 user + {args.items} items, {args.iterations} requests", rows)
     print("| store | path | median ms | p99 ms | speed-up vs SDK (median / p99) |")
     print("|---|---|---:|---:|---:|")
     for r in rows:

@@ -34,10 +34,10 @@ class SourceFusion(BaseModel):
     (with a query, relevance stays the query's cosine: the query source is not fused).
     Defaults chosen on validation (bench/tune_fusion.py, docs/gateway.md#ranking-and-fusion)."""
 
-    k: float = Field(60.0, gt=0, description="rank offset: larger flattens the difference between ranks")
+    k: float = Field(30.0, gt=0, description="rank offset: larger flattens the difference between ranks")
     interest: float = Field(1.0, ge=0)
     session: float = Field(1.0, ge=0, description="co-visitation of the page, session and profile items")
-    popular: float = Field(0.3, ge=0)
+    popular: float = Field(1.0, ge=0)
 
 
 def _default_max_in_flight() -> int:

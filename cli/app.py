@@ -366,9 +366,9 @@ def export_interest_cmd(
 ) -> None:
     """Write the interest model as a new version of interest_onnx."""
     from scorer.export.interest_export import export_interest
-    from scorer.models.interest import InterestModel
+    from scorer.models.interest import load_interest_model
 
-    version = export_interest(repo, InterestModel.load(checkpoint))
+    version = export_interest(repo, load_interest_model(checkpoint))
     console.print(f"[green]exported[/] interest_onnx/{version} into {repo}")
 
 
@@ -496,18 +496,25 @@ def train_interest_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its data/offline holds the label log)."),
     out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "interest", help="Checkpoint folder."),
     encoder: Optional[Path] = typer.Option(None, help="Serving encoder checkpoint whose vectors the model reads (default: packaged)."),
-    steps: int = typer.Option(300, help="Optimizer steps (batch 128; milliseconds each)."),
-    lr: float = typer.Option(3e-3),
+    model: str = typer.Option("auto", help="attention | sequential | auto (train both, keep the validation winner)."),
+    steps: int = typer.Option(0, help="Cap on optimizer steps (batch 128); 0: the default budget (20 passes "
+                                      "over the examples, 200-20,000 steps), stopped early on validation."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 3e-3 attention, 1e-3 sequential)."),
     seed: int = typer.Option(0),
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "interest", help="Evaluation report folder."),
 ) -> None:
-    """Train the interest model (next interaction) and evaluate it against its baselines on the holdout."""
+    """Train the interest model(s) (next interaction) with early stopping on a validation split, keep
+    the validation winner if it beats the untrained fallback, and evaluate on the holdout."""
+    from dataclasses import replace
+
     from scorer.eval.interest_eval import evaluate_interest, write_interest_report
     from scorer.models.encoder import EncoderConfig, TextEncoder
     from scorer.models.interest import InterestModel
     from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
-    from scorer.train.interest_train import InterestTrainConfig, train_interest
+    from scorer.train.interest_train import KINDS, InterestTrainConfig, train_candidates, with_max_steps
 
+    if model not in (*KINDS, "auto"):
+        raise typer.BadParameter(f"choose from {', '.join(KINDS)}, auto; got {model!r}", param_hint="--model")
     from cli.data_summary import require_trainable
 
     require_trainable(console, repo, "interest")
@@ -516,14 +523,24 @@ def train_interest_cmd(
     with console.status("embedding the catalog and the queries with the serving encoder"):
         enc = TextEncoder(EncoderConfig(model_path=str(encoder))) if encoder else TextEncoder()
         table = embed_catalog_and_queries(repo, data.rows["query"].dropna().tolist(), enc)
-    console.print(f"{len(data.train):,} training / {len(data.holdout):,} holdout examples (split {data.cutoff:%Y-%m-%d %H:%M})")
-    model, losses = train_interest(data.train, table, out, InterestTrainConfig(max_steps=steps, lr=lr, seed=seed))
-    result = evaluate_interest(data.holdout, data.train, table,
-                               {"interest, untrained (gateway fallback)": InterestModel(model.config).eval(),
-                                "interest, trained": model})
-    path = write_interest_report(result, report, losses)
+    cfg = with_max_steps(replace(InterestTrainConfig(), lr=lr, seed=seed), steps)
+    console.print(f"{len(data.train):,} training / {len(data.holdout):,} holdout examples (split {data.cutoff:%Y-%m-%d %H:%M}); "
+                  f"validation: the last {cfg.val_fraction:.0%} of the training period")
+    sel = train_candidates(data.train, table, KINDS if model == "auto" else (model,), cfg, console=console)
+    methods = {"interest, untrained (gateway fallback)": InterestModel().eval()}
+    methods.update({f"{f.kind}, trained": f.model for f in sel.fits.values()})
+    result = evaluate_interest(data.holdout, data.train, table, methods)
+    path = write_interest_report(result, report, {f.kind: f.losses for f in sel.fits.values()},
+                                 {f.kind: f.curve for f in sel.fits.values()}, sel.fallback_val, sel.summary())
     console.print(result.round(3).to_string(index=False))
-    console.print(f"[green]saved[/] {out}; report: {path}")
+    console.print(sel.summary())
+    winner = sel.winner
+    if winner is None:
+        console.print(f"[red]not saved[/]: no candidate beats the untrained fallback on validation, so there is "
+                      f"nothing worth serving (the gateway's fallback stays); report: {path}")
+        raise typer.Exit(1)
+    winner.model.save(out)
+    console.print(f"[green]saved[/] {winner.kind} model to {out}; report: {path}")
 
 
 def _plot_curve(losses: list[float], path: Path) -> None:
@@ -637,7 +654,8 @@ def retrain_cmd(
                                     help="Models to retrain (repeatable), encoder first."),
     steps: int = typer.Option(200, help="Encoder fine-tuning steps per round."),
     ranker_steps: int = typer.Option(100, help="Ranker fine-tuning steps per round (4 lists each)."),
-    interest_steps: int = typer.Option(300, help="Interest-model steps per round (batch 128)."),
+    interest_steps: int = typer.Option(0, help="Cap on interest-model steps per round (batch 128); 0: the default "
+                                               "budget (scales with the data, stopped early on validation)."),
     margin: float = typer.Option(0.005, help="Promote only if the holdout metric improves by at least this."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
     every: Optional[float] = typer.Option(None, help="Keep running: check every this many seconds."),
@@ -840,8 +858,13 @@ def demo(
     eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], out=PROJECT_ROOT / "var" / "reports" / "retrieval")
     console.rule("9. the interest model: recent items + query -> one retrieval vector (next-interaction training)")
     interest = PROJECT_ROOT / "var" / "models" / "interest"
-    train_interest_cmd(repo=FEATURE_REPO, out=interest, encoder=ckpt, steps=300, lr=3e-3, seed=0,
-                       report=PROJECT_ROOT / "var" / "reports" / "interest")
+    try:
+        train_interest_cmd(repo=FEATURE_REPO, out=interest, encoder=ckpt, model="auto", steps=0, lr=None, seed=0,
+                           report=PROJECT_ROOT / "var" / "reports" / "interest")
+    except typer.Exit:  # nothing beat the fallback: the demo serves the untrained model (= the fallback)
+        import shutil
+
+        shutil.rmtree(interest, ignore_errors=True)
     console.rule("10. Triton + the gateway: a shopper's results change after a few clicks")
     from cli.demo_live import live_demo
 

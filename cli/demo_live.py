@@ -28,7 +28,7 @@ from scorer.export.interest_export import export_interest
 from scorer.export.ranker_export import export_ranker
 from modelrepo.layout import MODEL_REPOSITORY
 from scorer.models.encoder import EncoderConfig, TextEncoder
-from scorer.models.interest import InterestModel
+from scorer.models.interest import load_interest_model
 from localtriton.launcher import TritonServer
 from modelrepo.publish import publish_encoder
 
@@ -73,7 +73,8 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
     with console.status("exporting the fine-tuned encoder (int8), the ranker (1 layer, int8) and the interest model"):
         encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))), int8=True)
         ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
-        interest_v = export_interest(MODEL_REPOSITORY, InterestModel.load(interest))
+        trained = (interest / "interest_config.json").exists()  # absent: nothing beat the fallback
+        interest_v = export_interest(MODEL_REPOSITORY, load_interest_model(interest) if trained else None)
     console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")
     with TritonServer() as triton:
         publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)

@@ -10,7 +10,8 @@
     rollback -> publish a model's previous version again (its files stay in the model repository)
 
 Gate metrics: encoder NDCG@10 of retrieval on the holdout requests; ranker NDCG@5 of the holdout's
-shown lists; interest model NDCG@10 of next-interaction retrieval. The encoder goes first: the
+shown lists; interest model NDCG@10 of next-interaction retrieval on its validation split (the end
+of the training period), against the better of the serving model and the untrained fallback. The encoder goes first: the
 ranker's similarity feature and the interest model's item vectors come from the (new) serving
 encoder. The registry (`var/models/registry.json`) records, per model, which checkpoint made which
 version, what serves now and the promotion history, and when training last ran (for the
@@ -257,14 +258,21 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
 
 
 def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
-                     steps: int = 300, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
-    """One round for the interest model: next-interaction training from the serving model, over the
-    serving encoder's vectors, gated on holdout NDCG@10."""
-    from scorer.eval.interest_eval import evaluate_interest
+                     steps: int | None = None, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
+    """One round for the interest model, gated on **validation** NDCG@10 (the split, early stopping
+    and model choice of `recsys train interest`, scorer/train/interest_train.py): fine-tune the
+    serving model (or, while the untrained fallback serves, train both kinds and take the winner);
+    promote only if the candidate beats both the serving model and the untrained fallback on
+    validation by `margin`. The holdout is reported, not used to choose. `steps`: a cap on the
+    step budget (None: the default budget, which scales with the data)."""
+    from dataclasses import replace
+
+    from scorer.eval.interest_eval import evaluate_interest, validation_metrics
     from scorer.export.interest_export import export_interest
-    from scorer.models.interest import InterestModel
+    from scorer.models.interest import InterestModel, load_interest_model
     from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
-    from scorer.train.interest_train import InterestTrainConfig, train_interest
+    from scorer.train.interest_train import (KINDS, InterestTrainConfig, train_candidates, validation_rows,
+                                             validation_split, with_max_steps)
 
     stamp = _stamp()
     entry = registry.entry("interest")
@@ -273,18 +281,23 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     table = embed_catalog_and_queries(repo, data.rows["query"].dropna().tolist(), _serving_encoder(registry))
     log(f"retrain interest: {len(data.train):,} training examples, serving v{entry.serving} "
         f"({serving_ckpt or 'untrained = the gateway fallback'})")
+    cfg = with_max_steps(replace(InterestTrainConfig(), seed=seed), steps)
+    fit, val = validation_split(data.train, cfg.val_fraction)
+    sel = train_candidates(fit, table, KINDS, cfg, start_from=serving_ckpt, val=val)
+    candidate = sel.best.model
     candidate_dir = work_dir / f"interest-{stamp}"
-    candidate, _ = train_interest(data.train, table, candidate_dir, InterestTrainConfig(max_steps=steps, seed=seed),
-                                  start_from=serving_ckpt)
-    serving = InterestModel.load(serving_ckpt) if serving_ckpt else InterestModel()
-    result = evaluate_interest(data.holdout, data.train, table, {"serving": serving.eval(), "candidate": candidate.eval()})
-    score = result[result["slice"] == "all"].set_index("method")["NDCG@10"]
-    before, after = float(score["serving"]), float(score["candidate"])
-    decision = "promote" if after >= before + margin else "keep serving"
+    candidate.save(candidate_dir)
+    serving = load_interest_model(serving_ckpt) if serving_ckpt else InterestModel().eval()
+    serving_val = validation_metrics(serving, validation_rows(val, table, cfg.max_val_examples, cfg.seed), table)["NDCG@10"]
+    before, after = max(serving_val, sel.fallback_val), sel.best.best_val
+    result = evaluate_interest(data.holdout, data.train, table, {"untrained (fallback)": InterestModel().eval(),
+                                                                 "serving": serving.eval(), "candidate": candidate})
+    decision = (f"{'promote' if after >= before + margin else 'keep serving'} ({sel.best.kind}; validation NDCG@10 "
+                f"{after:.4f} vs serving {serving_val:.4f}, fallback {sel.fallback_val:.4f})")
     report = write_gate_report(work_dir / f"report-interest-{stamp}", f"Interest model retrain {stamp}: candidate vs serving",
-                               result.round(4), "NDCG@10", before, after, decision)
+                               result.round(4), "validation NDCG@10", before, after, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
-    return _gate("interest", registry, before, after, margin, "NDCG@10", report, candidate_dir,
+    return _gate("interest", registry, before, after, margin, "validation NDCG@10", report, candidate_dir,
                  _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
 
 

@@ -16,12 +16,38 @@ import numpy as np
 import pandas as pd
 import torch
 
+from torch import nn
+
 from scorer.eval.metrics import mrr, ndcg_at_k, recall_at_k
-from scorer.models.interest import InterestModel
+from scorer.eval.next_item import metrics_from_ranks, target_ranks
 from scorer.train.interest_data import VectorTable, batch_tensors
-from scorer.train.interest_train import usable
 
 KS = (10, 50)
+
+
+def usable(rows: pd.DataFrame, table: VectorTable) -> pd.DataFrame:
+    """Examples with a known target and something to go on (a query or a history)."""
+    pos = table.position()
+    keep = rows["item_id"].isin(pos) & ((rows["history"].map(len) > 0) | rows["query"].notna())
+    return rows[keep].reset_index(drop=True)
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, rows: pd.DataFrame, table: VectorTable, ks: tuple[int, ...] = (10,),
+                       chunk: int = 2048) -> dict[str, float]:
+    """Full-ranking Recall@k / NDCG@k of `model` on usable `rows` (one target each; ties count
+    against the target, scorer/eval/next_item.py), computed in chunks: what early stopping and the
+    model choice read."""
+    was_training = model.training
+    model.eval()
+    pos = table.position()
+    ranks = []
+    for start in range(0, len(rows), chunk):
+        q, hq, items, mask, target = batch_tensors(rows.iloc[start:start + chunk], table, pos, model.config.max_items)
+        v = model(*(torch.from_numpy(a) for a in (q, hq, items, mask))).numpy()
+        ranks.append(target_ranks(v @ table.items.T, target))
+    model.train(was_training)
+    return metrics_from_ranks(np.concatenate(ranks), ks)
 
 
 def _ranked(scores: np.ndarray, item_ids: list[str], k: int = 100) -> list[list[str]]:
@@ -32,7 +58,7 @@ def _ranked(scores: np.ndarray, item_ids: list[str], k: int = 100) -> list[list[
 
 @torch.no_grad()
 def evaluate_interest(holdout: pd.DataFrame, train: pd.DataFrame, table: VectorTable,
-                      models: dict[str, InterestModel]) -> pd.DataFrame:
+                      models: dict[str, nn.Module]) -> pd.DataFrame:
     rows = usable(holdout, table)
     pos = table.position()
     max_items = max(m.config.max_items for m in models.values())
@@ -65,28 +91,54 @@ def evaluate_interest(holdout: pd.DataFrame, train: pd.DataFrame, table: VectorT
     return pd.DataFrame(out)
 
 
-def write_interest_report(table: pd.DataFrame, out_dir: Path, losses: list[float] | None = None) -> Path:
+def write_interest_report(table: pd.DataFrame, out_dir: Path, losses: list[float] | dict[str, list[float]] | None = None,
+                          curves: dict[str, list[tuple[int, float]]] | None = None, fallback_val: float | None = None,
+                          summary: str | None = None) -> Path:
+    """report.md (the choice, the holdout table, the plot), metrics.json and comparison.png: holdout
+    NDCG@10 per method, the training loss and the validation NDCG@10 curve of each candidate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    losses = {"trained": losses} if isinstance(losses, list) else (losses or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(table.to_dict("records"), indent=2))
-    fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(11 if losses else 6, 4))
-    axes = np.atleast_1d(axes)
+    if curves:
+        (out_dir / "validation.json").write_text(json.dumps(
+            {"fallback_val_ndcg@10": fallback_val, "summary": summary,
+             "curves": {k: [list(p) for p in c] for k, c in curves.items()}}, indent=2))
+    panels = 1 + bool(losses) + bool(curves)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    axes = list(np.atleast_1d(axes))
     pivot = table.pivot(index="method", columns="slice", values="NDCG@10").reindex(table["method"].unique())
     pivot.plot.barh(ax=axes[0])
     axes[0].set_xlabel("NDCG@10 (next interaction, holdout)")
     if losses:
-        axes[1].plot(losses)
-        axes[1].set_xlabel("step")
-        axes[1].set_ylabel("training loss")
+        ax = axes[1]
+        for name, curve in losses.items():
+            window = max(1, len(curve) // 50)
+            ax.plot(np.convolve(curve, np.ones(window) / window, mode="valid"), label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (running mean)")
+        ax.legend()
+    if curves:
+        ax = axes[-1]
+        for name, curve in curves.items():
+            steps, scores = zip(*curve)
+            ax.plot(steps, scores, marker=".", label=name)
+        if fallback_val is not None:
+            ax.axhline(fallback_val, color="grey", linestyle="--", label="fallback (untrained)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation NDCG@10")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "comparison.png", dpi=120)
     plt.close(fig)
-    lines = ["# Interest model: next-interaction retrieval on the time-split holdout", "",
-             "| method | slice | examples | Recall@10 | Recall@50 | NDCG@10 | MRR |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["# Interest model: next-interaction retrieval on the time-split holdout", ""]
+    if summary:
+        lines += [f"**{summary}**", ""]
+    lines += ["| method | slice | examples | Recall@10 | Recall@50 | NDCG@10 | MRR |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in table.to_dict("records"):
         lines.append(f"| {r['method']} | {r['slice']} | {r['examples']} | {r['Recall@10']:.3f} | {r['Recall@50']:.3f} | "
                      f"{r['NDCG@10']:.3f} | {r['MRR']:.3f} |")

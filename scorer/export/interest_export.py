@@ -1,4 +1,5 @@
-"""Export the interest model to ONNX as a new version of `interest_onnx`."""
+"""Export an interest model (attention or sequential: the same tensors) to ONNX as a new version of
+`interest_onnx`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from contract.tensors import INTEREST_MODEL, names
 from modelrepo.layout import MODEL_REPOSITORY, next_version
@@ -15,7 +17,7 @@ from scorer.models.interest import InterestModel
 INPUTS = names(INTEREST_MODEL.inputs)
 
 
-def export_interest_onnx(model: InterestModel, path: Path) -> None:
+def export_interest_onnx(model: nn.Module, path: Path) -> None:
     model = model.eval()
     d, k = model.config.dim, model.config.max_items
     example = (torch.zeros(2, d), torch.ones(2, 1), torch.zeros(2, k, d), torch.ones(2, k))
@@ -29,8 +31,9 @@ def export_interest_onnx(model: InterestModel, path: Path) -> None:
         )
 
 
-def export_interest(repo: Path = MODEL_REPOSITORY, model: InterestModel | None = None, version: int | None = None) -> int:
-    """Write a new interest-model version into `repo`; return its number."""
+def export_interest(repo: Path = MODEL_REPOSITORY, model: nn.Module | None = None, version: int | None = None) -> int:
+    """Write a new interest-model version into `repo`; return its number (no model: the untrained
+    attention model, i.e. the gateway's fallback formula)."""
     model = model or InterestModel()
     v = version or next_version(repo, "interest_onnx")
     out = repo / "interest_onnx" / str(v)

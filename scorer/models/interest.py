@@ -26,6 +26,8 @@ from torch import nn
 
 from contract.interest import QUERY_SHARE, RECENCY_DECAY
 
+KIND = "attention"
+
 
 @dataclass(frozen=True)
 class InterestConfig:
@@ -38,6 +40,8 @@ class InterestConfig:
 
 class InterestModel(nn.Module):
     """query [B, D], has_query [B, 1], items [B, K, D], mask [B, K] (1 = real item) -> interest [B, D]."""
+
+    kind = KIND
 
     def __init__(self, config: InterestConfig = InterestConfig()):
         super().__init__()
@@ -67,10 +71,29 @@ class InterestModel(nn.Module):
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict(), out_dir / "interest.pt")
-        (out_dir / "interest_config.json").write_text(json.dumps(asdict(self.config)))
+        (out_dir / "interest_config.json").write_text(json.dumps({"kind": KIND, **asdict(self.config)}))
 
     @classmethod
     def load(cls, ckpt: Path) -> "InterestModel":
-        model = cls(InterestConfig(**json.loads((ckpt / "interest_config.json").read_text())))
+        config = json.loads((ckpt / "interest_config.json").read_text())
+        config.pop("kind", None)
+        model = cls(InterestConfig(**config))
         model.load_state_dict(torch.load(ckpt / "interest.pt", weights_only=True))
         return model.eval()
+
+
+def checkpoint_kind(ckpt: Path) -> str:
+    """"attention" or "sequential" (checkpoints written before the sequential model: attention)."""
+    return json.loads((Path(ckpt) / "interest_config.json").read_text()).get("kind", KIND)
+
+
+def load_interest_model(ckpt: Path) -> nn.Module:
+    """Either interest model from its checkpoint folder (both take and give the same tensors)."""
+    from scorer.models.sequential import KIND as SEQUENTIAL, SequentialInterestModel
+
+    kind = checkpoint_kind(ckpt)
+    if kind == SEQUENTIAL:
+        return SequentialInterestModel.load(Path(ckpt))
+    if kind != KIND:
+        raise ValueError(f"{ckpt}: unknown interest model kind {kind!r} (expected {KIND!r} or {SEQUENTIAL!r})")
+    return InterestModel.load(Path(ckpt))

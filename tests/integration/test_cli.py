@@ -88,10 +88,13 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "ranker_onnx") == [1] and versions(models, "pair_tokenizer") == [1]
 
-    done = run("train", "interest", "--repo", str(feature_repo.path), "--steps", "5", "--out", str(tmp_path / "interest"),
+    # The default recipe (both kinds, early stopping): it keeps the validation winner, which beats the fallback.
+    done = run("train", "interest", "--repo", str(feature_repo.path), "--out", str(tmp_path / "interest"),
                "--report", str(tmp_path / "interest_report"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "interest, trained" in (tmp_path / "interest_report" / "report.md").read_text()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = (tmp_path / "interest_report" / "report.md").read_text()
+    assert "attention, trained" in report and "sequential, trained" in report and "vs the fallback" in report
+    assert "saved" in done.stdout and (tmp_path / "interest" / "interest_config.json").exists()
     done = run("export", "interest", "--checkpoint", str(tmp_path / "interest"), "--repo", str(models))
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "interest_onnx") == [1]

@@ -11,8 +11,6 @@ import torch
 
 pytestmark = pytest.mark.integration
 
-STEPS = 150
-
 
 @pytest.fixture(scope="module")
 def examples(feature_repo):
@@ -29,12 +27,11 @@ def table(feature_repo, examples):
 
 
 @pytest.fixture(scope="module")
-def trained(examples, table, tmp_path_factory):
-    from scorer.train.interest_train import InterestTrainConfig, train_interest
+def selection(examples, table):
+    """The default recipe of `recsys train interest` (validation split, early stopping, both kinds)."""
+    from scorer.train.interest_train import train_candidates
 
-    ckpt = tmp_path_factory.mktemp("interest") / "ckpt"
-    model, losses = train_interest(examples.train, table, ckpt, InterestTrainConfig(max_steps=STEPS))
-    return model, losses, ckpt
+    return train_candidates(examples.train, table)
 
 
 def test_history_is_point_in_time_correct(feature_repo, examples):
@@ -50,20 +47,25 @@ def test_history_is_point_in_time_correct(feature_repo, examples):
     assert (examples.rows["grade"] > 0).all()
 
 
-def test_training_does_not_lose_to_the_untrained_fallback_on_the_holdout(examples, table, trained):
-    """On the tiny shop (~500 training examples) the gain is within noise (+0.005 to +0.01 NDCG@10
-    in trials); on the demo shop it is +6% (docs/models.md). This guards against training that
-    hurts (a learning rate 3x too high lost 0.04 here)."""
+def test_default_recipe_beats_the_untrained_fallback(examples, table, selection):
+    """The default recipe keeps a model only if it beats the fallback on validation (the end of
+    the training period), and what it keeps beats the fallback on the holdout too (which follows
+    the training period and took no part in training, stopping or choosing)."""
     from scorer.eval.interest_eval import evaluate_interest
     from scorer.models.interest import InterestModel
 
-    model, losses, _ = trained
-    assert np.isfinite(losses).all() and np.mean(losses[-20:]) < np.mean(losses[:20])
+    winner = selection.winner
+    assert winner is not None, selection.summary()
+    for fit in selection.fits.values():
+        assert np.isfinite(fit.losses).all() and fit.curve[0][0] == 0 and fit.best_val >= fit.curve[0][1]
+        assert fit.steps_run <= fit.budget and (fit.stopped_early or fit.steps_run == fit.budget)
     result = evaluate_interest(examples.holdout, examples.train, table,
-                               {"untrained": InterestModel().eval(), "trained": model}).set_index(["method", "slice"])
-    untrained, fitted = result.loc[("untrained", "all")], result.loc[("trained", "all")]
-    assert fitted["NDCG@10"] >= untrained["NDCG@10"] - 0.02, result  # 262 examples: 0.004 each
-    assert fitted["Recall@50"] >= untrained["Recall@50"] - 0.02, result
+                               {"untrained": InterestModel().eval(), "kept": winner.model}).set_index(["method", "slice"])
+    untrained, kept = result.loc[("untrained", "all")], result.loc[("kept", "all")]
+    assert kept["NDCG@10"] > untrained["NDCG@10"], (selection.summary(), result)
+    print(selection.summary(), result.round(4).to_string(), sep="\n")  # the numbers docs/models.md quotes (-s)
+    # Recall@50 is a guard, not the target: on the tiny shop (260 holdout examples) it moves by ~0.015.
+    assert kept["Recall@50"] >= untrained["Recall@50"] - 0.03, result
     # Both are far above popularity: history and query carry the signal.
     assert untrained["NDCG@10"] > 3 * result.loc[("popularity", "all"), "NDCG@10"]
 
@@ -92,15 +94,14 @@ def test_untrained_model_is_the_gateway_fallback(table):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_served_by_triton_equals_torch(trained, encoder_repo, triton, table):
-    import tritonclient.grpc as grpcclient
-
+@pytest.mark.parametrize("kind", ["attention", "sequential"])
+def test_served_by_triton_equals_torch(kind, selection, encoder_repo, triton, table):
     from modelrepo.admin import AdminClient
 
     from gateway.triton_client import TritonClient
     from scorer.export.interest_export import export_interest
 
-    model, _, _ = trained
+    model = selection.fits[kind].model
     repo = encoder_repo[0]
     version = export_interest(repo, model)
     admin = AdminClient(triton.grpc_url, triton.admin_key)
@@ -131,11 +132,16 @@ def test_served_by_triton_equals_torch(trained, encoder_repo, triton, table):
         admin.close()
 
 
-def test_report_is_written(examples, table, trained, tmp_path):
+def test_report_is_written(examples, table, selection, tmp_path):
     from scorer.eval.interest_eval import evaluate_interest, write_interest_report
 
-    model, losses, _ = trained
-    result = evaluate_interest(examples.holdout, examples.train, table, {"trained": model})
-    report = write_interest_report(result, tmp_path, losses)
-    assert "| trained | all |" in report.read_text() and (tmp_path / "comparison.png").stat().st_size > 1000
+    fits = selection.fits.values()
+    result = evaluate_interest(examples.holdout, examples.train, table, {f"{f.kind}, trained": f.model for f in fits})
+    report = write_interest_report(result, tmp_path, {f.kind: f.losses for f in fits}, {f.kind: f.curve for f in fits},
+                                   selection.fallback_val, selection.summary())
+    text = report.read_text()
+    assert "| attention, trained | all |" in text and "| sequential, trained | all |" in text
+    assert selection.summary() in text and (tmp_path / "comparison.png").stat().st_size > 1000
     assert isinstance(pd.read_json(tmp_path / "metrics.json"), pd.DataFrame)
+    curves = pd.read_json(tmp_path / "validation.json", typ="series")["curves"]
+    assert set(curves) == {"attention", "sequential"} and curves["attention"][0][0] == 0

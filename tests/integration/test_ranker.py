@@ -106,3 +106,32 @@ def test_ranker_served_by_triton_equals_torch(trained, encoder_repo, triton):
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert versions == [str(version)]
     assert got[0] > got[1]  # the shoe beats the espresso machine through Triton too
+
+
+def test_a_published_rankers_verdict_is_in_its_ensemble_config(trained, encoder_repo, triton):
+    """What the gateway's ranker_mode auto reads: publishing a version with validation.json pins the
+    `ranker` ensemble to it with `beats_blend` set; publishing one without (the untrained ranker)
+    leaves the parameter out. Real tritonserver, explicit model control with the admin key."""
+    from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
+    from gateway.triton_client import TritonClient
+    from modelrepo.publish import publish
+    from scorer.export.ranker_export import export_ranker
+
+    model, _ = trained
+    repo = encoder_repo[0]
+    proven = export_ranker(repo, model, validation={RANKER_VERDICT_PARAMETER: True, "metric": "ndcg@5",
+                                                    "ranker": 0.61, "blend": 0.58, "lists": 40})
+    publish(triton.grpc_url, repo, "ranker", proven)
+
+    async def read() -> tuple[str, str | None]:
+        c = TritonClient(triton.grpc_url)
+        try:
+            return (await c.serving_version("ranker", "ranker_onnx"),
+                    await c.config_parameter("ranker", RANKER_VERDICT_PARAMETER))
+        finally:
+            await c.close()
+
+    assert asyncio.run(read()) == (str(proven), "true")
+    unproven = export_ranker(repo)  # the untrained ranker: no validation record
+    publish(triton.grpc_url, repo, "ranker", unproven)
+    assert asyncio.run(read()) == (str(unproven), None)

@@ -22,9 +22,11 @@ Methods (all in one run; docs/models.md "Real data: Online Retail" has the table
   contract/item_text.py's item text; the user's vector = unit mean of the history's item vectors;
 - interest, untrained fallback: gateway/retrieval.py `fallback_interest` itself, over a real gateway
   Snapshot of this catalog (what the gateway serves with no interest model in Triton);
-- interest, trained: scorer/train/interest_train.py `train_interest` (what `recsys train interest`
-  calls) with its default recipe, on next-item examples of the training sequences;
-- RRF co-visitation + interest: reciprocal-rank fusion (k = 60) of the two;
+- interest, trained: scorer/train/interest_train.py `train_candidates` (what `recsys train interest`
+  calls: every model kind, early stopping, the validation winner kept) with its default recipe on
+  next-item examples of the training sequences, validated on this split's validation targets; one
+  row per model kind, the kept one marked;
+- RRF co-visitation + interest: reciprocal-rank fusion (k = 60) of co-visitation and the kept model;
 - served path (gateway), with --served: the gateway's own retrieval + fusion + ranking for the
   no-query case, through the real stack (bench/real_data_served.py).
 
@@ -431,7 +433,8 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
     lines = [f"# Real data: Online Retail, next purchase", "",
              f"{meta['machine']}, {meta['date']}; {meta['source_rows']:,} source rows"
              f"{' (limit)' if meta['limit'] else ''}, {meta['users']:,} customers with >= 3 purchases, "
-             f"{meta['items']:,} items, {meta['train_interactions']:,} training interactions; {meta['seconds']:.0f} s.",
+             f"{meta['items']:,} items, {meta['train_interactions']:,} training interactions; {meta['seconds']:.0f} s "
+             f"(SASRec budget {meta['sasrec_budget']}; interest steps {meta['interest_steps']}).",
              "Leave-one-out (last purchase = test, previous = validation), full ranking over the catalog, "
              "repeat purchases allowed.", "",
              "| method | Recall@10 | Recall@50 | NDCG@10 | NDCG@50 | note |", "|---|---:|---:|---:|---:|---|"]
@@ -536,7 +539,10 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
     meta = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "source_rows": data.source_rows, "limit": limit, "users": len(data.test_target),
             "items": data.n_items, "train_interactions": int(sum(map(len, data.train_seqs))),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0,
+            "sasrec_budget": ", ".join(x for x in (f"{sasrec_seconds:.0f} s" if sasrec_seconds else "",
+                                                   f"{sasrec_epochs} epochs" if sasrec_epochs else "") if x) or "default",
+            "interest_steps": f"capped at {interest_max_steps}" if interest_max_steps else "the recipe's own budget"}
     return write_report(results, data, out, meta)
 
 

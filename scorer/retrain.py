@@ -243,8 +243,9 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
     log(f"retrain ranker: NDCG@5 (naive holdout) {before:.4f} -> {after:.4f}; SNIPS-NDCG@5 (position-debiased) "
         f"{fair_before:.4f} -> {fair_after:.4f}; the logged order {overall.loc['logged order', 'ndcg@5']:.4f} / "
         f"{overall.loc['logged order', 'snips_ndcg@5']:.4f}")
+    # The veto tolerates a drop of |margin| (a negative margin, "any candidate passes", tolerates as much).
     veto = (f"SNIPS-NDCG@5 {fair_after:.4f} vs serving {fair_before:.4f}: the NDCG@5 gain ({before:.4f} -> "
-            f"{after:.4f}) does not survive the position correction" if fair_after < fair_before - margin else None)
+            f"{after:.4f}) does not survive the position correction" if fair_after < fair_before - abs(margin) else None)
     decision = "promote" if after >= before + margin and veto is None else "keep serving"
     report = write_gate_report(work_dir / f"report-ranker-{stamp}", f"Ranker retrain {stamp}: candidate vs serving",
                                table, "NDCG@5", before, after, decision)

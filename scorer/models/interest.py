@@ -10,7 +10,8 @@ a query-conditioned content term, then a residual projection and L2 normalisatio
 
 At initialisation (s = 0, mix = 0, recency = log 0.8^k, a = 2) this is exactly the
 gateway's hand-written fallback (gateway/retrieval.py `interest_vector`), so training starts from
-the baseline it must beat and the fallback is the untrained model.
+the baseline it must beat and the fallback is the untrained model. The sequential alternative (scorer/models/sequential.py)
+takes and gives the same tensors; `load_interest_model` loads either from its checkpoint.
 """
 
 from __future__ import annotations

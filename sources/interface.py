@@ -18,7 +18,7 @@ import pandas as pd
 ITEM_ID = "item_id"
 ITEM_TIMESTAMP = "event_timestamp"  # items and popularity: when the row became true
 POPULARITY = "popularity_7d"
-EVENT_COLUMNS = ("session_id", ITEM_ID, "event_type", "timestamp")
+EVENT_COLUMNS = ("user_id", "session_id", ITEM_ID, "event_type", "timestamp")  # user_id: co-visitation follows a shopper across sessions
 EVENT_TIMESTAMP = "timestamp"
 
 

@@ -30,6 +30,10 @@ def print_import_summary(console: Console, repo: Path) -> None:
     for plan in training_plan(holds):
         colour = "green" if plan.source else "yellow"
         console.print(f"  [{colour}]{plan.model}[/]: {plan.says}")
+    if not (repo / "features.py").is_file():  # data written into a folder that is no feature repo (yet)
+        console.print(f"[yellow]no Feast definitions in {repo} (features.py)[/]: the TTLs that will apply "
+                      "are those of the feature repo this data is materialized with")
+        return
     with console.status("reading the feature views' TTLs"):
         lines = ttl_report(repo)
     console.print("[bold]after `feast materialize`, served as[/] (TTLs count from each row's timestamp; "

@@ -28,7 +28,7 @@ def test_generate_then_import(tmp_path):
     assert done.returncode == 0, done.stderr
     written = {p.stem for p in (repo / "data" / "offline").iterdir()}
     assert written == {"items", "users", "events", "item_features", "item_popularity", "user_profile", "user_session",
-                       "labels"}
+                       "labels", "import"}  # import.json: the import's manifest (as-of time, counts)
     assert len(pd.read_parquet(repo / "data" / "offline" / "events.parquet")) == len(pd.read_parquet(shop / "events.parquet"))
 
 

@@ -842,7 +842,7 @@ def demo(
     console.rule("1. synthetic shop")
     data_generate(out=DEMO_SHOP_DIR, size=size, seed=seed, end=None)
     console.rule("2. import (validate + derive feature tables)")
-    data_import(source=DEMO_SHOP_DIR, repo=FEATURE_REPO)
+    data_import(source=DEMO_SHOP_DIR, repo=FEATURE_REPO, as_of=None)
     console.rule("3. feast apply")
     feast_ops.apply(FEATURE_REPO)
     console.rule("4. feast materialize (full load into the SQLite online store)")
@@ -855,7 +855,7 @@ def demo(
     ckpt = PROJECT_ROOT / "var" / "models" / "encoder"
     train_encoder_cmd(repo=FEATURE_REPO, out=ckpt, steps=train_steps, lr=1e-4, seed=0, start_from=None)
     console.rule("8. offline evaluation on the time-split holdout")
-    eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], out=PROJECT_ROOT / "var" / "reports" / "retrieval")
+    eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], onnx=True, out=PROJECT_ROOT / "var" / "reports" / "retrieval")
     console.rule("9. the interest model: recent items + query -> one retrieval vector (next-interaction training)")
     interest = PROJECT_ROOT / "var" / "models" / "interest"
     try:

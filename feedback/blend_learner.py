@@ -20,6 +20,9 @@ logistic regression with a persisted posterior; the Newton solve is over ~14 dim
 
 Everything joined in memory (served lists, pending impressions, early events) is bounded by count,
 estimated bytes and age (held.py, LearnerSettings): under any load the learner's memory is flat.
+Where that state and the posterior live is a store's job (learner_state.py): this process and
+blend_weights.json by default, or a shared Redis (node or cluster) so that every feedback replica
+joins every replica's lists and serves the same weights, with the same bounds there.
 
 What it learns from is untrusted (anyone who reaches the service can send LogServed lists and
 clicks), so what one source can teach is bounded too (tests/unit/test_learner_poisoning.py):
@@ -36,8 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from feedback import learner_metrics
-from feedback.held import Held
+from feedback.learner_state import (CAPPED, EARLY_EVENT_BYTES, EARLY_LIST_BYTES, PART_BYTES, PENDING,  # noqa: F401
+                                    PENDING_ENTRY_BYTES, POSITIVE, SEP, SERVED_ENTRY_BYTES, SOURCE_ENTRY_BYTES,
+                                    STATE_FILE, LearnerState, LocalLearnerState, StateUnavailable, pending_key)
 from contract.rules import MAX_NUM_RESULTS
 from contract.scores import BLEND_MAX_WEIGHT_SHIFT, PART_BOUNDS, PART_NAMES
 
@@ -58,31 +61,18 @@ POSITION_BUCKETS = 9  # positions 2..9 own a term, 10+ share one; position 1 is 
 DIM = N_PARTS + 1 + POSITION_BUCKETS  # parts, bias, position terms
 POSITIVE_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
 JOINED_EVENTS = ("IMPRESSION", *POSITIVE_EVENTS)
-STATE_FILE = "blend_weights.json"
 MiB = 1 << 20
 PART_LOW = np.array([PART_BOUNDS[name][0] for name in PART_NAMES])
 PART_HIGH = np.array([PART_BOUNDS[name][1] for name in PART_NAMES])
 # sigmoid(30) is 1 - 1e-13: clipping there changes no probability that matters, and exp never
 # overflows (the review saw `overflow encountered in exp` freeze the learner after a poisoned batch).
 MAX_LOGIT = 30.0
-
-# How entries are stored, compactly: a served list is one list [time, ids, parts, joined] where ids
-# is " i1 i2 ... " (ids never contain a space: contract/rules.py), parts is the float32 bytes of an
-# (items x parts) array and joined counts its impressions joined so far (max_per_request); a
-# pending impression is one bytes object packing (time, position, parts) under the key
-# "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served item; this costs
-# ~41 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py).
-SEP = " "
-PART_BYTES = 4 * N_PARTS
-PENDING = struct.Struct("<di")  # impression time, position; the item's parts follow
-# Estimated bytes per entry beyond its strings (CPython 3.11, 64-bit): the container objects and
-# their share of the OrderedDict, measured with tracemalloc (tests/unit/test_learner_bounds.py
-# checks these stay within 25% of the real cost).
-SERVED_ENTRY_BYTES = 315  # + request id + ids + 16 per item
-SOURCE_ENTRY_BYTES = 190  # + key, per user or caller with a budget window open
-PENDING_ENTRY_BYTES = 180  # + key
-EARLY_LIST_BYTES = 260  # + request id, per request waiting for its served list
-EARLY_EVENT_BYTES = 125  # + item id, per event held
+# A posterior save that found another replica's newer posterior refits the batch on it; after this
+# many conflicts in a row the batch waits for the next tick (learner_state.py: why optimistic).
+SAVE_ATTEMPTS = 5
+# While the shared state cannot be reached, labelled examples wait for it, at most this many
+# batches' worth (the oldest go first): an outage costs learning, never memory.
+MAX_WAITING_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -143,30 +133,6 @@ def features(parts: np.ndarray, position: int) -> np.ndarray:
     return x
 
 
-def pending_key(request_id: str, item_id: str) -> str:
-    return request_id + SEP + item_id
-
-
-def _rank(ids: str, item_id: str) -> int:
-    """The 0-based rank of `item_id` in a joined id list (the first time it appears), or -1."""
-    at = ids.find(SEP + item_id + SEP)
-    return -1 if at < 0 else ids.count(SEP, 0, at)
-
-
-# A served list: [time, " i1 i2 ... ", float32 parts bytes, examples joined so far] (a list: the count
-# grows in place); an early entry: (time, [(kind, item, position)]); a source's budget: [window start, examples].
-Served = list
-Early = tuple[float, list[tuple[str, str, int | None]]]
-
-
-def _served_size(key: str, v: Served) -> int:
-    return SERVED_ENTRY_BYTES + len(key) + len(v[1]) + len(v[2])
-
-
-def _early_size(key: str, v: Early) -> int:
-    return EARLY_LIST_BYTES + len(key) + sum(EARLY_EVENT_BYTES + len(item) for _, item, _ in v[1])
-
-
 def outside_bounds(parts: np.ndarray) -> np.ndarray:
     """Which values of an (items x parts) array no gateway produces (PART_BOUNDS); NaN included."""
     return ~((parts >= PART_LOW) & (parts <= PART_HIGH))
@@ -177,14 +143,21 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 class BlendLearner:
-    """Joins served lists with impressions and clicks; learns the blend weights; persists them."""
+    """Joins served lists with impressions and clicks; learns the blend weights; persists them.
+
+    What it holds lives in `store` (learner_state.py): this process's memory and <state_dir>/
+    blend_weights.json by default, or a shared Redis so that several feedback replicas are one learner.
+    With a shared store a Redis error drops what it was given and keeps the weights (never an exception
+    to the caller); the posterior other replicas save is picked up at each tick."""
 
     def __init__(self, prior_weights: Sequence[float], state_dir: Path | None = None,
-                 settings: LearnerSettings = LearnerSettings(), clock: Callable[[], float] = time.monotonic):
+                 settings: LearnerSettings = LearnerSettings(), clock: Callable[[], float] | None = None,
+                 store: LearnerState | None = None):
         if len(prior_weights) != N_PARTS:
             raise ValueError(f"prior_weights: {N_PARTS} values ({', '.join(PART_NAMES)}), got {len(prior_weights)}")
         self.settings = settings
-        self.clock = clock
+        self.store: LearnerState = store if store is not None else LocalLearnerState(settings, state_dir)
+        self.clock = clock if clock is not None else self.store.clock
         self.prior_mean = np.zeros(DIM)
         self.prior_mean[:N_PARTS] = prior_weights
         self.prior_mean[N_PARTS] = -2.0  # a click rate of ~12% before any evidence
@@ -202,23 +175,33 @@ class BlendLearner:
         self.warned = False  # a refused update is logged once, then only counted (learner_metrics.REJECTED)
         self.labelled = 0
         self.version = 0
+        self.saved_version = "0"  # the store's version string this posterior replaces when saved
+        self.refused: str | None = None  # the last shared posterior refused (not warned about again)
         self.updated_at = datetime.now(timezone.utc)
-        st = settings
-        self.served: Held[Served] = Held("served", st.max_lists, st.max_served_bytes, lambda v: v[0], _served_size)
-        self.pending: Held[bytes] = Held("pending", st.max_pending, st.max_pending_bytes,
-                                         lambda v: PENDING.unpack_from(v)[0], lambda k, v: PENDING_ENTRY_BYTES + len(k))
-        # Events that arrive before the gateway's LogServed for their request (the shop can be
-        # faster than the gateway's 100 ms flush): held until it comes or the click window passes.
-        self.early: Held[Early] = Held("early", st.max_early, st.max_early_bytes, lambda v: v[0], _early_size,
-                                       units_of=lambda v: len(v[1]))
-        # Budget windows of users ("user <id>") and callers ("caller <id>"); a request's is its served list.
-        self.sources: Held[list] = Held("sources", st.max_sources, st.max_sources_bytes, lambda v: v[0],
-                                        lambda k, v: SOURCE_ENTRY_BYTES + len(k))
         self.batch_x: list[np.ndarray] = []
         self.batch_y: list[float] = []
-        self.path = state_dir / STATE_FILE if state_dir is not None else None
-        if self.path is not None and self.path.exists():
-            self._load()
+        self._load()
+
+    # What the local store holds (tests, erase): a shared store has no such dicts.
+    @property
+    def served(self):
+        return self.store.served
+
+    @property
+    def pending(self):
+        return self.store.pending
+
+    @property
+    def early(self):
+        return self.store.early
+
+    @property
+    def sources(self):
+        return self.store.sources
+
+    @property
+    def path(self) -> Path | None:
+        return getattr(self.store, "path", None)
 
     # --- inputs ---------------------------------------------------------------------------------
     def add_served(self, request_id: str, items: Iterable[tuple[str, Sequence[float]]]) -> bool:
@@ -243,76 +226,63 @@ class BlendLearner:
         if ids.count(SEP) != n + 1 or not all(item_ids):  # a space or an empty id would break the lookup
             return False
         now = self.clock()
-        if not self._charge("caller", caller, n, self.settings.max_per_caller, now):
-            return False  # each served item can become one example: the caller's budget counts them
-        old = self.served.get(request_id)
-        entry = [now, ids, parts.astype(np.float32, copy=False).tobytes(), old[3] if old is not None else 0]
-        if not self.served.put(request_id, entry):
-            return False  # larger than the whole served-bytes bound
-        early = self.early.pop(request_id)
-        if early is not None:
-            for kind, item_id, position in early[1]:
-                self._event(kind, request_id, item_id, position, now)
+        try:
+            if not self._charge("caller", caller, n, self.settings.max_per_caller, now):
+                return False  # each served item can become one example: the caller's budget counts them
+            early = self.store.put_served(request_id, ids, parts.astype(np.float32, copy=False).tobytes(), now)
+            if early is None:
+                return False  # larger than the whole served-bytes bound
+            if early:
+                self._join(early, now)
+        except StateUnavailable:
+            return False  # the shared state is away: this list teaches nothing (counted by the store)
         return True
 
     def observe(self, events: Iterable[dict]) -> None:
         """Stored feedback events (the feedback service's post-store hook)."""
         now = self.clock()
+        joined, charges = [], []
         for e in events:
             kind, request_id = e["event_type"], e.get("request_id") or ""
-            if kind not in JOINED_EVENTS:
+            if kind not in JOINED_EVENTS or not request_id:
                 continue
+            joined.append((kind, request_id, e.get("item_id") or "", e.get("position")))
             # An impression is what becomes an example (a click only labels one): the user pays for it.
-            if kind == "IMPRESSION" and request_id and not self._charge(
-                    "user", e.get("user_id") or "", 1, self.settings.max_per_user, now):
-                continue
-            self._event(kind, request_id, e.get("item_id") or "", e.get("position"), now)
+            charges.append(("user", e.get("user_id") or "", 1, self.settings.max_per_user) if kind == "IMPRESSION"
+                           else None)
+        try:
+            if joined:
+                allowed = self._charge_all([c for c in charges if c is not None], now)
+                paid = iter(allowed)
+                self._join([event for event, c in zip(joined, charges) if c is None or next(paid)], now)
+        except StateUnavailable:
+            pass  # nothing learned from these events (counted by the store); they are stored all the same
         self.tick()
 
     def _charge(self, kind: str, source: str, n: int, limit: int, now: float) -> bool:
         """Count `n` examples against a source's budget for the window; False (nothing counted) when
         they would pass `limit`. An empty source has no identity and no budget of its own."""
-        if not source:
-            return True
-        key = kind + SEP + source
-        window = self.sources.get(key)
-        if window is None or window[0] <= now - self.settings.source_window_s:
-            window = [now, 0]
-            self.sources.put(key, window)
-        if window[1] + n > limit:
-            learner_metrics.CAPPED_BY[kind].inc(n)
-            return False
-        window[1] += n
-        return True
+        return self._charge_all([(kind, source, n, limit)], now)[0]
 
-    def _event(self, kind: str, request_id: str, item_id: str, position: int | None, now: float) -> None:
-        if not request_id:
-            return
-        key = pending_key(request_id, item_id)
-        if kind != "IMPRESSION":
-            packed = self.pending.pop(key)
-            if packed is not None:  # the first positive event labels it; later ones find nothing
+    def _charge_all(self, charges: Sequence[tuple[str, str, int, int]], now: float) -> list[bool]:
+        """Count each (kind, source, n, limit) against the source's budget for the window; False
+        (nothing counted) where it would pass `limit`. An empty source has no identity and no budget."""
+        keyed = [(kind + SEP + source, n, limit) for kind, source, n, limit in charges if source]
+        results = iter(self.store.charge(keyed, now) if keyed else [])
+        allowed = []
+        for kind, source, n, _ in charges:
+            ok = next(results) if source else True
+            if not ok:
+                learner_metrics.CAPPED_BY[kind].inc(n)
+            allowed.append(ok)
+        return allowed
+
+    def _join(self, events: Sequence[tuple[str, str, str, int | None]], now: float) -> None:
+        for status, packed in self.store.join(events, now):
+            if status == POSITIVE:
                 self._example(packed, 1.0)
-                return
-        served = self.served.get(request_id)
-        if served is None:
-            entry = self.early.get(request_id)
-            if entry is None:
-                self.early.put(request_id, (now, [(kind, item_id, position)]))
-            else:
-                entry[1].append((kind, item_id, position))
-                self.early.grew(1, EARLY_EVENT_BYTES + len(item_id))
-            return
-        if kind == "IMPRESSION" and key not in self.pending:
-            index = _rank(served[1], item_id)
-            if index >= 0:
-                if served[3] >= self.settings.max_per_request:
-                    learner_metrics.CAPPED_BY["request"].inc()
-                    return
-                served[3] += 1
-                start = index * PART_BYTES
-                self.pending.put(key, PENDING.pack(now, int(position or index + 1))
-                                 + served[2][start:start + PART_BYTES])
+            elif status == CAPPED:
+                learner_metrics.CAPPED_BY["request"].inc()
 
     async def __call__(self, events: list[dict]) -> None:
         self.observe(events)
@@ -322,41 +292,33 @@ class BlendLearner:
         requests (served lists, impressions waiting for a label, early events); return how many
         entries went. Served lists carry no user id: a user's requests are the request ids of their
         stored events. Examples already in the open batch are anonymous numbers (parts, position,
-        label) and stay; the posterior learned from earlier batches cannot be unlearned."""
-        removed = 0
-        for user_id in user_ids:
-            removed += self.sources.pop("user" + SEP + user_id) is not None
-        requests = set(request_ids)
-        for request_id in requests:
-            removed += self.served.pop(request_id) is not None
-            removed += self.early.pop(request_id) is not None
-        if requests:
-            prefixes = tuple(r + SEP for r in requests)
-            for key in [k for k in self.pending if k.startswith(prefixes)]:
-                removed += self.pending.pop(key) is not None
+        label) and stay; the posterior learned from earlier batches cannot be unlearned.
+        StateUnavailable when a shared store cannot be reached (the erasure is then incomplete)."""
+        removed = self.store.forget(["user" + SEP + u for u in user_ids], request_ids)
         self.publish()
         return removed
 
     def tick(self) -> None:
         """Label impressions whose click window has passed as negatives, drop what is too old to
-        be joined; update when a batch is full."""
-        now = self.clock()
-        cutoff = now - self.settings.label_delay_s
-        self.served.drop_older(cutoff - self.settings.served_margin_s)
-        self.early.drop_older(cutoff)  # never served by this gateway (or its record was lost)
-        for _ in self.sources.pop_older(now - self.settings.source_window_s):  # windows closed
-            pass
-        for _, packed in self.pending.pop_older(cutoff):
-            self._example(packed, 0.0)
-        if len(self.batch_y) >= self.settings.min_batch:
-            self.update(np.array(self.batch_x), np.array(self.batch_y))
-            self.batch_x, self.batch_y = [], []
+        be joined; update when a batch is full; pick up a posterior another replica saved."""
+        try:
+            for packed in self.store.expire(self.clock()):
+                self._example(packed, 0.0)
+            if len(self.batch_y) >= self.settings.min_batch:
+                self.update(np.array(self.batch_x), np.array(self.batch_y))
+                self.batch_x, self.batch_y = [], []
+            elif (document := self.store.refresh_posterior(self.version)) is not None and document != self.refused:
+                if not self._adopt(document, "the shared state"):
+                    self.refused = document  # warned once; replaced at this learner's next save
+        except StateUnavailable:
+            # Keep the labelled examples for when it is back, bounded; the weights stay as they are.
+            keep = MAX_WAITING_BATCHES * self.settings.min_batch
+            del self.batch_x[:-keep], self.batch_y[:-keep]
         self.publish()
 
     def publish(self) -> None:
         """What is held, to Prometheus (cheap: eight gauge sets)."""
-        for held in (self.served, self.pending, self.early, self.sources):
-            held.publish()
+        self.store.publish()
 
     def _example(self, packed: bytes, y: float) -> None:
         _, position = PENDING.unpack_from(packed)
@@ -366,7 +328,21 @@ class BlendLearner:
     # --- the model --------------------------------------------------------------------------------
     def update(self, x: np.ndarray, y: np.ndarray) -> bool:
         """One posterior update on a batch (Chapelle & Li Algorithm 3, with forgetting), inside the
-        trust region; False when it gave no sane posterior (then the last good one stays)."""
+        trust region; False when it gave no sane posterior (then the last good one stays) or when
+        other replicas kept saving first. StateUnavailable when a shared store cannot be reached."""
+        for _ in range(SAVE_ATTEMPTS):
+            fitted = self._fit(x, y)
+            if fitted is None:
+                return False
+            if self._save(*fitted, len(y)):
+                log.info("blend weights v%d from %d labelled impressions: %s", self.version, self.labelled,
+                         ", ".join(f"{n}={v:.3f}" for n, v in zip(PART_NAMES, self.weights())))
+                return True
+        log.warning("blend weights: %d saves in a row found a newer posterior; the batch waits", SAVE_ATTEMPTS)
+        raise StateUnavailable("posterior save conflicts")
+
+    def _fit(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The MAP mean and precision of one update on the posterior held now; None when refused."""
         st = self.settings
         q0 = self.prior_precision + st.forget * (self.precision - self.prior_precision)
         m0 = self.mean
@@ -402,17 +378,10 @@ class BlendLearner:
                 log.warning("blend weights: refused an update on %d examples (%s); kept v%d. Later refusals are only "
                             "counted (recsys_feedback_learner_rejected_total)", len(y), problem, self.version)
                 self.warned = True
-            return False
+            return None
         if ((w == low) | (w == high)).any():
             learner_metrics.CLIPPED.inc()
-        self.mean, self.precision = w, precision
-        self.labelled += len(y)
-        self.version += 1
-        self.updated_at = datetime.now(timezone.utc)
-        self._save()
-        log.info("blend weights v%d from %d labelled impressions: %s", self.version, self.labelled,
-                 ", ".join(f"{n}={v:.3f}" for n, v in zip(PART_NAMES, self.weights())))
-        return True
+        return w, precision
 
     def _problem(self, mean: np.ndarray, precision: np.ndarray) -> str | None:
         """Why a (DIM,) mean and precision are not a posterior to serve or save; None when they are."""
@@ -430,20 +399,43 @@ class BlendLearner:
         return 1.0 / self.precision[:N_PARTS]
 
     # --- persistence ------------------------------------------------------------------------------
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        state = {"part_names": list(PART_NAMES), "mean": self.mean.tolist(), "precision": self.precision.tolist(),
-                 "labelled": self.labelled, "version": self.version, "updated_at": self.updated_at.isoformat()}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new state, never half
+    def _save(self, mean: np.ndarray, precision: np.ndarray, n: int) -> bool:
+        """Save the fitted posterior as the next version and serve it; False when the store held a
+        newer one (another replica's), which is then served and the fit must be redone on it."""
+        version, labelled, updated_at = self.version + 1, self.labelled + n, datetime.now(timezone.utc)
+        state = {"part_names": list(PART_NAMES), "mean": mean.tolist(), "precision": precision.tolist(),
+                 "labelled": labelled, "version": version, "updated_at": updated_at.isoformat()}
+        newer = self.store.save_posterior(json.dumps(state), version, self.saved_version)
+        if newer is None:
+            self.mean, self.precision = mean, precision
+            self.labelled, self.version, self.updated_at = labelled, version, updated_at
+            self.saved_version = str(version)
+            return True
+        saved_version, document = newer
+        if not document or not self._adopt(document, "the shared state"):
+            # Not a posterior this learner could have written: replace it (versions stay increasing).
+            self.saved_version = saved_version
+            if saved_version.isdigit():
+                self.version = max(self.version, int(saved_version))
+        return False
 
     def _load(self) -> None:
         """The saved posterior if it is one this learner could have written, else the prior with a
         warning: a damaged or hostile file must not reach the gateways' scores (nor survive restarts)."""
         try:
-            state = json.loads(self.path.read_text())
+            saved = self.store.load_posterior()
+        except (OSError, ValueError) as e:
+            learner_metrics.REJECTED.labels("state_file").inc()
+            log.warning("ignoring %s (unreadable: %s: %s): starting from the prior", self.path, type(e).__name__,
+                        str(e)[:200])
+            return
+        if saved is not None:
+            self._adopt(saved[1], saved[0])
+
+    def _adopt(self, document: str, where: object) -> bool:
+        """Serve the posterior in `document` (JSON) if it is sane; False (and a warning) if not."""
+        try:
+            state = json.loads(document)
             names = state["part_names"]
             mean, precision = np.array(state["mean"], np.float64), np.array(state["precision"], np.float64)
             labelled, version = int(state["labelled"]), int(state["version"])
@@ -461,7 +453,10 @@ class BlendLearner:
                 problem = self._problem(mean, precision)
         if problem is not None:
             learner_metrics.REJECTED.labels("state_file").inc()
-            log.warning("ignoring %s (%s): starting from the prior", self.path, problem)
-            return
+            log.warning("ignoring %s (%s): %s", where, problem,
+                        "starting from the prior" if self.version == 0 else f"keeping v{self.version}")
+            return False
         self.mean, self.precision = mean, precision
         self.labelled, self.version, self.updated_at = labelled, version, updated_at
+        self.saved_version = str(version)
+        return True

@@ -1,0 +1,672 @@
+"""Where the online learner's state lives: in this process (the default) or in a shared Redis.
+
+BlendLearner (blend_learner.py) owns the math and the guards; a store owns what they work on:
+- the posterior (mean, precision, labelled count, version, updated_at: one JSON document);
+- the served lists (request id -> item ids + parts + examples joined so far), the impressions
+  waiting for their click (pending), the events waiting for their served list (early);
+- the budget windows of users and callers (what one source may teach per window).
+
+LocalLearnerState is today's behaviour for one machine: bounded dicts in memory (held.py) and the
+posterior in <event log dir>/blend_weights.json. RedisLearnerState puts all of it in a Redis node or
+a Redis Cluster so that N feedback replicas are one learner: a list LogServed to replica A is
+joined with the click that reaches replica B, and every replica serves the same weights.
+
+Redis layout (prefix P, "recsys:learner" by default). Request ids and sources are spread over
+SHARDS hash tags {P:0} .. {P:15}; each shard's structures share its tag, so one shard is one slot
+(its Lua scripts touch only declared keys of that slot: cluster-safe) and a batch of events costs
+at most SHARDS script calls, whatever its size:
+  {P:s}:ids, :parts, :joined  hashes request id -> " i1 i2 ... ", float32 parts, examples joined
+  {P:s}:served_at             zset request id -> arrival (age and count bounds: oldest first)
+  {P:s}:pending / :due        hash "rid item" -> packed impression / zset -> impression time
+  {P:s}:early / :early_at     hash request id -> events ("kind item position\n"...) / zset -> arrival
+  {P:s}:counts                hash: served_bytes, early_n (for the byte and event bounds)
+  {P:s}:budget / :window      hash source -> examples counted / zset source -> window start
+  {P}:posterior               hash: version, state (the same JSON document as blend_weights.json)
+Every bound of LearnerSettings holds in Redis too, per shard (bound / SHARDS, tracked in the same
+script that adds, so concurrent replicas cannot overshoot it); entries past their age are removed
+by the replicas' ticks, and every key carries a TTL refreshed on write, so the state of a learner
+whose replicas all stopped disappears by itself (KEY_TTL_S after the last write).
+
+Times in Redis are wall-clock seconds (time.time) because several machines compare them; the
+local store uses the learner's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import Counter
+
+from contract.scores import PART_NAMES
+from feedback import metrics
+from feedback.held import Held
+
+if TYPE_CHECKING:
+    from feedback.blend_learner import LearnerSettings
+
+log = logging.getLogger(__name__)
+
+N_PARTS = len(PART_NAMES)
+STATE_FILE = "blend_weights.json"
+
+# How entries are stored, compactly: a served list is one list [time, ids, parts, joined] where ids
+# is " i1 i2 ... " (ids never contain a space: contract/rules.py), parts is the float32 bytes of an
+# (items x parts) array and joined counts its impressions joined so far (max_per_request); a
+# pending impression is one bytes object packing (time, position, parts) under the key
+# "request_id item_id". Dicts of numpy arrays per item cost ~285 bytes per served item; this costs
+# ~41 at 20 items a list, ~25 at 200 (tests/unit/test_learner_bounds.py). Redis holds the same bytes.
+SEP = " "
+PART_BYTES = 4 * N_PARTS
+PENDING = struct.Struct("<di")  # impression time, position; the item's parts follow
+# Estimated bytes per entry beyond its strings (CPython 3.11, 64-bit): the container objects and
+# their share of the OrderedDict, measured with tracemalloc (tests/unit/test_learner_bounds.py
+# checks these stay within 25% of the real cost).
+SERVED_ENTRY_BYTES = 315  # + request id + ids + 16 per item
+SOURCE_ENTRY_BYTES = 190  # + key, per user or caller with a budget window open
+PENDING_ENTRY_BYTES = 180  # + key
+EARLY_LIST_BYTES = 260  # + request id, per request waiting for its served list
+EARLY_EVENT_BYTES = 125  # + item id, per event held
+
+# What a join did with one event (BlendLearner acts on POSITIVE and counts CAPPED).
+POSITIVE, PENDING_HELD, EARLY, CAPPED, IGNORED = "positive", "pending", "early", "capped", "ignored"
+
+# Redis errors, by operation (served, events, tick, posterior, forget): while Redis cannot be
+# reached the learner learns nothing and every replica keeps serving its last known weights.
+STATE_ERRORS = Counter("recsys_feedback_learner_state_errors_total",
+                       "Operations on the learner's shared state (Redis) that failed; nothing was learned from them",
+                       ["operation"])
+
+# A served list: [time, " i1 i2 ... ", float32 parts bytes, examples joined so far] (a list: the count
+# grows in place); an early entry: (time, [(kind, item, position)]); a source's budget: [window start, examples].
+Served = list
+Early = tuple[float, list[tuple[str, str, int | None]]]
+Event = tuple[str, str, str, int | None]  # kind, request id, item id, position
+Charge = tuple[str, int, int]  # source key ("user <id>", "caller <id>"), examples, limit
+
+
+class StateUnavailable(Exception):
+    """The shared store cannot be reached now: nothing was read or written (the learner degrades)."""
+
+
+def pending_key(request_id: str, item_id: str) -> str:
+    return request_id + SEP + item_id
+
+
+def _rank(ids: str, item_id: str) -> int:
+    """The 0-based rank of `item_id` in a joined id list (the first time it appears), or -1."""
+    at = ids.find(SEP + item_id + SEP)
+    return -1 if at < 0 else ids.count(SEP, 0, at)
+
+
+def _served_size(key: str, v: Served) -> int:
+    return SERVED_ENTRY_BYTES + len(key) + len(v[1]) + len(v[2])
+
+
+def _early_size(key: str, v: Early) -> int:
+    return EARLY_LIST_BYTES + len(key) + sum(EARLY_EVENT_BYTES + len(item) for _, item, _ in v[1])
+
+
+class LearnerState(Protocol):
+    """What BlendLearner needs of a store. Methods of a shared store raise StateUnavailable."""
+
+    clock: Callable[[], float]  # the time base of the store's entries
+
+    def charge(self, charges: Sequence[Charge], now: float) -> list[bool]:
+        """Count each source's examples against its budget for the window, in order; False (nothing
+        counted) for a charge that would pass its limit."""
+
+    def put_served(self, request_id: str, ids: str, parts: bytes, now: float) -> list[Event] | None:
+        """Hold a served list (a re-sent request id keeps its joined count); return the events that
+        were waiting for it, None when it is larger than a bound on its own (not held)."""
+
+    def join(self, events: Sequence[Event], now: float) -> list[tuple[str, bytes | None]]:
+        """Join events with what is held, in order; per event (status, packed impression for POSITIVE)."""
+
+    def expire(self, now: float) -> list[bytes]:
+        """Drop what is too old to be joined; return the impressions whose click window has passed."""
+
+    def forget(self, user_keys: Iterable[str], request_ids: Iterable[str]) -> int:
+        """Drop these budget windows and everything held for these requests; how many entries went."""
+
+    def load_posterior(self) -> tuple[str, str] | None:
+        """(where, JSON document) of the saved posterior, None when there is none."""
+
+    def refresh_posterior(self, known_version: int) -> str | None:
+        """The saved posterior's JSON when it is not `known_version` (another replica updated it)."""
+
+    def save_posterior(self, document: str, version: int, expected_version: str) -> tuple[str, str] | None:
+        """Save when the saved posterior's version is still `expected_version` (None); else return
+        the saved (version, document) instead: another replica's update, or something to overwrite."""
+
+    def publish(self) -> None:
+        """What is held, to Prometheus."""
+
+
+class LocalLearnerState:
+    """One process: bounded dicts in memory and the posterior in a JSON file (or nowhere)."""
+
+    def __init__(self, settings: "LearnerSettings", state_dir: Path | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        st = self.settings = settings
+        self.clock = clock
+        self.served: Held[Served] = Held("served", st.max_lists, st.max_served_bytes, lambda v: v[0], _served_size)
+        self.pending: Held[bytes] = Held("pending", st.max_pending, st.max_pending_bytes,
+                                         lambda v: PENDING.unpack_from(v)[0], lambda k, v: PENDING_ENTRY_BYTES + len(k))
+        # Events that arrive before the gateway's LogServed for their request (the shop can be
+        # faster than the gateway's 100 ms flush): held until it comes or the click window passes.
+        self.early: Held[Early] = Held("early", st.max_early, st.max_early_bytes, lambda v: v[0], _early_size,
+                                       units_of=lambda v: len(v[1]))
+        # Budget windows of users ("user <id>") and callers ("caller <id>"); a request's is its served list.
+        self.sources: Held[list] = Held("sources", st.max_sources, st.max_sources_bytes, lambda v: v[0],
+                                        lambda k, v: SOURCE_ENTRY_BYTES + len(k))
+        self.path = state_dir / STATE_FILE if state_dir is not None else None
+
+    def charge(self, charges: Sequence[Charge], now: float) -> list[bool]:
+        return [self._charge(key, n, limit, now) for key, n, limit in charges]
+
+    def _charge(self, key: str, n: int, limit: int, now: float) -> bool:
+        window = self.sources.get(key)
+        if window is None or window[0] <= now - self.settings.source_window_s:
+            window = [now, 0]
+            self.sources.put(key, window)
+        if window[1] + n > limit:
+            return False
+        window[1] += n
+        return True
+
+    def put_served(self, request_id: str, ids: str, parts: bytes, now: float) -> list[Event] | None:
+        old = self.served.get(request_id)
+        if not self.served.put(request_id, [now, ids, parts, old[3] if old is not None else 0]):
+            return None  # larger than the whole served-bytes bound
+        early = self.early.pop(request_id)
+        return [] if early is None else [(kind, request_id, item, position) for kind, item, position in early[1]]
+
+    def join(self, events: Sequence[Event], now: float) -> list[tuple[str, bytes | None]]:
+        return [self._join(kind, request_id, item_id, position, now) for kind, request_id, item_id, position in events]
+
+    def _join(self, kind: str, request_id: str, item_id: str, position: int | None,
+              now: float) -> tuple[str, bytes | None]:
+        key = pending_key(request_id, item_id)
+        if kind != "IMPRESSION":
+            packed = self.pending.pop(key)
+            if packed is not None:  # the first positive event labels it; later ones find nothing
+                return POSITIVE, packed
+        served = self.served.get(request_id)
+        if served is None:
+            entry = self.early.get(request_id)
+            if entry is None:
+                self.early.put(request_id, (now, [(kind, item_id, position)]))
+            else:
+                entry[1].append((kind, item_id, position))
+                self.early.grew(1, EARLY_EVENT_BYTES + len(item_id))
+            return EARLY, None
+        if kind == "IMPRESSION" and key not in self.pending:
+            index = _rank(served[1], item_id)
+            if index >= 0:
+                if served[3] >= self.settings.max_per_request:
+                    return CAPPED, None
+                served[3] += 1
+                start = index * PART_BYTES
+                self.pending.put(key, PENDING.pack(now, int(position or index + 1)) + served[2][start:start + PART_BYTES])
+                return PENDING_HELD, None
+        return IGNORED, None
+
+    def expire(self, now: float) -> list[bytes]:
+        st = self.settings
+        cutoff = now - st.label_delay_s
+        self.served.drop_older(cutoff - st.served_margin_s)
+        self.early.drop_older(cutoff)  # never served by this gateway (or its record was lost)
+        for _ in self.sources.pop_older(now - st.source_window_s):  # windows closed
+            pass
+        return [packed for _, packed in self.pending.pop_older(cutoff)]
+
+    def forget(self, user_keys: Iterable[str], request_ids: Iterable[str]) -> int:
+        removed = sum(self.sources.pop(key) is not None for key in user_keys)
+        requests = set(request_ids)
+        for request_id in requests:
+            removed += self.served.pop(request_id) is not None
+            removed += self.early.pop(request_id) is not None
+        if requests:
+            prefixes = tuple(r + SEP for r in requests)
+            for key in [k for k in self.pending if k.startswith(prefixes)]:
+                removed += self.pending.pop(key) is not None
+        return removed
+
+    def load_posterior(self) -> tuple[str, str] | None:
+        """OSError / UnicodeDecodeError for a file that cannot be read (the learner refuses it)."""
+        if self.path is None or not self.path.exists():
+            return None
+        return str(self.path), self.path.read_text()
+
+    def refresh_posterior(self, known_version: int) -> str | None:
+        return None  # nobody else writes it
+
+    def save_posterior(self, document: str, version: int, expected_version: str) -> tuple[str, str] | None:
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(document)
+            os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new state, never half
+        return None
+
+    def publish(self) -> None:
+        for held in (self.served, self.pending, self.early, self.sources):
+            held.publish()
+
+
+# --- Redis ------------------------------------------------------------------------------------------
+
+SHARDS = 16
+# KEYS of every shard script, in this order (Lua indexes them 1..11).
+SHARD_KEYS = ("ids", "parts", "joined", "served_at", "pending", "due", "early", "early_at", "counts", "budget",
+              "window")
+# A script handles at most this many expiries per kind and shard per tick: a tick never blocks Redis
+# for long, and a backlog is worked off over the next ticks.
+EXPIRE_BATCH = 5_000
+# observe() ticks after every batch of events; against Redis an expiry pass costs a script call per
+# shard, so it runs at most this often (labels come at most this much later), as does the check for a
+# posterior another replica saved.
+SHARED_TICK_S = 0.25
+
+# Shared by the shard scripts: removing a served list / an early entry keeps the counters exact.
+_LUA_PRELUDE = """
+local function drop_served(rid)
+  local n = redis.call('HSTRLEN', KEYS[1], rid)
+  if n == 0 and redis.call('HEXISTS', KEYS[1], rid) == 0 then return 0 end
+  n = n + redis.call('HSTRLEN', KEYS[2], rid) + #rid
+  redis.call('HDEL', KEYS[1], rid); redis.call('HDEL', KEYS[2], rid); redis.call('HDEL', KEYS[3], rid)
+  redis.call('HINCRBY', KEYS[9], 'served_bytes', -n)
+  return 1
+end
+local function drop_early(rid)
+  local e = redis.call('HGET', KEYS[7], rid)
+  if not e then return 0 end
+  local _, n = string.gsub(e, '\\n', '')
+  redis.call('HDEL', KEYS[7], rid)
+  redis.call('HINCRBY', KEYS[9], 'early_n', -n)
+  return n
+end
+local function touch(ttl_ms)
+  for k = 1, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl_ms) end
+end
+"""
+
+# ARGV: rid, ids, parts, now, max lists, max bytes, ttl ms. Returns {dropped lists, early events or ''}.
+_LUA_PUT_SERVED = _LUA_PRELUDE + """
+local rid, now = ARGV[1], tonumber(ARGV[4])
+drop_served(rid)
+local joined = redis.call('HGET', KEYS[3], rid)
+redis.call('HSET', KEYS[1], rid, ARGV[2]); redis.call('HSET', KEYS[2], rid, ARGV[3])
+redis.call('HSET', KEYS[3], rid, joined or 0)
+redis.call('HINCRBY', KEYS[9], 'served_bytes', #ARGV[2] + #ARGV[3] + #rid)
+redis.call('ZADD', KEYS[4], now, rid)
+local dropped = 0
+while redis.call('ZCARD', KEYS[4]) > tonumber(ARGV[5]) or
+      tonumber(redis.call('HGET', KEYS[9], 'served_bytes') or 0) > tonumber(ARGV[6]) do
+  local old = redis.call('ZPOPMIN', KEYS[4])
+  if #old == 0 then break end
+  dropped = dropped + drop_served(old[1])
+end
+local early = redis.call('HGET', KEYS[7], rid)
+if early then drop_early(rid); redis.call('ZREM', KEYS[8], rid) end
+touch(tonumber(ARGV[7]))
+return {dropped, early or ''}
+"""
+
+# ARGV: now, max per request, max pending, max early events, ttl ms, then (kind, rid, item, position)
+# per event. Returns {pending dropped, early dropped, then (status, packed or '') per event}.
+_LUA_JOIN = _LUA_PRELUDE + """
+local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_pending, max_early = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {0, 0}
+for i = 6, #ARGV, 4 do
+  local kind, rid, item, pos = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = rid .. ' ' .. item
+  local status, packed = 'ignored', ''
+  local p = false
+  if kind ~= 'IMPRESSION' then p = redis.call('HGET', KEYS[5], key) end
+  if p then
+    redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
+    status, packed = 'positive', p
+  else
+    local ids = redis.call('HGET', KEYS[1], rid)
+    if not ids then
+      status = 'early'
+      if redis.call('HEXISTS', KEYS[7], rid) == 0 then redis.call('ZADD', KEYS[8], now, rid) end
+      redis.call('HSET', KEYS[7], rid, (redis.call('HGET', KEYS[7], rid) or '') .. kind .. ' ' .. item .. ' ' .. pos .. '\\n')
+      redis.call('HINCRBY', KEYS[9], 'early_n', 1)
+      while tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0) > max_early do
+        local old = redis.call('ZPOPMIN', KEYS[8])
+        if #old == 0 then break end
+        out[2] = out[2] + drop_early(old[1])
+      end
+    elseif kind == 'IMPRESSION' and redis.call('HEXISTS', KEYS[5], key) == 0 then
+      local at = string.find(ids, ' ' .. item .. ' ', 1, true)
+      if at then
+        if tonumber(redis.call('HGET', KEYS[3], rid) or 0) >= cap then
+          status = 'capped'
+        else
+          local _, index = string.gsub(string.sub(ids, 1, at - 1), ' ', '')
+          local position = tonumber(pos)
+          if position == nil or position == 0 then position = index + 1 end
+          local parts = redis.call('HGET', KEYS[2], rid)
+          redis.call('HINCRBY', KEYS[3], rid, 1)
+          redis.call('HSET', KEYS[5], key, struct.pack('<di', now, position) ..
+                     string.sub(parts, index * PART_BYTES + 1, index * PART_BYTES + PART_BYTES))
+          redis.call('ZADD', KEYS[6], now, key)
+          while redis.call('ZCARD', KEYS[6]) > max_pending do
+            local old = redis.call('ZPOPMIN', KEYS[6])
+            if #old == 0 then break end
+            redis.call('HDEL', KEYS[5], old[1])
+            out[1] = out[1] + 1
+          end
+          status = 'pending'
+        end
+      end
+    end
+  end
+  out[#out + 1] = status; out[#out + 1] = packed
+end
+touch(tonumber(ARGV[5]))
+return out
+""".replace("PART_BYTES", str(PART_BYTES))
+
+# ARGV: now, window cutoff, max sources, ttl ms, then (key, n, limit) per charge. Returns 1/0 per charge.
+_LUA_CHARGE = """
+local now, cutoff, max_sources = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out = {}
+for i = 5, #ARGV, 3 do
+  local key, n, limit = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local start = redis.call('ZSCORE', KEYS[11], key)
+  if not start or tonumber(start) <= cutoff then
+    redis.call('ZADD', KEYS[11], now, key); redis.call('HSET', KEYS[10], key, 0)
+    while redis.call('ZCARD', KEYS[11]) > max_sources do
+      local old = redis.call('ZPOPMIN', KEYS[11])
+      if #old == 0 then break end
+      redis.call('HDEL', KEYS[10], old[1])
+    end
+  end
+  local count = tonumber(redis.call('HGET', KEYS[10], key) or 0)
+  if count + n > limit then out[#out + 1] = 0 else redis.call('HINCRBY', KEYS[10], key, n); out[#out + 1] = 1 end
+end
+redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[4])); redis.call('PEXPIRE', KEYS[11], tonumber(ARGV[4]))
+return out
+"""
+
+# ARGV: served cutoff, early cutoff, label cutoff, window cutoff, batch. Returns {served dropped, early
+# dropped, held served, served bytes, held pending, held early events, open windows, then the impressions due}.
+_LUA_EXPIRE = _LUA_PRELUDE + """
+local batch = tonumber(ARGV[5])
+local out = {0, 0}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, batch)) do
+  out[1] = out[1] + drop_served(rid); redis.call('ZREM', KEYS[4], rid)
+end
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', ARGV[2], 'LIMIT', 0, batch)) do
+  out[2] = out[2] + drop_early(rid); redis.call('ZREM', KEYS[8], rid)
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', ARGV[4], 'LIMIT', 0, batch)) do
+  redis.call('HDEL', KEYS[10], key); redis.call('ZREM', KEYS[11], key)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[3], 'LIMIT', 0, batch)
+out[3] = redis.call('ZCARD', KEYS[4]); out[4] = tonumber(redis.call('HGET', KEYS[9], 'served_bytes') or 0)
+out[5] = redis.call('ZCARD', KEYS[6]) - #due; out[6] = tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0)
+out[7] = redis.call('ZCARD', KEYS[11])
+for _, key in ipairs(due) do
+  local p = redis.call('HGET', KEYS[5], key)
+  redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
+  if p then out[#out + 1] = p end
+end
+return out
+"""
+
+# ARGV: request ids. Returns how many entries went (served lists, early entries, pending impressions).
+_LUA_FORGET_REQUESTS = _LUA_PRELUDE + """
+local removed = 0
+for _, rid in ipairs(ARGV) do
+  local ids = redis.call('HGET', KEYS[1], rid)
+  if ids then
+    for item in string.gmatch(ids, '[^ ]+') do
+      local key = rid .. ' ' .. item
+      removed = removed + redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
+    end
+  end
+  removed = removed + drop_served(rid); redis.call('ZREM', KEYS[4], rid)
+  if drop_early(rid) > 0 then removed = removed + 1 end
+  redis.call('ZREM', KEYS[8], rid)
+end
+return removed
+"""
+
+# Optimistic concurrency on the posterior's version: several replicas update one posterior without a
+# leader. A replica fits its own batch on the posterior it knows (version v) and saves v+1 only if
+# the saved one is still v; otherwise it gets the newer posterior, refits the same batch on it and
+# tries again. So no update is lost or applied twice, no replica waits on another, and there is no
+# lease to hand over when a replica dies. Conflicts are rare (an update per min_batch examples).
+# ARGV: expected version, new version, document. Returns 1 (saved) or the saved {version, document}.
+_LUA_SAVE_POSTERIOR = """
+local current = redis.call('HGET', KEYS[1], 'version') or '0'
+if current ~= ARGV[1] then return {current, redis.call('HGET', KEYS[1], 'state') or ''} end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'state', ARGV[3])
+return 1
+"""
+
+
+def shard_of(key: str) -> int:
+    return zlib.crc32(key.encode()) % SHARDS
+
+
+class RedisLearnerState:
+    """The learner's state in Redis (a node or a cluster), shared by every feedback replica.
+
+    A Redis error never reaches the caller as anything but StateUnavailable: the learner drops what
+    it was given (it only teaches; the events are durable in the event log) and keeps its weights.
+    After an error the store does not try again for `retry_after_s`, so an outage costs one
+    timeout per second, not one per event."""
+
+    clock = staticmethod(time.time)
+
+    def __init__(self, client, settings: "LearnerSettings", prefix: str = "recsys:learner",
+                 retry_after_s: float = 1.0, tick_s: float = SHARED_TICK_S):
+        import redis
+
+        self.client = client
+        self.settings = st = settings
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.retry_after_s = retry_after_s
+        self.down_until = 0.0
+        self.tick_s = tick_s
+        self.expired_at = self.refreshed_at = -math.inf  # learner clock / monotonic time of the last pass
+        self.shard_keys = [[f"{{{prefix}:{s}}}:{name}" for name in SHARD_KEYS] for s in range(SHARDS)]
+        self.posterior_key = f"{{{prefix}}}:posterior"
+        per = lambda bound: max(1, math.ceil(bound / SHARDS))  # noqa: E731
+        self.max_lists, self.max_served_bytes = per(st.max_lists), per(st.max_served_bytes)
+        self.max_pending, self.max_early, self.max_sources = per(st.max_pending), per(st.max_early), per(st.max_sources)
+        # Every key outlives the longest-lived entry it can hold (a budget window, a served list).
+        self.ttl_ms = int(1000 * (max(st.source_window_s, st.label_delay_s + st.served_margin_s) + 60))
+        self.scripts = {name: client.register_script(src) for name, src in (
+            ("put_served", _LUA_PUT_SERVED), ("join", _LUA_JOIN), ("charge", _LUA_CHARGE), ("expire", _LUA_EXPIRE),
+            ("forget", _LUA_FORGET_REQUESTS), ("save", _LUA_SAVE_POSTERIOR))}
+        self.held = {"served": 0, "served_bytes": 0, "pending": 0, "early": 0, "sources": 0}
+
+    @classmethod
+    def from_url(cls, url: str, settings: "LearnerSettings", cluster: bool = False, prefix: str = "recsys:learner",
+                 timeout_s: float = 0.5) -> "RedisLearnerState":
+        """A store on `url` (redis://host:port/db; with `cluster`, any node of the cluster). Connects
+        lazily: a Redis that is down at start only means the learner starts from the prior."""
+        import redis
+
+        options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        if cluster:
+            client = redis.RedisCluster.from_url(url, **options)
+        else:
+            client = redis.Redis.from_url(url, **options)
+        return cls(client, settings, prefix)
+
+    def _call(self, operation: str, fn: Callable[[], object]):
+        now = time.monotonic()
+        if now < self.down_until:
+            STATE_ERRORS.labels(operation).inc()
+            raise StateUnavailable("the learner's Redis was unreachable a moment ago")
+        try:
+            result = fn()
+        except self.errors as e:
+            STATE_ERRORS.labels(operation).inc()
+            if self.down_until == 0.0 or now - self.down_until > 10 * self.retry_after_s:
+                log.warning("learner state: Redis failed (%s: %s); learning paused, the weights stay as they are "
+                            "(recsys_feedback_learner_state_errors_total)", type(e).__name__, str(e)[:200])
+            self.down_until = now + self.retry_after_s
+            raise StateUnavailable(f"{type(e).__name__}: {e}") from e
+        return result
+
+    def _by_shard(self, keyed: Iterable[tuple[str, object]]) -> dict[int, list[tuple[int, object]]]:
+        groups: dict[int, list[tuple[int, object]]] = {}
+        for index, (key, value) in enumerate(keyed):
+            groups.setdefault(shard_of(key), []).append((index, value))
+        return groups
+
+    # --- served lists, events, budgets -------------------------------------------------------------
+    def charge(self, charges: Sequence[Charge], now: float) -> list[bool]:
+        out = [False] * len(charges)
+        cutoff = now - self.settings.source_window_s
+
+        def run() -> None:
+            for shard, group in self._by_shard((key, (key, n, limit)) for key, n, limit in charges).items():
+                args: list = [now, cutoff, self.max_sources, self.ttl_ms]
+                for _, charge in group:
+                    args.extend(charge)
+                got = self.scripts["charge"](keys=self.shard_keys[shard], args=args)
+                for (index, _), ok in zip(group, got):
+                    out[index] = bool(ok)
+
+        self._call("events", run)
+        return out
+
+    def put_served(self, request_id: str, ids: str, parts: bytes, now: float) -> list[Event] | None:
+        if len(request_id) + len(ids) + len(parts) > self.max_served_bytes:
+            metrics.DROPPED.labels("served", "bytes").inc()
+            return None
+        dropped, early = self._call("served", lambda: self.scripts["put_served"](
+            keys=self.shard_keys[shard_of(request_id)],
+            args=[request_id, ids, parts, now, self.max_lists, self.max_served_bytes, self.ttl_ms]))
+        if dropped:
+            metrics.DROPPED.labels("served", "count").inc(int(dropped))
+        return self._early_events(request_id, early)
+
+    @staticmethod
+    def _early_events(request_id: str, early: bytes) -> list[Event]:
+        events = []
+        for line in early.decode().splitlines():
+            kind, item, position = line.split(SEP)
+            events.append((kind, request_id, item, int(position) if position else None))
+        return events
+
+    def join(self, events: Sequence[Event], now: float) -> list[tuple[str, bytes | None]]:
+        out: list[tuple[str, bytes | None]] = [(IGNORED, None)] * len(events)
+        st = self.settings
+
+        def run() -> None:
+            for shard, group in self._by_shard((e[1], e) for e in events).items():
+                args: list = [now, st.max_per_request, self.max_pending, self.max_early, self.ttl_ms]
+                for _, (kind, request_id, item_id, position) in group:
+                    args.extend((kind, request_id, item_id, "" if position is None else position))
+                got = self.scripts["join"](keys=self.shard_keys[shard], args=args)
+                if got[0]:
+                    metrics.DROPPED.labels("pending", "count").inc(int(got[0]))
+                if got[1]:
+                    metrics.DROPPED.labels("early", "count").inc(int(got[1]))
+                for k, (index, _) in enumerate(group):
+                    status, packed = got[2 + 2 * k].decode(), got[3 + 2 * k]
+                    out[index] = (status, packed if status == POSITIVE else None)
+
+        self._call("events", run)
+        return out
+
+    def expire(self, now: float) -> list[bytes]:
+        if now - self.expired_at < self.tick_s:
+            return []
+        self.expired_at = now
+        st = self.settings
+        cutoff = now - st.label_delay_s
+        args = [cutoff - st.served_margin_s, cutoff, cutoff, now - st.source_window_s, EXPIRE_BATCH]
+        due: list[bytes] = []
+
+        def run() -> None:
+            held = dict.fromkeys(self.held, 0)
+            for keys in self.shard_keys:
+                got = self.scripts["expire"](keys=keys, args=args)
+                if got[0]:
+                    metrics.DROPPED.labels("served", "age").inc(int(got[0]))
+                if got[1]:
+                    metrics.DROPPED.labels("early", "age").inc(int(got[1]))
+                for name, value in zip(held, got[2:7]):
+                    held[name] += int(value)
+                due.extend(got[7:])
+            self.held = held
+
+        self._call("tick", run)
+        return due
+
+    def forget(self, user_keys: Iterable[str], request_ids: Iterable[str]) -> int:
+        """Served lists, early events and the pending impressions of the lists still held; a pending
+        impression whose list already aged out is labelled (an anonymous number) within label_delay_s."""
+        removed = 0
+
+        def run() -> None:
+            nonlocal removed
+            for shard, group in self._by_shard((key, key) for key in user_keys).items():
+                keys = self.shard_keys[shard]
+                fields = [key for _, key in group]
+                removed += int(self.client.hdel(keys[9], *fields))
+                self.client.zrem(keys[10], *fields)
+            for shard, group in self._by_shard((r, r) for r in set(request_ids)).items():
+                removed += int(self.scripts["forget"](keys=self.shard_keys[shard], args=[r for _, r in group]))
+
+        self._call("forget", run)
+        return removed
+
+    # --- the posterior --------------------------------------------------------------------------------
+    def load_posterior(self) -> tuple[str, str] | None:
+        try:
+            document = self._call("posterior", lambda: self.client.hget(self.posterior_key, "state"))
+        except StateUnavailable:
+            log.warning("learner state: Redis unreachable at start; starting from the prior until it answers")
+            return None
+        return None if document is None else (f"Redis {self.posterior_key}", document.decode(errors="replace"))
+
+    def refresh_posterior(self, known_version: int) -> str | None:
+        if time.monotonic() - self.refreshed_at < self.tick_s:
+            return None
+        self.refreshed_at = time.monotonic()
+        version, document = self._call("posterior", lambda: self.client.hmget(self.posterior_key, "version", "state"))
+        if document is None or version == str(known_version).encode():
+            return None
+        return document.decode(errors="replace")
+
+    def save_posterior(self, document: str, version: int, expected_version: str) -> tuple[str, str] | None:
+        got = self._call("posterior", lambda: self.scripts["save"](
+            keys=[self.posterior_key], args=[expected_version, str(version), document]))
+        if got == 1:
+            return None
+        return got[0].decode(errors="replace"), got[1].decode(errors="replace")
+
+    def publish(self) -> None:
+        held = self.held  # as of the last tick: counting costs a round trip per shard
+        for name, count in (("served", held["served"]), ("pending", held["pending"]), ("early", held["early"]),
+                            ("sources", held["sources"])):
+            metrics.HELD.labels(name).set(count)
+        metrics.HELD_BYTES.labels("served").set(held["served_bytes"])
+
+
+def open_learner_state(settings: "LearnerSettings", state_dir: Path | None, redis_url: str | None = None,
+                       cluster: bool = False, prefix: str = "recsys:learner") -> LearnerState:
+    """The store the feedback service's settings ask for: Redis when a URL is set, else local."""
+    if redis_url:
+        return RedisLearnerState.from_url(redis_url, settings, cluster=cluster, prefix=prefix)
+    return LocalLearnerState(settings, state_dir)

@@ -6,7 +6,10 @@ repo: when set, every stored event updates the user's live session features ther
 RECSYS_FEEDBACK_FEATURE_STORE_YAML (feature_store.yaml). Online learning of the gateway's blend
 weights: RECSYS_FEEDBACK_ONLINE_LEARNING (true), RECSYS_FEEDBACK_LABEL_DELAY_S (120),
 RECSYS_FEEDBACK_LEARNER_FORGET (0.95), RECSYS_FEEDBACK_LEARNER_MIN_BATCH (64),
-RECSYS_FEEDBACK_PRIOR_WEIGHTS ([1.0, 1.0, 0.3, 0.2]: the gateway's configured weights). Memory
+RECSYS_FEEDBACK_PRIOR_WEIGHTS ([1.0, 1.0, 0.3, 0.2]: the gateway's configured weights),
+RECSYS_FEEDBACK_LEARNER_REDIS_URL (unset: the learner's state in this process and blend_weights.json;
+redis://host:port/db: shared by every replica, feedback/learner_state.py), ..._LEARNER_REDIS_CLUSTER,
+..._LEARNER_REDIS_PREFIX (docs/production.md#shared-learner-state). Memory
 bounds of the learner and LogServed limits: RECSYS_FEEDBACK_MAX_SERVED_LISTS, ..._MAX_SERVED_BYTES,
 ..._SERVED_MARGIN_S, ..._MAX_PENDING, ..._MAX_PENDING_BYTES, ..._MAX_EARLY, ..._MAX_EARLY_BYTES,
 ..._MAX_SERVED_ITEMS, ..._MAX_MESSAGE_BYTES (docs/feedback.md). RECSYS_FEEDBACK_METRICS_PORT (0:
@@ -39,6 +42,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.scores import ScoreWeights
 from feedback.blend_learner import BlendLearner, LearnerSettings
+from feedback.learner_state import open_learner_state
 from eventlog.event_log import EventLog, EventLogError
 from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
@@ -88,6 +92,11 @@ class FeedbackSettings(BaseSettings):
                               description="labelled impressions an hour one user may teach the learner")
     max_per_caller: int = Field(_LEARNER.max_per_caller, gt=0,
                                 description="served items an hour one authenticated caller may send (LogServed)")
+    # Where the learner's state lives (feedback/learner_state.py): unset, this process and
+    # blend_weights.json; a Redis URL, shared by every replica (with learner_redis_cluster: any node of a cluster).
+    learner_redis_url: str | None = None
+    learner_redis_cluster: bool = False
+    learner_redis_prefix: str = "recsys:learner"
     # LogServed limits (served.py); the gateway's max_num_results by default.
     max_served_items: int = Field(_SERVED.max_items, gt=0, description="items per served list")
     # grpc refuses a larger message with RESOURCE_EXHAUSTED before parsing it. 4 MiB (grpc's own
@@ -203,8 +212,11 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     # serving from a damaged log; quick_check and the one-time segment import run here.
     event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
-    learner = BlendLearner(settings.prior_weights, settings.event_log_dir,
-                           settings.learner_settings()) if settings.online_learning else None
+    learner = None
+    if settings.online_learning:  # its state: this process, or a Redis shared by every replica
+        store = open_learner_state(settings.learner_settings(), settings.event_log_dir, settings.learner_redis_url,
+                                   settings.learner_redis_cluster, settings.learner_redis_prefix)
+        learner = BlendLearner(settings.prior_weights, settings.event_log_dir, settings.learner_settings(), store=store)
     server = grpc.aio.server(interceptors=interceptors(settings, pseudonyms), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
     servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,

@@ -21,6 +21,11 @@ or the key itself in RECSYS_PSEUDONYM_KEY) turns user and session ids into pseud
 RECSYS_FEEDBACK_PRIVACY_AUDIT_FILE (default: privacy_audit.jsonl in the event log folder) receives
 one record per AdminService.EraseUser; RECSYS_FEEDBACK_ERASE_FEATURE_STORE_YAMLS (a JSON list of the
 repo's feature_store yamls) adds online stores an erasure reaches besides the one sessions go to.
+Event store (docs/production.md#event-stream-redis-streams): RECSYS_FEEDBACK_EVENT_STORE (sqlite: the
+embedded log in RECSYS_EVENT_LOG_DIR, one machine; redis_streams: Redis Streams shared by N replicas),
+RECSYS_FEEDBACK_EVENT_STREAM_URL (redis://host:port/db, or host:port,... startup nodes with
+RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER=true), ..._EVENT_STREAM_PREFIX, ..._SHARDS, ..._DEDUPE_TTL_S,
+..._WAIT_REPLICAS, ..._WAIT_TIMEOUT_MS, ..._LEASE_MS, ..._CLAIM_IDLE_MS.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -118,6 +124,19 @@ class FeedbackSettings(BaseSettings):
     # The feature repo's online stores an erasure reaches (yaml files in feature_repo, e.g. both while
     # moving from SQLite to Redis); empty: the one this service pushes sessions to (feature_store_yaml).
     erase_feature_store_yamls: list[str] = []
+    # Where events are stored (docs/production.md#event-stream-redis-streams). sqlite: the embedded log
+    # in event_log_dir (one machine). redis_streams: Redis Streams (eventlog/stream_log.py), shared by
+    # every replica; live sessions are then fed from the stream (feedback/stream_consumers.py).
+    event_store: Literal["sqlite", "redis_streams"] = "sqlite"
+    event_stream_url: str = Field("", description="redis://host:port/db, or host:port,... of a cluster")
+    event_stream_cluster: bool = False
+    event_stream_prefix: str = "recsys:events"
+    event_stream_shards: int = Field(8, ge=1, le=1024, description="streams, by a hash of the user id")
+    event_stream_dedupe_ttl_s: int = Field(7 * 86400, gt=0, description="a resend within this is a duplicate")
+    event_stream_wait_replicas: int = Field(0, ge=0, description="WAIT for this many replicas before acknowledging")
+    event_stream_wait_timeout_ms: int = Field(1000, gt=0, description="fewer confirmations: UNAVAILABLE")
+    event_stream_lease_ms: int = Field(5000, ge=300, description="a dead replica's shards move after this")
+    event_stream_claim_idle_ms: int = Field(1000, ge=0, description="pending entries idle this long are claimed")
 
     def audit_file(self) -> Path:
         return self.privacy_audit_file or self.event_log_dir / AUDIT_FILE
@@ -129,6 +148,40 @@ class FeedbackSettings(BaseSettings):
                                max_pending=self.max_pending, max_pending_bytes=self.max_pending_bytes,
                                max_early=self.max_early, max_early_bytes=self.max_early_bytes,
                                max_per_user=self.max_per_user, max_per_caller=self.max_per_caller)
+
+
+def open_event_log(settings: FeedbackSettings):
+    """The configured event store: the SQLite log (EventLog) or the Redis Streams one (StreamEventLog)."""
+    if settings.event_store == "sqlite":
+        return EventLog(settings.event_log_dir)
+    from eventlog.stream_log import StreamEventLog, StreamLayout, connect
+
+    if not settings.event_stream_url:
+        raise EventLogError("RECSYS_FEEDBACK_EVENT_STREAM_URL: required with RECSYS_FEEDBACK_EVENT_STORE=redis_streams")
+    try:
+        layout = StreamLayout(settings.event_stream_prefix, settings.event_stream_shards)
+        client = connect(settings.event_stream_url, settings.event_stream_cluster)
+    except ValueError as e:
+        raise EventLogError(f"event stream settings: {e}") from None
+    except Exception as e:  # redis-py's cluster client raises RedisClusterException when no node answers
+        raise EventLogError(f"event stream {settings.event_stream_url}: cannot connect: {e}") from None
+    stream = StreamEventLog(client, layout, settings.event_stream_dedupe_ttl_s, settings.event_stream_wait_replicas,
+                            settings.event_stream_wait_timeout_ms)
+    stream.directory = settings.event_log_dir  # erasure looks for former segment files there (none)
+    return stream
+
+
+def session_consumer(settings: FeedbackSettings, stream, updater):
+    """The live-session updater fed from the stream's consumer group (feedback/stream_consumers.py)."""
+    from feedback.stream_consumers import ConsumerSettings, SessionHandlers, SessionStreamConsumer
+
+    def forget(matches) -> int:
+        return updater.forget([user for user in list(updater.states) if matches(user)])
+
+    handlers = SessionHandlers(push=updater, rebuild=updater.apply, forget=forget, window=updater.ttl)
+    consumer_settings = ConsumerSettings(lease_ms=settings.event_stream_lease_ms,
+                                         claim_idle_ms=settings.event_stream_claim_idle_ms)
+    return SessionStreamConsumer(stream, handlers, asyncio.get_running_loop(), consumer_settings)
 
 
 def session_updater(settings: FeedbackSettings, event_log: EventLog):
@@ -143,6 +196,8 @@ def session_updater(settings: FeedbackSettings, event_log: EventLog):
     store = FeatureStore(repo_path=str(repo), fs_yaml_file=repo / settings.feature_store_yaml)
     updater = SessionUpdater(store, load_categories(FeastCatalogSource.from_feature_store(store)),
                              store.get_feature_view("user_session").ttl)
+    if settings.event_store != "sqlite":
+        return updater  # the stream consumer rebuilds each shard's sessions when it takes the shard
     replayed = updater.replay(event_log, datetime.now(timezone.utc))
     log.info("session features on: %d users' sessions rebuilt from %d recent events", len(updater.states), replayed)
     return updater
@@ -179,11 +234,14 @@ class RunningFeedback:
     event_log: EventLog
     learner: BlendLearner | None
     ticker: asyncio.Task | None
+    consumer: object | None = None  # SessionStreamConsumer on the stream backend
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self.ticker is not None:
             self.ticker.cancel()
         await self.server.stop(grace_s)
+        if self.consumer is not None:
+            await asyncio.to_thread(self.consumer.stop)
         self.event_log.close()
 
 
@@ -210,7 +268,7 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     pseudonyms = pseudonym_keys.load(settings.pseudonym_key_file)
     # Raises EventLogDamaged (its message names the file and the recovery command) rather than
     # serving from a damaged log; quick_check and the one-time segment import run here.
-    event_log = await asyncio.to_thread(EventLog, settings.event_log_dir)
+    event_log = await asyncio.to_thread(open_event_log, settings)
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = None
     if settings.online_learning:  # its state: this process, or a Redis shared by every replica
@@ -219,7 +277,9 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
         learner = BlendLearner(settings.prior_weights, settings.event_log_dir, settings.learner_settings(), store=store)
     server = grpc.aio.server(interceptors=interceptors(settings, pseudonyms), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
-    servicer = FeedbackServicer(event_log, [updater] if updater else [], learner,
+    # On the stream the sessions are fed by the consumer group, not by the replica that stored the event.
+    hooks = [updater] if updater and settings.event_store == "sqlite" else []
+    servicer = FeedbackServicer(event_log, hooks, learner,
                                 ServedLimits(max_items=settings.max_served_items), pseudonyms)
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
@@ -240,13 +300,17 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     ticker = asyncio.create_task(_tick(learner)) if learner is not None else None
-    return RunningFeedback(server, port, event_log, learner, ticker)
+    consumer = None
+    if updater is not None and settings.event_store != "sqlite":
+        consumer = await asyncio.to_thread(session_consumer(settings, event_log, updater).start)
+    return RunningFeedback(server, port, event_log, learner, ticker, consumer)
 
 
 async def serve(settings: FeedbackSettings) -> None:
     running = await start(settings)
+    where = settings.event_log_dir if settings.event_store == "sqlite" else running.event_log.describe()
     print(f"feedback service on {settings.host}:{running.port}, {len(running.event_log)} events in "
-          f"{settings.event_log_dir} (pid {os.getpid()})"
+          f"{where} (pid {os.getpid()})"
           f"{', pseudonymised ids' if pseudonym_keys.load(settings.pseudonym_key_file).on else ''}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any, Iterator, Protocol
 
 import pandas as pd
 
@@ -67,17 +68,29 @@ def attribute(events: pd.DataFrame) -> pd.DataFrame:
     return out[LABEL_COLUMNS]
 
 
-def read_event_log(directory: Path) -> pd.DataFrame:
-    """The feedback service's log in the offline events table's columns: its database
+class EventSource(Protocol):
+    """An open event log that reads its own events: eventlog/stream_log.py's StreamEventLog (the
+    Redis Streams one that N feedback replicas share), or an open EventLog."""
+
+    def read_all(self) -> Iterator[dict[str, Any]]: ...
+
+
+def read_event_log(directory: "Path | EventSource") -> pd.DataFrame:
+    """The feedback service's log in the offline events table's columns. From an EventSource:
+    its read_all (every event once). From a folder: its database
     (`events.sqlite`, read-only, every row checked against its checksum: a damaged row raises
     EventLogDamaged rather than vanish from the labels) and any JSON-lines segments of the former
     log still in the folder (deduplicated by event_id: imported segments are kept beside the database).
     pandas over a read-only sqlite3 connection: DuckDB's SQLite reader is an extension it downloads."""
     columns = ["event_id", "timestamp", "user_id", "session_id", "event_type", "item_id", "query", "request_id",
                "position", "quantity"]
-    directory = Path(directory)
-    stored = read_rows(directory / DB_NAME, as_dicts=False) if (directory / DB_NAME).exists() else ()
-    log = pd.DataFrame.from_records(itertools.chain(stored, read_segments(directory)), columns=list(COLUMNS))
+    if hasattr(directory, "read_all"):
+        log = pd.DataFrame.from_records((tuple(e[c] for c in COLUMNS) for e in directory.read_all()),
+                                        columns=list(COLUMNS))
+    else:
+        directory = Path(directory)
+        stored = read_rows(directory / DB_NAME, as_dicts=False) if (directory / DB_NAME).exists() else ()
+        log = pd.DataFrame.from_records(itertools.chain(stored, read_segments(directory)), columns=list(COLUMNS))
     if log.empty:
         return pd.DataFrame(columns=columns)
     log = log.drop_duplicates("event_id")
@@ -88,7 +101,7 @@ def read_event_log(directory: Path) -> pd.DataFrame:
     return log[columns]
 
 
-def build_labels(offline_dir: Path, event_log: Path | None = None) -> pd.DataFrame:
+def build_labels(offline_dir: Path, event_log: "Path | EventSource | None" = None) -> pd.DataFrame:
     """labels.parquet from the offline event table plus the feedback service's log (deduplicated
     by event_id), replaced atomically. Returns the labels."""
     import os

@@ -1,0 +1,345 @@
+"""Consumers of the event stream (eventlog/stream_log.py): the live-session updater of N replicas.
+
+With the SQLite log the service calls its post-store hooks in-process after the write. On the
+stream every replica stores, and the live sessions are fed from the stream instead, through one
+consumer group (`sessions`), so an event stored by any replica reaches the sessions once, also when
+the replica that stored it dies before pushing.
+
+Why each shard has one owner (a lease), not plain competing consumers: a user's session is a state
+built from all their events in order (contract/session.py), held in the memory of the process that
+pushes it. Entries of one stream handed round-robin to two consumers would split a user's state
+between two processes, each pushing half of it. So each shard (a user's events are in one shard)
+is read by exactly one consumer at a time:
+- lease: key `{prefix:shard}:owner` = consumer name, PX lease_ms, renewed every lease_ms / 3 by
+  its owner (compare-and-renew in Lua); a replica that stops renewing (SIGKILL, a pause) loses it;
+- fair share: every consumer heartbeats into a sorted set (score: its lease's expiry); each takes
+  free shards up to ceil(shards / live consumers) and hands back those above its share, so a
+  second replica gets half the shards within a heartbeat or two;
+- reading: XREADGROUP `sessions` <me> COUNT n STREAMS shard `>` for every owned shard (one
+  pipeline per master, non-blocking, a short sleep when a round found nothing); the events go to the
+  updater (apply + push), then XACK: an entry is acknowledged only once its push returned;
+- taking a shard over: the group's pending entries of the shard (delivered to the previous owner,
+  not acknowledged: it died between read and XACK) are claimed with XAUTOCLAIM once idle for
+  claim_idle_ms; the users' states are rebuilt from the shard's entries inside the session TTL that
+  the group had delivered (apply only, no push), then the claimed entries are applied and pushed,
+  then acknowledged. Nothing acknowledged is lost; a push repeated after a crash between push and
+  XACK rewrites the same state.
+Giving a shard back drops its users' states from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import redis
+
+from eventlog.event_log import EventLogError
+from eventlog.stream_log import PAYLOAD_FIELD, StreamEventLog, decode_event
+
+log = logging.getLogger(__name__)
+
+GROUP = "sessions"
+# Renew only if we still own it; returns 1 when renewed.
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+Events = list[dict]
+
+
+def consumer_name() -> str:
+    """Unique per process start: a restarted replica is a new consumer (its old one's pending
+    entries are claimed like any dead consumer's)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def fair_share(shards: int, consumers: int) -> int:
+    return math.ceil(shards / max(consumers, 1))
+
+
+def plan_leases(owned: Iterable[int], free: Iterable[int], share: int) -> tuple[list[int], list[int]]:
+    """(shards to try to take, shards to hand back) for a consumer owning `owned` when `free` have
+    no owner and its fair share is `share`. Hands back the highest-numbered extras."""
+    owned, free = sorted(set(owned)), sorted(set(free) - set(owned))
+    if len(owned) > share:
+        return [], owned[share:]
+    return free[:share - len(owned)], []
+
+
+@dataclass
+class ConsumerSettings:
+    lease_ms: int = 5000  # a dead replica's shards move after at most this
+    claim_idle_ms: int = 1000  # pending entries idle this long are claimed at a takeover
+    batch: int = 500  # entries per shard per read
+    poll_s: float = 0.02  # sleep after a round that found nothing (event -> session latency when idle)
+
+    def __post_init__(self) -> None:
+        if self.lease_ms < 300 or self.claim_idle_ms < 0 or self.batch < 1 or self.poll_s <= 0:
+            raise ValueError(f"consumer settings out of range: {self}")
+
+
+@dataclass
+class SessionHandlers:
+    """What the consumer calls, on the service's event loop (the updater is not thread safe)."""
+
+    push: Callable[[Events], Awaitable[None]]  # apply + push (SessionUpdater.__call__)
+    rebuild: Callable[[Events], None]  # apply only (SessionUpdater.apply)
+    forget: Callable[[Callable[[str], bool]], int]  # drop the users for whom the predicate holds
+    window: timedelta  # how far back a takeover rebuilds (the session view's TTL)
+
+
+@dataclass
+class ConsumerStats:
+    pushed: int = 0
+    claimed: int = 0
+    rebuilt: int = 0
+    takeovers: int = 0
+    errors: int = 0
+    owned: set[int] = field(default_factory=set)
+
+
+class SessionStreamConsumer:
+    """One per feedback replica: a thread that reads the shards it leases and drives the updater."""
+
+    def __init__(self, stream: StreamEventLog, handlers: SessionHandlers, loop: asyncio.AbstractEventLoop,
+                 settings: ConsumerSettings = ConsumerSettings(), name: str | None = None, group: str = GROUP):
+        self.stream = stream
+        self.layout = stream.layout
+        self.handlers = handlers
+        self.loop = loop
+        self.settings = settings
+        self.name = name or consumer_name()
+        self.group = group
+        self.stats = ConsumerStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="session-stream-consumer", daemon=True)
+        self._renewed_at = -math.inf
+        self._retry: set[int] = set()  # shards with entries delivered to us and not acknowledged
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> "SessionStreamConsumer":
+        self._ensure_groups()
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop reading and hand the leases back (another replica takes them at once)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        for shard in sorted(self.stats.owned):
+            self._release(shard)
+        try:
+            self.stream.client.zrem(self.layout.members, self.name)
+        except redis.RedisError:
+            pass
+
+    def _ensure_groups(self) -> None:
+        """The group on every shard, from the stream's beginning (MKSTREAM: also on an empty one)."""
+        for shard in range(self.layout.shards):
+            try:
+                self.stream.client.xgroup_create(self.layout.stream(shard), self.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - self._renewed_at >= self.settings.lease_ms / 3000:
+                    self._heartbeat()
+                if not self._read_round():
+                    self._stop.wait(self.settings.poll_s)
+            except (redis.RedisError, EventLogError) as e:
+                # The stream is down or failing over: nothing is acknowledged, so nothing is lost;
+                # retry after a pause (the entries stay pending or undelivered meanwhile).
+                self.stats.errors += 1
+                log.warning("session stream consumer %s: %s; retrying", self.name, e)
+                self.stream.refresh()
+                self._stop.wait(min(1.0, self.settings.lease_ms / 3000))
+            except Exception:  # noqa: BLE001  # a bug in a handler must not stop the consumer for good
+                self.stats.errors += 1
+                log.exception("session stream consumer %s failed a round; retrying", self.name)
+                self._stop.wait(0.5)
+
+    # --- leases -----------------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        client, layout, lease_ms = self.stream.client, self.layout, self.settings.lease_ms
+        now_ms = int(time.time() * 1000)
+        client.zadd(layout.members, {self.name: now_ms + lease_ms})
+        client.zremrangebyscore(layout.members, "-inf", now_ms)
+        live = client.zcard(layout.members)
+        for shard in sorted(self.stats.owned):
+            if not client.eval(RENEW_SCRIPT, 1, layout.lease(shard), self.name, lease_ms):
+                log.warning("session stream consumer %s lost its lease on shard %d", self.name, shard)
+                self._drop(shard)
+            elif self._claim_others(shard, wait=False)[0]:
+                self._retry.add(shard)  # a late claim of a previous owner's entries: the next round pushes them
+        self._renewed_at = time.monotonic()
+        owners = self.stream.run_on_shards(range(layout.shards), lambda pipe, s: pipe.get(layout.lease(s)),
+                                           "reading the shard leases")
+        free = [s for s, (owner,) in owners.items() if owner is None]
+        take, give = plan_leases(self.stats.owned, free, fair_share(layout.shards, live))
+        for shard in give:
+            self._release(shard)
+        for shard in take:
+            if client.set(layout.lease(shard), self.name, nx=True, px=lease_ms):
+                self._take_over(shard)
+
+    def _release(self, shard: int) -> None:
+        try:
+            self.stream.client.eval(RELEASE_SCRIPT, 1, self.layout.lease(shard), self.name)
+        except redis.RedisError as e:
+            log.warning("session stream consumer %s: lease on shard %d not released (%s); it expires", self.name,
+                        shard, e)
+        self._drop(shard)
+
+    def _drop(self, shard: int) -> None:
+        self.stats.owned.discard(shard)
+        self._on_loop(self._forget(shard))
+
+    async def _forget(self, shard: int) -> None:
+        self.handlers.forget(lambda user: self.layout.shard_of(user) == shard)
+
+    # --- taking a shard over ----------------------------------------------------------------------
+    def _claim_others(self, shard: int, wait: bool) -> int:
+        """Move the other consumers' pending entries of the shard to this one (XAUTOCLAIM, once
+        idle claim_idle_ms: a dead owner's); with `wait`, until none is left or a deadline.
+        Returns (entries claimed, entries still someone else's)."""
+        client, key = self.stream.client, self.layout.stream(shard)
+        deadline = time.monotonic() + (self.settings.claim_idle_ms + self.settings.lease_ms) / 1000
+        claimed = 0
+        while True:
+            others = sum(c["pending"] for c in client.xpending(key, self.group)["consumers"]
+                         if _text(c["name"]) != self.name)
+            if not others:
+                return claimed, 0
+            cursor = "0-0"
+            while True:
+                reply = client.xautoclaim(key, self.group, self.name, self.settings.claim_idle_ms, cursor,
+                                          count=1000, justid=True)
+                claimed += len(reply)
+                # justid: redis-py returns the ids only, so the cursor is read with a second call
+                # only when a full page came back.
+                if len(reply) < 1000:
+                    break
+                cursor = _next_id(reply[-1])
+            if not wait or time.monotonic() > deadline:
+                return claimed, others
+            time.sleep(0.05)
+
+    def _mine_pending(self, shard: int) -> list[tuple[bytes, dict]]:
+        """This consumer's pending entries of the shard, with their events, in stream order
+        (XREADGROUP from id 0 re-reads what was delivered and not acknowledged)."""
+        key, out, after = self.layout.stream(shard), [], "0"
+        while True:
+            reply = self.stream.client.xreadgroup(self.group, self.name, {key: after}, count=1000)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return out
+            out += [(i, decode_event(f[PAYLOAD_FIELD]) if f else None) for i, f in entries]
+            after = entries[-1][0]
+
+    def _push_pending(self, shard: int) -> int:
+        """Push this consumer's pending entries of the shard, then acknowledge them."""
+        pending = self._mine_pending(shard)
+        if not pending:
+            return 0
+        events = [e for _, e in pending if e is not None]  # None: erased since it was delivered
+        if events:
+            self._on_loop(self.handlers.push(events))
+        self.stream.client.xack(self.layout.stream(shard), self.group, *(i for i, _ in pending))
+        self.stats.pushed += len(events)
+        return len(pending)
+
+    def _take_over(self, shard: int) -> None:
+        """Claim the previous owner's pending entries, rebuild the shard's users, push the claimed."""
+        _, left = self._claim_others(shard, wait=True)
+        if left:
+            log.warning("shard %d: %d pending entries of another consumer not idle yet; claimed later", shard, left)
+        pending = {i for i, _ in self._mine_pending(shard)}
+        last = _last_delivered(self.stream.client, self.layout.stream(shard), self.group)
+        start_ms = int((datetime.now(timezone.utc) - self.handlers.window).timestamp() * 1000)
+        rebuild: Events = []
+        if last is not None:
+            rebuild = [e for i, e in self.stream.shard_entries(shard, f"{max(start_ms, 0)}-0", last) if i not in pending]
+        self._on_loop(self._rebuild(rebuild))
+        claimed = self._push_pending(shard)
+        self.stats.owned.add(shard)
+        self.stats.takeovers += 1
+        self.stats.claimed += claimed
+        log.info("session stream consumer %s took shard %d: %d events rebuilt, %d pending entries claimed and pushed",
+                 self.name, shard, len(rebuild), claimed)
+
+    async def _rebuild(self, events: Events) -> None:
+        self.handlers.rebuild(events)
+        self.stats.rebuilt += len(events)
+
+    # --- reading ----------------------------------------------------------------------------------
+    def _read_round(self) -> int:
+        """One XREADGROUP per owned shard; push what came, then XACK it. Returns entries handled.
+        A shard whose round failed first re-reads its pending entries (delivered, not acknowledged)."""
+        for shard in sorted(self._retry & self.stats.owned):
+            self._push_pending(shard)
+            self._retry.discard(shard)
+        owned = sorted(self.stats.owned)
+        if not owned:
+            return 0
+        streams = self.stream.run_on_shards(
+            owned, lambda pipe, s: pipe.xreadgroup(self.group, self.name, {self.layout.stream(s): ">"},
+                                                   count=self.settings.batch), "reading the event stream")
+        handled = 0
+        for shard in owned:
+            reply = streams[shard][0]
+            if not reply:
+                continue
+            entries = reply[0][1]
+            events = [decode_event(f[PAYLOAD_FIELD]) for _, f in entries if f]
+            self._retry.add(shard)  # until acknowledged
+            if events:
+                self._on_loop(self.handlers.push(events))
+            self.stream.client.xack(self.layout.stream(shard), self.group, *(i for i, _ in entries))
+            self._retry.discard(shard)
+            handled += len(entries)
+            self.stats.pushed += len(events)
+        return handled
+
+    def _on_loop(self, coro) -> None:
+        """Run a coroutine on the service's event loop and wait for it (its errors re-raise here, so
+        the entries are not acknowledged)."""
+        asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _next_id(entry_id) -> str:
+    """The id right after `entry_id` (XAUTOCLAIM's start is inclusive)."""
+    ms, _, seq = _text(entry_id).partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _last_delivered(client, key: str, group: str) -> bytes | None:
+    for info in client.xinfo_groups(key):
+        if _text(info["name"]) == group:
+            last = _text(info["last-delivered-id"]).encode()
+            return None if last == b"0-0" else last
+    return None

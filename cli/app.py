@@ -709,11 +709,25 @@ def rollback_cmd(
 @app.command("serve")
 def serve_cmd(
     config: Optional[Path] = typer.Option(None, help="TOML settings file (RECSYS_* environment variables win)."),
+    workers: int = typer.Option(1, min=1, help="Gateway processes on one port (SO_REUSEPORT), each with its share "
+                                "of max_in_flight / max_queued and metrics on metrics_port + i."),
 ) -> None:
     """Run the gRPC gateway (RecommendService, health, reflection; Prometheus on RECSYS_METRICS_PORT)."""
-    from gateway.server import main
+    if workers == 1:
+        from gateway.server import main
 
-    main(config)
+        main(config)
+        return
+    from cli.gateway_workers import run_workers
+    from gateway.config import load_settings
+
+    try:
+        settings = load_settings(config)
+        code = run_workers(settings, config, workers, say=console.print)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command("query")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 
@@ -20,6 +21,12 @@ class Deadline:
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+
+# The running request's deadline, for code below the guarded call that must know the request's own
+# time (the Triton pool retries a call on another server only while the request can still use it).
+# Set by Recommender.run; asyncio tasks copy it when they are created.
+REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("request_deadline", default=None)
 
 
 class LatencyEstimate:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
 from contract.rules import MAX_NUM_RESULTS, MAX_QUERY_CHARS
 from contract.scores import ScoreWeights
@@ -56,7 +57,17 @@ class GatewaySettings(BaseSettings):
     reuse_port: bool = Field(False, description="SO_REUSEPORT: several gateway processes share one port (the kernel spreads connections)")
     feature_repo: Path = Path("feature_repo")
     feature_store_yaml: str = "feature_store.yaml"  # or feature_store.redis.yaml
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = Field("127.0.0.1:8001", description="the one Triton server (used when triton_urls is empty)")
+    # NoDecode: RECSYS_TRITON_URLS=a:8001,b:8001 is split below instead of being parsed as JSON.
+    triton_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="several Triton servers (replicas of one model repository): "
+        "least outstanding requests over those in rotation, failover (gateway/triton_pool.py)")
+    triton_server_breaker: BreakerSettings = Field(
+        BreakerSettings(), description="one per Triton server: errors and the server's own timeouts across "
+        "many calls take it out of rotation for cooldown_s (a refused connection takes it out at once)")
+    triton_failover_min_ms: int = Field(
+        10, ge=0, description="a call that failed on an unreachable server is retried on another only "
+        "while the request has at least this much time left")
     encoder_model: str = ENCODER_MODEL.name
     ranker_model: str = RANKER_MODEL.name
     embedding_cache_dir: Path | None = None  # item embeddings per encoder version; None: <feature_repo>/data/embeddings
@@ -115,11 +126,32 @@ class GatewaySettings(BaseSettings):
     # Background work.
     refresh_interval_s: float = Field(10.0, gt=0, description="how often to look for a new encoder version or new items")
 
+    @field_validator("triton_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: comma-separated (JSON lists work too)
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "GatewaySettings":
         if self.default_num_results > self.max_num_results:
             raise ValueError("default_num_results must be <= max_num_results")
+        if len(set(self.triton_urls)) != len(self.triton_urls):
+            raise ValueError(f"triton_urls lists a server twice: {self.triton_urls}")
+        if any(not u for u in self.triton_urls):
+            raise ValueError("triton_urls has an empty entry")
         return self
+
+    @property
+    def triton_servers(self) -> list[str]:
+        """The Triton servers to use: triton_urls, or the one triton_url."""
+        return list(self.triton_urls) or [self.triton_url]
 
     @property
     def cache_dir(self) -> Path:

@@ -32,3 +32,13 @@ SERVED_PARTS_CLIPPED = Counter("recsys_served_parts_clipped_total",
                                "Served items whose score parts were clipped into PART_BOUNDS before LogServed")
 SERVED_LOG_DROPPED = Counter("recsys_served_log_dropped_total", "Served lists not delivered to the online learner")
 DETACHED_CALLS = Gauge("recsys_detached_downstream_calls", "Downstream calls still running after their request stopped waiting")
+# Per Triton server of the pool (gateway/triton_pool.py); `server` is its configured url.
+TRITON_SERVER_UP = Gauge("recsys_triton_server_up", "1 while a Triton server is in the pool's rotation", ["server"])
+TRITON_SERVER_CALLS = Counter("recsys_triton_server_calls_total",
+                              "Calls per Triton server by outcome (ok, unavailable, timeout, error, cancelled)",
+                              ["server", "outcome"])
+TRITON_SERVER_IN_FLIGHT = Gauge("recsys_triton_server_in_flight", "Outstanding calls per Triton server", ["server"])
+TRITON_FAILOVERS = Counter("recsys_triton_failovers_total",
+                           "Calls retried on another Triton server after this one was unreachable", ["server"])
+TRITON_VERSION_MISMATCH = Gauge("recsys_triton_version_mismatch",
+                                "1 while the Triton servers in rotation serve different encoder versions")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 
 from gateway.breaker import Breaker
-from gateway.budget import Deadline, LatencyEstimate
+from gateway.budget import REQUEST_DEADLINE, Deadline, LatencyEstimate
 from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.online_reader import OnlineFeatureReader
@@ -49,6 +49,7 @@ class Recommender:
 
     async def run(self, req: Request, budget_s: float) -> Outcome:
         deadline = Deadline(budget_s)  # the budget runs from here
+        REQUEST_DEADLINE.set(deadline)  # for the Triton pool's failover (triton_pool.py)
         ctx = RequestContext(req, self._snapshot(), deadline)
         svc = self.services
         understand_query(ctx)

@@ -35,7 +35,8 @@ from gateway.pipeline.services import ranker_applies
 from gateway.recommender import Recommender, Unavailable
 from gateway.service import ACCESS_LOG, LOGGED_IDS, RecommendServicer
 from gateway.state import ServingState, serving_encoder_version
-from gateway.triton_client import TritonClient, TritonError
+from gateway.triton_client import TritonError
+from gateway.triton_pool import TritonPool
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
 from contract.ranker_inputs import NUMERIC_FEATURES, RANKER_VERDICT_PARAMETER
 
@@ -63,13 +64,17 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.health = health_aio.HealthServicer()
-        self.triton = TritonClient(settings.triton_url, settings.encoder_model, settings.ranker_model)
+        # One client per Triton server, picked per call (triton_pool.py); one server is a pool of one.
+        self.triton = TritonPool(settings.triton_servers, settings.encoder_model, settings.ranker_model,
+                                 breaker=settings.triton_server_breaker,
+                                 failover_min_s=settings.triton_failover_min_ms / 1e3)
         self.state: ServingState | None = None
         self.recommender: Recommender | None = None
         self.blend: OnlineBlend | None = None
         self.servicer: RecommendServicer | None = None
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._versions_differ = False
         # RECSYS_PSEUDONYM_KEY_FILE / RECSYS_PSEUDONYM_KEY (rpc/pseudonyms.py): user and session ids
         # become pseudonyms where requests enter (service.py) and in the access log.
         self.pseudonyms = pseudonym_keys.load()
@@ -126,7 +131,7 @@ class Gateway:
         while True:
             try:
                 if not await self.triton.is_ready():
-                    raise TritonError(f"Triton at {self.settings.triton_url} is not ready")
+                    raise TritonError(f"no Triton server ready ({self.triton.url})")
                 snap = await self.state.load()
                 await self._update_ranker_version()
                 await self._warm_up()
@@ -144,11 +149,13 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._watch_triton()))
 
     async def _watch_triton(self) -> None:
-        """Triton's liveness and readiness, every TRITON_PROBE_S. A server that is gone opens the
-        Triton breakers at once (answers degrade without waiting for timeouts); once it is back and
-        ready they close at once (ranked answers within a probe interval, not after a cool-down).
-        Reported as health entry "triton" and gauge recsys_downstream_up{downstream="triton"}; the
-        gateway's own health stays SERVING (a degraded answer beats none)."""
+        """Each Triton server's liveness and readiness, every TRITON_PROBE_S (TritonPool.probe): a
+        server that is gone leaves the pool's rotation, one that is back and ready returns. When no
+        server is left the Triton breakers open at once (answers degrade without waiting for
+        timeouts); once one is back they close at once (ranked answers within a probe interval, not
+        after a cool-down). Reported as health entry "triton" (NOT_SERVING only with every server
+        gone), gauge recsys_downstream_up{downstream="triton"} and recsys_triton_server_up{server};
+        the gateway's own health stays SERVING (a degraded answer beats none)."""
         parts = (Part.ENCODER, Part.INTEREST, Part.RANKER)
         down = False
         metrics.DOWNSTREAM_UP.labels("triton").set(1)
@@ -159,14 +166,17 @@ class Gateway:
             probes += 1
             if not down and probes % ENCODER_CHECK_EVERY == 0:
                 await self._check_encoder_version()
-            if not down and not await self.triton.is_live(timeout_s=TRITON_PROBE_S):
+            found = await self.triton.probe(timeout_s=TRITON_PROBE_S)
+            if found.back and not down:  # the primary may have changed: versions from the one asked now
+                await self._update_ranker_version()
+            if not down and not found.up:
                 down = True
-                log.warning("Triton at %s is gone: answering degraded until it is back", self.settings.triton_url)
+                log.warning("no Triton server is live (%s): answering degraded until one is back", self.triton.url)
                 for part in parts:
-                    self.recommender.breakers[part].force_open(f"Triton at {self.settings.triton_url} is not live")
-            elif down and await self.triton.is_ready(timeout_s=TRITON_PROBE_S):
+                    self.recommender.breakers[part].force_open(f"no Triton server is live ({self.triton.url})")
+            elif down and found.up:
                 down = False
-                log.warning("Triton at %s is back and ready", self.settings.triton_url)
+                log.warning("Triton back and ready: %s", ", ".join(found.up))
                 await self._update_ranker_version()
                 for part in parts:
                     self.recommender.breakers[part].force_close()
@@ -178,13 +188,22 @@ class Gateway:
 
     async def _check_encoder_version(self) -> None:
         """Notice a new serving encoder without waiting for an answer to show it: with the query
-        cache, repeated queries never reach the encoder, so no ENCODER_VERSION would tell us."""
+        cache, repeated queries never reach the encoder, so no ENCODER_VERSION would tell us. With
+        several servers, also whether they agree (a rollout that reached only some of them)."""
         try:
             served = await serving_encoder_version(self.triton)
         except TritonError:
-            return  # the liveness probe below decides what a failing Triton means
+            return  # the liveness probe decides what a failing Triton means
         if self.state.snapshot is not None and served != self.state.snapshot.encoder_version:
             self.state.encoder_switched(served)
+        if len(self.triton.servers) > 1:
+            versions = await self.triton.serving_versions(self.triton.encoder_model, "encoder_onnx")
+            mismatch = len(set(versions.values())) > 1
+            if mismatch and not self._versions_differ:
+                log.warning("Triton servers serve different encoder versions %s: queries are embedded with the "
+                            "index's version, pinned (docs/production.md#triton-replicas)", versions)
+            self._versions_differ = mismatch
+            metrics.TRITON_VERSION_MISMATCH.set(1 if mismatch else 0)
 
     async def _warm_up(self) -> None:
         """One encoder and one ranker call before SERVING: the first inference of a freshly loaded

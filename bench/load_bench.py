@@ -20,6 +20,8 @@ Configurations, in the same run, each on a fresh gateway:
 - `in-flight 4`: twice the default admission limit (1 per core = 2 here);
 - `no query cache`: embedding_cache_size 0 (every request calls the encoder);
 - `2 workers`: two gateway processes on one port (SO_REUSEPORT), each with half the in-flight limit;
+- `2 Tritons`: a second tritonserver (same repository, supervised) and the gateway given both
+  (`triton_urls`: least outstanding calls, failover); `2 workers + 2 Tritons`: both at once;
 - `1 ranker instance x 2 threads`: Triton's ranker as version one ran it, instead of the
   repository's 2 instances x 1 thread;
 - `2 encoder instances x 1 thread`: the encoder as two single-thread instances instead of the
@@ -251,6 +253,8 @@ CONFIGS = {
     "in-flight 4": {"RECSYS_MAX_IN_FLIGHT": "4", "RECSYS_MAX_QUEUED": "8"},
     "no query cache": {"RECSYS_EMBEDDING_CACHE_SIZE": "0"},
     "2 workers": {"workers": 2},
+    "2 Tritons": {"tritons": 2},
+    "2 workers + 2 Tritons": {"workers": 2, "tritons": 2},
     "1 ranker instance x 2 threads": {"instances": {"ranker_onnx": (1, 2)}},
     "2 encoder instances x 1 thread": {"instances": {"encoder_onnx": (2, 1)}},
 }
@@ -263,6 +267,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--soak-minutes", type=float, default=10.0, help="0: no soak")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes (the plot beside it)")
     ap.add_argument("--requests", type=int, default=40000,
                     help="(user, query) pairs drawn from the shop's log; levels walk through them without repeating")
     args = ap.parse_args()
@@ -288,6 +293,7 @@ def main() -> None:
             config = dict(CONFIGS[name])
             shape = {**DEFAULT_SHAPES, **config.pop("instances", {})}
             workers = config.pop("workers", 1)
+            tritons = config.pop("tritons", 1)
             if shape != triton_shape:
                 if supervisor is not None:
                     supervisor.stop()
@@ -301,12 +307,20 @@ def main() -> None:
             port = free_port()
             log(f"[{name}] starting {workers} gateway process(es) (the first start embeds the catalog)")
             with ExitStack() as gws:
+                urls = [triton.grpc_url]
+                for t in range(1, tritons):  # replicas for this configuration only
+                    log(f"[{name}] starting tritonserver {t + 1}, supervised")
+                    replica = TritonServer(model_repository=models, workdir=workdir / f"triton{t + 1}")
+                    gws.callback(TritonSupervisor(replica).start().stop)
+                    urls.append(replica.grpc_url)
                 procs = []
                 for w in range(workers):
                     gw = GatewayProcess(repo, triton.grpc_url, DEPTH, env, workdir, "feature_store.yaml", port=port,
                                         name=f"{name.replace(' ', '_')}-{w}")
                     gw.env.update(base_env)
                     gw.env.update(config)
+                    if tritons > 1:
+                        gw.env["RECSYS_TRITON_URLS"] = ",".join(urls)
                     if workers > 1:
                         gw.env["RECSYS_REUSE_PORT"] = "true"
                         gw.env["RECSYS_MAX_IN_FLIGHT"] = str(max(1, (os.cpu_count() or 1) // workers))
@@ -324,13 +338,13 @@ def main() -> None:
                     soak = run_soak(address, requests, procs, triton, feedback, args.soak_minutes, f"127.0.0.1:{feedback.port}")
         if supervisor is not None:
             supervisor.stop()
-    result = write_results(RESULTS, f"Recommend under load ({args.size} shop, SQLite, depth {DEPTH}, "
+    result = write_results(args.results, f"Recommend under load ({args.size} shop, SQLite, depth {DEPTH}, "
                                     f"{DEADLINE_S * 1e3:.0f} ms deadline)", rows)
     if soak:
         result["soak"] = soak
-        RESULTS.write_text(__import__("json").dumps(result, indent=2) + "\n")
+        args.results.write_text(__import__("json").dumps(result, indent=2) + "\n")
     print_tables(result)
-    plot(result)
+    plot(result, args.results.with_suffix(".png"))
 
 
 def run_soak(address, requests, procs, triton, feedback, minutes: float, feedback_address: str) -> dict:
@@ -381,7 +395,7 @@ def print_tables(result: dict) -> None:
                   f"{v.get('slope_mb_per_min_after_5_min', '-')} | {v.get('slope_mb_per_min_second_half', '-')} |")
 
 
-def plot(result: dict) -> None:
+def plot(result: dict, path: Path = PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,8 +423,8 @@ def plot(result: dict) -> None:
         axes[2].grid(alpha=0.3)
     fig.suptitle(f"{result['benchmark']} — {result['machine']}, {result['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
-    log(f"plot: {PLOT}")
+    fig.savefig(path, dpi=110)
+    log(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ class BlendLearner:
         self.updated_at = datetime.now(timezone.utc)
         self.batch_x: list[np.ndarray] = []
         self.batch_y: list[float] = []
+        self.outgoing: list[bytes] = []  # examples labelled here, for the shared batch (a shared store)
         self._load()
 
     # What the local store holds (tests, erase): a shared store has no such dicts.
@@ -300,10 +301,22 @@ class BlendLearner:
 
     def tick(self) -> None:
         """Label impressions whose click window has passed as negatives, drop what is too old to
-        be joined; update when a batch is full; pick up a posterior another replica saved."""
+        be joined; update when a batch is full; pick up a posterior another replica saved.
+        With a shared store the batch is shared too: every replica adds the examples it labelled and
+        whichever finds it full takes it, so batches mix clicks and non-clicks as one replica's do
+        (a replica that only receives LogServed labels only non-clicks: batches of its own would be)."""
+        taken: list[bytes] = []
         try:
             for packed in self.store.expire(self.clock()):
                 self._example(packed, 0.0)
+            if self.store.shares_batches:
+                if self.outgoing:
+                    self.store.add_examples(self.outgoing)
+                    self.outgoing = []
+                taken = self.store.take_batch(self.settings.min_batch)
+                self.batch_x = [features(np.frombuffer(r, np.float32, N_PARTS, 1 + PENDING.size),
+                                         PENDING.unpack_from(r, 1)[1]) for r in taken]
+                self.batch_y = [float(r[0]) for r in taken]
             if len(self.batch_y) >= self.settings.min_batch:
                 self.update(np.array(self.batch_x), np.array(self.batch_y))
                 self.batch_x, self.batch_y = [], []
@@ -313,7 +326,10 @@ class BlendLearner:
         except StateUnavailable:
             # Keep the labelled examples for when it is back, bounded; the weights stay as they are.
             keep = MAX_WAITING_BATCHES * self.settings.min_batch
-            del self.batch_x[:-keep], self.batch_y[:-keep]
+            if taken:
+                self.outgoing[:0] = taken
+                self.batch_x, self.batch_y = [], []
+            del self.batch_x[:-keep], self.batch_y[:-keep], self.outgoing[:-keep]
         self.publish()
 
     def publish(self) -> None:
@@ -321,6 +337,9 @@ class BlendLearner:
         self.store.publish()
 
     def _example(self, packed: bytes, y: float) -> None:
+        if self.store.shares_batches:  # the label byte, then the impression as packed
+            self.outgoing.append(b"\x01" + packed if y else b"\x00" + packed)
+            return
         _, position = PENDING.unpack_from(packed)
         self.batch_x.append(features(np.frombuffer(packed, np.float32, N_PARTS, PENDING.size), position))
         self.batch_y.append(y)

@@ -22,6 +22,7 @@ at most SHARDS script calls, whatever its size:
   {P:s}:counts                hash: served_bytes, early_n (for the byte and event bounds)
   {P:s}:budget / :window      hash source -> examples counted / zset source -> window start
   {P}:posterior               hash: version, state (the same JSON document as blend_weights.json)
+  {P}:examples                list: labelled examples (label byte + packed impression), the shared batch
 Every bound of LearnerSettings holds in Redis too, per shard (bound / SHARDS, tracked in the same
 script that adds, so concurrent replicas cannot overshoot it); entries past their age are removed
 by the replicas' ticks, and every key carries a TTL refreshed on write, so the state of a learner
@@ -118,6 +119,7 @@ class LearnerState(Protocol):
     """What BlendLearner needs of a store. Methods of a shared store raise StateUnavailable."""
 
     clock: Callable[[], float]  # the time base of the store's entries
+    shares_batches: bool  # examples go to a batch every replica adds to (add_examples, take_batch)
 
     def charge(self, charges: Sequence[Charge], now: float) -> list[bool]:
         """Count each source's examples against its budget for the window, in order; False (nothing
@@ -146,12 +148,20 @@ class LearnerState(Protocol):
         """Save when the saved posterior's version is still `expected_version` (None); else return
         the saved (version, document) instead: another replica's update, or something to overwrite."""
 
+    def add_examples(self, records: Sequence[bytes]) -> None:
+        """Add labelled examples (label byte + packed impression) to the shared batch."""
+
+    def take_batch(self, min_batch: int) -> list[bytes]:
+        """The whole shared batch, taken by this replica alone, once it holds `min_batch`; else []."""
+
     def publish(self) -> None:
         """What is held, to Prometheus."""
 
 
 class LocalLearnerState:
     """One process: bounded dicts in memory and the posterior in a JSON file (or nowhere)."""
+
+    shares_batches = False  # the learner keeps its batch itself
 
     def __init__(self, settings: "LearnerSettings", state_dir: Path | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -301,19 +311,21 @@ end
 # ARGV: rid, ids, parts, now, max lists, max bytes, ttl ms. Returns {dropped lists, early events or ''}.
 _LUA_PUT_SERVED = _LUA_PRELUDE + """
 local rid, now = ARGV[1], tonumber(ARGV[4])
-drop_served(rid)
-local joined = redis.call('HGET', KEYS[3], rid)
-redis.call('HSET', KEYS[1], rid, ARGV[2]); redis.call('HSET', KEYS[2], rid, ARGV[3])
-redis.call('HSET', KEYS[3], rid, joined or 0)
-redis.call('HINCRBY', KEYS[9], 'served_bytes', #ARGV[2] + #ARGV[3] + #rid)
-redis.call('ZADD', KEYS[4], now, rid)
+local size = #ARGV[2] + #ARGV[3] + #rid
+local joined = redis.call('HGET', KEYS[3], rid)  -- a list re-sent under the same request id keeps its count
+drop_served(rid); redis.call('ZREM', KEYS[4], rid)
+-- Room first, then the new list: it is the newest, never the one dropped.
 local dropped = 0
-while redis.call('ZCARD', KEYS[4]) > tonumber(ARGV[5]) or
-      tonumber(redis.call('HGET', KEYS[9], 'served_bytes') or 0) > tonumber(ARGV[6]) do
+while redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[5]) or
+      tonumber(redis.call('HGET', KEYS[9], 'served_bytes') or 0) + size > tonumber(ARGV[6]) do
   local old = redis.call('ZPOPMIN', KEYS[4])
   if #old == 0 then break end
   dropped = dropped + drop_served(old[1])
 end
+redis.call('HSET', KEYS[1], rid, ARGV[2]); redis.call('HSET', KEYS[2], rid, ARGV[3])
+redis.call('HSET', KEYS[3], rid, joined or 0)
+redis.call('HINCRBY', KEYS[9], 'served_bytes', size)
+redis.call('ZADD', KEYS[4], now, rid)
 local early = redis.call('HGET', KEYS[7], rid)
 if early then drop_early(rid); redis.call('ZREM', KEYS[8], rid) end
 touch(tonumber(ARGV[7]))
@@ -339,14 +351,14 @@ for i = 6, #ARGV, 4 do
     local ids = redis.call('HGET', KEYS[1], rid)
     if not ids then
       status = 'early'
-      if redis.call('HEXISTS', KEYS[7], rid) == 0 then redis.call('ZADD', KEYS[8], now, rid) end
-      redis.call('HSET', KEYS[7], rid, (redis.call('HGET', KEYS[7], rid) or '') .. kind .. ' ' .. item .. ' ' .. pos .. '\\n')
-      redis.call('HINCRBY', KEYS[9], 'early_n', 1)
-      while tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0) > max_early do
+      while tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0) >= max_early do
         local old = redis.call('ZPOPMIN', KEYS[8])
         if #old == 0 then break end
         out[2] = out[2] + drop_early(old[1])
       end
+      if redis.call('HEXISTS', KEYS[7], rid) == 0 then redis.call('ZADD', KEYS[8], now, rid) end
+      redis.call('HSET', KEYS[7], rid, (redis.call('HGET', KEYS[7], rid) or '') .. kind .. ' ' .. item .. ' ' .. pos .. '\\n')
+      redis.call('HINCRBY', KEYS[9], 'early_n', 1)
     elseif kind == 'IMPRESSION' and redis.call('HEXISTS', KEYS[5], key) == 0 then
       local at = string.find(ids, ' ' .. item .. ' ', 1, true)
       if at then
@@ -357,16 +369,16 @@ for i = 6, #ARGV, 4 do
           local position = tonumber(pos)
           if position == nil or position == 0 then position = index + 1 end
           local parts = redis.call('HGET', KEYS[2], rid)
-          redis.call('HINCRBY', KEYS[3], rid, 1)
-          redis.call('HSET', KEYS[5], key, struct.pack('<di', now, position) ..
-                     string.sub(parts, index * PART_BYTES + 1, index * PART_BYTES + PART_BYTES))
-          redis.call('ZADD', KEYS[6], now, key)
-          while redis.call('ZCARD', KEYS[6]) > max_pending do
+          while redis.call('ZCARD', KEYS[6]) >= max_pending do
             local old = redis.call('ZPOPMIN', KEYS[6])
             if #old == 0 then break end
             redis.call('HDEL', KEYS[5], old[1])
             out[1] = out[1] + 1
           end
+          redis.call('HINCRBY', KEYS[3], rid, 1)
+          redis.call('HSET', KEYS[5], key, struct.pack('<di', now, position) ..
+                     string.sub(parts, index * PART_BYTES + 1, index * PART_BYTES + PART_BYTES))
+          redis.call('ZADD', KEYS[6], now, key)
           status = 'pending'
         end
       end
@@ -386,12 +398,13 @@ for i = 5, #ARGV, 3 do
   local key, n, limit = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local start = redis.call('ZSCORE', KEYS[11], key)
   if not start or tonumber(start) <= cutoff then
-    redis.call('ZADD', KEYS[11], now, key); redis.call('HSET', KEYS[10], key, 0)
-    while redis.call('ZCARD', KEYS[11]) > max_sources do
+    redis.call('ZREM', KEYS[11], key)
+    while redis.call('ZCARD', KEYS[11]) >= max_sources do  -- room first: the oldest window closes
       local old = redis.call('ZPOPMIN', KEYS[11])
       if #old == 0 then break end
       redis.call('HDEL', KEYS[10], old[1])
     end
+    redis.call('ZADD', KEYS[11], now, key); redis.call('HSET', KEYS[10], key, 0)
   end
   local count = tonumber(redis.call('HGET', KEYS[10], key) or 0)
   if count + n > limit then out[#out + 1] = 0 else redis.call('HINCRBY', KEYS[10], key, n); out[#out + 1] = 1 end
@@ -444,6 +457,24 @@ end
 return removed
 """
 
+# ARGV: cap, ttl ms, records. The shared batch keeps the newest `cap` examples (a bound, never reached
+# while replicas tick: a batch is taken as soon as it is full). Returns how many were dropped.
+_LUA_ADD_EXAMPLES = """
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
+if over > 0 then redis.call('LTRIM', KEYS[1], over, -1) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return math.max(over, 0)
+"""
+
+# ARGV: min batch. The whole batch, once full; taken atomically, so exactly one replica learns from it.
+_LUA_TAKE_BATCH = """
+if redis.call('LLEN', KEYS[1]) < tonumber(ARGV[1]) then return {} end
+local batch = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return batch
+"""
+
 # Optimistic concurrency on the posterior's version: several replicas update one posterior without a
 # leader. A replica fits its own batch on the posterior it knows (version v) and saves v+1 only if
 # the saved one is still v; otherwise it gets the newer posterior, refits the same batch on it and
@@ -471,29 +502,50 @@ class RedisLearnerState:
     timeout per second, not one per event."""
 
     clock = staticmethod(time.time)
+    shares_batches = True
 
     def __init__(self, client, settings: "LearnerSettings", prefix: str = "recsys:learner",
-                 retry_after_s: float = 1.0, tick_s: float = SHARED_TICK_S):
+                 retry_after_s: float = 1.0, tick_s: float = SHARED_TICK_S, connect: Callable[[], object] | None = None):
+        """`client`: a redis-py client (Redis or RedisCluster); or None and `connect`, which makes
+        one at the first call (a cluster client connects when made: a cluster down at start must
+        not stop the service, only its learning)."""
         import redis
 
-        self.client = client
+        self._client, self._connect = client, connect
+        self._scripts: dict | None = None
         self.settings = st = settings
-        self.errors = (redis.exceptions.RedisError, OSError)
+        # RedisClusterException (no node answered) is not a RedisError.
+        self.errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self.retry_after_s = retry_after_s
         self.down_until = 0.0
         self.tick_s = tick_s
         self.expired_at = self.refreshed_at = -math.inf  # learner clock / monotonic time of the last pass
         self.shard_keys = [[f"{{{prefix}:{s}}}:{name}" for name in SHARD_KEYS] for s in range(SHARDS)]
         self.posterior_key = f"{{{prefix}}}:posterior"
+        self.examples_key = f"{{{prefix}}}:examples"
+        self.max_examples = st.max_pending  # examples come from pending impressions (and their clicks)
         per = lambda bound: max(1, math.ceil(bound / SHARDS))  # noqa: E731
         self.max_lists, self.max_served_bytes = per(st.max_lists), per(st.max_served_bytes)
         self.max_pending, self.max_early, self.max_sources = per(st.max_pending), per(st.max_early), per(st.max_sources)
         # Every key outlives the longest-lived entry it can hold (a budget window, a served list).
         self.ttl_ms = int(1000 * (max(st.source_window_s, st.label_delay_s + st.served_margin_s) + 60))
-        self.scripts = {name: client.register_script(src) for name, src in (
-            ("put_served", _LUA_PUT_SERVED), ("join", _LUA_JOIN), ("charge", _LUA_CHARGE), ("expire", _LUA_EXPIRE),
-            ("forget", _LUA_FORGET_REQUESTS), ("save", _LUA_SAVE_POSTERIOR))}
         self.held = {"served": 0, "served_bytes": 0, "pending": 0, "early": 0, "sources": 0}
+
+    @property
+    def client(self):
+        """The redis-py client, made on first use (only ever used inside _call: its errors degrade)."""
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    @property
+    def scripts(self) -> dict:
+        if self._scripts is None:
+            self._scripts = {name: self.client.register_script(src) for name, src in (
+                ("put_served", _LUA_PUT_SERVED), ("join", _LUA_JOIN), ("charge", _LUA_CHARGE),
+                ("expire", _LUA_EXPIRE), ("forget", _LUA_FORGET_REQUESTS), ("save", _LUA_SAVE_POSTERIOR),
+                ("add_examples", _LUA_ADD_EXAMPLES), ("take_batch", _LUA_TAKE_BATCH))}
+        return self._scripts
 
     @classmethod
     def from_url(cls, url: str, settings: "LearnerSettings", cluster: bool = False, prefix: str = "recsys:learner",
@@ -504,10 +556,8 @@ class RedisLearnerState:
 
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         if cluster:
-            client = redis.RedisCluster.from_url(url, **options)
-        else:
-            client = redis.Redis.from_url(url, **options)
-        return cls(client, settings, prefix)
+            return cls(None, settings, prefix, connect=lambda: redis.RedisCluster.from_url(url, **options))
+        return cls(redis.Redis.from_url(url, **options), settings, prefix)
 
     def _call(self, operation: str, fn: Callable[[], object]):
         now = time.monotonic()
@@ -630,6 +680,15 @@ class RedisLearnerState:
 
         self._call("forget", run)
         return removed
+
+    def add_examples(self, records: Sequence[bytes]) -> None:
+        dropped = self._call("examples", lambda: self.scripts["add_examples"](
+            keys=[self.examples_key], args=[self.max_examples, self.ttl_ms, *records]))
+        if dropped:
+            metrics.DROPPED.labels("examples", "count").inc(int(dropped))
+
+    def take_batch(self, min_batch: int) -> list[bytes]:
+        return self._call("examples", lambda: self.scripts["take_batch"](keys=[self.examples_key], args=[min_batch]))
 
     # --- the posterior --------------------------------------------------------------------------------
     def load_posterior(self) -> tuple[str, str] | None:

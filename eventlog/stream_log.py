@@ -78,6 +78,9 @@ return out
 """
 
 Client = redis.Redis | RedisCluster
+# Everything redis-py raises for a server or cluster problem (its cluster errors, e.g. a slot with
+# no master, are not RedisErrors).
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ class StreamEventLog:
         self._refresh_lock = threading.Lock()
         try:
             client.ping()
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             raise EventLogError(f"event stream: cannot reach Redis: {e}") from None
 
     def describe(self) -> str:
@@ -214,7 +217,7 @@ class StreamEventLog:
             return
         try:
             self.client.nodes_manager.initialize()  # type: ignore[union-attr]
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             log.warning("event stream: slot map not refreshed: %s", e)
         finally:
             self._refresh_lock.release()
@@ -255,7 +258,7 @@ class StreamEventLog:
                 self.refresh()
                 if attempt:
                     raise unavailable(e, doing) from e
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 self.refresh()
                 raise unavailable(e, doing) from e
         return out

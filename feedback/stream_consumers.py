@@ -44,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 import redis
 
 from eventlog.event_log import EventLogError
-from eventlog.stream_log import PAYLOAD_FIELD, StreamEventLog, decode_event
+from eventlog.stream_log import PAYLOAD_FIELD, REDIS_ERRORS, StreamEventLog, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class SessionStreamConsumer:
                     self._heartbeat()
                 if not self._read_round():
                     self._stop.wait(self.settings.poll_s)
-            except (redis.RedisError, EventLogError) as e:
+            except (*REDIS_ERRORS, EventLogError) as e:
                 # The stream is down or failing over: nothing is acknowledged, so nothing is lost;
                 # retry after a pause (the entries stay pending or undelivered meanwhile).
                 self.stats.errors += 1

@@ -723,7 +723,7 @@ def serve_cmd(
 
     try:
         settings = load_settings(config)
-        code = run_workers(settings, config, workers, say=console.print)
+        code = run_workers(settings, config, workers, say=lambda m: console.print(m, soft_wrap=True))
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None

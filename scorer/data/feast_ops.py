@@ -27,8 +27,8 @@ def feast_cmd(repo: Path, *args: str, yaml: str | None = None, env: dict[str, st
 
     quiet: capture the output instead, and put it into the error if the command fails.
     """
-    feast = Path(sys.executable).with_name("feast")
-    cmd = [str(feast), "-c", str(repo)] + (["-f", str(Path(repo) / yaml)] if yaml else []) + list(args)
+    # Feast's CLI through scorer/data/feast_quiet.py: the same command, minus ibis's warnings.
+    cmd = [sys.executable, "-m", "scorer.data.feast_quiet", "-c", str(repo)] + (["-f", str(Path(repo) / yaml)] if yaml else []) + list(args)
     # ibis (inside Feast's duckdb store) floods the output with DeprecationWarnings.
     run_env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", **(env or {})}
     if not quiet:

@@ -304,16 +304,14 @@ class BlendLearner:
         be joined; update when a batch is full; pick up a posterior another replica saved.
         With a shared store the batch is shared too: every replica adds the examples it labelled and
         whichever finds it full takes it, so batches mix clicks and non-clicks as one replica's do
-        (a replica that only receives LogServed labels only non-clicks: batches of its own would be)."""
+        (a replica that only receives LogServed labels only non-clicks: batches of its own would teach
+        that everything is worse)."""
         taken: list[bytes] = []
         try:
             for packed in self.store.expire(self.clock()):
                 self._example(packed, 0.0)
             if self.store.shares_batches:
-                if self.outgoing:
-                    self.store.add_examples(self.outgoing)
-                    self.outgoing = []
-                taken = self.store.take_batch(self.settings.min_batch)
+                taken, self.outgoing = self.store.exchange(self.outgoing, self.settings.min_batch), []
                 self.batch_x = [features(np.frombuffer(r, np.float32, N_PARTS, 1 + PENDING.size),
                                          PENDING.unpack_from(r, 1)[1]) for r in taken]
                 self.batch_y = [float(r[0]) for r in taken]

@@ -119,7 +119,7 @@ class LearnerState(Protocol):
     """What BlendLearner needs of a store. Methods of a shared store raise StateUnavailable."""
 
     clock: Callable[[], float]  # the time base of the store's entries
-    shares_batches: bool  # examples go to a batch every replica adds to (add_examples, take_batch)
+    shares_batches: bool  # examples go to a batch every replica adds to (exchange)
 
     def charge(self, charges: Sequence[Charge], now: float) -> list[bool]:
         """Count each source's examples against its budget for the window, in order; False (nothing
@@ -148,11 +148,9 @@ class LearnerState(Protocol):
         """Save when the saved posterior's version is still `expected_version` (None); else return
         the saved (version, document) instead: another replica's update, or something to overwrite."""
 
-    def add_examples(self, records: Sequence[bytes]) -> None:
-        """Add labelled examples (label byte + packed impression) to the shared batch."""
-
-    def take_batch(self, min_batch: int) -> list[bytes]:
-        """The whole shared batch, taken by this replica alone, once it holds `min_batch`; else []."""
+    def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
+        """Add labelled examples (label byte + packed impression) to the shared batch; return the
+        whole batch, taken by this replica alone, once it holds `min_batch` (else [])."""
 
     def publish(self) -> None:
         """What is held, to Prometheus."""
@@ -457,22 +455,21 @@ end
 return removed
 """
 
-# ARGV: cap, ttl ms, records. The shared batch keeps the newest `cap` examples (a bound, never reached
-# while replicas tick: a batch is taken as soon as it is full). Returns how many were dropped.
-_LUA_ADD_EXAMPLES = """
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+# ARGV: cap, ttl ms, min batch, records. Adds the records to the shared batch (which keeps the newest
+# `cap`: a bound never reached while replicas tick, a batch is taken as soon as it is full); returns
+# {dropped, then the whole batch once it holds min batch}: taken atomically, so one replica learns from it.
+_LUA_EXCHANGE = """
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
 if over > 0 then redis.call('LTRIM', KEYS[1], over, -1) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return math.max(over, 0)
-"""
-
-# ARGV: min batch. The whole batch, once full; taken atomically, so exactly one replica learns from it.
-_LUA_TAKE_BATCH = """
-if redis.call('LLEN', KEYS[1]) < tonumber(ARGV[1]) then return {} end
-local batch = redis.call('LRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return batch
+local out = {math.max(over, 0)}
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  for _, record in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do out[#out + 1] = record end
+  redis.call('DEL', KEYS[1])
+elseif #ARGV > 3 then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return out
 """
 
 # Optimistic concurrency on the posterior's version: several replicas update one posterior without a
@@ -519,7 +516,8 @@ class RedisLearnerState:
         self.retry_after_s = retry_after_s
         self.down_until = 0.0
         self.tick_s = tick_s
-        self.expired_at = self.refreshed_at = -math.inf  # learner clock / monotonic time of the last pass
+        self.expired_at = self.refreshed_at = -math.inf  # learner clock / monotonic time of the last passes
+        self.due_pass = False  # an expiry pass ran since the last exchange
         self.shard_keys = [[f"{{{prefix}:{s}}}:{name}" for name in SHARD_KEYS] for s in range(SHARDS)]
         self.posterior_key = f"{{{prefix}}}:posterior"
         self.examples_key = f"{{{prefix}}}:examples"
@@ -544,7 +542,7 @@ class RedisLearnerState:
             self._scripts = {name: self.client.register_script(src) for name, src in (
                 ("put_served", _LUA_PUT_SERVED), ("join", _LUA_JOIN), ("charge", _LUA_CHARGE),
                 ("expire", _LUA_EXPIRE), ("forget", _LUA_FORGET_REQUESTS), ("save", _LUA_SAVE_POSTERIOR),
-                ("add_examples", _LUA_ADD_EXAMPLES), ("take_batch", _LUA_TAKE_BATCH))}
+                ("exchange", _LUA_EXCHANGE))}
         return self._scripts
 
     @classmethod
@@ -641,7 +639,7 @@ class RedisLearnerState:
     def expire(self, now: float) -> list[bytes]:
         if now - self.expired_at < self.tick_s:
             return []
-        self.expired_at = now
+        self.expired_at, self.due_pass = now, True
         st = self.settings
         cutoff = now - st.label_delay_s
         args = [cutoff - st.served_margin_s, cutoff, cutoff, now - st.source_window_s, EXPIRE_BATCH]
@@ -681,14 +679,18 @@ class RedisLearnerState:
         self._call("forget", run)
         return removed
 
-    def add_examples(self, records: Sequence[bytes]) -> None:
-        dropped = self._call("examples", lambda: self.scripts["add_examples"](
-            keys=[self.examples_key], args=[self.max_examples, self.ttl_ms, *records]))
-        if dropped:
-            metrics.DROPPED.labels("examples", "count").inc(int(dropped))
-
-    def take_batch(self, min_batch: int) -> list[bytes]:
-        return self._call("examples", lambda: self.scripts["take_batch"](keys=[self.examples_key], args=[min_batch]))
+    def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
+        # A batch is taken only right after an expiry pass, as one replica's tick takes it after
+        # labelling the non-clicks due: taken at every add, batches would follow whoever added last
+        # (the replica with the clicks, or the one with the non-clicks) instead of mixing both.
+        take, self.due_pass = self.due_pass, False
+        if not records and not take:
+            return []
+        got = self._call("examples", lambda: self.scripts["exchange"](
+            keys=[self.examples_key], args=[self.max_examples, self.ttl_ms, min_batch if take else 2**62, *records]))
+        if got[0]:
+            metrics.DROPPED.labels("examples", "count").inc(int(got[0]))
+        return got[1:]
 
     # --- the posterior --------------------------------------------------------------------------------
     def load_posterior(self) -> tuple[str, str] | None:

@@ -9,7 +9,8 @@
                interest model: used from the next request)
     rollback -> publish a model's previous version again (its files stay in the model repository)
 
-Gate metrics: encoder NDCG@10 of retrieval on the holdout requests; ranker NDCG@5 of the holdout's
+Gate metrics: encoder NDCG@10 of retrieval on its validation split (query -> item on searches, next
+item on interaction-only data; skipped when the data holds neither); ranker NDCG@5 of the holdout's
 shown lists; interest model NDCG@10 of next-interaction retrieval on its validation split (the end
 of the training period), against the better of the serving model and the untrained fallback. The encoder goes first: the
 ranker's similarity feature and the interest model's item vectors come from the (new) serving
@@ -21,6 +22,7 @@ new-labels trigger).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -184,33 +186,66 @@ def _publisher(model: str, model_repo: Path, triton_url: str | None, export: Cal
 
 
 def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
-                    steps: int = 200, margin: float = 0.005, lr: float = 1e-4, seed: int = 0,
+                    steps: int = 200, margin: float = 0.005, lr: float | None = None, seed: int = 0,
                     log=print) -> RetrainResult:
-    """One round of the loop for the encoder. `triton_url` None: export but do not publish."""
-    from scorer.eval.retrieval_eval import build_eval_set, encoder_scorer, evaluate, write_report
+    """One round of the loop for the encoder, gated on **validation** NDCG@10 (the split, early
+    stopping and objective of `recsys train encoder`, scorer/train/encoder_train.py): fine-tune the
+    serving encoder (query -> item, or previous item -> next item on data without searches) and
+    promote the best fine-tuned weights only if they beat the serving encoder on validation by
+    `margin`. On query data the holdout is reported too, not used to choose. When the data holds
+    nothing the encoder can learn from, the step is skipped (not promoted, no report) and says why.
+    `steps` caps the step budget; `triton_url` None: export but do not publish."""
+    from scorer.eval.encoder_validation import NextItemValidation
+    from scorer.eval.retrieval_eval import build_eval_set, encoder_scorer, evaluate
     from scorer.export.encoder_export import export_encoder
-    from scorer.models.encoder import EncoderConfig, TextEncoder
-    from scorer.train.data import load_labelled_requests
-    from scorer.train.encoder_train import EncoderTrainConfig, train_encoder, training_pairs
+    from scorer.train.data import INTERACTIONS, CannotTrain
+    from scorer.train.encoder_data import HISTORY_LEN, catalog, encoder_training_set
+    from scorer.train.encoder_train import EncoderTrainConfig, best_fine_tuned, fit_encoder, save_encoder
 
-    offline = repo / "data" / "offline"
     stamp = _stamp()
-    data = load_labelled_requests(repo)
     entry = registry.entry("encoder")
     serving_ckpt = entry.serving_checkpoint()
-    log(f"retrain encoder: {len(data.train):,} training labels, serving v{entry.serving} "
-        f"({serving_ckpt or 'packaged weights'})")
+    try:
+        ts = encoder_training_set(repo, seed=seed)
+    except CannotTrain as e:
+        reason = f"skipped: {e}"
+        log(f"retrain encoder: {reason}")
+        return RetrainResult("encoder", False, reason, math.nan, math.nan, None, None)
+    log(f"retrain encoder: {len(ts.fit):,} training pairs ({ts.objective} -> item), {ts.validation.examples:,} "
+        f"validation examples, serving v{entry.serving} ({serving_ckpt or 'packaged weights'})")
+    fit = fit_encoder(ts.fit, ts.validation, ts.validation.examples, ts.metric,
+                      EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed), start_from=serving_ckpt, start_name="serving")
+    candidate = best_fine_tuned(fit)
     candidate_dir = work_dir / f"encoder-{stamp}"
-    train_encoder(training_pairs(data.train), candidate_dir, EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed),
-                  start_from=serving_ckpt)
-    ev = build_eval_set(data, pd.read_parquet(offline / "items.parquet"), pd.read_parquet(offline / "events.parquet"))
-    candidate = TextEncoder(EncoderConfig(model_path=str(candidate_dir)))
-    result = evaluate(ev, {"serving": encoder_scorer(ev, _serving_encoder(registry)),
-                           "candidate": encoder_scorer(ev, candidate)})
-    report = write_report(result, work_dir / f"report-{stamp}", title=f"Retrain {stamp}: candidate vs serving")
-    before, after = result.metrics["serving"]["all"]["ndcg@10"], result.metrics["candidate"]["all"]["ndcg@10"]
-    registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
-    return _gate("encoder", registry, before, after, margin, "NDCG@10", report, candidate_dir,
+    save_encoder(candidate, fit.tokenizer, candidate_dir)
+    before, after = fit.verdict.start, fit.verdict.fine_tuned
+    serving = _serving_encoder(registry)
+    if ts.source == INTERACTIONS:
+        ids, texts = catalog(repo)
+        hold = ts.data.holdout
+        hold = hold.sample(min(len(hold), 5_000), random_state=seed)  # each example ranks the catalog: a sample is enough
+        judge = NextItemValidation.of(hold, ids, texts, HISTORY_LEN) if len(hold) else None
+        holdout = {name: judge(enc) for name, enc in (("serving", serving), ("candidate", candidate))} if judge else {}
+        table = pd.DataFrame([{"method": n, "split": "holdout", **{k: round(v, 4) for k, v in m.items()}}
+                              for n, m in holdout.items()])
+    else:
+        offline = repo / "data" / "offline"
+        ev = build_eval_set(ts.data, pd.read_parquet(offline / "items.parquet"), pd.read_parquet(offline / "events.parquet"))
+        got = evaluate(ev, {"serving": encoder_scorer(ev, serving), "candidate": encoder_scorer(ev, candidate)}).metrics
+        table = pd.DataFrame([{"method": n, "split": "holdout", **by["all"]} for n, by in got.items()])
+    validation = pd.DataFrame([{"method": "serving", "split": "validation", "NDCG@10": round(before, 4)},
+                               {"method": "candidate", "split": "validation", "NDCG@10": round(after, 4)}])
+    decision = (f"{'promote' if after >= before + margin else 'keep serving'}: {fit.verdict.says} "
+                f"(margin {margin}; best step {fit.best_step} of {fit.steps_run})")
+    report = write_gate_report(work_dir / f"report-encoder-{stamp}", f"Encoder retrain {stamp}: candidate vs serving",
+                               pd.concat([validation, table], ignore_index=True), f"validation {ts.metric}", before,
+                               after, decision)
+    (report.parent / "encoder_validation.json").write_text(json.dumps(fit.manifest(), indent=2))
+    # Every positive label was seen (a click without a query too): the new-labels trigger counts from here.
+    labels = repo / "data" / "offline" / "labels.parquet"
+    seen = pd.read_parquet(labels, columns=["event_timestamp"])["event_timestamp"] if labels.exists() else pd.Series([])
+    registry.last_trained_at = max(registry.last_trained_at or "", str(max([*seen.tolist(), ts.data.rows["event_timestamp"].max()])))
+    return _gate("encoder", registry, before, after, margin, "validation NDCG@10", report, candidate_dir,
                  _publisher("encoder", model_repo, triton_url, lambda: export_encoder(model_repo, candidate, int8=True)), log)
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,9 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from feedback import learner_metrics
-from feedback.learner_state import (CAPPED, EARLY_EVENT_BYTES, EARLY_LIST_BYTES, PART_BYTES, PENDING,  # noqa: F401
-                                    PENDING_ENTRY_BYTES, POSITIVE, SEP, SERVED_ENTRY_BYTES, SOURCE_ENTRY_BYTES,
-                                    STATE_FILE, LearnerState, LocalLearnerState, StateUnavailable, pending_key)
+from feedback.learner_state import (CAPPED, PENDING, POSITIVE, SEP, LearnerState, LocalLearnerState,  # noqa: F401
+                                    StateUnavailable, pending_key)  # pending_key: the join's key, for tests
 from contract.rules import MAX_NUM_RESULTS
 from contract.scores import BLEND_MAX_WEIGHT_SHIFT, PART_BOUNDS, PART_NAMES
 

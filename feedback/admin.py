@@ -11,9 +11,11 @@ import asyncio
 import logging
 
 import grpc
+from redis.exceptions import RedisError
 
 from eventlog.event_log import EventLogError
 from feedback.erase import EraseError, Stores, erase_user
+from feedback.learner_state import StateUnavailable
 from recsys.v1 import admin_pb2, admin_pb2_grpc
 from rpc.auth import caller_var
 from rpc.pseudonyms import Pseudonyms
@@ -37,5 +39,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 # What was erased before is audited (complete=false); the caller should retry.
                 log.error("erasure stopped by the event log: %s", e)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; erase again once it is resolved")
+            except (StateUnavailable, RedisError, OSError) as e:
+                # A store that holds the user's data (the learner's shared Redis, the online store,
+                # a file) cannot be reached now: the erasure is incomplete (audited so), not a bug.
+                log.error("erasure stopped by an unreachable store: %s: %s", type(e).__name__, e)
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"a store could not be reached ({type(e).__name__}: {e}); erase again once it is back")
         return admin_pb2.EraseUserResponse(subject=done.subject, removed=done.removed, not_reached=done.not_reached,
                                            audit_file=str(done.audit_file), pseudonymised=done.pseudonymised)

@@ -129,3 +129,42 @@ def test_an_import_with_a_key_reads_a_pseudonymised_copy(tmp_path: Path):
         assert users["created_at"].tolist() == ["2026-01-01", "2026-01-02"]
         assert (copy / "items.csv").read_text() == "item_id\ni1\n"
     assert not copy.exists()
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What AdminServicer uses of a grpc.aio context: abort raises, as grpc's does."""
+
+    def __init__(self) -> None:
+        self.code = None
+        self.details = ""
+
+    async def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted(details)
+
+
+class _UnreachableLearner:
+    def forget(self, ids, request_ids):
+        from feedback.learner_state import StateUnavailable
+
+        raise StateUnavailable("shared learner state: Redis at 127.0.0.1:1 refused the connection")
+
+
+def test_an_unreachable_learner_store_is_unavailable_and_audited_incomplete(tmp_path: Path):
+    """Not INTERNAL: the erasure stops, says which store, and the audit record says incomplete."""
+    import grpc
+
+    from feedback.admin import AdminServicer
+    from recsys.v1 import admin_pb2
+
+    stores = Stores(audit_file=tmp_path / "audit.jsonl", learner=_UnreachableLearner())
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(AdminServicer(stores, Pseudonyms()).EraseUser(admin_pb2.EraseUserRequest(user_id=ERASED), context))
+    assert context.code == grpc.StatusCode.UNAVAILABLE and "StateUnavailable" in context.details
+    record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert record["complete"] is False and ERASED not in json.dumps(record)

@@ -1,6 +1,6 @@
 """Feedback ingest on the Redis Streams event log vs the embedded SQLite log, 1 and 2 replicas, same run.
 
-    python -m bench.event_stream_bench [--seconds 8] [--batch 100]
+    python -m bench.event_stream_bench [--seconds 8] [--batch 100] [--rounds 3]
 
 Starts a local Redis Cluster (3 masters + 3 replicas, AOF appendfsync always: scripts/
 local_redis_cluster.py) and feedback services as their own processes (`python -m feedback`, auth
@@ -9,7 +9,8 @@ on, online learning and live sessions off: this measures the durable write path 
 - stream, 1 replica and 2 replicas (clients spread over both), with `WAIT 1` before every
   acknowledgement (a replica of each master confirmed) and without it (master's fsync only).
 4 client threads per replica in a closed loop, `Log` with `--batch` click events per call, fresh
-event ids; every reply must acknowledge its whole batch.
+event ids; every reply must acknowledge its whole batch. The rows run interleaved, `--rounds` times
+(a shared machine's load drifts between rows); each row reports its median round and the range.
 
 Writes bench/results/event_stream.json and prints the markdown table kept in docs/benchmarks.md.
 """
@@ -93,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     auth_on()
     rows = []
@@ -106,29 +108,39 @@ def main() -> None:
                    ("stream, WAIT 1 replica", 2, {"RECSYS_FEEDBACK_EVENT_STREAM_WAIT_REPLICAS": "1"}),
                    ("stream, no WAIT (master fsync only)", 1, {}),
                    ("stream, no WAIT (master fsync only)", 2, {})]
-        for n, (label, replicas, extra) in enumerate(configs):
-            env = dict(extra)
-            if label.startswith("stream"):
-                env.update({"RECSYS_FEEDBACK_EVENT_STORE": "redis_streams",
-                            "RECSYS_FEEDBACK_EVENT_STREAM_URL": cluster.connection_string,
-                            "RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER": "true",
-                            "RECSYS_FEEDBACK_EVENT_STREAM_PREFIX": f"bench{n}"})
-            procs = [start_feedback(env, Path(tmp) / f"{n}-{i}") for i in range(replicas)]
-            try:
-                row = {"store": label, "replicas": replicas, "batch": args.batch,
-                       **measure([p for _, p in procs], args.batch, args.seconds)}
-            finally:
-                for proc, _ in procs:
-                    proc.terminate()
-                    proc.wait(10)
-            rows.append(row)
-            print(row, flush=True)
+        runs: dict[int, list[dict]] = {n: [] for n in range(len(configs))}
+        for round_no in range(args.rounds):
+            for n, (label, replicas, extra) in enumerate(configs):
+                env = dict(extra)
+                if label.startswith("stream"):
+                    env.update({"RECSYS_FEEDBACK_EVENT_STORE": "redis_streams",
+                                "RECSYS_FEEDBACK_EVENT_STREAM_URL": cluster.connection_string,
+                                "RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER": "true",
+                                "RECSYS_FEEDBACK_EVENT_STREAM_PREFIX": f"bench{n}"})
+                procs = [start_feedback(env, Path(tmp) / f"{round_no}-{n}-{i}") for i in range(replicas)]
+                try:
+                    run = measure([p for _, p in procs], args.batch, args.seconds)
+                finally:
+                    for proc, _ in procs:
+                        proc.terminate()
+                        proc.wait(10)
+                runs[n].append(run)
+                print(round_no, label, replicas, run, flush=True)
+        for n, (label, replicas, _) in enumerate(configs):
+            ordered = sorted(runs[n], key=lambda r: r["events_per_s"])
+            median = ordered[len(ordered) // 2]
+            rows.append({"store": label, "replicas": replicas, "batch": args.batch, **median,
+                         "events_per_s_range": [ordered[0]["events_per_s"], ordered[-1]["events_per_s"]],
+                         "rounds": runs[n]})
     write_results(RESULTS, f"feedback ingest, Log with {args.batch} events per call, {THREADS_PER_REPLICA} client "
-                           f"threads per replica; Redis Cluster 3+3 on loopback, AOF appendfsync always", rows)
-    print("| event store | replicas | events/s | call p50 / p99 ms |")
-    print("|---|---:|---:|---:|")
+                           f"threads per replica; Redis Cluster 3+3 on loopback, AOF appendfsync always; "
+                           f"{args.rounds} interleaved rounds, median", rows)
+    print("| event store | replicas | events/s (median round) | range over rounds | call p50 / p99 ms |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['store']} | {r['replicas']} | {r['events_per_s']:,} | {r['call_p50_ms']} / {r['call_p99_ms']} |")
+        low, high = r["events_per_s_range"]
+        print(f"| {r['store']} | {r['replicas']} | {r['events_per_s']:,} | {low:,}-{high:,} | "
+              f"{r['call_p50_ms']} / {r['call_p99_ms']} |")
 
 
 if __name__ == "__main__":

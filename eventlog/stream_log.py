@@ -39,6 +39,7 @@ import json
 import logging
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_FIELD = b"e"
 READ_CHUNK = 1000  # entries per XRANGE round trip
+PARALLEL_MASTERS = 16  # threads sending one call's per-master pipelines at once (shared by all calls)
 # read_since reads entries received from `timestamp - this` on and keeps those whose event timestamp
 # is at or after `timestamp`: an event stamped by a producer a little ahead of the server's clock.
 READ_SINCE_LOOKBACK = timedelta(minutes=5)
@@ -187,6 +189,7 @@ class StreamEventLog:
         self.cluster = isinstance(client, RedisCluster)
         self.directory = None  # no files; feedback/erase.py looks for former segment files here
         self._refresh_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(PARALLEL_MASTERS, thread_name_prefix="event-stream")
         try:
             client.ping()
         except REDIS_ERRORS as e:
@@ -224,36 +227,20 @@ class StreamEventLog:
 
     def run_on_shards(self, shards: Iterable[int], build, doing: str, wait: bool = False) -> dict[int, list[Any]]:
         """For each master: one pipeline with `build(pipe, shard)`'s commands for its shards (+ WAIT
-        when `wait`), run; shard -> its commands' replies. Retries once after MOVED / ASK (the slot
-        map is re-learned); other Redis errors raise EventLogUnavailable (the slot map is re-learned
-        for the next call)."""
-        out: dict[int, list[Any]] = {}
+        when `wait`), the masters in parallel; shard -> its commands' replies. Retries once after
+        MOVED / ASK (the slot map is re-learned; a retried append is idempotent); other Redis errors
+        raise EventLogUnavailable (the slot map is re-learned for the next call)."""
         todo = sorted(set(shards))
         for attempt in range(2):
             try:
-                for client, group in self.node_groups(todo):
-                    pipe = client.pipeline(transaction=False)
-                    counts = []
-                    for s in group:
-                        before = len(pipe.command_stack)
-                        build(pipe, s)
-                        counts.append(len(pipe.command_stack) - before)
-                    if wait and self.wait_replicas:
-                        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                    replies = pipe.execute(raise_on_error=True)
-                    if wait and self.wait_replicas:
-                        confirmed = int(replies.pop())
-                        if confirmed < self.wait_replicas:
-                            raise EventLogUnavailable(
-                                f"event stream: {confirmed} of {self.wait_replicas} replicas confirmed within "
-                                f"{self.wait_timeout_ms} ms while {doing}: nothing of it was acknowledged (it is on "
-                                f"the master; a resend counts it as a duplicate once the replicas confirm)")
-                    at = 0
-                    for s, n in zip(group, counts):
-                        out[s] = replies[at:at + n]
-                        at += n
-                    todo = [s for s in todo if s not in out]
-                return out
+                groups = self.node_groups(todo)
+                if len(groups) == 1:
+                    results = [self._run_group(*groups[0], build, doing, wait)]
+                else:  # one round trip per master at once: a call costs the slowest master, not their sum
+                    futures = [self._pool.submit(self._run_group, client, group, build, doing, wait)
+                               for client, group in groups]
+                    results = [f.result() for f in futures]
+                return {shard: replies for result in results for shard, replies in result.items()}
             except (redis.exceptions.MovedError, redis.exceptions.AskError) as e:
                 self.refresh()
                 if attempt:
@@ -261,6 +248,29 @@ class StreamEventLog:
             except REDIS_ERRORS as e:
                 self.refresh()
                 raise unavailable(e, doing) from e
+        raise AssertionError("unreachable")
+
+    def _run_group(self, client: redis.Redis, group: list[int], build, doing: str, wait: bool) -> dict[int, list[Any]]:
+        pipe = client.pipeline(transaction=False)
+        counts = []
+        for s in group:
+            before = len(pipe.command_stack)
+            build(pipe, s)
+            counts.append(len(pipe.command_stack) - before)
+        if wait and self.wait_replicas:
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        replies = pipe.execute(raise_on_error=True)
+        if wait and self.wait_replicas:
+            confirmed = int(replies.pop())
+            if confirmed < self.wait_replicas:
+                raise EventLogUnavailable(
+                    f"event stream: {confirmed} of {self.wait_replicas} replicas confirmed within "
+                    f"{self.wait_timeout_ms} ms while {doing}: nothing of it was acknowledged (it is on "
+                    f"the master; a resend counts it as a duplicate once the replicas confirm)")
+        out, at = {}, 0
+        for s, n in zip(group, counts):
+            out[s] = replies[at:at + n]
+            at += n
         return out
 
     # --- writing ----------------------------------------------------------------------------------
@@ -358,6 +368,7 @@ class StreamEventLog:
         return Erased(deleted, frozenset(request_ids))
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False)
         try:
             self.client.close()
         except redis.RedisError:

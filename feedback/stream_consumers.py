@@ -16,8 +16,9 @@ is read by exactly one consumer at a time:
   free shards up to ceil(shards / live consumers) and hands back those above its share, so a
   second replica gets half the shards within a heartbeat or two;
 - reading: XREADGROUP `sessions` <me> COUNT n STREAMS shard `>` for every owned shard (one
-  pipeline per master, non-blocking, a short sleep when a round found nothing); the events go to the
-  updater (apply + push), then XACK: an entry is acknowledged only once its push returned;
+  pipeline per master, non-blocking, a short sleep when a round found nothing); the round's events
+  go to the updater in one call (apply + one push), then XACK: an entry is acknowledged only once
+  its push returned;
 - taking a shard over: the group's pending entries of the shard (delivered to the previous owner,
   not acknowledged: it died between read and XACK) are claimed with XAUTOCLAIM once idle for
   claim_idle_ms; the users' states are rebuilt from the shard's entries inside the session TTL that
@@ -148,7 +149,7 @@ class SessionStreamConsumer:
             self._release(shard)
         try:
             self.stream.client.zrem(self.layout.members, self.name)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             pass
 
     def _ensure_groups(self) -> None:
@@ -186,13 +187,10 @@ class SessionStreamConsumer:
         client.zadd(layout.members, {self.name: now_ms + lease_ms})
         client.zremrangebyscore(layout.members, "-inf", now_ms)
         live = client.zcard(layout.members)
+        self._renew_owned()
         for shard in sorted(self.stats.owned):
-            if not client.eval(RENEW_SCRIPT, 1, layout.lease(shard), self.name, lease_ms):
-                log.warning("session stream consumer %s lost its lease on shard %d", self.name, shard)
-                self._drop(shard)
-            elif self._claim_others(shard, wait=False)[0]:
+            if self._claim_others(shard, wait=False)[0]:
                 self._retry.add(shard)  # a late claim of a previous owner's entries: the next round pushes them
-        self._renewed_at = time.monotonic()
         owners = self.stream.run_on_shards(range(layout.shards), lambda pipe, s: pipe.get(layout.lease(s)),
                                            "reading the shard leases")
         free = [s for s, (owner,) in owners.items() if owner is None]
@@ -200,13 +198,25 @@ class SessionStreamConsumer:
         for shard in give:
             self._release(shard)
         for shard in take:
+            self._renew_owned(if_older_s=lease_ms / 3000)  # a long takeover must not cost the leases we hold
             if client.set(layout.lease(shard), self.name, nx=True, px=lease_ms):
                 self._take_over(shard)
+
+    def _renew_owned(self, if_older_s: float = 0.0) -> None:
+        """Renew every lease held (compare-and-renew); a lost one is dropped."""
+        if time.monotonic() - self._renewed_at < if_older_s:
+            return
+        for shard in sorted(self.stats.owned):
+            if not self.stream.client.eval(RENEW_SCRIPT, 1, self.layout.lease(shard), self.name,
+                                           self.settings.lease_ms):
+                log.warning("session stream consumer %s lost its lease on shard %d", self.name, shard)
+                self._drop(shard)
+        self._renewed_at = time.monotonic()
 
     def _release(self, shard: int) -> None:
         try:
             self.stream.client.eval(RELEASE_SCRIPT, 1, self.layout.lease(shard), self.name)
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             log.warning("session stream consumer %s: lease on shard %d not released (%s); it expires", self.name,
                         shard, e)
         self._drop(shard)
@@ -243,6 +253,7 @@ class SessionStreamConsumer:
                 cursor = _next_id(reply[-1])
             if not wait or time.monotonic() > deadline:
                 return claimed, others
+            self._renew_owned(if_older_s=self.settings.lease_ms / 3000)
             time.sleep(0.05)
 
     def _mine_pending(self, shard: int) -> list[tuple[bytes, dict]]:
@@ -305,21 +316,20 @@ class SessionStreamConsumer:
         streams = self.stream.run_on_shards(
             owned, lambda pipe, s: pipe.xreadgroup(self.group, self.name, {self.layout.stream(s): ">"},
                                                    count=self.settings.batch), "reading the event stream")
-        handled = 0
-        for shard in owned:
-            reply = streams[shard][0]
-            if not reply:
-                continue
-            entries = reply[0][1]
-            events = [decode_event(f[PAYLOAD_FIELD]) for _, f in entries if f]
-            self._retry.add(shard)  # until acknowledged
-            if events:
-                self._on_loop(self.handlers.push(events))
+        # One push for the whole round: the shards hold different users, so each user's order holds,
+        # and a Feast push costs per call far more than per row.
+        read = {shard: streams[shard][0][0][1] for shard in owned if streams[shard][0]}
+        if not read:
+            return 0
+        events = [decode_event(f[PAYLOAD_FIELD]) for entries in read.values() for _, f in entries if f]
+        self._retry.update(read)  # until acknowledged
+        if events:
+            self._on_loop(self.handlers.push(events))
+        for shard, entries in read.items():
             self.stream.client.xack(self.layout.stream(shard), self.group, *(i for i, _ in entries))
             self._retry.discard(shard)
-            handled += len(entries)
-            self.stats.pushed += len(events)
-        return handled
+        self.stats.pushed += len(events)
+        return sum(len(entries) for entries in read.values())
 
     def _on_loop(self, coro) -> None:
         """Run a coroutine on the service's event loop and wait for it (its errors re-raise here, so

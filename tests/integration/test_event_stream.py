@@ -304,7 +304,7 @@ def test_two_replicas_one_sigkilled_lose_nothing_and_store_nothing_twice(feature
         #    replica's shards over and claimed what it had read but not acknowledged
         expected = collections.Counter(owner[i] for i in sent_ids)
         store = feature_repo.store("redis")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # the survivor works off its backlog of pushes (a loaded CI box)
         while (counts := _session_counts(store, users)) != dict(expected) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert counts == dict(expected), {u: (counts[u], expected[u]) for u in users if counts[u] != expected[u]}

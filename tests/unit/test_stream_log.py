@@ -4,6 +4,7 @@ form, node strings, lease planning, settings. (Against real Redis: tests/integra
 from __future__ import annotations
 
 import pytest
+import redis
 from pydantic import ValidationError
 from redis.crc import key_slot
 
@@ -97,3 +98,89 @@ def test_the_stream_store_without_a_url_is_an_operator_error() -> None:
 
     with pytest.raises(EventLogError, match="EVENT_STREAM_URL"):
         open_event_log(FeedbackSettings(event_store="redis_streams", event_stream_url=""))
+
+
+class FakePipeline:
+    """Records commands; `execute` answers from the client's script (our mapping is what is tested)."""
+
+    def __init__(self, client: "FakeClient") -> None:
+        self.client, self.command_stack = client, []
+
+    def eval(self, script, numkeys, *args):
+        self.command_stack.append(("eval", args[numkeys + 2:]))
+
+    def execute_command(self, *args):
+        self.command_stack.append(args)
+
+    def execute(self, raise_on_error: bool = True):
+        answer = self.client.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer(self.command_stack)
+
+
+class FakeClient:
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+
+    def ping(self) -> bool:
+        return True
+
+    def pipeline(self, transaction: bool = False) -> FakePipeline:
+        return FakePipeline(self)
+
+    def close(self) -> None:
+        pass
+
+
+def _stored(stack):  # every event new; WAIT (if sent) confirms 1
+    return [[1] * len(c[1]) if c[0] == "eval" else 1 for c in stack]
+
+
+@pytest.mark.parametrize("error", [redis.ConnectionError("refused"), redis.TimeoutError("t"),
+                                   redis.exceptions.ClusterDownError("CLUSTERDOWN"),
+                                   redis.exceptions.ReadOnlyError("READONLY"),
+                                   redis.exceptions.SlotNotCoveredError("no master")])
+def test_redis_errors_become_unavailable_with_nothing_acknowledged(error) -> None:
+    from eventlog.event_log import EventLogUnavailable
+    from eventlog.stream_log import StreamEventLog
+
+    log = StreamEventLog(FakeClient(error), StreamLayout(shards=2))  # type: ignore[arg-type]
+    with pytest.raises(EventLogUnavailable, match="nothing of it was acknowledged"):
+        log.append([EVENT])
+
+
+def test_too_few_replica_confirmations_refuse_the_call() -> None:
+    from eventlog.event_log import EventLogUnavailable
+    from eventlog.stream_log import StreamEventLog
+
+    log = StreamEventLog(FakeClient(lambda stack: [[1], 0]), StreamLayout(shards=2), wait_replicas=1,  # type: ignore[arg-type]
+                         wait_timeout_ms=20)
+    with pytest.raises(EventLogUnavailable, match="0 of 1 replicas confirmed within 20 ms"):
+        log.append([EVENT])
+    ok = StreamEventLog(FakeClient(_stored), StreamLayout(shards=2), wait_replicas=1)  # type: ignore[arg-type]
+    assert ok.append([EVENT, {**EVENT, "event_id": "e-2", "user_id": "u-2"}]) == [True, True]
+
+
+def test_moved_is_retried_once_then_unavailable() -> None:
+    from eventlog.event_log import EventLogUnavailable
+    from eventlog.stream_log import StreamEventLog
+
+    moved = redis.exceptions.MovedError("3999 127.0.0.1:7001")
+    assert StreamEventLog(FakeClient(moved, _stored), StreamLayout(shards=2)).append([EVENT]) == [True]  # type: ignore[arg-type]
+    with pytest.raises(EventLogUnavailable, match="MovedError"):
+        StreamEventLog(FakeClient(moved, moved), StreamLayout(shards=2)).append([EVENT])  # type: ignore[arg-type]
+
+
+def test_a_duplicate_within_one_call_is_sent_once_and_reported_as_a_duplicate() -> None:
+    from eventlog.stream_log import StreamEventLog
+
+    sent = []
+
+    def answer(stack):
+        sent.extend(stack)
+        return _stored(stack)
+
+    log = StreamEventLog(FakeClient(answer), StreamLayout(shards=1))  # type: ignore[arg-type]
+    assert log.append([EVENT, dict(EVENT), {**EVENT, "event_id": "e-2"}]) == [True, False, True]
+    assert len(sent[0][1]) == 2  # two payloads in the one script call

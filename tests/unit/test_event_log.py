@@ -381,12 +381,15 @@ def test_opening_a_200k_event_log_costs_neither_time_nor_memory_per_event(tmp_pa
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert n == 200_000
-    assert opened_s < 0.5, f"open + len took {opened_s:.2f} s"  # quick_check included (32 MiB < SYNC_CHECK_BYTES)
+    # quick_check included (32 MiB < SYNC_CHECK_BYTES). ~0.3 s on a quiet 2-core VM; the bound is loose
+    # (it failed at 0.51 s under a load average of 15): the peak-memory check below is the exact proof
+    # that nothing is read per event, this one only catches a return to scanning.
+    assert opened_s < 2.0, f"open + len took {opened_s:.2f} s"
     assert log.checked.is_set()
     assert peak < 1 << 20, f"opening allocated {peak} bytes"  # the former log: ~120 B per event, 24 MB here
     t0 = time.perf_counter()
     last_hour = list(log.read_since(start + timedelta(seconds=199_999 * 4.32) - timedelta(hours=1)))
-    assert len(last_hour) == 834 and time.perf_counter() - t0 < 0.2  # the index: the window, not the log
+    assert len(last_hour) == 834 and time.perf_counter() - t0 < 1.0  # the index: the window, not the log
     log.close()
 
 

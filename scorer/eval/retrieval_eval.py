@@ -81,11 +81,17 @@ def _embed_batches(model: TextEncoder, run: Callable[[np.ndarray, np.ndarray], n
                    max_length: int, batch: int = 64) -> np.ndarray:
     """Tokenize `texts` in batches as the encoder was trained and embed each with `run(ids, mask)`."""
     tok = load_tokenizer(model.config)
+    if not texts:
+        return np.zeros((0, model.config.dim), np.float32)
+    # Batches of similar lengths pad less (a batch pads to its longest text); rows come back in input order.
+    order = np.argsort([len(t) for t in texts], kind="stable")
     out = []
     for i in range(0, len(texts), batch):
-        t = tok(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        t = tok([texts[j] for j in order[i : i + batch]], padding=True, truncation=True, max_length=max_length,
+                return_tensors="np")
         out.append(run(t["input_ids"].astype(np.int64), t["attention_mask"].astype(np.int64)))
-    return np.concatenate(out)
+    vectors = np.concatenate(out)
+    return vectors[np.argsort(order, kind="stable")]
 
 
 @torch.no_grad()

@@ -35,10 +35,15 @@ class SourceFusion(BaseModel):
     (with a query, relevance stays the query's cosine: the query source is not fused).
     Defaults chosen on validation (bench/tune_fusion.py, docs/gateway.md#ranking-and-fusion)."""
 
-    k: float = Field(30.0, gt=0, description="rank offset: larger flattens the difference between ranks")
+    k: float = Field(10.0, gt=0, description="rank offset: larger flattens the difference between ranks")
     interest: float = Field(1.0, ge=0)
-    session: float = Field(1.0, ge=0, description="co-visitation of the page, session and profile items")
-    popular: float = Field(1.0, ge=0)
+    session: float = Field(10.0, ge=0, description="co-visitation of the page, session and profile items")
+    popular: float = Field(0.3, ge=0)
+    # The fused relevance's weight against the feature terms (personalization, popularity, freshness)
+    # of the final score. 1 on validation: with co-visitation at 10 and k 10 the fused ranks are far
+    # enough apart that the feature terms only break near-ties (docs/models.md, real data).
+    # At most 9: RANKER_PRIOR x 9 + the query boost stays inside contract.scores.PART_BOUNDS.
+    scale: float = Field(1.0, gt=0, le=9, description="weight of the fused relevance against the feature terms")
 
 
 def _default_max_in_flight() -> int:
@@ -104,6 +109,7 @@ class GatewaySettings(BaseSettings):
     brand_cap: int = Field(0, ge=0, description="at most this many items per brand in a response; 0: no cap")
     interest_recent_items: int = Field(10, gt=0)
     covisit_recent_items: int = Field(10, ge=0, description="profile items (newest first) whose co-visits are candidates")
+    covisit_seed_decay: float = Field(0.2, gt=0, le=1, description="weight of the r-th newest co-visitation seed: decay^r")
     fusion: SourceFusion = SourceFusion()
     ranker_mode: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: the ranker only when its served version beat the blend on validation")

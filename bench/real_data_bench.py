@@ -372,13 +372,22 @@ def train_sasrec_baseline(data: Data, max_seconds: float | None, max_epochs: int
 
 # --- the served path --------------------------------------------------------------------------------------
 
-def served_path(data: Data, generic: Path, interest_model, progress: Progress) -> Result:
+# The served path's settings before the fusion was re-tuned on validation (bench/tune_fusion.py,
+# bench/results/fusion.md): `--served-before` measures them too, on the same stack, for the report.
+SERVED_BEFORE_ENV = {"RECSYS_FUSION__K": "30", "RECSYS_FUSION__INTEREST": "1", "RECSYS_FUSION__SESSION": "1",
+                     "RECSYS_FUSION__POPULAR": "1", "RECSYS_FUSION__SCALE": "1", "RECSYS_COVISIT_SEED_DECAY": "0.8",
+                     "RECSYS_COVISIT_RECENT_ITEMS": "10"}
+
+
+def served_path(data: Data, generic: Path, interest_model, progress: Progress, before: bool = False) -> list[Result]:
     """The gateway's own retrieval + fusion + ranking for the no-query case, through the real stack
-    (bench/real_data_served.py): never a copy of its code, and never a number it did not answer."""
+    (bench/real_data_served.py): never a copy of its code, and never a number it did not answer.
+    With `before`, also the settings before the fusion was tuned (first row)."""
     from bench.real_data_served import measure_served_path
 
-    metrics, note = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress)
-    return Result(SERVED, metrics, note)
+    variants = {"settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
+    got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants)
+    return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 
 
 NOT_SERVED = Result(SERVED, None, "TODO: not measured in this run (`--served` runs the real stack: "
@@ -455,7 +464,7 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
 
 def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float | None = 300.0,
         served: bool = False, interest_max_steps: int | None = None, sasrec_epochs: int | None = None,
-        threads: int = 1) -> Path:
+        threads: int = 1, served_before: bool = False) -> Path:
     """The whole benchmark; returns report.md. `sasrec_epochs` / `interest_max_steps` cap the two
     trainings (CI: fixed caps, so the result does not depend on the machine's load)."""
     import torch
@@ -526,7 +535,7 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             try:
-                results.append(served_path(data, out / "generic", served_interest, progress))
+                results.extend(served_path(data, out / "generic", served_interest, progress, served_before))
             except Exception as e:  # the offline table is still worth writing; the row says what failed
                 import traceback
 
@@ -556,12 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sasrec-epochs", type=int, default=None, help="cap SASRec's epochs (default: its own, 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--served", action="store_true", help="also measure the served path (real Feast, Triton, gateway; minutes)")
+    ap.add_argument("--served-before", action="store_true",
+                    help="with --served: also the served path with the fusion settings before tuning (a second gateway)")
     args = ap.parse_args(argv)
     if not args.source.exists():
         console.print(f"skipping: {args.source} not found (the Online Retail data set is not in the repo)")
         return 0
     report = run(args.source, args.out, args.limit, args.sasrec_seconds, args.served, args.interest_max_steps,
-                 args.sasrec_epochs, args.threads)
+                 args.sasrec_epochs, args.threads, args.served_before)
     console.print(f"[green]report[/] {report}")
     print(report.read_text())
     return 0

@@ -116,16 +116,20 @@ async def recommend_all(address: str, users: list[str], on_done) -> tuple[list[l
     return lists, degraded, errors
 
 
-def measure_served_path(generic: Path, split: Split, interest_model, log, progress) -> tuple[dict[str, float], str]:
-    """Metrics of the gateway's answers for every test user, and a note (settings, degraded share)."""
+def measure_served_path(generic: Path, split: Split, interest_model, log, progress,
+                        variants: dict[str, dict[str, str]] | None = None) -> dict[str, tuple[dict[str, float], str]]:
+    """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
+    per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only). One
+    import, one Triton; a fresh gateway process per variant, one after the other."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
     from localtriton.launcher import TritonServer
 
     auth_on()
+    variants = variants or {"": {}}
     depth = GatewaySettings.model_fields["rerank_depth"].default
-    t0 = time.perf_counter()
+    out: dict[str, tuple[dict[str, float], str]] = {}
     with tempfile.TemporaryDirectory(prefix="real_data_served_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         repo = import_history(generic, split, workdir, log)
@@ -133,12 +137,17 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
         models = export_models(workdir, interest_model)
         log("starting tritonserver and the gateway (it embeds the catalog through Triton)")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))
-        gw = stack.enter_context(GatewayProcess(repo, triton.grpc_url, depth, {}, workdir, "feature_store.yaml", name="bench"))
         users = split.test["user_id"].tolist()
-        task = progress.add_task("served path: Recommend per test user", total=len(users))
-        lists, degraded, errors = asyncio.run(recommend_all(f"127.0.0.1:{gw.port}", users,
-                                                            lambda: progress.advance(task)))
-    ranks = topk_ranks(lists, split.test["item_id"].tolist())
-    note = (f"gateway defaults (rerank depth {depth}), no query, {NUM_RESULTS} results; "
-            f"{degraded} degraded, {errors} errors; {time.perf_counter() - t0:.0f} s")
-    return metrics_from_ranks(ranks, KS), note
+        for n, (label, env) in enumerate(variants.items()):
+            t0 = time.perf_counter()
+            with GatewayProcess(repo, triton.grpc_url, depth, env, workdir, "feature_store.yaml", name=f"bench{n}") as gw:
+                task = progress.add_task(f"served path{' (' + label + ')' if label else ''}: Recommend per test user",
+                                         total=len(users))
+                lists, degraded, errors = asyncio.run(recommend_all(f"127.0.0.1:{gw.port}", users,
+                                                                    lambda: progress.advance(task)))
+            ranks = topk_ranks(lists, split.test["item_id"].tolist())
+            settings = ", ".join(f"{k.removeprefix('RECSYS_').lower()}={v}" for k, v in env.items()) or "gateway defaults"
+            note = (f"{settings} (rerank depth {depth}), no query, {NUM_RESULTS} results; "
+                    f"{degraded} degraded, {errors} errors; {time.perf_counter() - t0:.0f} s")
+            out[label] = (metrics_from_ranks(ranks, KS), note)
+    return out

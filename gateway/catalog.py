@@ -132,10 +132,12 @@ def epoch_seconds(timestamps: pd.Series) -> np.ndarray:
     return pd.to_datetime(timestamps, utc=True).astype("datetime64[ns, UTC]").astype("int64").to_numpy() / 1e9
 
 
-def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_since: datetime | None = None) -> Catalog:
+def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_since: datetime | None = None,
+                 covisit_neighbours: int = COVISIT_NEIGHBOURS) -> Catalog:
     """order: the ids of the catalog being replaced; they keep their positions (new items come
     after them), so an index over the old catalog stays valid and only needs the new items added.
-    covisit_since: co-visitation from the events since then (None: all of them)."""
+    covisit_since: co-visitation from the events since then (None: all of them); covisit_neighbours:
+    how many co-visited items each item keeps."""
     t0 = time.perf_counter()
     version = source.version()  # before the reads: a change during them shows as a change next time
     items = source.latest_items(CATALOG_COLUMNS)
@@ -151,7 +153,7 @@ def load_catalog(source: CatalogSource, order: tuple[str, ...] = (), covisit_sin
     position = {item_id: i for i, item_id in enumerate(ids)}
     popularity = _latest_popularity(source, ids)
     events = source.events(covisit_since)
-    covisit, covisit_weights = covisit_table(events, position)
+    covisit, covisit_weights = covisit_table(events, position, covisit_neighbours)
     catalog = Catalog(
         item_ids=tuple(ids),
         position=position,

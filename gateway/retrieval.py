@@ -96,10 +96,12 @@ def covisit_seeds(user: UserView, page_position: int | None, recent_items: int) 
     return list(dict.fromkeys(seeds))
 
 
-def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray) -> np.ndarray:
+def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray,
+                       decay: float = RECENCY_DECAY) -> np.ndarray:
     """The top-k co-visited positions of `seeds` within `allowed`, best first: each seed's
     neighbours weighted by their co-visitation (relative to the seed's strongest) times
-    RECENCY_DECAY^(seed's place), summed over the seeds."""
+    decay^(seed's place), summed over the seeds (a small decay: the newest seed decides, older
+    ones break its ties and add what it lacks)."""
     catalog = snap.catalog
     scores: dict[int, float] = {}
     for j, seed in enumerate(seeds):
@@ -109,10 +111,10 @@ def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.nda
         w = catalog.covisit_weights.get(seed)
         if w is None or len(w) != len(neighbours):
             w = 1.0 / (1.0 + np.arange(len(neighbours), dtype=np.float32))
-        decay = RECENCY_DECAY ** j / max(float(w[0]), 1e-9)
+        scale = decay ** j / max(float(w[0]), 1e-9)
         for p, x in zip(neighbours.tolist(), w.tolist()):
             if allowed[p]:
-                scores[p] = scores.get(p, 0.0) + decay * x
+                scores[p] = scores.get(p, 0.0) + scale * x
     best = sorted(scores, key=lambda p: -scores[p])[:k]  # stable: ties keep the seeds' order
     return np.array(best, dtype=np.int64)
 
@@ -130,7 +132,7 @@ def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tupl
 
 def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray | None, lexical_query: str,
              interest: np.ndarray | None, user: UserView, page_position: int | None,
-             covisit_recent_items: int = 10) -> Candidates:
+             covisit_recent_items: int = 10, covisit_decay: float = RECENCY_DECAY) -> Candidates:
     cands = Candidates()
     if query_vec is not None:
         cands.add(snap.index.search(query_vec, k, allowed)[0], QUERY)
@@ -139,7 +141,7 @@ def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray 
     if interest is not None:  # already fused with the query (interest model)
         cands.add(snap.index.search(interest, k, allowed)[0], INTEREST)
     seeds = covisit_seeds(user, page_position, covisit_recent_items)
-    cands.add(covisit_neighbours(snap, seeds, k, allowed), SESSION)
+    cands.add(covisit_neighbours(snap, seeds, k, allowed, covisit_decay), SESSION)
     # Popularity: the whole list for cold start / no query; a backfill otherwise.
     want = k if (query_vec is None and not lexical_query) else max(k // 5, 10)
     popular = snap.catalog.popular

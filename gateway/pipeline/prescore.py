@@ -40,10 +40,11 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
 
 
 def fused_relevance(cands: Candidates, positions: np.ndarray, fusion: SourceFusion) -> np.ndarray:
-    """Relevance without a query: RANKER_PRIOR x the sources' weighted reciprocal-rank fusion (in
-    [0, 1], like the cosine it replaces), so ranked and unranked items still share one scale."""
+    """Relevance without a query: RANKER_PRIOR x fusion.scale x the sources' weighted reciprocal-rank
+    fusion (in [0, 1], like the cosine it replaces). The scale is the fused order's weight against
+    the feature terms of the final score (chosen on validation, bench/tune_fusion.py)."""
     weights = {source: getattr(fusion, name) for source, name in SOURCE_NAMES.items() if hasattr(fusion, name)}
-    return (RANKER_PRIOR * source_fusion(cands.ranks, positions, weights, fusion.k)).astype(np.float32)
+    return (RANKER_PRIOR * fusion.scale * source_fusion(cands.ranks, positions, weights, fusion.k)).astype(np.float32)
 
 
 def base_relevance(snap: Snapshot, query: str, positions: np.ndarray, cosine: np.ndarray | None) -> np.ndarray:

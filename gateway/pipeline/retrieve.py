@@ -28,7 +28,7 @@ async def retrieve_candidates(ctx: RequestContext, svc: Services) -> None:
             # Without a query vector the query's words still find items (BM25).
             ctx.cands = retrieve(ctx.snap, svc.settings.candidates_per_source, ctx.allowed, ctx.query_vec,
                                  req.query if ctx.query_vec is None else "", ctx.interest, ctx.user, ctx.page,
-                                 svc.settings.covisit_recent_items)
+                                 svc.settings.covisit_recent_items, svc.settings.covisit_seed_decay)
         for source, name in SOURCE_NAMES.items():
             metrics.CANDIDATES.labels(name).observe(ctx.cands.count(source))
 

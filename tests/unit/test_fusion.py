@@ -78,9 +78,23 @@ def test_without_a_query_relevance_is_the_prior_times_the_fusion():
     assert {INTEREST, SESSION, POPULAR} <= set(ctx.cands.ranks) and QUERY not in ctx.cands.ranks
     f = svc.settings.fusion
     weights = {INTEREST: f.interest, SESSION: f.session, POPULAR: f.popular}
-    want = RANKER_PRIOR * source_fusion(ctx.cands.ranks, ctx.positions, weights, f.k)
+    want = RANKER_PRIOR * f.scale * source_fusion(ctx.cands.ranks, ctx.positions, weights, f.k)
     assert ctx.relevance == pytest.approx(want, abs=1e-5)
-    assert 0 < ctx.relevance.max() <= RANKER_PRIOR
+    assert 0 < ctx.relevance.max() <= RANKER_PRIOR * f.scale
+
+
+def test_the_fusion_scale_weighs_the_fused_order_against_the_feature_terms():
+    # The profile likes the category of some candidates: at a small scale personalization re-sorts
+    # the fused order; at a large one the final order is the fused order.
+    small, svc = _page_request_context(fusion={"scale": 0.01})
+    large, _ = _page_request_context(fusion={"scale": 9.0})
+    assert small.pers.any() and (small.pers != small.pers.max()).any()
+    f = svc.settings.fusion
+    fused = source_fusion(large.cands.ranks, large.positions, {INTEREST: f.interest, SESSION: f.session, POPULAR: f.popular}, f.k)
+    fused_first = large.positions[np.argsort(-fused, kind="stable")][:3].tolist()
+    assert large.positions[large.order][:3].tolist() == fused_first
+    assert small.positions[small.order][:3].tolist() != fused_first
+    assert large.relevance == pytest.approx(small.relevance * 900.0, rel=1e-4)
 
 
 @pytest.mark.parametrize("source,name", [(INTEREST, "interest"), (SESSION, "session"), (POPULAR, "popular")])
@@ -149,6 +163,8 @@ def test_covisit_neighbours_sum_over_seeds_newest_first_with_their_weights():
     allowed[6] = False
     assert covisit_neighbours(snap, [0, 1], 10, allowed).tolist() == [5, 7]
     assert covisit_neighbours(snap, [0, 1], 1, np.ones(len(catalog), bool)).tolist() == [6]
+    # A steeper decay lets the newest seed decide: seed 1 at 0.1 gives 6 -> 0.25 + 0.1, 7 -> 0.1.
+    assert covisit_neighbours(snap, [0, 1], 10, np.ones(len(catalog), bool), decay=0.1).tolist() == [5, 6, 7]
 
 
 # --- no encoder call when there is nothing to embed -----------------------------------------------------

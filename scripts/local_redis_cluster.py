@@ -209,11 +209,14 @@ def local_redis_cluster(workdir: Path | None = None, node_timeout_ms: int = 1000
 
 
 def _wait_replicas_synced(cluster: RedisCluster, deadline: float) -> None:
-    """Each master has its replica connected (else the first failover could find none to promote)."""
+    """Each master has its replica connected and synced (`state=online`): else the first failover
+    could find none to promote, and `WAIT 1` (the event stream's durability) times out until the
+    initial sync is done (~5 s after the link)."""
     while True:
         roles = cluster.roles()
         masters = [p for p, r in roles.items() if r == "master"]
-        linked = sum("connected_slaves:1" in cluster.cli(p, "info", "replication") for p in masters)
+        infos = [cluster.cli(p, "info", "replication") for p in masters]
+        linked = sum("connected_slaves:1" in info and "state=online" in info for info in infos)
         if len(masters) == MASTERS and linked == MASTERS:
             return
         if time.monotonic() > deadline:

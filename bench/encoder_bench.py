@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> dict:
     from scorer.eval.retrieval_eval import embed_texts
     from scorer.models.encoder import TextEncoder
     from scorer.train.encoder_data import ANCHOR_ITEM, transition_pairs
-    from scorer.train.encoder_train import EncoderTrainConfig, fit_encoder
+    from scorer.train.encoder_train import EncoderTrainConfig, best_fine_tuned, fit_encoder
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" of a local file says nothing
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
@@ -82,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(fit.verdict.says)
 
     # The best fine-tuned weights, whether or not the gate keeps them: the table shows both.
-    from scorer.train.encoder_train import best_fine_tuned
     tuned = best_fine_tuned(fit)
     rows = []
     for name, model in (("zero-shot", TextEncoder()), ("fine-tuned (best on validation)", tuned)):

@@ -93,6 +93,26 @@ class FeedbackProcess:
         self.process.wait(30)
 
 
+def wait_all_serving(metrics_ports: list[int], timeout_s: float = 600.0) -> None:
+    """Until every gateway worker reports Triton up on its /metrics (set once it is SERVING): with
+    SO_REUSEPORT a health check lands on one worker, and a worker still loading answers UNAVAILABLE."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    pending = set(metrics_ports)
+    while pending:
+        for port in list(pending):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    if 'recsys_downstream_up{downstream="triton"} 1.0' in r.read().decode():
+                        pending.discard(port)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gateway workers not serving after {timeout_s:.0f} s (metrics ports {sorted(pending)})")
+        time.sleep(0.5)
+
+
 def set_instances(models: Path, shapes: dict[str, tuple[int, int]]) -> None:
     """Rewrite the private repository's instance groups, {model: (instances, threads each)}
     (a restart of Triton applies them)."""
@@ -324,7 +344,10 @@ def main() -> None:
                     if workers > 1:
                         gw.env["RECSYS_REUSE_PORT"] = "true"
                         gw.env["RECSYS_MAX_IN_FLIGHT"] = str(max(1, (os.cpu_count() or 1) // workers))
+                        gw.env["RECSYS_METRICS_PORT"] = str(free_port())
                     procs.append(gws.enter_context(gw))
+                if workers > 1:  # a health check reaches one worker: wait until every one serves
+                    wait_all_serving([int(g.env["RECSYS_METRICS_PORT"]) for g in procs])
                 address = f"127.0.0.1:{port}"
                 asyncio.run(warm(address, requests[-30:]))  # the pool's end: the levels start at its head
                 for clients in args.levels:

@@ -973,24 +973,9 @@ def demo(
     from cli.demo_live import live_demo
 
     live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)
-    _exit_without_teardown()
+    from rpc.process_exit import exit_without_teardown
 
-
-def _exit_without_teardown() -> None:
-    """End the process once everything is written, skipping the interpreter's teardown.
-
-    duckdb (Feast's offline store, via ibis) is a nanobind extension that prints ~80 "nanobind:
-    leaked ..." lines to stderr while the interpreter tears down: harmless (upstream), but the last
-    thing a newcomer would read after the demo. The demo's services, Triton and files are closed by
-    then (their context managers have exited); logs and the console are flushed here."""
-    import logging
-    import os
-    import sys
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)  # duckdb's nanobind teardown report would be the last thing printed
 
 
 def push_demo_session(repo: Path) -> tuple[str, list[str]]:

@@ -347,6 +347,7 @@ def _tune_malloc() -> None:
 
 def main() -> None:
     from rpc.logs import configure_logging
+    from rpc.process_exit import exit_without_teardown
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
     _tune_malloc()
@@ -357,3 +358,4 @@ def main() -> None:
         # the message, plainly, not a traceback; exit status 2.
         print(f"feedback service not started: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    exit_without_teardown(0)  # served and shut down cleanly (event log closed): no duckdb teardown noise

@@ -280,6 +280,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main(config_file: Path | None = None) -> None:
     from gateway.config import load_settings
     from rpc.logs import configure_logging
+    from rpc.process_exit import exit_without_teardown
 
     configure_logging(os.environ.get("RECSYS_LOG_LEVEL", "INFO"))
     try:
@@ -287,3 +288,4 @@ def main(config_file: Path | None = None) -> None:
     except pseudonym_keys.PseudonymKeyError as e:  # a configured key that cannot be used: never serve keyless
         print(f"gateway not started: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    exit_without_teardown(0)  # served and shut down cleanly: no duckdb teardown noise in the log

@@ -32,10 +32,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # The command's work is done and committed (registry, online store). Leaving through os._exit
-    # skips the interpreter's teardown, where duckdb's bindings (nanobind) print a screenful of
-    # "leaked instance" reports on every run: noise about duckdb's own shutdown, not about our data.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from rpc.process_exit import exit_without_teardown
+
+    # The command's work is done and committed (registry, online store): skip duckdb's teardown report.
+    exit_without_teardown(main())

@@ -420,7 +420,8 @@ def triton_serve(
 @triton_app.command("publish")
 def triton_publish(
     version: int = typer.Argument(..., help="Encoder version to serve (a rollback is publishing the old number)."),
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address, or several replicas comma-separated "
+                                                   "(switched one at a time)."),
     repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
 ) -> None:
     """Switch the serving encoder to VERSION with zero failed requests."""
@@ -737,7 +738,8 @@ def eval_ranker_cmd(
 def retrain_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its label log is the training data)."),
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address to publish to ('' = export only)."),
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address to publish to, or several replicas "
+                                                   "comma-separated (switched one at a time); '' = export only."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
     work_dir: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "retrain", help="Candidates and reports."),
     model: list[str] = typer.Option(["encoder", "ranker", "interest"], "--model",

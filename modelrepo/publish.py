@@ -86,7 +86,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
         if old is None:  # unpinned ensemble (fresh start) or a bare model: the newest loaded version serves
             loaded = ready_versions(client, components[-1])
             old = loaded[-1] if loaded else None
-        keep = [version] + ([old] if old is not None else [])
+        keep = [version] + ([old] if old is not None and old != version else [])
         for model in components:
             load_with_versions(client, repo, model, keep)
         if ensemble:
@@ -110,7 +110,38 @@ COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", R
               "interest": (None, INTEREST_COMPONENTS)}
 
 
+class PublishError(RuntimeError):
+    """A publish to several Triton replicas stopped part-way: says which serve the new version."""
+
+
+def replica_urls(url: str) -> list[str]:
+    """`host:port[,host:port...]`: the Triton replicas that serve one model repository."""
+    urls = [u.strip() for u in url.split(",")]
+    if not url.strip() or any(not u for u in urls):
+        raise ValueError(f"Triton url {url!r}: one address or a comma-separated list of addresses, none empty")
+    return urls
+
+
 def publish(url: str, repo: Path, model: str, version: int) -> int | None:
-    """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime."""
+    """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime.
+
+    `url` may list several replicas (comma-separated, as the gateway's `triton_urls`): they switch one
+    after the other, so while one loads the others serve and the gateway's pool (gateway/triton_pool.py)
+    keeps answering; the encoder's previous version stays loaded on each (KEEP_PREVIOUS), so a query
+    embedded with either version finds it on every replica during the rollout. Returns the version
+    the first replica served before."""
     ensemble, components = COMPONENTS[model]
-    return publish_model(url, repo, version, components, ensemble, keep_previous=model in KEEP_PREVIOUS)
+    urls = replica_urls(url)
+    old: int | None = None
+    for i, one in enumerate(urls):
+        try:
+            replaced = publish_model(one, repo, version, components, ensemble, keep_previous=model in KEEP_PREVIOUS)
+        except Exception as e:
+            if len(urls) == 1:
+                raise
+            done = ", ".join(urls[:i]) or "none"
+            raise PublishError(f"publishing {model} v{version} stopped at {one} ({type(e).__name__}: {e}); "
+                               f"serving v{version} already: {done}; publish again to finish") from e
+        if i == 0:
+            old = replaced
+    return old

@@ -95,11 +95,12 @@ def adopt_serving(registry: Registry, version: int, checkpoint: Path | None, mod
 
 
 def serving_versions_in_triton(triton_url: str) -> dict[str, int | None]:
-    """Per model, the version Triton serves now (pinned in its ensemble, else the newest loaded)."""
+    """Per model, the version Triton serves now (pinned in its ensemble, else the newest loaded).
+    Several replicas (comma-separated): the first one's, as the gateway's version look-ups."""
     from modelrepo.admin import AdminClient
-    from modelrepo.publish import COMPONENTS, ready_versions, serving_version
+    from modelrepo.publish import COMPONENTS, ready_versions, replica_urls, serving_version
 
-    client = AdminClient(triton_url)
+    client = AdminClient(replica_urls(triton_url)[0])
     try:
         out: dict[str, int | None] = {}
         for model, (ensemble, components) in COMPONENTS.items():

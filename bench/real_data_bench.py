@@ -385,7 +385,9 @@ def served_path(data: Data, generic: Path, interest_model, progress: Progress, b
     With `before`, also the settings before the fusion was tuned (first row)."""
     from bench.real_data_served import measure_served_path
 
-    variants = {"settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
+    variants = {"settings before tuning, untrained ranker applied (the old harness)":
+                {**SERVED_BEFORE_ENV, "RECSYS_RANKER_MODE": "always"},
+                "settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
     got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants)
     return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 

@@ -140,14 +140,19 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
         users = split.test["user_id"].tolist()
         for n, (label, env) in enumerate(variants.items()):
             t0 = time.perf_counter()
-            with GatewayProcess(repo, triton.grpc_url, depth, env, workdir, "feature_store.yaml", name=f"bench{n}") as gw:
+            gw = GatewayProcess(repo, triton.grpc_url, depth, env, workdir, "feature_store.yaml", name=f"bench{n}")
+            # GatewayProcess forces ranker_mode "always" for a depth > 0 (the load bench measures the
+            # ranker's cost); the served path is measured as deployed: the default mode (auto), in
+            # which the untrained ranker is not applied. Before, the untrained ranker re-sorted the head.
+            gw.env["RECSYS_RANKER_MODE"] = env.get("RECSYS_RANKER_MODE", GatewaySettings.model_fields["ranker_mode"].default)
+            with gw:
                 task = progress.add_task(f"served path{' (' + label + ')' if label else ''}: Recommend per test user",
                                          total=len(users))
                 lists, degraded, errors = asyncio.run(recommend_all(f"127.0.0.1:{gw.port}", users,
                                                                     lambda: progress.advance(task)))
             ranks = topk_ranks(lists, split.test["item_id"].tolist())
             settings = ", ".join(f"{k.removeprefix('RECSYS_').lower()}={v}" for k, v in env.items()) or "gateway defaults"
-            note = (f"{settings} (rerank depth {depth}), no query, {NUM_RESULTS} results; "
+            note = (f"{settings} (ranker mode {gw.env['RECSYS_RANKER_MODE']}, rerank depth {depth}), no query, {NUM_RESULTS} results; "
                     f"{degraded} degraded, {errors} errors; {time.perf_counter() - t0:.0f} s")
             out[label] = (metrics_from_ranks(ranks, KS), note)
     return out

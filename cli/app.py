@@ -6,6 +6,7 @@ Heavy imports (feast, pandas, torch) happen inside the commands, so `recsys --he
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1001,5 +1002,21 @@ def push_demo_session(repo: Path) -> tuple[str, list[str]]:
     return user, clicked + list(items["item_id"].head(2))
 
 
+def main() -> None:
+    """The `recsys` command: the typer app, then an exit without the interpreter's teardown, where
+    duckdb (Feast's offline store, via ibis) would print its nanobind "leaked ..." report after every
+    command that read the offline store (rpc/process_exit.py). A crash still raises as usual."""
+    from rpc.process_exit import exit_without_teardown
+
+    try:
+        app()
+        code = 0
+    except SystemExit as e:  # typer/click end every command this way, errors included
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

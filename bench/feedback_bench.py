@@ -72,8 +72,12 @@ def run(stub, batch: int, seconds: float, ids: itertools.count, stream: bool) ->
             "call_p99_ms": round(percentile(latencies, 99), 2), "events": total[0]}
 
 
-def visibility(store: str, n: int = 200) -> dict:
-    """Log one click, poll the online store until the session shows it; n times."""
+def visibility(store: str, n: int = 200, event_store: str = "sqlite") -> dict:
+    """Log one click, poll the online store until the session shows it; n times.
+
+    event_store "redis_streams" (Redis online store only): the events go to Redis Streams on the
+    same Redis and the session is pushed by the service's stream consumer (feedback/stream_consumers.py),
+    not before the reply: the path N feedback replicas take (docs/production.md)."""
     from contextlib import ExitStack
 
     from bench.gateway_bench import build_feature_repo
@@ -88,6 +92,10 @@ def visibility(store: str, n: int = 200) -> dict:
         fs = load_store(repo, yaml if store == "redis" else None)
         reader = open_reader(fs.config, FeatureLayout.from_feature_store(fs), repo)
         port = free_port()
+        if event_store == "redis_streams":
+            host_port = env["REDIS_CONNECTION_STRING"].split(",")[0]
+            env = {**env, "RECSYS_FEEDBACK_EVENT_STORE": "redis_streams",
+                   "RECSYS_FEEDBACK_EVENT_STREAM_URL": f"redis://{host_port}/0"}
         proc = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, **env, "RECSYS_FEEDBACK_PORT": str(port),
                                      "RECSYS_EVENT_LOG_DIR": f"{tmp}/events", "RECSYS_LOG_LEVEL": "WARNING",
@@ -109,14 +117,20 @@ def visibility(store: str, n: int = 200) -> dict:
             proc.terminate()
             proc.wait(10)
             reader.close()
-        return {"store": store, "clicks": n, "ack_p50_ms": round(percentile(acks, 50), 1),
+        return {"store": store if event_store == "sqlite" else f"{store}, events on Redis Streams", "clicks": n, "ack_p50_ms": round(percentile(acks, 50), 1),
                 "visible_p50_ms": round(percentile(lat, 50), 1), "visible_p99_ms": round(percentile(lat, 99), 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--visibility-only", action="store_true", help="only event -> visible (prints, writes nothing)")
     args = ap.parse_args()
+    if args.visibility_only:
+        auth_on()
+        for v in [visibility(store) for store in ("sqlite", "redis")] + [visibility("redis", event_store="redis_streams")]:
+            print(v, flush=True)
+        return
     auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
     with tempfile.TemporaryDirectory(prefix="feedback_bench_") as tmp:
         port = free_port()
@@ -139,7 +153,7 @@ def main() -> None:
     base = rows[0]["events_per_s"]
     for row in rows:
         row["vs_naive"] = round(row["events_per_s"] / base, 1)
-    vis = [visibility(store) for store in ("sqlite", "redis")]
+    vis = [visibility(store) for store in ("sqlite", "redis")] + [visibility("redis", event_store="redis_streams")]
     write_results(RESULTS, f"feedback ingest, durable (fsync per call), {THREADS} client threads; event -> visible",
                   rows + vis)
     print("| mode | events/s | call p50 / p99 ms | vs naive |")

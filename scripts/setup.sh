@@ -32,7 +32,9 @@ if [ ! -f .venv/.stamp ] || [ "$(cat .venv/.stamp)" != "$main_stamp" ]; then
   # torch first, from the CPU wheel on disk: anything resolving `torch` later sees it satisfied
   # instead of pulling a multi-GB CUDA build.
   pip_quiet .venv/bin/pip install -q "torch==2.13.0"
-  pip_quiet .venv/bin/pip install -q -c requirements/main.lock -e ".[dev]"
+  # setuptools' editable build prints a boxed BuildBackendWarning ("be careful with folders ... with
+  # the same name as your package") on every install: advice for packagers, noise for a newcomer.
+  PYTHONWARNINGS=ignore::UserWarning pip_quiet .venv/bin/pip install -q -c requirements/main.lock -e ".[dev]"
   .venv/bin/python -c 'import torch, feast, numpy; assert not torch.cuda.is_available() or True; assert numpy.__version__.startswith("2")'
   echo "$main_stamp" > .venv/.stamp
 fi

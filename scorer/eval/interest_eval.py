@@ -38,6 +38,18 @@ def validation_metrics(model: nn.Module, rows: pd.DataFrame, table: VectorTable,
     """Full-ranking Recall@k / NDCG@k of `model` on usable `rows` (one target each; ties count
     against the target, scorer/eval/next_item.py), computed in chunks: what early stopping and the
     model choice read."""
+    return metrics_from_ranks(validation_ranks(model, rows, table, chunk), ks)
+
+
+def ndcg_per_example(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each example's NDCG@k from its target's 0-based rank (the mean is metrics_from_ranks')."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+@torch.no_grad()
+def validation_ranks(model: nn.Module, rows: pd.DataFrame, table: VectorTable, chunk: int = 2048) -> np.ndarray:
+    """The target's full-ranking rank for each of `rows` under `model`."""
     was_training = model.training
     model.eval()
     pos = table.position()
@@ -47,7 +59,7 @@ def validation_metrics(model: nn.Module, rows: pd.DataFrame, table: VectorTable,
         v = model(*(torch.from_numpy(a) for a in (q, hq, items, mask))).numpy()
         ranks.append(target_ranks(v @ table.items.T, target))
     model.train(was_training)
-    return metrics_from_ranks(np.concatenate(ranks), ks)
+    return np.concatenate(ranks)
 
 
 def _ranked(scores: np.ndarray, item_ids: list[str], k: int = 100) -> list[list[str]]:

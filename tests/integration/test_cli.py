@@ -88,12 +88,19 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "ranker_onnx") == [1] and versions(models, "pair_tokenizer") == [1]
 
-    # The default recipe (both kinds, early stopping): it keeps the validation winner, which beats the fallback.
+    # The default recipe (both kinds, early stopping): it keeps the validation winner if it beats the
+    # fallback by more than the gain's standard error; on this tiny shop (~100 validation examples)
+    # that is often not so, and then it says so, saves nothing and exits 1 (the fallback serves).
     done = run("train", "interest", "--repo", str(feature_repo.path), "--out", str(tmp_path / "interest"),
                "--report", str(tmp_path / "interest_report"))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = (tmp_path / "interest_report" / "report.md").read_text()
-    assert "attention, trained" in report and "sequential, trained" in report and "vs the fallback" in report
+    assert "attention, trained" in report and "sequential, trained" in report and "standard error" in report
+    if done.returncode == 1:
+        assert "not saved" in done.stdout and "beyond noise: nothing to keep" in report, done.stdout[-2000:]
+        assert not (tmp_path / "interest" / "interest_config.json").exists()
+        return
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "vs the fallback" in report
     assert "saved" in done.stdout and (tmp_path / "interest" / "interest_config.json").exists()
     done = run("export", "interest", "--checkpoint", str(tmp_path / "interest"), "--repo", str(models))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -47,18 +47,26 @@ def test_history_is_point_in_time_correct(feature_repo, examples):
     assert (examples.rows["grade"] > 0).all()
 
 
-def test_default_recipe_beats_the_untrained_fallback(examples, table, selection):
+def test_default_recipe_keeps_a_model_only_when_it_beats_the_fallback_beyond_noise(examples, table, selection):
     """The default recipe keeps a model only if it beats the fallback on validation (the end of
-    the training period), and what it keeps beats the fallback on the holdout too (which follows
-    the training period and took no part in training, stopping or choosing)."""
+    the training period) by more than the gain's standard error, and what it keeps beats the
+    fallback on the holdout too (which follows the training period and took no part in training,
+    stopping or choosing). On this tiny shop (~100 validation examples) the gain is often within
+    noise: a CI run kept a model +0.007 ahead on validation that lost by 0.014 on the holdout before
+    the gate asked for more than one standard error. Then nothing is kept and the fallback serves."""
     from scorer.eval.interest_eval import evaluate_interest
     from scorer.models.interest import InterestModel
 
-    winner = selection.winner
-    assert winner is not None, selection.summary()
     for fit in selection.fits.values():
         assert np.isfinite(fit.losses).all() and fit.curve[0][0] == 0 and fit.best_val >= fit.curve[0][1]
         assert fit.steps_run <= fit.budget and (fit.stopped_early or fit.steps_run == fit.budget)
+    gain = selection.best.best_val - selection.fallback_val
+    assert 0 < selection.gain_se < 0.2, selection.summary()  # ~100 paired examples: a few hundredths
+    winner = selection.winner
+    assert (winner is not None) == (gain > max(selection.min_gain, selection.gain_se)), selection.summary()
+    if winner is None:
+        assert "beyond noise: nothing to keep" in selection.summary()
+        return
     result = evaluate_interest(examples.holdout, examples.train, table,
                                {"untrained": InterestModel().eval(), "kept": winner.model}).set_index(["method", "slice"])
     untrained, kept = result.loc[("untrained", "all")], result.loc[("kept", "all")]

@@ -180,3 +180,11 @@ def test_encoded_batches_equal_the_data_layers_tensors():
     want = batch_tensors(rows.iloc[idx], table, table.position(), 10)
     for got, w in zip(enc.batch(idx, table.items), want):
         np.testing.assert_array_equal(got.numpy(), w)
+
+
+def test_a_gain_within_one_standard_error_is_noise_and_nothing_is_kept():
+    fits = {"sequential": _fit("sequential", 0.107)}
+    assert Selection(fallback_val=0.10, fits=fits, gain_se=0.005).winner is not None  # +0.007 > 0.005
+    noisy = Selection(fallback_val=0.10, fits=fits, gain_se=0.02)  # +0.007 on ~100 examples
+    assert noisy.winner is None and "beyond noise: nothing to keep" in noisy.summary()
+    assert "standard error, 0.0200" in noisy.summary()

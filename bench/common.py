@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +21,21 @@ def machine() -> str:
 def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def ingest_closed_loop(workers: Sequence[tuple[Callable[..., None], tuple]], total: list[int],
+                       latencies: list[float]) -> dict:
+    """Run each (target, args) as a thread until it returns; `total[0]` (events) and `latencies`
+    (ms per call) are what the targets filled in. Events/s over the wall time, call p50/p99."""
+    threads = [threading.Thread(target=target, args=args) for target, args in workers]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"events_per_s": round(total[0] / wall), "call_p50_ms": round(percentile(latencies, 50), 2),
+            "call_p99_ms": round(percentile(latencies, 99), 2), "events": total[0]}
 
 
 def write_results(path: Path, benchmark: str, rows: list[dict]) -> dict:

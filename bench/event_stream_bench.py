@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import auth_on, percentile, write_results
+from bench.common import auth_on, ingest_closed_loop, write_results
 from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import feedback_pb2_grpc
 from rpc.clients import channel as key_channel
@@ -77,15 +77,7 @@ def measure(ports: list[int], batch: int, seconds: float) -> dict:
                 latencies.append(ms)
                 total[0] += batch
 
-    threads = [threading.Thread(target=worker, args=(p,)) for p in ports for _ in range(THREADS_PER_REPLICA)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"events_per_s": round(total[0] / wall), "call_p50_ms": round(percentile(latencies, 50), 2),
-            "call_p99_ms": round(percentile(latencies, 99), 2), "events": total[0]}
+    return ingest_closed_loop([(worker, (p,)) for p in ports for _ in range(THREADS_PER_REPLICA)], total, latencies)
 
 
 def main() -> None:

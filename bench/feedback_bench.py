@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from rpc.clients import channel as key_channel
-from bench.common import auth_on, percentile, write_results
+from bench.common import auth_on, ingest_closed_loop, percentile, write_results
 from recsys.v1 import feedback_pb2 as fb
 from recsys.v1 import feedback_pb2_grpc
 from scripts.local_redis import free_port
@@ -61,15 +61,7 @@ def run(stub, batch: int, seconds: float, ids: itertools.count, stream: bool) ->
             with lock:
                 total[0] += batch
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"events_per_s": round(total[0] / wall), "call_p50_ms": round(percentile(latencies, 50), 2),
-            "call_p99_ms": round(percentile(latencies, 99), 2), "events": total[0]}
+    return ingest_closed_loop([(worker, ())] * THREADS, total, latencies)
 
 
 def visibility(store: str, n: int = 200, event_store: str = "sqlite") -> dict:

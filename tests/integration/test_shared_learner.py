@@ -131,13 +131,17 @@ def test_two_replicas_share_one_learner(shared_redis, tmp_path):
         assert list(got_a.mean) == list(got_b.mean) and list(got_a.variance) == list(got_b.variance)
         assert got_a.updated_at == got_b.updated_at
         assert got_a.labelled <= impressions  # every impression labelled once, by one replica
-        # Learned as one replica learns it: freshness (what the shoppers click) gains the most of the four parts. The
-        # values wander with the batches' timing, run to run, on one replica too (docs/production.md#shared-learner-state);
-        # that two replicas make exactly one learner's examples and posterior is pinned in tests/unit/test_learner_state.py.
+        # Learned as one replica learns it: freshness (what the shoppers click) clearly moves up, and no other part
+        # moves more. Most batches hit the trust region (max_step per batch) on several parts at once, so parts
+        # can tie, and the values wander with the batches' timing, run to run, on one replica too (a CI run ended
+        # at gains 0.55 / 0.55 / 0.55 for three parts): "no more than one step behind" is the honest bound.
+        # That two replicas make exactly one learner's examples and posterior is pinned in
+        # tests/unit/test_learner_state.py.
         assert got_a.labelled == got_single.labelled
+        step = LearnerSettings().max_step
         for w in (got_a, got_single):
             gained = np.array(w.mean) - np.array([1.0, 1.0, 0.3, 0.2])
-            assert gained[3] > max(gained[:3]), list(w.mean)
+            assert gained[3] > 6 * step and gained[3] >= max(gained[:3]) - step, list(w.mean)
 
         # A flood of lists nobody clicks and of events for requests never served: the bounds hold in Redis.
         flood = served(seed=8, prefix="flood", lists=3_000)

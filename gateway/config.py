@@ -128,6 +128,9 @@ class GatewaySettings(BaseSettings):
     online_weights_poll_s: float = Field(1.0, gt=0, description="how often to fetch the learned weights")
     feedback_api_key: SecretStr = Field(SecretStr(""), description="the gateway's own key (role internal) for LogServed / GetBlendWeights")
     feedback_tls_ca_file: Path | None = Field(None, description="CA of the feedback service's TLS certificate; None: plaintext")
+    # A feedback service with mutual TLS (its tls_client_ca_file) refuses the gateway without these.
+    feedback_tls_cert_file: Path | None = Field(None, description="the gateway's client certificate (PEM) for mutual TLS")
+    feedback_tls_key_file: Path | None = Field(None, description="the key of feedback_tls_cert_file")
 
     # Background work.
     refresh_interval_s: float = Field(10.0, gt=0, description="how often to look for a new encoder version or new items")

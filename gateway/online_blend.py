@@ -83,9 +83,9 @@ class OnlineBlend:
         self.queue: deque[feedback_pb2.ServedList] = deque()
         self.rng = np.random.default_rng(seed)
         # Made in the gateway's loop (Gateway.start); the gateway's own key ("" sends none, never $RECSYS_API_KEY).
-        ca = settings.feedback_tls_ca_file
+        tls = (settings.feedback_tls_ca_file, settings.feedback_tls_cert_file, settings.feedback_tls_key_file)
         self.feedback = AsyncFeedbackClient(settings.feedback_url, api_key=settings.feedback_api_key.get_secret_value(),
-                                            credentials=channel_credentials(ca) if ca is not None else None)
+                                            credentials=channel_credentials(*tls) if any(tls) else None)
 
     # --- per request --------------------------------------------------------------------------
     def in_holdout(self, unit: str) -> bool:

@@ -3,7 +3,9 @@
     retrain -> for each model: fine-tune from its serving checkpoint on the label log (Feast's
                labels_source, which includes the feedback service's events)
             -> evaluate candidate vs serving on the time-split holdout (report either way)
-            -> promote only if the gate metric improves by `margin`: export a new Triton version
+            -> promote only if the gate metric improves by `margin` (the interest model: only if
+               its paired validation gain exceeds the gain's standard error plus `margin`, the rule
+               of `recsys train interest`): export a new Triton version
                and publish it with zero downtime (modelrepo/publish.py); the gateway notices
                (a new encoder: re-embeds the catalog and swaps its index; a new ranker or
                interest model: used from the next request)
@@ -12,7 +14,9 @@
 Gate metrics: encoder NDCG@10 of retrieval on its validation split (query -> item on searches, next
 item on interaction-only data; skipped when the data holds neither); ranker NDCG@5 of the holdout's
 shown lists; interest model NDCG@10 of next-interaction retrieval on its validation split (the end
-of the training period), against the better of the serving model and the untrained fallback. The encoder goes first: the
+of the training period), against the serving model and the untrained fallback, each on the same
+examples (the gain over each must exceed its paired standard error plus the margin: a gain of
++0.007 on ~100 examples is noise, scorer/train/interest_train.py PairedGain). The encoder goes first: the
 ranker's similarity feature and the interest model's item vectors come from the (new) serving
 encoder. The registry (`var/models/registry.json`) records, per model, which checkpoint made which
 version, what serves now and the promotion history, and when training last ran (for the
@@ -28,8 +32,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from scorer.train.interest_data import VectorTable
+    from scorer.train.interest_train import PairedGain
 
 MODELS = ("encoder", "ranker", "interest")
 
@@ -83,6 +94,7 @@ class RetrainResult:
     candidate_score: float
     version: int | None
     report: Path | None
+    gain: "PairedGain | None" = None  # the interest model's: its gain over what serves, and that gain's standard error
 
 
 def adopt_serving(registry: Registry, version: int, checkpoint: Path | None, model: str = "encoder") -> None:
@@ -154,24 +166,45 @@ def write_gate_report(out_dir: Path, title: str, table: pd.DataFrame, metric: st
 
 
 def _gate(model: str, registry: Registry, before: float, after: float, margin: float, metric: str,
-          report: Path, candidate_dir: Path, promote: Callable[[], int], log, veto: str | None = None) -> RetrainResult:
-    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin` (and no
-    `veto`: why a second judge refuses the candidate)."""
-    if after < before + margin or veto is not None:
+          report: Path, candidate_dir: Path, promote: Callable[[], int], log, veto: str | None = None,
+          gain: "PairedGain | None" = None) -> RetrainResult:
+    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin`, or, given
+    the candidate's paired `gain`, only if that gain exceeds its standard error plus its margin
+    (PairedGain.beyond_noise); and no `veto` (why a second judge refuses the candidate)."""
+    passed = gain.beyond_noise if gain is not None else after >= before + margin
+    if not passed or veto is not None:
         registry.save()
-        reason = (f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})" if veto is None
-                  else f"not promoted: {veto}")
+        if veto is not None:
+            reason = f"not promoted: {veto}"
+        elif gain is not None:
+            reason = f"not promoted: {metric} {after:.4f} vs {gain.versus} {before:.4f}: {gain.says()}"
+        else:
+            reason = f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})"
         log(f"retrain {model}: {reason}; report {report}")
-        return RetrainResult(model, False, reason, before, after, None, report)
+        return RetrainResult(model, False, reason, before, after, None, report, gain)
     version = promote()
     entry = registry.entry(model)
     entry.checkpoints[str(version)] = str(candidate_dir)
     entry.serving = version
     entry.history.append(version)
     registry.save()
-    reason = f"promoted v{version}: {metric} {before:.4f} -> {after:.4f}"
+    reason = f"promoted v{version}: {metric} {before:.4f} -> {after:.4f}" + (f" ({gain.says()})" if gain else "")
     log(f"retrain {model}: {reason}; report {report}")
-    return RetrainResult(model, True, reason, before, after, version, report)
+    return RetrainResult(model, True, reason, before, after, version, report, gain)
+
+
+def interest_gain(candidate: "nn.Module", baselines: dict[str, "nn.Module"], val: pd.DataFrame,
+                  table: "VectorTable", margin: float) -> "PairedGain":
+    """The candidate's gain over each of `baselines` (what serves, the untrained fallback) on the
+    same validation examples, judged by the rule of `recsys train interest` (PairedGain): the
+    binding one, i.e. the baseline the candidate beats by the least beyond its noise (if it passes
+    that one, it passes them all)."""
+    from scorer.train.interest_train import paired_gain
+
+    if not baselines:
+        raise ValueError("no baseline to judge the candidate against")
+    gains = [paired_gain(candidate, model, val, table, margin, name) for name, model in baselines.items()]
+    return min(gains, key=lambda g: g.gain - g.se)
 
 
 def _publisher(model: str, model_repo: Path, triton_url: str | None, export: Callable[[], int]) -> Callable[[], int]:
@@ -299,14 +332,16 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     """One round for the interest model, gated on **validation** NDCG@10 (the split, early stopping
     and model choice of `recsys train interest`, scorer/train/interest_train.py): fine-tune the
     serving model (or, while the untrained fallback serves, train both kinds and take the winner);
-    promote only if the candidate beats both the serving model and the untrained fallback on
-    validation by `margin`. The holdout is reported, not used to choose. `steps`: a cap on the
-    step budget (None: the default budget, which scales with the data)."""
+    promote only if the candidate's gain over the serving model and over the untrained fallback,
+    on the same validation examples, exceeds that gain's standard error plus `margin` (the rule of
+    `recsys train interest`, PairedGain; a negative `margin` tolerates a loss). The holdout is
+    reported, not used to choose. `steps`: a cap on the step budget (None: the default budget,
+    which scales with the data)."""
     from dataclasses import replace
 
-    from scorer.eval.interest_eval import evaluate_interest, validation_metrics
+    from scorer.eval.interest_eval import evaluate_interest
     from scorer.export.interest_export import export_interest
-    from scorer.models.interest import InterestModel, load_interest_model
+    from scorer.models.interest import InterestConfig, InterestModel, load_interest_model
     from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
     from scorer.train.interest_train import (KINDS, InterestTrainConfig, train_candidates, validation_rows,
                                              validation_split, with_max_steps)
@@ -324,18 +359,23 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     candidate = sel.best.model
     candidate_dir = work_dir / f"interest-{stamp}"
     candidate.save(candidate_dir)
-    serving = load_interest_model(serving_ckpt) if serving_ckpt else InterestModel().eval()
-    serving_val = validation_metrics(serving, validation_rows(val, table, cfg.max_val_examples, cfg.seed), table)["NDCG@10"]
-    before, after = max(serving_val, sel.fallback_val), sel.best.best_val
+    fallback = InterestModel(InterestConfig(dim=table.items.shape[1])).eval()
+    serving = load_interest_model(serving_ckpt).eval() if serving_ckpt else fallback
+    # The validation examples train_candidates chose on (the same usable, capped sample).
+    val_rows = validation_rows(val, table, cfg.max_val_examples, cfg.seed)
+    baselines = {"serving": serving, "fallback": fallback} if serving_ckpt else {"serving (= the fallback)": fallback}
+    gain = interest_gain(candidate, baselines, val_rows, table, margin)
+    log(f"retrain interest: {sel.summary()}")
     result = evaluate_interest(data.holdout, data.train, table, {"untrained (fallback)": InterestModel().eval(),
-                                                                 "serving": serving.eval(), "candidate": candidate})
-    decision = (f"{'promote' if after >= before + margin else 'keep serving'} ({sel.best.kind}; validation NDCG@10 "
-                f"{after:.4f} vs serving {serving_val:.4f}, fallback {sel.fallback_val:.4f})")
+                                                                 "serving": serving, "candidate": candidate})
+    decision = (f"{'promote' if gain.beyond_noise else 'keep serving'} ({sel.best.kind}; validation NDCG@10 "
+                f"{gain.candidate:.4f} vs {gain.versus} {gain.baseline:.4f}: {gain.says()})")
     report = write_gate_report(work_dir / f"report-interest-{stamp}", f"Interest model retrain {stamp}: candidate vs serving",
-                               result.round(4), "validation NDCG@10", before, after, decision)
+                               result.round(4), "validation NDCG@10", gain.baseline, gain.candidate, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
-    return _gate("interest", registry, before, after, margin, "validation NDCG@10", report, candidate_dir,
-                 _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
+    return _gate("interest", registry, gain.baseline, gain.candidate, margin, "validation NDCG@10", report,
+                 candidate_dir, _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)),
+                 log, gain=gain)
 
 
 RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest}

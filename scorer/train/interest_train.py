@@ -45,8 +45,9 @@ KINDS = (ATTENTION, SEQUENTIAL)
 # A transformer wants a gentler step than the attention model's handful of parameters.
 DEFAULT_LR = {ATTENTION: 3e-3, SEQUENTIAL: 1e-3}
 
-__all__ = ["KINDS", "FitResult", "InterestTrainConfig", "Selection", "fit_interest", "new_model",
-           "train_candidates", "train_interest", "usable", "validation_rows", "validation_split", "with_max_steps"]
+__all__ = ["KINDS", "FitResult", "InterestTrainConfig", "PairedGain", "Selection", "fit_interest", "gain_standard_error",
+           "new_model", "paired_gain", "train_candidates", "train_interest", "usable", "validation_rows",
+           "validation_split", "with_max_steps"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,37 @@ class FitResult:
     stopped_early: bool
 
 
+@dataclass(frozen=True)
+class PairedGain:
+    """A candidate's validation NDCG@10 against a baseline's on the same examples, and the one rule
+    that keeps a candidate (`recsys train interest`'s choice and the retrain gate alike): the gain
+    must exceed its standard error (paired over the examples) plus `margin`. The best checkpoint
+    is the maximum of a noisy validation curve: on ~100 examples it beats the baseline by chance (a
+    CI run kept a model +0.007 ahead on 94 examples that lost by 0.014 on the holdout)."""
+
+    candidate: float
+    baseline: float
+    se: float  # standard error of the mean per-example difference (inf with fewer than 2 examples)
+    margin: float = 0.0  # how much more than the noise a gain must be (negative: a tolerance)
+    examples: int = 0
+    versus: str = "fallback"  # what the baseline is, for the messages
+
+    @property
+    def gain(self) -> float:
+        return self.candidate - self.baseline
+
+    @property
+    def beyond_noise(self) -> bool:
+        return self.gain > self.se + self.margin
+
+    def says(self) -> str:
+        """e.g. 'gain +0.0070 over serving <= its standard error 0.0200 + margin 0.005 (94 examples)'."""
+        op = ">" if self.beyond_noise else "<="
+        n = f" ({self.examples:,} examples)" if self.examples else ""
+        return (f"gain {self.gain:+.4f} over {self.versus} {op} its standard error {self.se:.4f} "
+                f"+ margin {self.margin:g}{n}")
+
+
 @dataclass
 class Selection:
     """The candidates trained on one split and the choice between them."""
@@ -95,9 +127,7 @@ class Selection:
     train_examples: int = 0
     min_gain: float = 0.0
     # Standard error of the best candidate's gain over the fallback (paired over the validation
-    # examples). The best checkpoint is the maximum of a noisy validation curve: on a small
-    # validation set it beats the fallback by chance (a CI run kept a model +0.007 ahead on 94
-    # examples that lost by 0.014 on the holdout), so a gain must exceed one standard error.
+    # examples): a gain must exceed it (PairedGain).
     gain_se: float = 0.0
 
     @property
@@ -105,17 +135,22 @@ class Selection:
         return max(self.fits.values(), key=lambda f: f.best_val)
 
     @property
+    def gain(self) -> PairedGain:
+        """The best candidate's gain over the fallback, judged by the rule."""
+        return PairedGain(self.best.best_val, self.fallback_val, self.gain_se, self.min_gain, self.val_examples)
+
+    @property
     def winner(self) -> FitResult | None:
-        """The best candidate if it beats the fallback on validation by more than `min_gain` and more
-        than one standard error of the gain, else None."""
-        best = self.best
-        return best if best.best_val > self.fallback_val + max(self.min_gain, self.gain_se) else None
+        """The best candidate if its gain over the fallback exceeds its standard error plus
+        `min_gain` (PairedGain.beyond_noise), else None."""
+        return self.best if self.gain.beyond_noise else None
 
     def summary(self) -> str:
         parts = [f"{f.kind} {f.best_val:.4f} (step {f.best_step} of {f.steps_run}"
                  f"{', stopped early' if f.stopped_early else ''})" for f in self.fits.values()]
         head = f"validation NDCG@10 on {self.val_examples:,} examples: fallback {self.fallback_val:.4f}; " + "; ".join(parts)
-        head += f" (a gain must exceed its standard error, {self.gain_se:.4f})"
+        head += f" (a gain must exceed its standard error, {self.gain_se:.4f}"
+        head += f", plus {self.min_gain:g})" if self.min_gain else ")"
         w = self.winner
         if w is None:
             return head + " -> no candidate beats the fallback beyond noise: nothing to keep"
@@ -282,11 +317,20 @@ def train_candidates(train: pd.DataFrame, table: VectorTable, kinds: Sequence[st
     return sel
 
 
+def paired_gain(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table: VectorTable,
+                margin: float = 0.0, versus: str = "fallback") -> PairedGain:
+    """`model`'s validation NDCG@10 against `baseline`'s on the same examples of `val` (usable,
+    capped: `validation_rows`), with the standard error of the mean per-example difference."""
+    ours = ndcg_per_example(validation_ranks(model, val, table))
+    theirs = ndcg_per_example(validation_ranks(baseline, val, table))
+    diff = ours - theirs
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    return PairedGain(float(ours.mean()), float(theirs.mean()), se, margin, len(diff), versus)
+
+
 def gain_standard_error(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table: VectorTable) -> float:
     """Standard error of mean(NDCG@10 of `model` - of `baseline`), paired over the examples of `val`."""
-    diff = (ndcg_per_example(validation_ranks(model, val, table))
-            - ndcg_per_example(validation_ranks(baseline, val, table)))
-    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else math.inf
+    return paired_gain(model, baseline, val, table).se
 
 
 def train_interest(train: pd.DataFrame, table: VectorTable, out_dir: Path | None = None,

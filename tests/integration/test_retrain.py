@@ -97,6 +97,10 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
                                       models=("ranker", "interest"), steps={"ranker": 3, "interest": 20},
                                       margin=-1.0)  # any candidate passes
             assert [(r.model, r.promoted, r.version) for r in promoted] == [("ranker", True, 2), ("interest", True, 2)]
+            # The interest gate judges the paired validation gain against its standard error and says both.
+            interest = promoted[1]
+            assert interest.gain is not None and interest.gain.beyond_noise and interest.gain.margin == -1.0
+            assert "over serving (= the fallback)" in interest.reason and "standard error" in interest.reason
             wait_for_answer(traffic, "ranker", "2")
             wait_for_answer(traffic, "interest", "2")
             # v2 carries its validation verdict (vs the logged blend order); Triton's ensemble config

@@ -237,8 +237,10 @@ class BlendLearner:
             return False  # the shared state is away: this list teaches nothing (counted by the store)
         return True
 
-    def observe(self, events: Iterable[dict]) -> None:
-        """Stored feedback events (the feedback service's post-store hook)."""
+    def observe(self, events: Iterable[dict], strict: bool = False) -> None:
+        """Stored feedback events (the feedback service's post-store hook, or the event stream's
+        `learner` consumer group). `strict`: raise StateUnavailable when the shared state cannot be
+        reached (a stream consumer then leaves the events unacknowledged, to be delivered again)."""
         now = self.clock()
         joined, charges = [], []
         for e in events:
@@ -255,7 +257,9 @@ class BlendLearner:
                 paid = iter(allowed)
                 self._join([event for event, c in zip(joined, charges) if c is None or next(paid)], now)
         except StateUnavailable:
-            pass  # nothing learned from these events (counted by the store); they are stored all the same
+            if strict:
+                raise
+            # nothing learned from these events (counted by the store); they are stored all the same
         self.tick()
 
     def _charge(self, kind: str, source: str, n: int, limit: int, now: float) -> bool:
@@ -314,7 +318,8 @@ class BlendLearner:
                                          PENDING.unpack_from(r, 1)[1]) for r in taken]
                 self.batch_y = [float(r[0]) for r in taken]
             if len(self.batch_y) >= self.settings.min_batch:
-                self.update(np.array(self.batch_x), np.array(self.batch_y))
+                if not self.update(np.array(self.batch_x), np.array(self.batch_y)):
+                    self.store.skip_batch()  # refused: a shared batch must not be read again forever
                 self.batch_x, self.batch_y = [], []
             elif (document := self.store.refresh_posterior(self.version)) is not None and document != self.refused:
                 if not self._adopt(document, "the shared state"):

@@ -21,12 +21,27 @@ at most SHARDS script calls, whatever its size:
   {P:s}:early / :early_at     hash request id -> events ("kind item position\n"...) / zset -> arrival
   {P:s}:counts                hash: served_bytes, early_n (for the byte and event bounds)
   {P:s}:budget / :window      hash source -> examples counted / zset source -> window start
-  {P}:posterior               hash: version, state (the same JSON document as blend_weights.json)
-  {P}:examples                list: labelled examples (label byte + packed impression), the shared batch
+  {P:s}:labelled              stream: labelled examples (field r: label byte + packed impression)
+  {P:s}:seen                  hash request id -> one flag per item ("1": its impression was joined)
+  {P}:posterior               hash: version, state (the same JSON document as blend_weights.json),
+                              cursors (JSON: per shard, the last :labelled entry the posterior holds)
 Every bound of LearnerSettings holds in Redis too, per shard (bound / SHARDS, tracked in the same
 script that adds, so concurrent replicas cannot overshoot it); entries past their age are removed
 by the replicas' ticks, and every key carries a TTL refreshed on write, so the state of a learner
 whose replicas all stopped disappears by itself (KEY_TTL_S after the last write).
+
+Crash safety (a replica SIGKILLed at any instruction loses no example and counts none twice): an
+example is written to its shard's :labelled stream by the same script that labels it (a click joined
+to its pending impression, an impression whose click window passed, an early event joined when its
+list arrives), never held in a replica's memory. A batch is the entries after the posterior's
+cursors (read, not removed); the posterior is saved together with the cursors it now covers, in one
+script that refuses when another replica moved the version or the cursors first (the batch is then
+re-read from the new cursors). So an example is in exactly one saved posterior once learned, and in
+Redis until then; entries below the cursors are trimmed after each save. The seen flags make an
+impression delivered twice (an event stream's at-least-once delivery, feedback/stream_consumers.py)
+one example: an impression of an item already joined for that request is ignored. (The local
+store has no redelivery and keeps no such flags: an impression repeated after its label is a
+second example there.)
 
 Times in Redis are wall-clock seconds (time.time) because several machines compare them; the
 local store uses the learner's monotonic clock.
@@ -34,6 +49,7 @@ local store uses the learner's monotonic clock.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -76,8 +92,10 @@ PENDING_ENTRY_BYTES = 180  # + key
 EARLY_LIST_BYTES = 260  # + request id, per request waiting for its served list
 EARLY_EVENT_BYTES = 125  # + item id, per event held
 
-# What a join did with one event (BlendLearner acts on POSITIVE and counts CAPPED).
+# What a join did with one event (BlendLearner acts on POSITIVE and counts CAPPED). LABELLED: a
+# positive the store wrote as an example itself (the Redis store: nothing for the learner to hold).
 POSITIVE, PENDING_HELD, EARLY, CAPPED, IGNORED = "positive", "pending", "early", "capped", "ignored"
+LABELLED = "labelled"
 
 # Redis errors, by operation (served, events, tick, posterior, forget): while Redis cannot be
 # reached the learner learns nothing and every replica keeps serving its last known weights.
@@ -149,8 +167,11 @@ class LearnerState(Protocol):
         the saved (version, document) instead: another replica's update, or something to overwrite."""
 
     def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
-        """Add labelled examples (label byte + packed impression) to the shared batch; return the
-        whole batch, taken by this replica alone, once it holds `min_batch` (else [])."""
+        """The shared batch (label byte + packed impression per example) once it holds `min_batch`
+        (else []); the next save_posterior learns it (or is refused, and it is read again)."""
+
+    def skip_batch(self) -> None:
+        """Pass over the batch exchange handed out (the learner refused to fit it)."""
 
     def publish(self) -> None:
         """What is held, to Prometheus."""
@@ -257,6 +278,9 @@ class LocalLearnerState:
     def refresh_posterior(self, known_version: int) -> str | None:
         return None  # nobody else writes it
 
+    def skip_batch(self) -> None:
+        pass  # the learner holds its batch itself
+
     def save_posterior(self, document: str, version: int, expected_version: str) -> tuple[str, str] | None:
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
@@ -272,9 +296,9 @@ class LocalLearnerState:
 # --- Redis ------------------------------------------------------------------------------------------
 
 SHARDS = 16
-# KEYS of every shard script, in this order (Lua indexes them 1..11).
+# KEYS of every shard script, in this order (Lua indexes them 1..13).
 SHARD_KEYS = ("ids", "parts", "joined", "served_at", "pending", "due", "early", "early_at", "counts", "budget",
-              "window")
+              "window", "labelled", "seen")
 # A script handles at most this many expiries per kind and shard per tick: a tick never blocks Redis
 # for long, and a backlog is worked off over the next ticks.
 EXPIRE_BATCH = 5_000
@@ -290,6 +314,7 @@ local function drop_served(rid)
   if n == 0 and redis.call('HEXISTS', KEYS[1], rid) == 0 then return 0 end
   n = n + redis.call('HSTRLEN', KEYS[2], rid) + #rid
   redis.call('HDEL', KEYS[1], rid); redis.call('HDEL', KEYS[2], rid); redis.call('HDEL', KEYS[3], rid)
+  redis.call('HDEL', KEYS[13], rid)
   redis.call('HINCRBY', KEYS[9], 'served_bytes', -n)
   return 1
 end
@@ -304,13 +329,69 @@ end
 local function touch(ttl_ms)
   for k = 1, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl_ms) end
 end
-"""
+-- A labelled example into the shard's stream (the newest `cap` kept; out[at] counts the dropped).
+local function label(record, cap, ttl_ms, out, at)
+  if redis.call('XLEN', KEYS[12]) >= cap then out[at] = out[at] + 1 end
+  redis.call('XADD', KEYS[12], 'MAXLEN', cap, '*', 'r', record)
+  redis.call('PEXPIRE', KEYS[12], ttl_ms)
+end
+-- One event joined with what the shard holds; returns its status. lim: now, cap (per request), max
+-- pending, max early events, max examples, ttl ms; out[1..3]: pending, early, examples dropped.
+local function join_one(kind, rid, item, pos, lim, out)
+  local key = rid .. ' ' .. item
+  local p = false
+  if kind ~= 'IMPRESSION' then p = redis.call('HGET', KEYS[5], key) end
+  if p then
+    redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
+    label('\\1' .. p, lim[5], lim[6], out, 3)
+    return 'labelled'
+  end
+  local ids = redis.call('HGET', KEYS[1], rid)
+  if not ids then
+    while tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0) >= lim[4] do
+      local old = redis.call('ZPOPMIN', KEYS[8])
+      if #old == 0 then break end
+      out[2] = out[2] + drop_early(old[1])
+    end
+    if redis.call('HEXISTS', KEYS[7], rid) == 0 then redis.call('ZADD', KEYS[8], lim[1], rid) end
+    redis.call('HSET', KEYS[7], rid, (redis.call('HGET', KEYS[7], rid) or '') .. kind .. ' ' .. item .. ' ' .. pos .. '\\n')
+    redis.call('HINCRBY', KEYS[9], 'early_n', 1)
+    return 'early'
+  end
+  if kind ~= 'IMPRESSION' or redis.call('HEXISTS', KEYS[5], key) == 1 then return 'ignored' end
+  local at = string.find(ids, ' ' .. item .. ' ', 1, true)
+  if not at then return 'ignored' end
+  local _, index = string.gsub(string.sub(ids, 1, at - 1), ' ', '')
+  local seen = redis.call('HGET', KEYS[13], rid) or ''
+  if string.sub(seen, index + 1, index + 1) == '1' then return 'ignored' end  -- joined before: once
+  if tonumber(redis.call('HGET', KEYS[3], rid) or 0) >= lim[2] then return 'capped' end
+  local position = tonumber(pos)
+  if position == nil or position == 0 then position = index + 1 end
+  local parts = redis.call('HGET', KEYS[2], rid)
+  while redis.call('ZCARD', KEYS[6]) >= lim[3] do
+    local old = redis.call('ZPOPMIN', KEYS[6])
+    if #old == 0 then break end
+    redis.call('HDEL', KEYS[5], old[1])
+    out[1] = out[1] + 1
+  end
+  redis.call('HINCRBY', KEYS[3], rid, 1)
+  if #seen <= index then seen = seen .. string.rep('0', index + 1 - #seen) end
+  redis.call('HSET', KEYS[13], rid, string.sub(seen, 1, index) .. '1' .. string.sub(seen, index + 2))
+  redis.call('HSET', KEYS[5], key, struct.pack('<di', lim[1], position) ..
+             string.sub(parts, index * PART_BYTES + 1, index * PART_BYTES + PART_BYTES))
+  redis.call('ZADD', KEYS[6], lim[1], key)
+  return 'pending'
+end
+""".replace("PART_BYTES", str(PART_BYTES))
 
-# ARGV: rid, ids, parts, now, max lists, max bytes, ttl ms. Returns {dropped lists, early events or ''}.
+# ARGV: rid, ids, parts, now, max lists, max bytes, ttl ms, max per request, max pending, max early
+# events, max examples. The events that waited for the list are joined here (in the same script: none
+# is lost to a crash). Returns {dropped lists, pending dropped, early dropped, examples dropped}.
 _LUA_PUT_SERVED = _LUA_PRELUDE + """
 local rid, now = ARGV[1], tonumber(ARGV[4])
 local size = #ARGV[2] + #ARGV[3] + #rid
-local joined = redis.call('HGET', KEYS[3], rid)  -- a list re-sent under the same request id keeps its count
+-- A list re-sent under the same request id keeps its count and which impressions were joined.
+local joined, seen = redis.call('HGET', KEYS[3], rid), redis.call('HGET', KEYS[13], rid)
 drop_served(rid); redis.call('ZREM', KEYS[4], rid)
 -- Room first, then the new list: it is the newest, never the one dropped.
 local dropped = 0
@@ -322,71 +403,36 @@ while redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[5]) or
 end
 redis.call('HSET', KEYS[1], rid, ARGV[2]); redis.call('HSET', KEYS[2], rid, ARGV[3])
 redis.call('HSET', KEYS[3], rid, joined or 0)
+if seen then redis.call('HSET', KEYS[13], rid, seen) end
 redis.call('HINCRBY', KEYS[9], 'served_bytes', size)
 redis.call('ZADD', KEYS[4], now, rid)
 local early = redis.call('HGET', KEYS[7], rid)
-if early then drop_early(rid); redis.call('ZREM', KEYS[8], rid) end
+local out = {0, 0, 0}
+if early then
+  drop_early(rid); redis.call('ZREM', KEYS[8], rid)
+  local lim = {now, tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[7])}
+  for line in string.gmatch(early, '[^\\n]+') do
+    local kind, item, pos = string.match(line, '^(%S+) (%S+) (.*)$')
+    join_one(kind, rid, item, pos, lim, out)
+  end
+end
 touch(tonumber(ARGV[7]))
-return {dropped, early or ''}
+return {dropped, out[1], out[2], out[3]}
 """
 
-# ARGV: now, max per request, max pending, max early events, ttl ms, then (kind, rid, item, position)
-# per event. Returns {pending dropped, early dropped, then (status, packed or '') per event}.
+# ARGV: now, max per request, max pending, max early events, ttl ms, max examples, then (kind, rid,
+# item, position) per event. Returns {pending dropped, early dropped, examples dropped, then the
+# status per event}: a click that labels its impression writes the example itself ('labelled').
 _LUA_JOIN = _LUA_PRELUDE + """
-local now, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local max_pending, max_early = tonumber(ARGV[3]), tonumber(ARGV[4])
-local out = {0, 0}
-for i = 6, #ARGV, 4 do
-  local kind, rid, item, pos = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local key = rid .. ' ' .. item
-  local status, packed = 'ignored', ''
-  local p = false
-  if kind ~= 'IMPRESSION' then p = redis.call('HGET', KEYS[5], key) end
-  if p then
-    redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
-    status, packed = 'positive', p
-  else
-    local ids = redis.call('HGET', KEYS[1], rid)
-    if not ids then
-      status = 'early'
-      while tonumber(redis.call('HGET', KEYS[9], 'early_n') or 0) >= max_early do
-        local old = redis.call('ZPOPMIN', KEYS[8])
-        if #old == 0 then break end
-        out[2] = out[2] + drop_early(old[1])
-      end
-      if redis.call('HEXISTS', KEYS[7], rid) == 0 then redis.call('ZADD', KEYS[8], now, rid) end
-      redis.call('HSET', KEYS[7], rid, (redis.call('HGET', KEYS[7], rid) or '') .. kind .. ' ' .. item .. ' ' .. pos .. '\\n')
-      redis.call('HINCRBY', KEYS[9], 'early_n', 1)
-    elseif kind == 'IMPRESSION' and redis.call('HEXISTS', KEYS[5], key) == 0 then
-      local at = string.find(ids, ' ' .. item .. ' ', 1, true)
-      if at then
-        if tonumber(redis.call('HGET', KEYS[3], rid) or 0) >= cap then
-          status = 'capped'
-        else
-          local _, index = string.gsub(string.sub(ids, 1, at - 1), ' ', '')
-          local position = tonumber(pos)
-          if position == nil or position == 0 then position = index + 1 end
-          local parts = redis.call('HGET', KEYS[2], rid)
-          while redis.call('ZCARD', KEYS[6]) >= max_pending do
-            local old = redis.call('ZPOPMIN', KEYS[6])
-            if #old == 0 then break end
-            redis.call('HDEL', KEYS[5], old[1])
-            out[1] = out[1] + 1
-          end
-          redis.call('HINCRBY', KEYS[3], rid, 1)
-          redis.call('HSET', KEYS[5], key, struct.pack('<di', now, position) ..
-                     string.sub(parts, index * PART_BYTES + 1, index * PART_BYTES + PART_BYTES))
-          redis.call('ZADD', KEYS[6], now, key)
-          status = 'pending'
-        end
-      end
-    end
-  end
-  out[#out + 1] = status; out[#out + 1] = packed
+local lim = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6]),
+             tonumber(ARGV[5])}
+local out = {0, 0, 0}
+for i = 7, #ARGV, 4 do
+  out[#out + 1] = join_one(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], lim, out)
 end
 touch(tonumber(ARGV[5]))
 return out
-""".replace("PART_BYTES", str(PART_BYTES))
+"""
 
 # ARGV: now, window cutoff, max sources, ttl ms, then (key, n, limit) per charge. Returns 1/0 per charge.
 _LUA_CHARGE = """
@@ -411,11 +457,12 @@ redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[4])); redis.call('PEXPIRE', KEYS[1
 return out
 """
 
-# ARGV: served cutoff, early cutoff, label cutoff, window cutoff, batch. Returns {served dropped, early
-# dropped, held served, served bytes, held pending, held early events, open windows, then the impressions due}.
+# ARGV: served cutoff, early cutoff, label cutoff, window cutoff, batch, max examples, ttl ms. The
+# impressions due become negative examples here. Returns {served dropped, early dropped, held served,
+# served bytes, held pending, held early events, open windows, examples dropped}.
 _LUA_EXPIRE = _LUA_PRELUDE + """
 local batch = tonumber(ARGV[5])
-local out = {0, 0}
+local out = {0, 0, 0, 0, 0, 0, 0, 0}
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, batch)) do
   out[1] = out[1] + drop_served(rid); redis.call('ZREM', KEYS[4], rid)
 end
@@ -432,7 +479,7 @@ out[7] = redis.call('ZCARD', KEYS[11])
 for _, key in ipairs(due) do
   local p = redis.call('HGET', KEYS[5], key)
   redis.call('HDEL', KEYS[5], key); redis.call('ZREM', KEYS[6], key)
-  if p then out[#out + 1] = p end
+  if p then label('\\0' .. p, tonumber(ARGV[6]), tonumber(ARGV[7]), out, 8) end
 end
 return out
 """
@@ -455,35 +502,37 @@ end
 return removed
 """
 
-# ARGV: cap, ttl ms, min batch, records. Adds the records to the shared batch (which keeps the newest
-# `cap`: a bound never reached while replicas tick, a batch is taken as soon as it is full); returns
-# {dropped, then the whole batch once it holds min batch}: taken atomically, so one replica learns from it.
-_LUA_EXCHANGE = """
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[1])
-if over > 0 then redis.call('LTRIM', KEYS[1], over, -1) end
-local out = {math.max(over, 0)}
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[3]) then
-  for _, record in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do out[#out + 1] = record end
-  redis.call('DEL', KEYS[1])
-elseif #ARGV > 3 then
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-end
-return out
-"""
-
-# Optimistic concurrency on the posterior's version: several replicas update one posterior without a
-# leader. A replica fits its own batch on the posterior it knows (version v) and saves v+1 only if
-# the saved one is still v; otherwise it gets the newer posterior, refits the same batch on it and
-# tries again. So no update is lost or applied twice, no replica waits on another, and there is no
-# lease to hand over when a replica dies. Conflicts are rare (an update per min_batch examples).
-# ARGV: expected version, new version, document. Returns 1 (saved) or the saved {version, document}.
+# Optimistic concurrency on the posterior's version and cursors: several replicas update one
+# posterior without a leader. A replica fits a batch (the :labelled entries after the cursors of the
+# posterior it knows, version v) and saves v+1 with the batch's end cursors only if the saved
+# posterior is still v with the cursors the batch started from; otherwise it gets the saved one. A
+# pure version race (same cursors: an update from direct examples) refits the batch on the newer
+# posterior; moved cursors mean another replica learned from these entries, and the batch is re-read.
+# So no example is lost or learned twice, no replica waits on another, and there is no lease to hand
+# over when a replica dies. Conflicts are rare (an update per min_batch examples).
+# ARGV: expected version, new version, document, cursors the batch started from ('': none, no check),
+# its end cursors ('': unchanged). Returns 1 (saved) or the saved {version, document, cursors}.
 _LUA_SAVE_POSTERIOR = """
 local current = redis.call('HGET', KEYS[1], 'version') or '0'
-if current ~= ARGV[1] then return {current, redis.call('HGET', KEYS[1], 'state') or ''} end
+local cursors = redis.call('HGET', KEYS[1], 'cursors') or '-'
+if current ~= ARGV[1] or (ARGV[4] ~= '' and cursors ~= ARGV[4]) then
+  return {current, redis.call('HGET', KEYS[1], 'state') or '', cursors}
+end
 redis.call('HSET', KEYS[1], 'version', ARGV[2], 'state', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'cursors', ARGV[5]) end
 return 1
 """
+
+# A batch the learner refused to fit (no sane posterior from it): its entries are passed over, or
+# every replica would re-read it forever. ARGV: cursors it started from, its end cursors. 1: moved.
+_LUA_SKIP_BATCH = """
+if (redis.call('HGET', KEYS[1], 'cursors') or '-') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'cursors', ARGV[2])
+return 1
+"""
+NO_CURSORS = "-"  # the posterior holds no :labelled entry yet
+# Entries read per shard for one batch: a backlog is learned from over several batches.
+BATCH_READ = EXPIRE_BATCH
 
 
 def shard_of(key: str) -> int:
@@ -520,9 +569,14 @@ class RedisLearnerState:
         self.due_pass = False  # an expiry pass ran since the last exchange
         self.shard_keys = [[f"{{{prefix}:{s}}}:{name}" for name in SHARD_KEYS] for s in range(SHARDS)]
         self.posterior_key = f"{{{prefix}}}:posterior"
-        self.examples_key = f"{{{prefix}}}:examples"
-        self.max_examples = st.max_pending  # examples come from pending impressions (and their clicks)
         per = lambda bound: max(1, math.ceil(bound / SHARDS))  # noqa: E731
+        # Examples come from pending impressions (and their clicks): the same bound, per shard.
+        self.max_examples = per(st.max_pending)
+        # The :labelled cursors of the posterior this learner holds (as stored: compared verbatim),
+        # and of the batch handed out by exchange: (cursors it starts from, its end cursors).
+        self.cursors = NO_CURSORS
+        self.batch: tuple[str, str] | None = None
+        self.stale = False  # the batch handed out was learned from by another replica first
         self.max_lists, self.max_served_bytes = per(st.max_lists), per(st.max_served_bytes)
         self.max_pending, self.max_early, self.max_sources = per(st.max_pending), per(st.max_early), per(st.max_sources)
         # Every key outlives the longest-lived entry it can hold (a budget window, a served list).
@@ -542,7 +596,7 @@ class RedisLearnerState:
             self._scripts = {name: self.client.register_script(src) for name, src in (
                 ("put_served", _LUA_PUT_SERVED), ("join", _LUA_JOIN), ("charge", _LUA_CHARGE),
                 ("expire", _LUA_EXPIRE), ("forget", _LUA_FORGET_REQUESTS), ("save", _LUA_SAVE_POSTERIOR),
-                ("exchange", _LUA_EXCHANGE))}
+                ("skip", _LUA_SKIP_BATCH))}
         return self._scripts
 
     @classmethod
@@ -600,20 +654,21 @@ class RedisLearnerState:
         if len(request_id) + len(ids) + len(parts) > self.max_served_bytes:
             metrics.DROPPED.labels("served", "bytes").inc()
             return None
-        dropped, early = self._call("served", lambda: self.scripts["put_served"](
+        st = self.settings
+        dropped, *joined = self._call("served", lambda: self.scripts["put_served"](
             keys=self.shard_keys[shard_of(request_id)],
-            args=[request_id, ids, parts, now, self.max_lists, self.max_served_bytes, self.ttl_ms]))
+            args=[request_id, ids, parts, now, self.max_lists, self.max_served_bytes, self.ttl_ms, st.max_per_request,
+                  self.max_pending, self.max_early, self.max_examples]))
         if dropped:
             metrics.DROPPED.labels("served", "count").inc(int(dropped))
-        return self._early_events(request_id, early)
+        self._count_dropped(*joined)
+        return []  # the early events were joined by the script itself
 
     @staticmethod
-    def _early_events(request_id: str, early: bytes) -> list[Event]:
-        events = []
-        for line in early.decode().splitlines():
-            kind, item, position = line.split(SEP)
-            events.append((kind, request_id, item, int(position) if position else None))
-        return events
+    def _count_dropped(pending: int, early: int, examples: int) -> None:
+        for store, n in (("pending", pending), ("early", early), ("examples", examples)):
+            if n:
+                metrics.DROPPED.labels(store, "count").inc(int(n))
 
     def join(self, events: Sequence[Event], now: float) -> list[tuple[str, bytes | None]]:
         out: list[tuple[str, bytes | None]] = [(IGNORED, None)] * len(events)
@@ -621,17 +676,14 @@ class RedisLearnerState:
 
         def run() -> None:
             for shard, group in self._by_shard((e[1], e) for e in events).items():
-                args: list = [now, st.max_per_request, self.max_pending, self.max_early, self.ttl_ms]
+                args: list = [now, st.max_per_request, self.max_pending, self.max_early, self.ttl_ms,
+                              self.max_examples]
                 for _, (kind, request_id, item_id, position) in group:
                     args.extend((kind, request_id, item_id, "" if position is None else position))
                 got = self.scripts["join"](keys=self.shard_keys[shard], args=args)
-                if got[0]:
-                    metrics.DROPPED.labels("pending", "count").inc(int(got[0]))
-                if got[1]:
-                    metrics.DROPPED.labels("early", "count").inc(int(got[1]))
+                self._count_dropped(*got[:3])
                 for k, (index, _) in enumerate(group):
-                    status, packed = got[2 + 2 * k].decode(), got[3 + 2 * k]
-                    out[index] = (status, packed if status == POSITIVE else None)
+                    out[index] = (got[3 + k].decode(), None)  # a positive is written by the script (LABELLED)
 
         self._call("events", run)
         return out
@@ -642,8 +694,8 @@ class RedisLearnerState:
         self.expired_at, self.due_pass = now, True
         st = self.settings
         cutoff = now - st.label_delay_s
-        args = [cutoff - st.served_margin_s, cutoff, cutoff, now - st.source_window_s, EXPIRE_BATCH]
-        due: list[bytes] = []
+        args = [cutoff - st.served_margin_s, cutoff, cutoff, now - st.source_window_s, EXPIRE_BATCH,
+                self.max_examples, self.ttl_ms]
 
         def run() -> None:
             held = dict.fromkeys(self.held, 0)
@@ -655,11 +707,12 @@ class RedisLearnerState:
                     metrics.DROPPED.labels("early", "age").inc(int(got[1]))
                 for name, value in zip(held, got[2:7]):
                     held[name] += int(value)
-                due.extend(got[7:])
+                if got[7]:
+                    metrics.DROPPED.labels("examples", "count").inc(int(got[7]))
             self.held = held
 
         self._call("tick", run)
-        return due
+        return []  # the impressions due were written as negative examples by the script
 
     def forget(self, user_keys: Iterable[str], request_ids: Iterable[str]) -> int:
         """Served lists, early events and the pending impressions of the lists still held; a pending
@@ -680,42 +733,113 @@ class RedisLearnerState:
         return removed
 
     def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
+        """The :labelled entries after the cursors of the posterior held, once they are `min_batch`
+        (else []); read, not removed: they leave the batch when a posterior covering them is saved.
+        `records` is ignored: this store's examples are written by its scripts (a batch whose save
+        failed is still in Redis and is read again)."""
         # A batch is taken only right after an expiry pass, as one replica's tick takes it after
         # labelling the non-clicks due: taken at every add, batches would follow whoever added last
         # (the replica with the clicks, or the one with the non-clicks) instead of mixing both.
         take, self.due_pass = self.due_pass, False
-        if not records and not take:
+        if not take:
             return []
-        got = self._call("examples", lambda: self.scripts["exchange"](
-            keys=[self.examples_key], args=[self.max_examples, self.ttl_ms, min_batch if take else 2**62, *records]))
-        if got[0]:
-            metrics.DROPPED.labels("examples", "count").inc(int(got[0]))
-        return got[1:]
+        self.batch, self.stale = None, False
+        start = self._cursor_list(self.cursors)
+
+        def run() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, after in zip(self.shard_keys, start):
+                pipe.xrange(keys[11], f"({after}" if after != "0-0" else "-", "+", count=BATCH_READ)
+            return pipe.execute()
+
+        read = self._call("examples", run)
+        if sum(len(entries) for entries in read) < min_batch:
+            return []
+        end = [entries[-1][0].decode() if entries else after for entries, after in zip(read, start)]
+        self.batch = (self.cursors, json.dumps(end))
+        return [fields[b"r"] for entries in read for _, fields in entries]
+
+    def waiting(self) -> int:
+        """Labelled examples no saved posterior holds yet (all shards; for tests and operators)."""
+        cursors = self._cursor_list(self._call("posterior", lambda: self.client.hget(self.posterior_key, "cursors")))
+
+        def run() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, after in zip(self.shard_keys, cursors):
+                pipe.xrange(keys[11], f"({after}" if after != "0-0" else "-", "+")
+            return sum(len(entries) for entries in pipe.execute())
+
+        return self._call("examples", run)
+
+    @staticmethod
+    def _cursor_list(stored: str | bytes | None) -> list[str]:
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        if not text or text == NO_CURSORS:
+            return ["0-0"] * SHARDS
+        cursors = json.loads(text)
+        if not (isinstance(cursors, list) and len(cursors) == SHARDS and all(isinstance(c, str) for c in cursors)):
+            raise ValueError(f"learner state: cursors must be {SHARDS} stream ids, got {text[:200]}")
+        return cursors
+
+    def skip_batch(self) -> None:
+        """Pass over the batch handed out last (the learner refused to fit it)."""
+        batch, self.batch = self.batch, None
+        if batch is not None and self._call("posterior", lambda: self.scripts["skip"](
+                keys=[self.posterior_key], args=list(batch))) == 1:
+            self.cursors = batch[1]
+
+    def _trim(self, cursors: str) -> None:
+        """Drop the :labelled entries a saved posterior holds (best effort: a failure only keeps them longer)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, cursor in zip(self.shard_keys, self._cursor_list(cursors)):
+                if cursor != "0-0":
+                    pipe.xtrim(keys[11], minid=cursor, approximate=False)
+            pipe.execute()
+        except self.errors as e:
+            log.debug("learner state: labelled examples not trimmed (%s); the next save trims them", e)
 
     # --- the posterior --------------------------------------------------------------------------------
     def load_posterior(self) -> tuple[str, str] | None:
         try:
-            document = self._call("posterior", lambda: self.client.hget(self.posterior_key, "state"))
+            document, cursors = self._call("posterior", lambda: self.client.hmget(self.posterior_key, "state", "cursors"))
         except StateUnavailable:
             log.warning("learner state: Redis unreachable at start; starting from the prior until it answers")
             return None
+        self.cursors = cursors.decode() if cursors is not None else NO_CURSORS
         return None if document is None else (f"Redis {self.posterior_key}", document.decode(errors="replace"))
 
     def refresh_posterior(self, known_version: int) -> str | None:
         if time.monotonic() - self.refreshed_at < self.tick_s:
             return None
         self.refreshed_at = time.monotonic()
-        version, document = self._call("posterior", lambda: self.client.hmget(self.posterior_key, "version", "state"))
+        version, document, cursors = self._call(
+            "posterior", lambda: self.client.hmget(self.posterior_key, "version", "state", "cursors"))
         if document is None or version == str(known_version).encode():
             return None
+        self.cursors = cursors.decode() if cursors is not None else NO_CURSORS  # the posterior adopted holds these
         return document.decode(errors="replace")
 
     def save_posterior(self, document: str, version: int, expected_version: str) -> tuple[str, str] | None:
+        if self.stale:  # the refit of a batch another replica learned from first: not saved
+            self.stale = False
+            raise StateUnavailable("the batch was learned from by another replica; it is read again")
+        start, end = self.batch if self.batch is not None else ("", "")
         got = self._call("posterior", lambda: self.scripts["save"](
-            keys=[self.posterior_key], args=[expected_version, str(version), document]))
+            keys=[self.posterior_key], args=[expected_version, str(version), document, start, end]))
         if got == 1:
+            self.batch = None
+            if end:
+                self.cursors = end
+                self._trim(end)
             return None
-        return got[0].decode(errors="replace"), got[1].decode(errors="replace")
+        saved_version, saved, cursors = (v.decode(errors="replace") for v in got)
+        self.cursors = cursors
+        if start and cursors != start:
+            # Another replica learned from (some of) this batch first: the learner adopts its posterior
+            # (returned), its refit is refused (stale), and the next batch is read after the new cursors.
+            self.batch, self.stale = None, True
+        return saved_version, saved
 
     def publish(self) -> None:
         held = self.held  # as of the last tick: counting costs a round trip per shard

@@ -74,11 +74,16 @@ def examples(lrn: BlendLearner) -> list[tuple]:
     return sorted((tuple(np.round(x, 5)), y) for x, y in zip(lrn.batch_x, lrn.batch_y))
 
 
+def labelled_records(client, store: RedisLearnerState) -> list[bytes]:
+    """Every labelled example in the shards' streams (learned from or not)."""
+    return [fields[b"r"] for keys in store.shard_keys for _, fields in client.xrange(keys[11])]
+
+
 def shared_examples(client, store: RedisLearnerState) -> list[tuple]:
     """The shared batch, as examples() gives a local learner's."""
     return sorted((tuple(np.round(features(np.frombuffer(r, np.float32, 4, 1 + PENDING.size),
                                            PENDING.unpack_from(r, 1)[1]), 5)), float(r[0]))
-                  for r in client.lrange(store.examples_key, 0, -1))
+                  for r in labelled_records(client, store))
 
 
 def test_two_replicas_on_redis_learn_what_one_local_learner_learns(client, prefix):
@@ -128,7 +133,7 @@ def test_a_source_budget_is_shared_by_every_replica(client, prefix):
         (a if k else b).observe([{"event_type": "IMPRESSION", "request_id": rid, "item_id": i, "user_id": "u1"}
                                  for i in ids])
     clock.t += 11.0
-    assert len(a.store.expire(clock())) == 10  # 12 impressions of one user, 10 learned from
+    assert a.store.expire(clock()) == [] and a.store.waiting() == 10  # 12 impressions of one user, 10 learned from
 
 
 def test_one_replica_takes_a_full_shared_batch(client, prefix):
@@ -139,17 +144,17 @@ def test_one_replica_takes_a_full_shared_batch(client, prefix):
     assert a.add_served_arrays(rid, ids, parts)
     b.observe([{"event_type": "IMPRESSION", "request_id": rid, "item_id": i} for i in ids]
               + [{"event_type": "CLICK", "request_id": rid, "item_id": ids[0]}])
-    assert client.llen(b.store.examples_key) == 1 and b.version == 0  # one click: not a batch yet
+    assert b.store.waiting() == 1 and b.version == 0  # one click: not a batch yet
     clock.t += 11.0
     a.tick()  # A labels the five non-clicks: six examples, still short of eight
-    assert client.llen(a.store.examples_key) == 6 and a.version == 0
+    assert a.store.waiting() == 6 and a.version == 0
     (rid, ids, parts), = served_lists(1, seed=3, items=2)
     assert a.add_served_arrays("r-next", ids, parts)
     b.observe([{"event_type": "IMPRESSION", "request_id": "r-next", "item_id": i} for i in ids])
     clock.t += 11.0
     b.tick()  # eight: B takes the batch, learns from it alone
     a.tick()
-    assert not client.exists(a.store.examples_key)
+    assert a.store.waiting() == 0 and len(labelled_records(client, a.store)) <= SHARDS  # trimmed to the cursors
     assert (a.version, a.labelled) == (b.version, b.labelled) == (1, 8)
 
 
@@ -275,3 +280,36 @@ def test_erase_reaches_the_shared_state(client, prefix):
 def test_the_local_store_is_the_default():
     lrn = BlendLearner(PRIOR)
     assert isinstance(lrn.store, LocalLearnerState) and lrn.path is None
+
+
+def test_a_replica_dying_with_a_batch_loses_nothing_and_a_redelivery_counts_once(client, prefix):
+    """Examples are written by the scripts that label them and leave Redis only with the posterior
+    that holds them: a replica that took a batch and died before saving loses none of it; two
+    replicas fitting the same batch save it once; events delivered twice (a stream consumer's
+    at-least-once) are one example each."""
+    settings = LearnerSettings(label_delay_s=10.0, min_batch=10**6)  # batches taken by hand below
+    clock = Clock()
+    a, b = shared(client, prefix, settings, clock), shared(client, prefix, settings, clock)
+    (rid, ids, parts), = served_lists(1, items=6)
+    events = [{"event_type": "IMPRESSION", "request_id": rid, "item_id": i, "user_id": "u"} for i in ids]
+    events.append({"event_type": "CLICK", "request_id": rid, "item_id": ids[0], "user_id": "u"})
+    b.observe(events)  # before the list: held early, joined by the script that stores the list
+    assert a.add_served_arrays(rid, ids, parts)
+    b.observe(events)  # delivered again: nothing new
+    clock.t += 11.0
+    a.store.expire(clock())
+    a.observe(events)  # again, after the labels: still nothing new
+    assert a.store.waiting() == 6  # one click + five non-clicks
+    dead = shared(client, prefix, settings, clock)
+    dead.store.due_pass = True
+    assert len(dead.store.exchange([], 4)) == 6  # taken, never saved: it "dies"
+    a.store.due_pass = b.store.due_pass = True
+    taken_a, taken_b = a.store.exchange([], 4), b.store.exchange([], 4)
+    assert len(taken_a) == len(taken_b) == 6
+    x = np.array([features(np.frombuffer(r, np.float32, 4, 1 + PENDING.size), PENDING.unpack_from(r, 1)[1])
+                  for r in taken_a])
+    y = np.array([float(r[0]) for r in taken_a])
+    assert a.update(x, y)
+    with pytest.raises(StateUnavailable):  # B fitted the same batch: it adopts A's posterior, saves nothing
+        b.update(x, y)
+    assert (b.version, b.labelled) == (a.version, a.labelled) == (1, 6) and a.store.waiting() == 0

@@ -110,13 +110,13 @@ class StreamLayout:
     def dedupe(self, shard: int, event_id: str) -> str:
         return f"{self.tag(shard)}:id:{event_id}"
 
-    def lease(self, shard: int) -> str:
-        """Which consumer owns the shard (feedback/stream_consumers.py)."""
-        return f"{self.tag(shard)}:owner"
+    def lease(self, shard: int, group: str = "sessions") -> str:
+        """Which consumer of a consumer group owns the shard (feedback/stream_consumers.py)."""
+        return f"{self.tag(shard)}:owner:{group}"
 
-    @property
-    def members(self) -> str:
-        return f"{self.prefix}:consumers"
+    def members(self, group: str = "sessions") -> str:
+        """The live consumers of a group (a sorted set: name -> lease expiry)."""
+        return f"{self.prefix}:consumers:{group}"
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

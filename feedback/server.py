@@ -126,7 +126,8 @@ class FeedbackSettings(BaseSettings):
     erase_feature_store_yamls: list[str] = []
     # Where events are stored (docs/production.md#event-stream-redis-streams). sqlite: the embedded log
     # in event_log_dir (one machine). redis_streams: Redis Streams (eventlog/stream_log.py), shared by
-    # every replica; live sessions are then fed from the stream (feedback/stream_consumers.py).
+    # every replica; live sessions and the learner are then fed from the stream, each through its own
+    # consumer group (feedback/stream_consumers.py).
     event_store: Literal["sqlite", "redis_streams"] = "sqlite"
     event_stream_url: str = Field("", description="redis://host:port/db, or host:port,... of a cluster")
     event_stream_cluster: bool = False
@@ -171,17 +172,40 @@ def open_event_log(settings: FeedbackSettings):
     return stream
 
 
+def _consumer_settings(settings: FeedbackSettings):
+    from feedback.stream_consumers import ConsumerSettings
+
+    return ConsumerSettings(lease_ms=settings.event_stream_lease_ms, claim_idle_ms=settings.event_stream_claim_idle_ms)
+
+
 def session_consumer(settings: FeedbackSettings, stream, updater):
-    """The live-session updater fed from the stream's consumer group (feedback/stream_consumers.py)."""
-    from feedback.stream_consumers import ConsumerSettings, SessionHandlers, SessionStreamConsumer
+    """The live-session updater fed from the stream's `sessions` group (feedback/stream_consumers.py)."""
+    from feedback.stream_consumers import GROUP, StreamConsumer, StreamHandlers
 
     def forget(matches) -> int:
         return updater.forget([user for user in list(updater.states) if matches(user)])
 
-    handlers = SessionHandlers(push=updater, rebuild=updater.apply, forget=forget, window=updater.ttl)
-    consumer_settings = ConsumerSettings(lease_ms=settings.event_stream_lease_ms,
-                                         claim_idle_ms=settings.event_stream_claim_idle_ms)
-    return SessionStreamConsumer(stream, handlers, asyncio.get_running_loop(), consumer_settings)
+    handlers = StreamHandlers(push=updater, rebuild=updater.apply, forget=forget, window=updater.ttl)
+    return StreamConsumer(stream, handlers, asyncio.get_running_loop(), _consumer_settings(settings), group=GROUP)
+
+
+def learner_consumer(settings: FeedbackSettings, stream, learner: BlendLearner):
+    """The online learner fed from the stream's `learner` group: every stored event reaches it once
+    whichever replica stored it, also when that replica died right after acknowledging it."""
+    from feedback.learner_state import StateUnavailable
+    from feedback.stream_consumers import LEARNER_GROUP, RetryLater, StreamConsumer, StreamHandlers
+
+    async def observe(events: list[dict]) -> None:
+        try:
+            learner.observe(events, strict=True)
+        except StateUnavailable as e:  # the learner's Redis is away: the entries stay pending
+            raise RetryLater(f"learner state unavailable: {e}") from None
+
+    if not learner.store.shares_batches:
+        log.warning("online learning on the event stream with the learner's state in this process: each replica "
+                    "learns from the shards it leases only; set RECSYS_FEEDBACK_LEARNER_REDIS_URL to share one learner")
+    return StreamConsumer(stream, StreamHandlers(push=observe), asyncio.get_running_loop(),
+                          _consumer_settings(settings), group=LEARNER_GROUP)
 
 
 def session_updater(settings: FeedbackSettings, event_log: EventLog):
@@ -234,14 +258,14 @@ class RunningFeedback:
     event_log: EventLog
     learner: BlendLearner | None
     ticker: asyncio.Task | None
-    consumer: object | None = None  # SessionStreamConsumer on the stream backend
+    consumers: tuple = ()  # StreamConsumers (sessions, learner) on the stream backend
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self.ticker is not None:
             self.ticker.cancel()
         await self.server.stop(grace_s)
-        if self.consumer is not None:
-            await asyncio.to_thread(self.consumer.stop)
+        for consumer in self.consumers:
+            await asyncio.to_thread(consumer.stop)
         self.event_log.close()
 
 
@@ -277,10 +301,12 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
         learner = BlendLearner(settings.prior_weights, settings.event_log_dir, settings.learner_settings(), store=store)
     server = grpc.aio.server(interceptors=interceptors(settings, pseudonyms), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
-    # On the stream the sessions are fed by the consumer group, not by the replica that stored the event.
-    hooks = [updater] if updater and settings.event_store == "sqlite" else []
-    servicer = FeedbackServicer(event_log, hooks, learner,
-                                ServedLimits(max_items=settings.max_served_items), pseudonyms)
+    # On the stream the sessions and the learner are fed by their consumer groups, not by the replica
+    # that stored the event.
+    on_stream = settings.event_store != "sqlite"
+    hooks = [updater] if updater and not on_stream else []
+    servicer = FeedbackServicer(event_log, hooks, learner, ServedLimits(max_items=settings.max_served_items),
+                                pseudonyms, learn_from_log=not on_stream)
     feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(servicer, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(erase_stores(settings, event_log, updater, learner), pseudonyms), server)
@@ -300,10 +326,12 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     ticker = asyncio.create_task(_tick(learner)) if learner is not None else None
-    consumer = None
-    if updater is not None and settings.event_store != "sqlite":
-        consumer = await asyncio.to_thread(session_consumer(settings, event_log, updater).start)
-    return RunningFeedback(server, port, event_log, learner, ticker, consumer)
+    consumers = []
+    if updater is not None and on_stream:
+        consumers.append(await asyncio.to_thread(session_consumer(settings, event_log, updater).start))
+    if learner is not None and on_stream:
+        consumers.append(await asyncio.to_thread(learner_consumer(settings, event_log, learner).start))
+    return RunningFeedback(server, port, event_log, learner, ticker, tuple(consumers))
 
 
 async def serve(settings: FeedbackSettings) -> None:

@@ -47,14 +47,18 @@ class Tally:
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, event_log: EventLog, on_stored: Sequence[OnStored] = (), learner: BlendLearner | None = None,
-                 served_limits: ServedLimits = ServedLimits(), pseudonyms: Pseudonyms = Pseudonyms()):
+                 served_limits: ServedLimits = ServedLimits(), pseudonyms: Pseudonyms = Pseudonyms(),
+                 learn_from_log: bool = True):
+        """`learn_from_log`: the learner observes the events this replica stored (the SQLite log);
+        False on the event stream, where its consumer group feeds it (feedback/stream_consumers.py)
+        and this servicer only takes LogServed and answers GetBlendWeights."""
         self.log = event_log
         self.pseudonyms = pseudonyms
         self.on_stored = list(on_stored)
         self.learner = learner
         self.served_limits = served_limits
         self._parsers = ThreadPoolExecutor(SERVED_PARSERS, thread_name_prefix="log-served")
-        if learner is not None:
+        if learner is not None and learn_from_log:
             self.on_stored.append(learner)
 
     async def _store(self, indexed: list[tuple[int, feedback_pb2.Event]], tally: Tally) -> None:

@@ -1,31 +1,40 @@
-"""Consumers of the event stream (eventlog/stream_log.py): the live-session updater of N replicas.
+"""Consumers of the event stream (eventlog/stream_log.py): what N replicas feed from it.
 
 With the SQLite log the service calls its post-store hooks in-process after the write. On the
-stream every replica stores, and the live sessions are fed from the stream instead, through one
-consumer group (`sessions`), so an event stored by any replica reaches the sessions once, also when
-the replica that stored it dies before pushing.
+stream every replica stores, and what reads the events is fed from the stream instead, each through
+a consumer group of its own, so an event stored by any replica reaches each reader, also when the
+replica that stored it dies before the reader saw it:
+- `sessions`: the live-session updater (push: apply + Feast push; a takeover rebuilds the shard's
+  users' states from the stream, as they live in the owner's memory);
+- `learner`: the online learner (feedback/blend_learner.py on its shared Redis state: push =
+  observe; no rebuild, its state is in Redis, not in the consumer).
+One StreamConsumer per group and replica; every replica runs one of each.
 
 Why each shard has one owner (a lease), not plain competing consumers: a user's session is a state
 built from all their events in order (contract/session.py), held in the memory of the process that
-pushes it. Entries of one stream handed round-robin to two consumers would split a user's state
-between two processes, each pushing half of it. So each shard (a user's events are in one shard)
-is read by exactly one consumer at a time:
-- lease: key `{prefix:shard}:owner` = consumer name, PX lease_ms, renewed every lease_ms / 3 by
+pushes it; the learner joins a click to the impression before it. Entries of one stream handed
+round-robin to two consumers would split a user's state between two processes, or process a click
+before its impression. So each shard (a user's events are in one shard) is read by exactly one
+consumer of the group at a time:
+- lease: key `{prefix:shard}:owner:<group>` = consumer name, PX lease_ms, renewed every lease_ms / 3 by
   its owner (compare-and-renew in Lua); a replica that stops renewing (SIGKILL, a pause) loses it;
 - fair share: every consumer heartbeats into a sorted set (score: its lease's expiry); each takes
   free shards up to ceil(shards / live consumers) and hands back those above its share, so a
   second replica gets half the shards within a heartbeat or two;
-- reading: XREADGROUP `sessions` <me> COUNT n STREAMS shard `>` for every owned shard (one
+- reading: XREADGROUP <group> <me> COUNT n STREAMS shard `>` for every owned shard (one
   pipeline per master, non-blocking, a short sleep when a round found nothing); the round's events
-  go to the updater in one call (apply + one push), then XACK: an entry is acknowledged only once
-  its push returned;
+  go to the handler in one call, then XACK: an entry is acknowledged only once its handler returned
+  (a handler that raises, e.g. RetryLater while the learner's Redis is away, leaves them pending:
+  they are handed to it again);
 - taking a shard over: the group's pending entries of the shard (delivered to the previous owner,
   not acknowledged: it died between read and XACK) are claimed with XAUTOCLAIM once idle for
   claim_idle_ms; the users' states are rebuilt from the shard's entries inside the session TTL that
-  the group had delivered (apply only, no push), then the claimed entries are applied and pushed,
-  then acknowledged. Nothing acknowledged is lost; a push repeated after a crash between push and
-  XACK rewrites the same state.
-Giving a shard back drops its users' states from memory.
+  the group had delivered (apply only, no push; the sessions only), then the claimed entries are
+  handled, then acknowledged. Nothing acknowledged is lost. Delivery is at least once: an entry
+  handled and not acknowledged when its consumer died is handled again by the next owner, so
+  handlers are idempotent: a session push rewrites the same state; the learner joins each
+  (request id, item id) impression once (feedback/learner_state.py: seen flags).
+Giving a shard back drops its users' states from memory (the sessions).
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from eventlog.stream_log import PAYLOAD_FIELD, REDIS_ERRORS, StreamEventLog, dec
 
 log = logging.getLogger(__name__)
 
-GROUP = "sessions"
+GROUP = "sessions"  # the live-session updater's consumer group
+LEARNER_GROUP = "learner"  # the online learner's
 # Renew only if we still own it; returns 1 when renewed.
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -97,14 +107,20 @@ class ConsumerSettings:
             raise ValueError(f"consumer settings out of range: {self}")
 
 
-@dataclass
-class SessionHandlers:
-    """What the consumer calls, on the service's event loop (the updater is not thread safe)."""
+class RetryLater(Exception):
+    """A handler cannot take these events now (what it writes to is away): they stay pending and
+    are handed to it again after a pause. Logged as a warning, not as a failure."""
 
-    push: Callable[[Events], Awaitable[None]]  # apply + push (SessionUpdater.__call__)
-    rebuild: Callable[[Events], None]  # apply only (SessionUpdater.apply)
-    forget: Callable[[Callable[[str], bool]], int]  # drop the users for whom the predicate holds
-    window: timedelta  # how far back a takeover rebuilds (the session view's TTL)
+
+@dataclass
+class StreamHandlers:
+    """What the consumer calls, on the service's event loop (the updater and the learner are not
+    thread safe)."""
+
+    push: Callable[[Events], Awaitable[None]]  # handle new events (SessionUpdater.__call__: apply + push)
+    rebuild: Callable[[Events], None] | None = None  # a takeover's replay (SessionUpdater.apply); None: none
+    forget: Callable[[Callable[[str], bool]], int] | None = None  # drop the users for whom the predicate holds
+    window: timedelta = timedelta(0)  # how far back a takeover rebuilds (the session view's TTL)
 
 
 @dataclass
@@ -117,10 +133,11 @@ class ConsumerStats:
     owned: set[int] = field(default_factory=set)
 
 
-class SessionStreamConsumer:
-    """One per feedback replica: a thread that reads the shards it leases and drives the updater."""
+class StreamConsumer:
+    """One per feedback replica and consumer group: a thread that reads the shards it leases in the
+    group and drives the group's handlers."""
 
-    def __init__(self, stream: StreamEventLog, handlers: SessionHandlers, loop: asyncio.AbstractEventLoop,
+    def __init__(self, stream: StreamEventLog, handlers: StreamHandlers, loop: asyncio.AbstractEventLoop,
                  settings: ConsumerSettings = ConsumerSettings(), name: str | None = None, group: str = GROUP):
         self.stream = stream
         self.layout = stream.layout
@@ -131,12 +148,12 @@ class SessionStreamConsumer:
         self.group = group
         self.stats = ConsumerStats()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="session-stream-consumer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"stream-consumer-{group}", daemon=True)
         self._renewed_at = -math.inf
         self._retry: set[int] = set()  # shards with entries delivered to us and not acknowledged
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> "SessionStreamConsumer":
+    def start(self) -> "StreamConsumer":
         self._ensure_groups()
         self._thread.start()
         return self
@@ -148,7 +165,7 @@ class SessionStreamConsumer:
         for shard in sorted(self.stats.owned):
             self._release(shard)
         try:
-            self.stream.client.zrem(self.layout.members, self.name)
+            self.stream.client.zrem(self.layout.members(self.group), self.name)
         except REDIS_ERRORS:
             pass
 
@@ -172,26 +189,33 @@ class SessionStreamConsumer:
                 # The stream is down or failing over: nothing is acknowledged, so nothing is lost;
                 # retry after a pause (the entries stay pending or undelivered meanwhile).
                 self.stats.errors += 1
-                log.warning("session stream consumer %s: %s; retrying", self.name, e)
+                log.warning("%s stream consumer %s: %s; retrying", self.group, self.name, e)
                 self.stream.refresh()
+                self._stop.wait(min(1.0, self.settings.lease_ms / 3000))
+            except RetryLater as e:  # the entries stay pending: handed to the handler again
+                self.stats.errors += 1
+                log.warning("%s stream consumer %s: %s; retrying", self.group, self.name, e)
+                self._retry.update(self.stats.owned)
                 self._stop.wait(min(1.0, self.settings.lease_ms / 3000))
             except Exception:  # noqa: BLE001  # a bug in a handler must not stop the consumer for good
                 self.stats.errors += 1
-                log.exception("session stream consumer %s failed a round; retrying", self.name)
+                log.exception("%s stream consumer %s failed a round; retrying", self.group, self.name)
                 self._stop.wait(0.5)
 
     # --- leases -----------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
         client, layout, lease_ms = self.stream.client, self.layout, self.settings.lease_ms
         now_ms = int(time.time() * 1000)
-        client.zadd(layout.members, {self.name: now_ms + lease_ms})
-        client.zremrangebyscore(layout.members, "-inf", now_ms)
-        live = client.zcard(layout.members)
+        members = layout.members(self.group)
+        client.zadd(members, {self.name: now_ms + lease_ms})
+        client.zremrangebyscore(members, "-inf", now_ms)
+        live = client.zcard(members)
         self._renew_owned()
         for shard in sorted(self.stats.owned):
             if self._claim_others(shard, wait=False)[0]:
                 self._retry.add(shard)  # a late claim of a previous owner's entries: the next round pushes them
-        owners = self.stream.run_on_shards(range(layout.shards), lambda pipe, s: pipe.get(layout.lease(s)),
+        owners = self.stream.run_on_shards(range(layout.shards),
+                                           lambda pipe, s: pipe.get(layout.lease(s, self.group)),
                                            "reading the shard leases")
         free = [s for s, (owner,) in owners.items() if owner is None]
         take, give = plan_leases(self.stats.owned, free, fair_share(layout.shards, live))
@@ -199,7 +223,7 @@ class SessionStreamConsumer:
             self._release(shard)
         for shard in take:
             self._renew_owned(if_older_s=lease_ms / 3000)  # a long takeover must not cost the leases we hold
-            if client.set(layout.lease(shard), self.name, nx=True, px=lease_ms):
+            if client.set(layout.lease(shard, self.group), self.name, nx=True, px=lease_ms):
                 self._take_over(shard)
 
     def _renew_owned(self, if_older_s: float = 0.0) -> None:
@@ -207,23 +231,24 @@ class SessionStreamConsumer:
         if time.monotonic() - self._renewed_at < if_older_s:
             return
         for shard in sorted(self.stats.owned):
-            if not self.stream.client.eval(RENEW_SCRIPT, 1, self.layout.lease(shard), self.name,
+            if not self.stream.client.eval(RENEW_SCRIPT, 1, self.layout.lease(shard, self.group), self.name,
                                            self.settings.lease_ms):
-                log.warning("session stream consumer %s lost its lease on shard %d", self.name, shard)
+                log.warning("%s stream consumer %s lost its lease on shard %d", self.group, self.name, shard)
                 self._drop(shard)
         self._renewed_at = time.monotonic()
 
     def _release(self, shard: int) -> None:
         try:
-            self.stream.client.eval(RELEASE_SCRIPT, 1, self.layout.lease(shard), self.name)
+            self.stream.client.eval(RELEASE_SCRIPT, 1, self.layout.lease(shard, self.group), self.name)
         except REDIS_ERRORS as e:
-            log.warning("session stream consumer %s: lease on shard %d not released (%s); it expires", self.name,
-                        shard, e)
+            log.warning("%s stream consumer %s: lease on shard %d not released (%s); it expires", self.group,
+                        self.name, shard, e)
         self._drop(shard)
 
     def _drop(self, shard: int) -> None:
         self.stats.owned.discard(shard)
-        self._on_loop(self._forget(shard))
+        if self.handlers.forget is not None:
+            self._on_loop(self._forget(shard))
 
     async def _forget(self, shard: int) -> None:
         self.handlers.forget(lambda user: self.layout.shard_of(user) == shard)
@@ -285,19 +310,21 @@ class SessionStreamConsumer:
         _, left = self._claim_others(shard, wait=True)
         if left:
             log.warning("shard %d: %d pending entries of another consumer not idle yet; claimed later", shard, left)
-        pending = {i for i, _ in self._mine_pending(shard)}
-        last = _last_delivered(self.stream.client, self.layout.stream(shard), self.group)
-        start_ms = int((datetime.now(timezone.utc) - self.handlers.window).timestamp() * 1000)
         rebuild: Events = []
-        if last is not None:
-            rebuild = [e for i, e in self.stream.shard_entries(shard, f"{max(start_ms, 0)}-0", last) if i not in pending]
-        self._on_loop(self._rebuild(rebuild))
+        if self.handlers.rebuild is not None:
+            pending = {i for i, _ in self._mine_pending(shard)}
+            last = _last_delivered(self.stream.client, self.layout.stream(shard), self.group)
+            start_ms = int((datetime.now(timezone.utc) - self.handlers.window).timestamp() * 1000)
+            if last is not None:
+                rebuild = [e for i, e in self.stream.shard_entries(shard, f"{max(start_ms, 0)}-0", last)
+                           if i not in pending]
+            self._on_loop(self._rebuild(rebuild))
         claimed = self._push_pending(shard)
         self.stats.owned.add(shard)
         self.stats.takeovers += 1
         self.stats.claimed += claimed
-        log.info("session stream consumer %s took shard %d: %d events rebuilt, %d pending entries claimed and pushed",
-                 self.name, shard, len(rebuild), claimed)
+        log.info("%s stream consumer %s took shard %d: %d events rebuilt, %d pending entries claimed and handled",
+                 self.group, self.name, shard, len(rebuild), claimed)
 
     async def _rebuild(self, events: Events) -> None:
         self.handlers.rebuild(events)

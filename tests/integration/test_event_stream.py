@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import shutil
 import threading
@@ -19,8 +20,8 @@ import pytest
 import redis
 
 from eventlog.event_log import EventLogUnavailable
-from eventlog.stream_log import StreamEventLog, StreamLayout, connect
-from feedback.stream_consumers import GROUP, ConsumerSettings, SessionHandlers, SessionStreamConsumer
+from eventlog.stream_log import PAYLOAD_FIELD, StreamEventLog, StreamLayout, connect, decode_event
+from feedback.stream_consumers import GROUP, LEARNER_GROUP, ConsumerSettings, StreamConsumer, StreamHandlers
 from recsys.v1 import feedback_pb2
 from tests.conftest import REDIS_YAML
 from tests.processes import FeedbackProcess
@@ -149,7 +150,7 @@ class Recorder:
         self.rebuilt: list[str] = []
         self.forgot = 0
 
-    def handlers(self) -> SessionHandlers:
+    def handlers(self) -> StreamHandlers:
         async def push(events):
             self.pushed.update(e["event_id"] for e in events)
 
@@ -157,7 +158,7 @@ class Recorder:
             self.forgot += 1
             return 0
 
-        return SessionHandlers(push=push, rebuild=lambda evs: self.rebuilt.extend(e["event_id"] for e in evs),
+        return StreamHandlers(push=push, rebuild=lambda evs: self.rebuilt.extend(e["event_id"] for e in evs),
                                forget=forget, window=timedelta(hours=1))
 
 
@@ -174,12 +175,12 @@ def test_a_dead_consumers_pending_entries_are_claimed_and_pushed_once(cluster) -
     log.client.xack(key, GROUP, *[i for i, _ in log.client.xrange(key)])  # delivered and acknowledged
     log.append([_event(f"lost{i}", users[i % 5]) for i in range(7)])
     log.client.xreadgroup(GROUP, "dead", {key: ">"}, count=100)  # delivered, never acknowledged: it "dies"
-    log.client.set(layout.lease(shard), "dead", px=500)  # its lease runs out
+    log.client.set(layout.lease(shard, GROUP), "dead", px=500)  # its lease runs out
     log.append([_event(f"new{i}", users[i % 5]) for i in range(3)])  # not delivered yet
     recorder = Recorder()
 
-    async def run() -> SessionStreamConsumer:
-        consumer = SessionStreamConsumer(log, recorder.handlers(), asyncio.get_running_loop(),
+    async def run() -> StreamConsumer:
+        consumer = StreamConsumer(log, recorder.handlers(), asyncio.get_running_loop(),
                                          ConsumerSettings(lease_ms=500, claim_idle_ms=200), name="survivor")
         await asyncio.to_thread(consumer.start)
         deadline = time.monotonic() + 10
@@ -194,19 +195,93 @@ def test_a_dead_consumers_pending_entries_are_claimed_and_pushed_once(cluster) -
     assert recorder.pushed == collections.Counter([f"lost{i}" for i in range(7)] + [f"new{i}" for i in range(3)])
     assert consumer.stats.claimed == 7 and shard in range(8)
     assert log.client.xpending(key, GROUP)["pending"] == 0
-    assert log.client.get(layout.lease(shard)) is None  # handed back on stop
+    assert log.client.get(layout.lease(shard, GROUP)) is None  # handed back on stop
+
+
+def test_a_dead_learner_consumers_entries_are_learned_from_once(cluster) -> None:
+    """The `learner` group: a consumer that handled entries (joined them in the learner's Redis state)
+    and died before XACK; the next owner claims them and handles them again, and the shared learner
+    still learns from each impression once (feedback/learner_state.py joins an impression once)."""
+    import numpy as np
+
+    from feedback.blend_learner import BlendLearner, LearnerSettings
+    from feedback.learner_state import RedisLearnerState
+
+    log = _cluster_log(cluster, _prefix())
+    layout, user = log.layout, "learner-user"
+    shard, key = layout.shard_of(user), layout.stream(layout.shard_of(user))
+    settings = LearnerSettings(label_delay_s=0.5, min_batch=1, max_per_user=10**9)
+
+    def learner() -> BlendLearner:
+        store = RedisLearnerState(connect(cluster.connection_string, cluster=True), settings,
+                                  f"{layout.prefix}:learner", tick_s=0.0)
+        return BlendLearner((1.0, 1.0, 0.3, 0.2), None, settings, store=store)
+
+    dead_learner, survivor_learner = learner(), learner()
+    items = [f"i{k}" for k in range(6)]
+    assert dead_learner.add_served_arrays("r1", items, np.full((6, 4), 0.5, np.float32))
+    events = [_event(f"imp{k}", user, "IMPRESSION", request_id="r1", item_id=item, position=k + 1)
+              for k, item in enumerate(items)] + [_event("click", user, request_id="r1", item_id="i2")]
+    log.client.xgroup_create(key, LEARNER_GROUP, id="0", mkstream=True)
+    assert log.append(events) == [True] * 7
+    delivered = log.client.xreadgroup(LEARNER_GROUP, "dead", {key: ">"}, count=100)[0][1]
+    dead_learner.observe([decode_event(f[PAYLOAD_FIELD]) for _, f in delivered], strict=True)
+    time.sleep(settings.label_delay_s + 0.1)
+    dead_learner.tick()  # labelled (and learned from), never acknowledged: it "dies"
+    assert dead_learner.labelled == 6
+    log.client.set(layout.lease(shard, LEARNER_GROUP), "dead", px=500)
+
+    async def run() -> StreamConsumer:
+        async def observe(evs):
+            survivor_learner.observe(evs, strict=True)
+
+        consumer = StreamConsumer(log, StreamHandlers(push=observe), asyncio.get_running_loop(),
+                                  ConsumerSettings(lease_ms=500, claim_idle_ms=200), name="survivor",
+                                  group=LEARNER_GROUP)
+        await asyncio.to_thread(consumer.start)
+        deadline = time.monotonic() + 20
+        while (consumer.stats.claimed < 7 or log.client.xpending(key, LEARNER_GROUP)["pending"]) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(consumer.stop)
+        return consumer
+
+    consumer = asyncio.run(run())
+    assert consumer.stats.claimed == 7 and log.client.xpending(key, LEARNER_GROUP)["pending"] == 0
+    time.sleep(settings.label_delay_s + 0.2)  # an impression joined again would be labelled again by now
+    deadline = time.monotonic() + 20
+    survivor_learner.tick()
+    while survivor_learner.store.waiting() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        survivor_learner.tick()
+    survivor_learner.tick()  # serves the shared posterior
+    assert (survivor_learner.labelled, survivor_learner.store.waiting()) == (6, 0)  # one click, five not: once each
 
 
 # --- two feedback replicas, one SIGKILLed ------------------------------------------------------------
 
 USERS = 40
 CALLS_PER_WORKER = 60
-BATCH = 20
+LIST_ITEMS = 8  # per call: one served list, an impression of each of its items, clicks on two of them
+LIST_CLICKS = 2
+PLAIN_CLICKS = 10  # per call: clicks without a list, from other users (the sessions' load)
+LABEL_DELAY_S = 2.0
 
 
 def _proto(e: dict) -> feedback_pb2.Event:
-    return feedback_pb2.Event(event_id=e["event_id"], user_id=e["user_id"], session_id=e["session_id"],
-                              item_id=e["item_id"], type=feedback_pb2.EVENT_TYPE_CLICK)
+    event = feedback_pb2.Event(event_id=e["event_id"], user_id=e["user_id"], session_id=e["session_id"],
+                               item_id=e["item_id"], type=getattr(feedback_pb2, f"EVENT_TYPE_{e['kind']}"),
+                               request_id=e.get("request_id", ""), position=e.get("position", 0))
+    event.timestamp.FromDatetime(e["at"])
+    return event
+
+
+def _served(request_id: str, items: list[str], rng: random.Random) -> feedback_pb2.ServedList:
+    """A list as a gateway reports it: each item's unweighted score parts, within contract/scores.py PART_BOUNDS."""
+    return feedback_pb2.ServedList(request_id=request_id, items=[
+        feedback_pb2.ServedItem(item_id=item, position=k + 1,
+                                parts=[rng.gauss(0, 1), rng.uniform(0, 2), rng.uniform(0, 2), rng.uniform(0, 1)])
+        for k, item in enumerate(items)])
 
 
 def _session_counts(store, users: list[str]) -> dict[str, int]:
@@ -215,14 +290,38 @@ def _session_counts(store, users: list[str]) -> dict[str, int]:
     return {u: int(n or 0) for u, n in zip(rows["user_id"], rows["session_event_count"])}
 
 
+def _group_pending(log: StreamEventLog, group: str) -> int:
+    return sum(log.client.xpending(log.layout.stream(s), group)["pending"] for s in range(log.layout.shards))
+
+
 def test_two_replicas_one_sigkilled_lose_nothing_and_store_nothing_twice(feature_repo, cluster, tmp_path) -> None:
+    """Two replicas on the stream, the sessions in Redis and the learner's state in the same cluster;
+    six producers send served lists (LogServed), their impressions and clicks, and plain clicks, with
+    resends; one replica is SIGKILLed a third of the way in. Then: every acknowledged event is in the
+    stream once; every user's live session counts each of their events once; the labels built from
+    the stream hold every acknowledged impression once, graded by its acknowledged click; and the
+    shared learner has learned from every acknowledged impression exactly once (its click window
+    passed: labelled, clicked or not)."""
+    from feedback.learner_state import RedisLearnerState
+    from feedback.blend_learner import LearnerSettings
+    from tests.keys import GATEWAY_KEY
+
     prefix = _prefix()
+    learner_prefix = f"{prefix}:learner"
     env = {"RECSYS_FEEDBACK_EVENT_STORE": "redis_streams", "RECSYS_FEEDBACK_EVENT_STREAM_URL": cluster.connection_string,
            "RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER": "true", "RECSYS_FEEDBACK_EVENT_STREAM_PREFIX": prefix,
            "RECSYS_FEEDBACK_EVENT_STREAM_WAIT_REPLICAS": "1", "RECSYS_FEEDBACK_EVENT_STREAM_LEASE_MS": "1500",
            "RECSYS_FEEDBACK_EVENT_STREAM_CLAIM_IDLE_MS": "500",
            "RECSYS_FEEDBACK_FEATURE_REPO": str(feature_repo.path), "RECSYS_FEEDBACK_FEATURE_STORE_YAML": REDIS_YAML,
-           "RECSYS_FEEDBACK_ONLINE_LEARNING": "false", **feature_repo.redis_env}
+           # The learner: its state in the cluster, fed by the stream's `learner` group. Every labelled
+           # impression is learned from at once (min batch 1) and no budget caps this test's users, so
+           # its labelled count must equal the impressions acknowledged. Served lists are kept long
+           # enough for a lagging consumer on a loaded box (label delay + 600 s).
+           "RECSYS_FEEDBACK_ONLINE_LEARNING": "true", "RECSYS_FEEDBACK_LEARNER_REDIS_URL": f"redis://{cluster.nodes[0].address}",
+           "RECSYS_FEEDBACK_LEARNER_REDIS_CLUSTER": "true", "RECSYS_FEEDBACK_LEARNER_REDIS_PREFIX": learner_prefix,
+           "RECSYS_FEEDBACK_LABEL_DELAY_S": str(LABEL_DELAY_S), "RECSYS_FEEDBACK_LEARNER_MIN_BATCH": "1",
+           "RECSYS_FEEDBACK_SERVED_MARGIN_S": "600", "RECSYS_FEEDBACK_MAX_PER_USER": "1000000000",
+           **feature_repo.redis_env}
     t_start = time.monotonic()
     replicas = [FeedbackProcess(tmp_path / f"r{i}", env) for i in range(2)]
     starting = [threading.Thread(target=r.start) for r in replicas]  # both at once: start-up is Feast's imports
@@ -233,21 +332,25 @@ def test_two_replicas_one_sigkilled_lose_nothing_and_store_nothing_twice(feature
     assert all(r.process is not None and r.process.poll() is None for r in replicas)
     started_s = time.monotonic() - t_start
     items = feature_repo.shop.items["item_id"].tolist()
-    users = [f"stream-user-{uuid.uuid4().hex[:6]}-{i}" for i in range(USERS)]
+    tag = uuid.uuid4().hex[:6]
+    users = [f"stream-user-{tag}-{i}" for i in range(USERS)]  # plain clicks
+    list_users = [f"list-user-{tag}-{i}" for i in range(USERS)]  # served lists: impressions and their clicks
     acked: collections.Counter[str] = collections.Counter()  # event id -> calls that acknowledged it
     owner: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    impressions: set[tuple[str, str]] = set()  # (request id, item id) acknowledged
+    clicked: set[tuple[str, str]] = set()
     lock = threading.Lock()
     resent_duplicates = refused = 0
     killed = threading.Event()
 
-    def call(events: list[dict], rng: random.Random) -> feedback_pb2.LogResponse:
+    def call(method: str, request, rng: random.Random):
         """A producer: one replica, else the other; resends until acknowledged (the dead one refuses)."""
         nonlocal refused
-        request = feedback_pb2.LogRequest(events=[_proto(e) for e in events])
         for attempt in range(100):
             target = replicas[1] if killed.is_set() else replicas[rng.randrange(2)]
             try:
-                return stubs[id(target)].Log(request, timeout=10)
+                return getattr(stubs[id(target)][method == "LogServed"], method)(request, timeout=10)
             except grpc.RpcError as e:
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
                 with lock:
@@ -255,52 +358,67 @@ def test_two_replicas_one_sigkilled_lose_nothing_and_store_nothing_twice(feature
                 time.sleep(0.05)
         raise AssertionError("never acknowledged")
 
-    stubs = {id(r): r.stub() for r in replicas}
+    stubs = {id(r): (r.stub(), r.stub(GATEWAY_KEY)) for r in replicas}
 
     def worker(seed: int) -> None:
         nonlocal resent_duplicates
         rng = random.Random(seed)
         sent: list[dict] = []
         for n in range(CALLS_PER_WORKER):
-            fresh = [{"event_id": f"w{seed}-{n}-{k}", "user_id": rng.choice(users), "session_id": "s1",
-                      "item_id": rng.choice(items)} for k in range(BATCH)]
+            request_id, user, at = f"q{tag}-{seed}-{n}", rng.choice(list_users), datetime.now(timezone.utc)
+            shown = rng.sample(items, LIST_ITEMS)
+            # The gateway's LogServed first (acknowledged before the shopper's events are sent).
+            served = call("LogServed", feedback_pb2.LogServedRequest(lists=[_served(request_id, shown, rng)]), rng)
+            assert served.accepted == 1
+            base = {"session_id": "s1", "request_id": request_id}
+            fresh = [{**base, "event_id": f"w{seed}-{n}-imp{k}", "kind": "IMPRESSION", "user_id": user, "item_id": item,
+                      "position": k + 1, "at": at} for k, item in enumerate(shown)]
+            fresh += [{**base, "event_id": f"w{seed}-{n}-click{k}", "kind": "CLICK", "user_id": user, "item_id": item,
+                       "at": at + timedelta(seconds=1)} for k, item in enumerate(rng.sample(shown, LIST_CLICKS))]
+            fresh += [{"event_id": f"w{seed}-{n}-{k}", "kind": "CLICK", "user_id": rng.choice(users), "session_id": "s1",
+                       "item_id": rng.choice(items), "at": at} for k in range(PLAIN_CLICKS)]
             old = rng.sample(sent, min(5, len(sent)))  # resends: acknowledged before
-            reply = call(fresh + old, rng)
+            reply = call("Log", feedback_pb2.LogRequest(events=[_proto(e) for e in fresh + old]), rng)
             assert reply.rejected == 0, reply.errors
             assert reply.accepted + reply.duplicate == len(fresh) + len(old)
             assert reply.duplicate >= len(old)  # every resend counts as a duplicate
             with lock:
                 for e in fresh + old:
                     acked[e["event_id"]] += 1
-                    owner[e["event_id"]] = e["user_id"]
+                    owner[e["event_id"]], kinds[e["event_id"]] = e["user_id"], e["kind"]
+                    if e.get("request_id"):
+                        (impressions if e["kind"] == "IMPRESSION" else clicked).add((e["request_id"], e["item_id"]))
                 resent_duplicates += len(old)
             sent += fresh
             if len(old) == 0 or rng.random() < 0.3:  # the same call again, whole: all duplicates
-                again = call(fresh, rng)
+                again = call("Log", feedback_pb2.LogRequest(events=[_proto(e) for e in fresh]), rng)
                 assert (again.accepted, again.duplicate) == (0, len(fresh))
 
+    per_call = LIST_ITEMS + LIST_CLICKS + PLAIN_CLICKS
     workers = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
     try:
         t0 = time.monotonic()
         for w in workers:
             w.start()
-        while len(acked) < 6 * CALLS_PER_WORKER * BATCH // 3:  # a third of the traffic in: kill one
+        while len(acked) < 6 * CALLS_PER_WORKER * per_call // 3:  # a third of the traffic in: kill one
             time.sleep(0.05)
         replicas[0].kill()
         killed.set()
-        # What the dead replica had read and not acknowledged (its lease has not run out yet): the
+        # What the dead replica had read and not acknowledged (its leases have not run out yet): the
         # survivor has to claim these. Usually > 0 under this load; the checks below hold either way.
         probe = StreamEventLog(connect(cluster.connection_string, cluster=True), StreamLayout(prefix, 8))
         dead = f"-{replicas[0].process.pid}-"  # consumer names are host-pid-random
-        pending_at_kill = sum(c["pending"] for s in range(8)
-                              for c in probe.client.xpending(probe.layout.stream(s), GROUP)["consumers"]
-                              if dead in c["name"].decode())
+        pending_at_kill = {group: sum(c["pending"] for s in range(8)
+                                      for c in probe.client.xpending(probe.layout.stream(s), group)["consumers"]
+                                      if dead in c["name"].decode())
+                           for group in (GROUP, LEARNER_GROUP)}
         for w in workers:
             w.join(120)
         traffic_s = time.monotonic() - t0
         assert not any(w.is_alive() for w in workers)
         sent_ids = set(acked)
-        assert len(sent_ids) == 6 * CALLS_PER_WORKER * BATCH
+        assert len(sent_ids) == 6 * CALLS_PER_WORKER * per_call
+        assert len(impressions) == 6 * CALLS_PER_WORKER * LIST_ITEMS and len(clicked) == 6 * CALLS_PER_WORKER * LIST_CLICKS
 
         # 1. every acknowledged event is in the stream exactly once (and nothing else is)
         log = StreamEventLog(connect(cluster.connection_string, cluster=True), StreamLayout(prefix, 8))
@@ -308,26 +426,62 @@ def test_two_replicas_one_sigkilled_lose_nothing_and_store_nothing_twice(feature
         assert set(stored) == sent_ids
         assert max(stored.values()) == 1 and len(log) == len(sent_ids)
 
-        # 2. the live sessions hold every acknowledged event once: the survivor took the dead
-        #    replica's shards over and claimed what it had read but not acknowledged
-        expected = collections.Counter(owner[i] for i in sent_ids)
+        # 2. the live sessions hold every acknowledged event once (impressions are no session events):
+        #    the survivor took the dead replica's shards over and claimed what it had read but not acknowledged
+        expected = collections.Counter(owner[i] for i in sent_ids if kinds[i] != "IMPRESSION")
         store = feature_repo.store("redis")
         deadline = time.monotonic() + 60  # the survivor works off its backlog of pushes (a loaded CI box)
-        while (counts := _session_counts(store, users)) != dict(expected) and time.monotonic() < deadline:
+        while (counts := _session_counts(store, users + list_users)) != dict(expected) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert counts == dict(expected), {u: (counts[u], expected[u]) for u in users if counts[u] != expected[u]}
+        assert counts == dict(expected), {u: (counts[u], expected[u]) for u in counts if counts[u] != expected[u]}
         complete_s = time.monotonic() - t0 - traffic_s
-        pending = sum(log.client.xpending(log.layout.stream(s), GROUP)["pending"] for s in range(8))
-        assert pending == 0
+        assert _group_pending(log, GROUP) == 0
 
-        # 3. labels read the stream (scorer/data/labels.py's reader hook): every event, once
-        from scorer.data.labels import read_event_log
+        # 3. labels read the stream (scorer/data/labels.py): every acknowledged impression once, graded 1
+        #    where its click was acknowledged (clicks name their request), 0 elsewhere
+        import pandas
+
+        from scorer.data.labels import build_labels, read_event_log
 
         frame = read_event_log(log)
         assert len(frame) == len(sent_ids) and set(frame["event_id"]) == sent_ids
-        print(f"\nreplicas up in {started_s:.1f} s; {len(sent_ids)} events ({resent_duplicates} resends) through 2 "
-              f"replicas in {traffic_s:.1f} s, one SIGKILLed holding {pending_at_kill} entries read and not "
-              f"acknowledged; {refused} calls refused and resent; sessions complete {complete_s:.1f} s after the traffic")
+        offline = tmp_path / "offline"
+        offline.mkdir()
+        pandas.read_parquet(feature_repo.offline / "events.parquet").iloc[:0].to_parquet(offline / "events.parquet")
+        labels = build_labels(offline, log)
+        keys = list(zip(labels["request_id"], labels["item_id"]))
+        assert len(keys) == len(set(keys)) and set(keys) == impressions
+        graded = {k for k, g in zip(keys, labels["grade"]) if g > 0}
+        assert graded == clicked and set(labels["grade"]) == {0, 1}
+
+        # 4. the shared learner learned from every acknowledged impression exactly once: the `learner`
+        #    group delivered each event (the dead replica's unacknowledged ones claimed and handled
+        #    again, joined once), every example was written to Redis by the script that labelled it,
+        #    and each batch left Redis only with the posterior that holds it
+        shared = RedisLearnerState(connect(cluster.connection_string, cluster=True), LearnerSettings(),
+                                   learner_prefix)
+        survivor = replicas[1].stub(GATEWAY_KEY)
+
+        def learned() -> tuple[int, int, int]:
+            posterior = json.loads(shared.client.hget(shared.posterior_key, "state") or b'{"labelled": 0}')
+            return posterior["labelled"], shared.waiting(), _group_pending(log, LEARNER_GROUP)
+
+        deadline = time.monotonic() + 120  # the survivor's learner consumer works off its backlog
+        while (state := learned()) != (len(impressions), 0, 0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        learned_s = time.monotonic() - t0 - traffic_s
+        time.sleep(3 * LABEL_DELAY_S)  # nothing is left to label: a double count would show up now
+        assert learned() == state == (len(impressions), 0, 0), state
+        deadline = time.monotonic() + 10  # the survivor serves the shared posterior (refreshed at its ticks)
+        while (served_labelled := survivor.GetBlendWeights(feedback_pb2.GetBlendWeightsRequest(),
+                                                            timeout=5).labelled) != len(impressions):
+            assert time.monotonic() < deadline, served_labelled
+            time.sleep(0.2)
+        print(f"\nreplicas up in {started_s:.1f} s; {len(sent_ids)} events ({len(impressions)} impressions of "
+              f"{6 * CALLS_PER_WORKER} served lists, {resent_duplicates} resends) through 2 replicas in {traffic_s:.1f} s, "
+              f"one SIGKILLed holding {pending_at_kill[GROUP]} session / {pending_at_kill[LEARNER_GROUP]} learner "
+              f"entries read and not acknowledged; {refused} calls refused and resent; sessions complete "
+              f"{complete_s:.1f} s and every impression learned from once {learned_s:.1f} s after the traffic")
     finally:
         for r in replicas:
             r.stop()

@@ -59,6 +59,7 @@ class RedisCluster:
     workdir: Path
     node_timeout_ms: int
     redis_cli: str = field(repr=False, default="redis-cli")
+    redis_server: str = field(repr=False, default="redis-server")
 
     @property
     def connection_string(self) -> str:
@@ -78,6 +79,16 @@ class RedisCluster:
 
     def node(self, port: int) -> ClusterNodeProcess:
         return next(n for n in self.nodes if n.port == port)
+
+    def restart(self, port: int) -> ClusterNodeProcess:
+        """Start a killed node again on its port, directory and nodes.conf (its AOF too): it rejoins
+        the cluster, as a replica of whichever node took over its slots."""
+        node = self.node(port)
+        if node.alive():
+            raise RuntimeError(f"node {port} is still running")
+        fresh = _start_node(self.redis_server, port, self.workdir, self.node_timeout_ms, pgid=_group(self.nodes) or 0)
+        node.process = fresh.process
+        return node
 
     def masters(self) -> list[int]:
         """Ports of the nodes that currently serve slots as masters (asked of a live node)."""
@@ -162,7 +173,7 @@ def _free_ports(n: int) -> list[int]:
 
 def _start_node(exe: str, port: int, wd: Path, node_timeout_ms: int, pgid: int) -> ClusterNodeProcess:
     d = wd / str(port)
-    d.mkdir()
+    d.mkdir(exist_ok=True)  # a restarted node keeps its directory: nodes.conf and the AOF
     log = d / "redis.log"
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--logfile", str(log),
@@ -185,7 +196,7 @@ def local_redis_cluster(workdir: Path | None = None, node_timeout_ms: int = 1000
     with tempfile.TemporaryDirectory(prefix="redis-cluster-", dir=workdir) as tmp:
         wd = Path(tmp)
         nodes: list[ClusterNodeProcess] = []
-        cluster = RedisCluster(nodes, wd, node_timeout_ms, cli)
+        cluster = RedisCluster(nodes, wd, node_timeout_ms, cli, exe)
         try:
             ports = _free_ports(2 * MASTERS)
             for port in ports:

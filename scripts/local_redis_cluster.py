@@ -1,7 +1,7 @@
 """Start a throwaway Redis Cluster (3 masters + 3 replicas) on free loopback ports (tests and benchmarks).
 
 Six real `redis-server` processes with `--cluster-enabled yes`, joined by `redis-cli --cluster create
---cluster-replicas 1`. Durability as production should run it: AOF with `appendfsync always` (a
+--cluster-replicas 1` (`replicas=2`: nine, 3 masters + 6 replicas). Durability as production should run it: AOF with `appendfsync always` (a
 write acknowledged by a master is on its disk). `cluster-node-timeout` is short (1 s by default) so
 a killed master's replica is promoted within a few seconds, which the failover test relies on.
 
@@ -188,8 +188,10 @@ def _start_node(exe: str, port: int, wd: Path, node_timeout_ms: int, pgid: int) 
 
 @contextmanager
 def local_redis_cluster(workdir: Path | None = None, node_timeout_ms: int = 1000,
-                        timeout_s: float = 60.0) -> Iterator[RedisCluster]:
-    """A real 3-master, 3-replica Redis Cluster for the duration of the block."""
+                        timeout_s: float = 60.0, replicas: int = 1) -> Iterator[RedisCluster]:
+    """A real Redis Cluster of 3 masters with `replicas` replicas each for the duration of the block."""
+    if replicas < 1:
+        raise ValueError(f"replicas: at least 1 per master, got {replicas}")
     exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if exe is None or cli is None:
         raise RuntimeError("redis-server / redis-cli not found: run scripts/setup.sh (apt-get install redis-server)")
@@ -198,7 +200,7 @@ def local_redis_cluster(workdir: Path | None = None, node_timeout_ms: int = 1000
         nodes: list[ClusterNodeProcess] = []
         cluster = RedisCluster(nodes, wd, node_timeout_ms, cli, exe)
         try:
-            ports = _free_ports(2 * MASTERS)
+            ports = _free_ports((1 + replicas) * MASTERS)
             for port in ports:
                 nodes.append(_start_node(exe, port, wd, node_timeout_ms, pgid=_group(nodes) or 0))
             deadline = time.monotonic() + timeout_s
@@ -208,26 +210,26 @@ def local_redis_cluster(workdir: Path | None = None, node_timeout_ms: int = 1000
                         raise ClusterStartError(f"redis-server on {n.port} did not start; see {n.log}")
                     time.sleep(0.05)
             done = subprocess.run([cli, "--cluster", "create", *(n.address for n in nodes),
-                                   "--cluster-replicas", "1", "--cluster-yes"],
+                                   "--cluster-replicas", str(replicas), "--cluster-yes"],
                                   capture_output=True, text=True, timeout=timeout_s)
             if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
                 raise ClusterStartError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
             cluster.wait_ok(max(deadline - time.monotonic(), 1.0))
-            _wait_replicas_synced(cluster, deadline)
+            _wait_replicas_synced(cluster, deadline, replicas)
             yield cluster
         finally:
             cluster.stop()
 
 
-def _wait_replicas_synced(cluster: RedisCluster, deadline: float) -> None:
-    """Each master has its replica connected and synced (`state=online`): else the first failover
+def _wait_replicas_synced(cluster: RedisCluster, deadline: float, replicas: int = 1) -> None:
+    """Each master has its replicas connected and synced (`state=online`): else the first failover
     could find none to promote, and `WAIT 1` (the event stream's durability) times out until the
     initial sync is done (~5 s after the link)."""
     while True:
         roles = cluster.roles()
         masters = [p for p, r in roles.items() if r == "master"]
         infos = [cluster.cli(p, "info", "replication") for p in masters]
-        linked = sum("connected_slaves:1" in info and "state=online" in info for info in infos)
+        linked = sum(f"connected_slaves:{replicas}" in info and info.count("state=online") == replicas for info in infos)
         if len(masters) == MASTERS and linked == MASTERS:
             return
         if time.monotonic() > deadline:

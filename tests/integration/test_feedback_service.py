@@ -75,8 +75,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_stores_none_twice(se
 
     def slow_stream():
         for i, e in enumerate(stream_events):
-            if i % 1000 == 0:
-                time.sleep(0.01)
+            if i % 500 == 0:  # >= 8 s for the whole stream: still in flight when the kill comes
+                time.sleep(0.02)
             yield e
 
     stream_error: list[grpc.RpcError] = []
@@ -90,7 +90,11 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_stores_none_twice(se
     threads = [threading.Thread(target=producer), threading.Thread(target=streamer)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    # Kill once enough is in flight, however slow the box: at least 1.5 s of traffic and 1,000
+    # acknowledged events (a fixed 1.5 s acknowledged too few on a loaded CI box).
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5 or (len(acked) < 1_000 and time.monotonic() - started < 60):
+        time.sleep(0.05)
     service.kill()
     stop.set()
     for t in threads:

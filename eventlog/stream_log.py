@@ -28,8 +28,12 @@ MOVED after a retry, OOM) become EventLogUnavailable: the service answers UNAVAI
 INTERNAL. A refused call that spanned several masters may be stored on some of them: its resend
 reports those events as duplicates, never stores them twice.
 
-Not here: trimming (the streams grow until an operator trims them, e.g. `XTRIM ... MINID` after
-the labels were exported); see docs/production.md for what erasing on a stream leaves behind.
+Retention (`trim`, off by default): each shard is trimmed with `XTRIM MINID` to the entries
+younger than the retention, but never past an entry a consumer group still has pending (delivered,
+not acknowledged) or has not been delivered yet: a lagging or dead reader keeps what it has not
+read. Readers that use no group (the label export, a takeover's session rebuild) are not waited
+for: the retention must exceed their horizon. See docs/production.md for what erasing on a stream
+leaves behind.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import heapq
 import json
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 import zlib
@@ -137,6 +142,10 @@ def entry_ms(entry_id: bytes | str) -> int:
     """The milliseconds part of a stream entry id (`<ms>-<seq>`)."""
     raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(raw.split("-", 1)[0])
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _entry_key(entry_id: bytes) -> tuple[int, int]:
@@ -345,6 +354,41 @@ class StreamEventLog:
         kept = [e for _, e in self._merged(start) if _micros(e["timestamp"]) >= since_us]
         kept.sort(key=lambda e: _micros(e["timestamp"]))  # stable: ties stay in stream order
         return kept
+
+    # --- retention --------------------------------------------------------------------------------
+    def trim_bound(self, shard: int, retention_s: float, now_ms: int | None = None) -> str:
+        """The MINID a trim of the shard may use: the retention's cutoff, lowered to the first entry
+        any consumer group has pending, or to the entry after the last one it was delivered."""
+        key = self.layout.stream(shard)
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        bound = (max(now_ms - int(retention_s * 1000), 0), 0)
+        (groups,) = self.run_on_shards([shard], lambda pipe, s: pipe.xinfo_groups(key), f"reading shard {shard}'s groups")[shard]
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if group["pending"]:
+                (summary,) = self.run_on_shards([shard], lambda pipe, s: pipe.xpending(key, name),
+                                                f"reading shard {shard}'s pending entries")[shard]
+                keep = _entry_key(_as_bytes(summary["min"]))
+            else:
+                ms, seq = _entry_key(_as_bytes(group["last-delivered-id"]))
+                keep = (ms, seq + 1)  # everything delivered was acknowledged: keep what comes after
+            bound = min(bound, keep)
+        return f"{bound[0]}-{bound[1]}"
+
+    def trim(self, retention_s: float, now_ms: int | None = None) -> int:
+        """Drop, on every shard, the entries older than `retention_s` that every consumer group has
+        been delivered and has acknowledged; returns how many went. A group's progress only moves
+        forward, so a bound read before the trim is never past what a group still needs."""
+        if retention_s <= 0:
+            raise ValueError(f"retention_s: must be > 0, got {retention_s}")
+        removed = 0
+        lengths = self.run_on_shards(range(self.layout.shards), lambda pipe, s: pipe.xlen(self.layout.stream(s)),
+                                     "counting events")
+        for shard in (s for s, (n,) in sorted(lengths.items()) if n):  # an empty shard may have no stream yet
+            bound, key = self.trim_bound(shard, retention_s, now_ms), self.layout.stream(shard)
+            removed += self.run_on_shards([shard], lambda pipe, s: pipe.xtrim(key, minid=bound, approximate=False),
+                                          f"trimming shard {shard}")[shard][0]
+        return removed
 
     # --- erasing ----------------------------------------------------------------------------------
     def erase(self, user_ids: Sequence[str]) -> Erased:

@@ -25,7 +25,8 @@ Event store (docs/production.md#event-stream-redis-streams): RECSYS_FEEDBACK_EVE
 embedded log in RECSYS_EVENT_LOG_DIR, one machine; redis_streams: Redis Streams shared by N replicas),
 RECSYS_FEEDBACK_EVENT_STREAM_URL (redis://host:port/db, or host:port,... startup nodes with
 RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER=true), ..._EVENT_STREAM_PREFIX, ..._SHARDS, ..._DEDUPE_TTL_S,
-..._WAIT_REPLICAS, ..._WAIT_TIMEOUT_MS, ..._LEASE_MS, ..._CLAIM_IDLE_MS.
+..._WAIT_REPLICAS, ..._WAIT_TIMEOUT_MS, ..._LEASE_MS, ..._CLAIM_IDLE_MS, ..._RETENTION_S (0: off; else
+each shard is trimmed to that age, never past an entry a consumer group has not read and acknowledged).
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ class FeedbackSettings(BaseSettings):
     event_stream_wait_timeout_ms: int = Field(1000, gt=0, description="fewer confirmations: UNAVAILABLE")
     event_stream_lease_ms: int = Field(5000, ge=300, description="a dead replica's shards move after this")
     event_stream_claim_idle_ms: int = Field(1000, ge=0, description="pending entries idle this long are claimed")
+    # 0: the streams grow until an operator trims them. Else entries older than this that every consumer
+    # group has read and acknowledged are trimmed (eventlog/stream_log.py `trim`), every RETENTION_EVERY_S.
+    event_stream_retention_s: float = Field(0.0, ge=0, description="trim entries older than this; 0: never")
 
     def audit_file(self) -> Path:
         return self.privacy_audit_file or self.event_log_dir / AUDIT_FILE
@@ -227,6 +231,21 @@ def session_updater(settings: FeedbackSettings, event_log: EventLog):
     return updater
 
 
+RETENTION_EVERY_S = 60.0  # how often a replica trims the streams (every replica does: a trim is idempotent)
+
+
+async def _trim(stream, retention_s: float) -> None:
+    """Trim the event stream to its retention now and then; a failure waits for the next round."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(stream.trim, retention_s)
+            if removed:
+                log.info("event stream: %d entries older than %.0f s trimmed", removed, retention_s)
+        except EventLogError as e:
+            log.warning("event stream not trimmed: %s; next try in %.0f s", e, RETENTION_EVERY_S)
+        await asyncio.sleep(min(RETENTION_EVERY_S, retention_s / 4))
+
+
 async def _tick(learner: BlendLearner) -> None:
     """Impressions become negatives when their click window passes, even with no new events."""
     while True:
@@ -259,10 +278,12 @@ class RunningFeedback:
     learner: BlendLearner | None
     ticker: asyncio.Task | None
     consumers: tuple = ()  # StreamConsumers (sessions, learner) on the stream backend
+    trimmer: asyncio.Task | None = None  # the stream's retention, when configured
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self.ticker is not None:
-            self.ticker.cancel()
+        for task in (self.ticker, self.trimmer):
+            if task is not None:
+                task.cancel()
         await self.server.stop(grace_s)
         for consumer in self.consumers:
             await asyncio.to_thread(consumer.stop)
@@ -331,7 +352,10 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
         consumers.append(await asyncio.to_thread(session_consumer(settings, event_log, updater).start))
     if learner is not None and on_stream:
         consumers.append(await asyncio.to_thread(learner_consumer(settings, event_log, learner).start))
-    return RunningFeedback(server, port, event_log, learner, ticker, tuple(consumers))
+    trimmer = None
+    if on_stream and settings.event_stream_retention_s:
+        trimmer = asyncio.create_task(_trim(event_log, settings.event_stream_retention_s))
+    return RunningFeedback(server, port, event_log, learner, ticker, tuple(consumers), trimmer)
 
 
 async def serve(settings: FeedbackSettings) -> None:

@@ -133,6 +133,42 @@ def test_unconfirmed_replication_refuses_the_call_and_the_resend_is_a_duplicate(
     assert _cluster_log(cluster, prefix, wait_replicas=1).append([_event("w2", "u")]) == [False]
 
 
+def test_retention_trims_old_entries_but_never_what_a_group_has_not_read_and_acknowledged(redis_server) -> None:
+    """StreamEventLog.trim: entries older than the retention go once every consumer group has been
+    delivered them and acknowledged them; a pending entry, an undelivered one and anything after
+    them stay, whichever group lags."""
+    from eventlog.stream_log import entry_ms
+
+    log = StreamEventLog(connect(redis_server.url, cluster=False), StreamLayout(_prefix(), 1))
+    key = log.layout.stream(0)
+    for group in (GROUP, LEARNER_GROUP):
+        log.client.xgroup_create(key, group, id="0", mkstream=True)
+    assert log.append([_event(f"old{i}", "u") for i in range(10)]) == [True] * 10
+    time.sleep(0.01)  # the new entries' ids are later milliseconds
+    assert log.append([_event(f"new{i}", "u") for i in range(5)]) == [True] * 5
+    ids = [i for i, _ in log.client.xrange(key)]
+    now_ms = entry_ms(ids[10]) + 1000  # the retention (1 s) cuts exactly between old and new
+
+    def remaining() -> list[str]:
+        return [e["event_id"] for e in log.read_all()]
+
+    assert log.trim(1.0, now_ms) == 0  # neither group has been delivered anything
+    log.client.xreadgroup(LEARNER_GROUP, "l", {key: ">"}, count=15)
+    log.client.xack(key, LEARNER_GROUP, *ids)  # the learner read and acknowledged everything
+    log.client.xreadgroup(GROUP, "s", {key: ">"}, count=8)
+    log.client.xack(key, GROUP, *ids[:6])  # the sessions: 6 acknowledged, 2 pending, the rest undelivered
+    assert log.trim(1.0, now_ms) == 6 and remaining() == [f"old{i}" for i in range(6, 10)] + [f"new{i}" for i in range(5)]
+    log.client.xack(key, GROUP, *ids[6:8])
+    assert log.trim(1.0, now_ms) == 2 and remaining()[:2] == ["old8", "old9"]  # delivered up to old7 only
+    log.client.xreadgroup(GROUP, "s", {key: ">"}, count=15)
+    log.client.xack(key, GROUP, *ids)
+    assert log.trim(1.0, now_ms) == 2 and remaining() == [f"new{i}" for i in range(5)]  # younger than 1 s: kept
+    assert log.trim(1.0, now_ms + 10_000) == 5 and remaining() == [] and len(log) == 0
+    with pytest.raises(ValueError, match="retention_s"):
+        log.trim(0)
+    log.close()
+
+
 def test_a_dead_redis_is_unavailable_not_a_crash() -> None:
     from scripts.local_redis import free_port
 
@@ -507,3 +543,26 @@ def test_the_service_answers_unavailable_when_redis_goes_away(tmp_path) -> None:
             assert "nothing of this call was acknowledged" in refused.value.details()
         finally:
             service.stop()
+
+
+def test_the_service_trims_the_stream_to_its_retention(redis_server, tmp_path) -> None:
+    """RECSYS_FEEDBACK_EVENT_STREAM_RETENTION_S: the replica trims the stream by itself (here no
+    consumer group reads it: no sessions, no learner, so nothing holds the entries back)."""
+    prefix = _prefix()
+    env = {"RECSYS_FEEDBACK_EVENT_STORE": "redis_streams", "RECSYS_FEEDBACK_EVENT_STREAM_URL": redis_server.url,
+           "RECSYS_FEEDBACK_EVENT_STREAM_PREFIX": prefix, "RECSYS_FEEDBACK_EVENT_STREAM_RETENTION_S": "1",
+           "RECSYS_FEEDBACK_ONLINE_LEARNING": "false"}
+    service = FeedbackProcess(tmp_path / "events", env).start()
+    log = StreamEventLog(connect(redis_server.url, cluster=False), StreamLayout(prefix, 8))
+    try:
+        events = [feedback_pb2.Event(event_id=f"t{i}", user_id=f"u{i}", item_id="i", type=feedback_pb2.EVENT_TYPE_CLICK)
+                  for i in range(20)]
+        assert service.stub().Log(feedback_pb2.LogRequest(events=events), timeout=10).accepted == 20
+        deadline = time.monotonic() + 30  # older than 1 s, trimmed at the next round (every 0.25 s here)
+        while len(log) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(log) == 0
+        assert "t3" in log  # the dedupe keys stay: a resend is still a duplicate
+    finally:
+        service.stop()
+        log.close()

@@ -128,11 +128,13 @@ def synthetic_shop(size: str) -> ShopData:
     return ShopData(f"synthetic shop ({size})", shop.items, shop.events)
 
 
-def online_retail(path: Path) -> ShopData:
+def online_retail(path: Path, limit: int | None = None) -> ShopData:
+    """Online Retail in the project's format; `limit`: only the first `limit` source rows (CI's sample: 20,000)."""
     from bench.online_retail import SOURCE_COLUMNS, build_tables
 
-    items, _, events = build_tables(pd.read_parquet(path, columns=SOURCE_COLUMNS))
-    return ShopData("Online Retail", items, events)
+    raw = pd.read_parquet(path, columns=SOURCE_COLUMNS)
+    items, _, events = build_tables(raw if limit is None else raw.head(limit))
+    return ShopData("Online Retail" if limit is None else f"Online Retail (first {limit:,} rows)", items, events)
 
 
 def embed_catalog(catalog: Catalog) -> np.ndarray:
@@ -259,6 +261,11 @@ def fused(fusion: SourceFusion) -> Relevance:
 
 def evaluate(requests: list[Request], relevance: Relevance, weights: np.ndarray) -> dict[str, float]:
     """Recall/NDCG@10/50 of the pre-score order (the first NUM_RESULTS answered)."""
+    return metrics_from_ranks(target_ranks(requests, relevance, weights))
+
+
+def target_ranks(requests: list[Request], relevance: Relevance, weights: np.ndarray) -> np.ndarray:
+    """Each request's target's 0-based place in the pre-score order's first NUM_RESULTS (MISS: not there)."""
     ranks = np.empty(len(requests), dtype=np.int64)
     for i, r in enumerate(requests):
         if not len(r.positions):
@@ -268,7 +275,7 @@ def evaluate(requests: list[Request], relevance: Relevance, weights: np.ndarray)
         shown = r.positions[np.argsort(-pre, kind="stable")[:NUM_RESULTS]]
         hit = np.flatnonzero(shown == r.target)
         ranks[i] = hit[0] if len(hit) else MISS
-    return metrics_from_ranks(ranks)
+    return ranks
 
 
 def objective_of(shops: dict[str, list[Request]], weights: np.ndarray, base: dict[str, float]) -> Callable[[SourceFusion], float]:

@@ -749,7 +749,7 @@ def retrain_cmd(
     ranker_steps: int = typer.Option(100, help="Ranker fine-tuning steps per round (4 lists each)."),
     interest_steps: int = typer.Option(0, help="Cap on interest-model steps per round (batch 128); 0: the default "
                                                "budget (scales with the data, stopped early on validation)."),
-    margin: float = typer.Option(0.005, help="Promote only if the holdout metric improves by at least this."),
+    margin: float = typer.Option(0.005, help="Promote only if the gain over what is served exceeds its standard error plus this (interest: paired on validation; encoder and ranker: a fixed holdout margin)."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
     every: Optional[float] = typer.Option(None, help="Keep running: check every this many seconds."),
     serving_checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of the serving encoder, for a new "

@@ -63,7 +63,7 @@ def test_default_recipe_keeps_a_model_only_when_it_beats_the_fallback_beyond_noi
     gain = selection.best.best_val - selection.fallback_val
     assert 0 < selection.gain_se < 0.2, selection.summary()  # ~100 paired examples: a few hundredths
     winner = selection.winner
-    assert (winner is not None) == (gain > max(selection.min_gain, selection.gain_se)), selection.summary()
+    assert (winner is not None) == (gain > selection.gain_se + selection.min_gain), selection.summary()  # PairedGain's rule
     if winner is None:
         assert "beyond noise: nothing to keep" in selection.summary()
         return

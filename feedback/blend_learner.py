@@ -68,10 +68,6 @@ MAX_LOGIT = 30.0
 # A posterior save that found another replica's newer posterior refits the batch on it; after this
 # many conflicts in a row the batch waits for the next tick (learner_state.py: why optimistic).
 SAVE_ATTEMPTS = 5
-# While the shared state cannot be reached, labelled examples wait for it, at most this many
-# batches' worth (the oldest go first): an outage costs learning, never memory.
-MAX_WAITING_BATCHES = 4
-
 
 @dataclass(frozen=True)
 class LearnerSettings:
@@ -178,7 +174,6 @@ class BlendLearner:
         self.updated_at = datetime.now(timezone.utc)
         self.batch_x: list[np.ndarray] = []
         self.batch_y: list[float] = []
-        self.outgoing: list[bytes] = []  # examples labelled here, for the shared batch (a shared store)
         self._load()
 
     # What the local store holds (tests, erase): a shared store has no such dicts.
@@ -304,16 +299,16 @@ class BlendLearner:
     def tick(self) -> None:
         """Label impressions whose click window has passed as negatives, drop what is too old to
         be joined; update when a batch is full; pick up a posterior another replica saved.
-        With a shared store the batch is shared too: every replica adds the examples it labelled and
-        whichever finds it full takes it, so batches mix clicks and non-clicks as one replica's do
-        (a replica that only receives LogServed labels only non-clicks: batches of its own would teach
-        that everything is worse)."""
+        With a shared store the batch is shared too: the store writes every replica's examples
+        itself and whichever replica finds a full batch fits it, so batches mix clicks and non-clicks
+        as one replica's do (a replica that only receives LogServed labels only non-clicks: batches of
+        its own would teach that everything is worse)."""
         taken: list[bytes] = []
         try:
             for packed in self.store.expire(self.clock()):
                 self._example(packed, 0.0)
             if self.store.shares_batches:
-                taken, self.outgoing = self.store.exchange(self.outgoing, self.settings.min_batch), []
+                taken = self.store.exchange(self.settings.min_batch)
                 self.batch_x = [features(np.frombuffer(r, np.float32, N_PARTS, 1 + PENDING.size),
                                          PENDING.unpack_from(r, 1)[1]) for r in taken]
                 self.batch_y = [float(r[0]) for r in taken]
@@ -325,12 +320,9 @@ class BlendLearner:
                 if not self._adopt(document, "the shared state"):
                     self.refused = document  # warned once; replaced at this learner's next save
         except StateUnavailable:
-            # Keep the labelled examples for when it is back, bounded; the weights stay as they are.
-            keep = MAX_WAITING_BATCHES * self.settings.min_batch
-            if taken:
-                self.outgoing[:0] = taken
-                self.batch_x, self.batch_y = [], []
-            del self.batch_x[:-keep], self.batch_y[:-keep], self.outgoing[:-keep]
+            # The weights stay as they are. Only a shared store raises this, and its examples stay in
+            # it (a batch that was not saved is read again): nothing is kept here.
+            self.batch_x, self.batch_y = [], []
         self.publish()
 
     def publish(self) -> None:
@@ -338,9 +330,8 @@ class BlendLearner:
         self.store.publish()
 
     def _example(self, packed: bytes, y: float) -> None:
-        if self.store.shares_batches:  # the label byte, then the impression as packed
-            self.outgoing.append(b"\x01" + packed if y else b"\x00" + packed)
-            return
+        """An example into this learner's own batch (the local store; a shared store writes its
+        examples itself and hands them out through exchange)."""
         _, position = PENDING.unpack_from(packed)
         self.batch_x.append(features(np.frombuffer(packed, np.float32, N_PARTS, PENDING.size), position))
         self.batch_y.append(y)

@@ -166,7 +166,7 @@ class LearnerState(Protocol):
         """Save when the saved posterior's version is still `expected_version` (None); else return
         the saved (version, document) instead: another replica's update, or something to overwrite."""
 
-    def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
+    def exchange(self, min_batch: int) -> list[bytes]:
         """The shared batch (label byte + packed impression per example) once it holds `min_batch`
         (else []); the next save_posterior learns it (or is refused, and it is read again)."""
 
@@ -732,11 +732,10 @@ class RedisLearnerState:
         self._call("forget", run)
         return removed
 
-    def exchange(self, records: Sequence[bytes], min_batch: int) -> list[bytes]:
+    def exchange(self, min_batch: int) -> list[bytes]:
         """The :labelled entries after the cursors of the posterior held, once they are `min_batch`
-        (else []); read, not removed: they leave the batch when a posterior covering them is saved.
-        `records` is ignored: this store's examples are written by its scripts (a batch whose save
-        failed is still in Redis and is read again)."""
+        (else []); read, not removed: they leave the batch when a posterior covering them is saved
+        (a batch whose save failed is still in Redis and is read again)."""
         # A batch is taken only right after an expiry pass, as one replica's tick takes it after
         # labelling the non-clicks due: taken at every add, batches would follow whoever added last
         # (the replica with the clicks, or the one with the non-clicks) instead of mixing both.

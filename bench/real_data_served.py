@@ -76,7 +76,9 @@ def import_history(generic: Path, split: Split, workdir: Path, log) -> Path:
     return repo
 
 
-def export_models(workdir: Path, interest_model) -> Path:
+def export_models(workdir: Path, interest_model, ranker=None, ranker_validation: dict | None = None) -> Path:
+    """ranker: a fine-tuned CrossEncoderRanker to serve (default: the untrained one), with its
+    validation record (`beats_blend`) beside it."""
     from transformers.utils import logging as hf_logging
 
     from modelrepo.layout import copy_repository_configs
@@ -88,7 +90,7 @@ def export_models(workdir: Path, interest_model) -> Path:
     hf_logging.disable_progress_bar()
     repo = copy_repository_configs(workdir / "models")
     export_encoder(repo, TextEncoder(), int8=True)
-    export_ranker(repo, int8=True)
+    export_ranker(repo, ranker, int8=True, validation=ranker_validation)
     if interest_model is not None:  # else nothing beat the fallback: the gateway computes it itself
         export_interest(repo, interest_model)
     return repo
@@ -117,10 +119,13 @@ async def recommend_all(address: str, users: list[str], on_done) -> tuple[list[l
 
 
 def measure_served_path(generic: Path, split: Split, interest_model, log, progress,
-                        variants: dict[str, dict[str, str]] | None = None) -> dict[str, tuple[dict[str, float], str]]:
+                        variants: dict[str, dict[str, str]] | None = None, repo: Path | None = None,
+                        ranker=None, ranker_validation: dict | None = None) -> dict[str, tuple[dict[str, float], str]]:
     """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
-    per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only). One
-    import, one Triton; a fresh gateway process per variant, one after the other."""
+    per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only;
+    RECSYS_RERANK_DEPTH there sets the variant's depth). One import (none when `repo` is a feature
+    repo `import_history` already wrote), one Triton serving `ranker` (default: the untrained one);
+    a fresh gateway process per variant, one after the other."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
@@ -128,18 +133,20 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
 
     auth_on()
     variants = variants or {"": {}}
-    depth = GatewaySettings.model_fields["rerank_depth"].default
+    default_depth = GatewaySettings.model_fields["rerank_depth"].default
     out: dict[str, tuple[dict[str, float], str]] = {}
     with tempfile.TemporaryDirectory(prefix="real_data_served_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        repo = import_history(generic, split, workdir, log)
-        log("exporting the encoder (int8), the untrained ranker (int8) and the trained interest model")
-        models = export_models(workdir, interest_model)
+        repo = repo or import_history(generic, split, workdir, log)
+        log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) "
+            "and the trained interest model")
+        models = export_models(workdir, interest_model, ranker, ranker_validation)
         log("starting tritonserver and the gateway (it embeds the catalog through Triton)")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))
         users = split.test["user_id"].tolist()
         for n, (label, env) in enumerate(variants.items()):
             t0 = time.perf_counter()
+            depth = int(env.get("RECSYS_RERANK_DEPTH", default_depth))
             gw = GatewayProcess(repo, triton.grpc_url, depth, env, workdir, "feature_store.yaml", name=f"bench{n}")
             # GatewayProcess forces ranker_mode "always" for a depth > 0 (the load bench measures the
             # ranker's cost); the served path is measured as deployed: the default mode (auto), in

@@ -141,7 +141,7 @@ def test_two_replicas_share_one_learner(shared_redis, tmp_path):
         step = LearnerSettings().max_step
         for w in (got_a, got_single):
             gained = np.array(w.mean) - np.array([1.0, 1.0, 0.3, 0.2])
-            assert gained[3] > 6 * step and gained[3] >= max(gained[:3]) - step, list(w.mean)
+            assert gained[3] > 5 * step and gained[3] >= max(gained[:3]) - step - 1e-9, list(w.mean)
 
         # A flood of lists nobody clicks and of events for requests never served: the bounds hold in Redis.
         flood = served(seed=8, prefix="flood", lists=3_000)

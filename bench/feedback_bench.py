@@ -64,12 +64,18 @@ def run(stub, batch: int, seconds: float, ids: itertools.count, stream: bool) ->
     return ingest_closed_loop([(worker, ())] * THREADS, total, latencies)
 
 
-def visibility(store: str, n: int = 200, event_store: str = "sqlite") -> dict:
+FEATURE_YAMLS = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml",
+                 "redis_cluster": "feature_store.redis_cluster.yaml"}
+
+
+def visibility(store: str, n: int = 200, event_store: str = "sqlite", replicas: int = 1) -> dict:
     """Log one click, poll the online store until the session shows it; n times.
 
-    event_store "redis_streams" (Redis online store only): the events go to Redis Streams on the
-    same Redis and the session is pushed by the service's stream consumer (feedback/stream_consumers.py),
-    not before the reply: the path N feedback replicas take (docs/production.md)."""
+    event_store "redis_streams" (Redis or Redis Cluster online store): the events go to Redis Streams
+    on the same Redis and the session is pushed by a service's stream consumer
+    (feedback/stream_consumers.py), not before the reply: the path N feedback replicas take
+    (docs/production.md). With `replicas` > 1 the clicks go to the replicas in turn, and whichever
+    holds the user's shard pushes the session; the learner's state is then in the same Redis."""
     from contextlib import ExitStack
 
     from bench.gateway_bench import build_feature_repo
@@ -80,36 +86,51 @@ def visibility(store: str, n: int = 200, event_store: str = "sqlite") -> dict:
     with tempfile.TemporaryDirectory(prefix="feedback_vis_") as tmp, ExitStack() as stack:
         repo, env = build_feature_repo(Path(tmp), "tiny", store, stack)
         os.environ.update(env)
-        yaml = "feature_store.redis.yaml" if store == "redis" else "feature_store.yaml"
-        fs = load_store(repo, yaml if store == "redis" else None)
+        yaml = FEATURE_YAMLS[store]
+        fs = load_store(repo, None if store == "sqlite" else yaml)
         reader = open_reader(fs.config, FeatureLayout.from_feature_store(fs), repo)
-        port = free_port()
         if event_store == "redis_streams":
-            host_port = env["REDIS_CONNECTION_STRING"].split(",")[0]
-            env = {**env, "RECSYS_FEEDBACK_EVENT_STORE": "redis_streams",
-                   "RECSYS_FEEDBACK_EVENT_STREAM_URL": f"redis://{host_port}/0"}
-        proc = subprocess.Popen([sys.executable, "-m", "feedback"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, **env, "RECSYS_FEEDBACK_PORT": str(port),
-                                     "RECSYS_EVENT_LOG_DIR": f"{tmp}/events", "RECSYS_LOG_LEVEL": "WARNING",
-                                     "RECSYS_FEEDBACK_FEATURE_REPO": str(repo), "RECSYS_FEEDBACK_FEATURE_STORE_YAML": yaml})
+            if store == "redis_cluster":
+                url, cluster = env["REDIS_CLUSTER_CONNECTION_STRING"], "true"
+            else:
+                url, cluster = f"redis://{env['REDIS_CONNECTION_STRING'].split(',')[0]}/0", "false"
+            env = {**env, "RECSYS_FEEDBACK_EVENT_STORE": "redis_streams", "RECSYS_FEEDBACK_EVENT_STREAM_URL": url,
+                   "RECSYS_FEEDBACK_EVENT_STREAM_CLUSTER": cluster}
+            if replicas > 1:  # one learner for all replicas (docs/production.md#shared-learner-state)
+                env |= {"RECSYS_FEEDBACK_LEARNER_REDIS_URL": url, "RECSYS_FEEDBACK_LEARNER_REDIS_CLUSTER": cluster}
+        procs, stubs = [], []
         try:
-            assert "feedback service on" in proc.stdout.readline()
-            stub = feedback_pb2_grpc.FeedbackServiceStub(key_channel(f"127.0.0.1:{port}"))
+            for r in range(replicas):
+                port = free_port()
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "feedback"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                    env={**os.environ, **env, "RECSYS_FEEDBACK_PORT": str(port), "RECSYS_EVENT_LOG_DIR": f"{tmp}/events{r}",
+                         "RECSYS_LOG_LEVEL": "WARNING", "RECSYS_FEEDBACK_FEATURE_REPO": str(repo),
+                         "RECSYS_FEEDBACK_FEATURE_STORE_YAML": yaml}))
+                stubs.append(feedback_pb2_grpc.FeedbackServiceStub(key_channel(f"127.0.0.1:{port}")))
+            for proc in procs:
+                assert "feedback service on" in proc.stdout.readline()
+            time.sleep(3.0 if replicas > 1 else 0.0)  # the replicas settle their shard leases first
             lat, acks = [], []
             for k in range(n):
                 user, item = f"vis-{k % 20}", f"i{(k % 300) + 1:05d}"
                 t0 = time.perf_counter()
-                stub.Log(fb.LogRequest(events=[fb.Event(event_id=f"v{k}", type=fb.EVENT_TYPE_CLICK, user_id=user,
-                                                         session_id="s", item_id=item)]), timeout=10)
+                stubs[k % replicas].Log(fb.LogRequest(events=[fb.Event(
+                    event_id=f"v{k}", type=fb.EVENT_TYPE_CLICK, user_id=user, session_id="s", item_id=item)]), timeout=10)
                 acks.append((time.perf_counter() - t0) * 1e3)
                 while item not in (reader.read(user, []).user.values.get("recent_clicked_item_ids") or ())[:1]:
+                    if time.perf_counter() - t0 > 30:
+                        raise RuntimeError(f"click {k} ({user}, {item}) not visible after 30 s")
                     time.sleep(0.0005)
                 lat.append((time.perf_counter() - t0) * 1e3)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
             reader.close()
-        return {"store": store if event_store == "sqlite" else f"{store}, events on Redis Streams", "clicks": n, "ack_p50_ms": round(percentile(acks, 50), 1),
+        label = store if event_store == "sqlite" else f"{store}, events on Redis Streams, {replicas} replica(s)"
+        return {"store": label, "clicks": n, "ack_p50_ms": round(percentile(acks, 50), 1),
                 "visible_p50_ms": round(percentile(lat, 50), 1), "visible_p99_ms": round(percentile(lat, 99), 1)}
 
 
@@ -120,8 +141,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.visibility_only:
         auth_on()
-        for v in [visibility(store) for store in ("sqlite", "redis")] + [visibility("redis", event_store="redis_streams")]:
-            print(v, flush=True)
+        runs = [("sqlite", "sqlite", 1), ("redis", "sqlite", 1), ("redis", "redis_streams", 1),
+                ("redis_cluster", "redis_streams", 1), ("redis_cluster", "redis_streams", 2)]
+        for store, events, replicas in runs:
+            print(visibility(store, event_store=events, replicas=replicas), flush=True)
         return
     auth_on()  # the services run with auth on, as deployed; the clients send the benchmark's key
     with tempfile.TemporaryDirectory(prefix="feedback_bench_") as tmp:

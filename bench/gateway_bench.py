@@ -72,6 +72,12 @@ def build_feature_repo(workdir: Path, size: str, store: str, stack: ExitStack) -
         redis = stack.enter_context(local_redis())
         env = {"REDIS_CONNECTION_STRING": redis.connection_string}
         yaml = "feature_store.redis.yaml"
+    elif store == "redis_cluster":  # a real local 3+3 cluster (scripts/local_redis_cluster.py)
+        from scripts.local_redis_cluster import local_redis_cluster
+
+        cluster = stack.enter_context(local_redis_cluster())
+        env = {"REDIS_CLUSTER_CONNECTION_STRING": cluster.connection_string}
+        yaml = "feature_store.redis_cluster.yaml"
     log("feast apply + materialize")
     feast_ops.apply(repo, yaml=yaml, env=env, quiet=True)
     feast_ops.materialize_all(repo, yaml=yaml, env=env, quiet=True)

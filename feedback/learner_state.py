@@ -602,14 +602,23 @@ class RedisLearnerState:
     @classmethod
     def from_url(cls, url: str, settings: "LearnerSettings", cluster: bool = False, prefix: str = "recsys:learner",
                  timeout_s: float = 0.5) -> "RedisLearnerState":
-        """A store on `url` (redis://host:port/db; with `cluster`, any node of the cluster). Connects
-        lazily: a Redis that is down at start only means the learner starts from the prior."""
+        """A store on `url` (redis://host:port/db; with `cluster`, one node of the cluster as
+        redis://host:port, or the startup nodes as `host:port,host:port`, the event stream's and
+        Feast's form). Connects lazily: a Redis that is down at start only means the learner starts
+        from the prior; a URL that cannot be parsed is a ValueError at start."""
         import redis
+        from redis.cluster import ClusterNode
+
+        from eventlog.stream_log import parse_nodes
 
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         if cluster:
-            return cls(None, settings, prefix, connect=lambda: redis.RedisCluster.from_url(url, **options))
-        return cls(redis.Redis.from_url(url, **options), settings, prefix)
+            try:
+                nodes = [ClusterNode(h, p) for h, p in parse_nodes(url.removeprefix("redis://").split("/")[0])]
+            except ValueError as e:
+                raise ValueError(f"learner Redis URL {url!r}: {e}") from None
+            return cls(None, settings, prefix, connect=lambda: redis.RedisCluster(startup_nodes=nodes, **options))
+        return cls(redis.Redis.from_url(url if "://" in url else f"redis://{url}", **options), settings, prefix)
 
     def _call(self, operation: str, fn: Callable[[], object]):
         now = time.monotonic()

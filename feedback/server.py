@@ -308,6 +308,10 @@ def erase_stores(settings: FeedbackSettings, event_log: EventLog, updater, learn
     return stores
 
 
+class SettingsError(Exception):
+    """A setting the service cannot run with (the message names it): it does not start."""
+
+
 async def start(settings: FeedbackSettings) -> RunningFeedback:
     # A configured but unreadable pseudonym key refuses to start (PseudonymKeyError), never runs keyless.
     pseudonyms = pseudonym_keys.load(settings.pseudonym_key_file)
@@ -317,8 +321,11 @@ async def start(settings: FeedbackSettings) -> RunningFeedback:
     updater = await asyncio.to_thread(session_updater, settings, event_log) if settings.feature_repo else None
     learner = None
     if settings.online_learning:  # its state: this process, or a Redis shared by every replica
-        store = open_learner_state(settings.learner_settings(), settings.event_log_dir, settings.learner_redis_url,
-                                   settings.learner_redis_cluster, settings.learner_redis_prefix)
+        try:
+            store = open_learner_state(settings.learner_settings(), settings.event_log_dir, settings.learner_redis_url,
+                                       settings.learner_redis_cluster, settings.learner_redis_prefix)
+        except ValueError as e:  # e.g. a learner Redis URL that does not parse: refuse to start, say why
+            raise SettingsError(f"RECSYS_FEEDBACK_LEARNER_REDIS_URL: {e}") from None
         learner = BlendLearner(settings.prior_weights, settings.event_log_dir, settings.learner_settings(), store=store)
     server = grpc.aio.server(interceptors=interceptors(settings, pseudonyms), options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", settings.max_message_bytes)])
@@ -405,7 +412,7 @@ def main() -> None:
     _tune_malloc()
     try:
         asyncio.run(serve(FeedbackSettings()))
-    except (EventLogError, pseudonym_keys.PseudonymKeyError) as e:
+    except (EventLogError, pseudonym_keys.PseudonymKeyError, SettingsError) as e:
         # An operator's problem with a stated fix (e.g. a damaged log and its recovery command):
         # the message, plainly, not a traceback; exit status 2.
         print(f"feedback service not started: {e}", file=sys.stderr, flush=True)

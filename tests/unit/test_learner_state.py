@@ -313,3 +313,29 @@ def test_a_replica_dying_with_a_batch_loses_nothing_and_a_redelivery_counts_once
     with pytest.raises(StateUnavailable):  # B fitted the same batch: it adopts A's posterior, saves nothing
         b.update(x, y)
     assert (b.version, b.labelled) == (a.version, a.labelled) == (1, 6) and a.store.waiting() == 0
+
+
+# --- the URL forms (no Redis needed: the cluster client connects lazily) ---------------------------
+
+@pytest.mark.parametrize("url", ["127.0.0.1:7000,127.0.0.1:7001", "redis://127.0.0.1:7000", "redis://127.0.0.1:7000/0"])
+def test_a_cluster_url_takes_the_event_streams_forms(url):
+    store = RedisLearnerState.from_url(url, LearnerSettings(), cluster=True)
+    assert store._client is None  # not connected yet: a cluster down at start only pauses learning
+
+
+@pytest.mark.parametrize("url", ["redis://", "127.0.0.1", "127.0.0.1:port", ","])
+def test_a_cluster_url_that_does_not_parse_is_refused_naming_it(url):
+    with pytest.raises(ValueError, match="learner Redis URL"):
+        RedisLearnerState.from_url(url, LearnerSettings(), cluster=True)
+
+
+def test_the_service_refuses_to_start_with_a_bad_learner_url(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "RECSYS_FEEDBACK_PORT": "0", "RECSYS_EVENT_LOG_DIR": str(tmp_path),
+           "RECSYS_FEEDBACK_LEARNER_REDIS_URL": "127.0.0.1:notaport", "RECSYS_FEEDBACK_LEARNER_REDIS_CLUSTER": "true"}
+    done = subprocess.run([sys.executable, "-m", "feedback"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "RECSYS_FEEDBACK_LEARNER_REDIS_URL" in done.stderr and "notaport" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -138,8 +138,8 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
     with tempfile.TemporaryDirectory(prefix="real_data_served_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         repo = repo or import_history(generic, split, workdir, log)
-        log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) "
-            "and the trained interest model")
+        log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) and "
+            + ("the trained interest model" if interest_model is not None else "no interest model (the gateway's fallback)"))
         models = export_models(workdir, interest_model, ranker, ranker_validation)
         log("starting tritonserver and the gateway (it embeds the catalog through Triton)")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from bench.ranker_real_data import OFF, fine_tuned_variants, untrained_variants, write_report
+from scorer.eval.next_item import metrics_from_ranks
 
 
 def test_the_untrained_rows_are_off_and_forced_at_the_largest_depth():
@@ -22,11 +23,11 @@ def test_the_fine_tuned_ranker_is_forced_at_every_depth_once_in_order():
 
 
 def test_report_holds_every_row_and_the_verdict(tmp_path):
-    m = {"recall@10": 0.25, "ndcg@10": 0.125, "recall@50": 0.5, "ndcg@50": 0.2}
+    m = metrics_from_ranks([0, 100, 20, 100])  # the served path's own metric names: hits at ranks 0 and 20
     verdict = {"beats_blend": True, "metric": "snips_ndcg@5", "ranker": 0.6, "blend": 0.4, "lists": 7}
     meta = {"users": 3, "items": 9, "date": "2026-12-01 23:59 UTC", "machine": "test", "seconds": 1.0, "steps": 5}
     report = write_report(tmp_path, {OFF: (m, "n1"), "x": (m, "n2")}, verdict, meta).read_text()
-    assert f"| {OFF} | 0.2500 | 0.1250 | 0.5000 | 0.2000 | n1 |" in report
+    assert f"| {OFF} | 0.2500 | 0.2500 | 0.5000 | {m['NDCG@50']:.4f} | n1 |" in report
     assert "| x |" in report and "beats_blend True" in report and "7 validation lists" in report
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["served"][OFF]["ndcg@10"] == 0.125 and saved["verdict"]["beats_blend"] is True
+    assert saved["served"][OFF][0]["NDCG@10"] == 0.25 and saved["verdict"]["beats_blend"] is True

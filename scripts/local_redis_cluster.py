@@ -90,15 +90,39 @@ class RedisCluster:
         node.process = fresh.process
         return node
 
+    def wait_replicated(self, min_replicas: int = 1, timeout_s: float = 60.0) -> None:
+        """Block until each of the 3 masters has at least `min_replicas` replicas linked and synced
+        (`state=online`): what `WAIT n` counts (after a failover too, when a replica has moved to the
+        promoted master)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            masters = self.masters()
+            infos = [self.cli(p, "info", "replication") for p in masters]
+            linked = sum(info.count("state=online") >= min_replicas for info in infos)
+            if len(masters) == MASTERS and linked == MASTERS:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"masters with {min_replicas}+ synced replicas: {linked}/{MASTERS} after "
+                                        f"{timeout_s:.0f} s; logs in {self.workdir}")
+            time.sleep(0.1)
+
     def masters(self) -> list[int]:
         """Ports of the nodes that currently serve slots as masters (asked of a live node)."""
         return sorted(port for port, role in self.roles().items() if role == "master")
 
     def roles(self) -> dict[int, str]:
         """port -> 'master' / 'slave' / 'fail' as the live nodes see the cluster now."""
-        live = next(n for n in self.nodes if n.alive())
+        answer, errors = None, []
+        for n in (n for n in self.nodes if n.alive()):  # a node just restarted may not listen yet: ask another
+            try:
+                answer = self.cli(n.port, "cluster", "nodes")
+                break
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                errors.append(str(e))
+        if answer is None:
+            raise RuntimeError(f"no live node answered CLUSTER NODES: {errors}")
         out: dict[int, str] = {}
-        for line in self.cli(live.port, "cluster", "nodes").splitlines():
+        for line in answer.splitlines():
             parts = line.split()
             port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
             flags = parts[2].split(",")
@@ -225,13 +249,4 @@ def _wait_replicas_synced(cluster: RedisCluster, deadline: float, replicas: int 
     """Each master has its replicas connected and synced (`state=online`): else the first failover
     could find none to promote, and `WAIT 1` (the event stream's durability) times out until the
     initial sync is done (~5 s after the link)."""
-    while True:
-        roles = cluster.roles()
-        masters = [p for p, r in roles.items() if r == "master"]
-        infos = [cluster.cli(p, "info", "replication") for p in masters]
-        linked = sum(f"connected_slaves:{replicas}" in info and info.count("state=online") == replicas for info in infos)
-        if len(masters) == MASTERS and linked == MASTERS:
-            return
-        if time.monotonic() > deadline:
-            raise ClusterStartError(f"replicas not linked ({linked}/{MASTERS}); logs in {cluster.workdir}")
-        time.sleep(0.1)
+    cluster.wait_replicated(replicas, max(deadline - time.monotonic(), 0.1))

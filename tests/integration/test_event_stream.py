@@ -38,20 +38,8 @@ def cluster():
     from scripts.local_redis_cluster import local_redis_cluster
 
     with local_redis_cluster(node_timeout_ms=1000) as c:
-        _wait_replicas_online(c)
+        c.wait_replicated()
         yield c
-
-
-def _wait_replicas_online(cluster, timeout_s: float = 60.0) -> None:
-    """Every master's replica has finished its first sync (`state=online`): before that WAIT counts
-    it as not confirming. (Redis 7 syncs diskless after repl-diskless-sync-delay, 5 s by default.)"""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = [redis.Redis(port=p).info("replication").get("slave0", {}).get("state") for p in cluster.masters()]
-        if states == ["online"] * len(states):
-            return
-        assert time.monotonic() < deadline, f"replicas not online: {states}"
-        time.sleep(0.2)
 
 
 def _prefix() -> str:

@@ -15,7 +15,6 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
-import redis
 
 from eventlog.event_log import EventLogUnavailable
 from eventlog.stream_log import StreamEventLog, StreamLayout, connect
@@ -29,17 +28,6 @@ pytestmark = [
 FAILOVER_BOUND_S = 20.0  # cluster-node-timeout 1 s: promoted in ~2-3 s; room for a loaded CI box
 BATCH, USERS = 20, 200
 RESEND_BOUND_S = 60.0
-
-
-def _wait_replicas_online(cluster, timeout_s: float = 60.0) -> None:
-    """WAIT counts a replica only once its first sync is done (`state=online`)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = [redis.Redis(port=p).info("replication").get("slave0", {}).get("state") for p in cluster.masters()]
-        if states == ["online"] * len(states):
-            return
-        assert time.monotonic() < deadline, f"replicas not online: {states}"
-        time.sleep(0.2)
 
 
 def _batch(n: int) -> list[dict]:
@@ -57,7 +45,7 @@ def test_acknowledged_events_survive_a_master_kill_exactly_once(replicas: int):
     from scripts.local_redis_cluster import local_redis_cluster
 
     with local_redis_cluster(node_timeout_ms=1000, replicas=replicas) as cluster:
-        _wait_replicas_online(cluster)
+        cluster.wait_replicated()
         layout = StreamLayout(f"test-failover:{uuid.uuid4().hex[:8]}", 8)
         # The socket timeout must outlast WAIT's (else a wait is cut off as a TimeoutError); a write to
         # the killed master fails at once (connection refused).
@@ -103,7 +91,7 @@ def test_acknowledged_events_survive_a_master_kill_exactly_once(replicas: int):
                 # node comes back - as a replica of the promoted one.
                 time.sleep(1.0)
                 cluster.restart(victim_port)
-            _wait_replicas_online(cluster)  # 3+6: the other replica now follows the promoted one
+            cluster.wait_replicated()  # 3+6: the other replica now follows the promoted one
             rejoined_at = time.monotonic()
             time.sleep(2.0)  # writes on the new topology
         finally:

@@ -509,14 +509,15 @@ def train_ranker_cmd(
                                       "untrained ranker": ranker_scorer(CrossEncoderRanker().eval()),
                                       "fine-tuned ranker": ranker_scorer(model)})
     path = write_ranking_report(result, report, f"Ranker fine-tuned {steps} steps, on the holdout's shown lists")
-    verdict = blend_verdict(result, "fine-tuned ranker")
+    verdict = blend_verdict(result, "fine-tuned ranker", shown=holdout.shown)
     write_validation(out, verdict)  # `recsys export ranker` carries it into the version
     _plot_curve(losses, report / "training_loss.png")
     console.print(result.to_string(index=False))
     console.print(f"[green]saved[/] {out}; report: {path}")
-    console.print(f"ranker {verdict['metric']} {verdict['ranker']:.4f} vs the blend's order {verdict['blend']:.4f}: "
+    console.print(f"ranker {verdict['metric']} {verdict['ranker']:.4f} vs the lists' logged order {verdict['blend']:.4f}: "
                   + ("beats the blend (the gateway applies it)" if verdict["beats_blend"]
-                     else "[yellow]does not beat the blend: the gateway (ranker_mode auto) will not apply it[/]"))
+                     else f"[yellow]{verdict.get('reason', 'does not beat the blend')}: "
+                          "the gateway (ranker_mode auto) will not apply it[/]"))
 
 
 @train_app.command("interest")

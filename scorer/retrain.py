@@ -323,7 +323,8 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
                  # The version carries whether it beat the logged (blend) order on these lists: the
                  # gateway's ranker_mode auto applies it only then (docs/gateway.md#the-ranker-gate).
                  _publisher("ranker", model_repo, triton_url, lambda: export_ranker(
-                     model_repo, candidate, int8=True, validation=blend_verdict(table, "candidate"))),
+                     model_repo, candidate, int8=True,
+                     validation=blend_verdict(table, "candidate", shown=lists.shown))),
                  log, veto=veto)
 
 

@@ -49,14 +49,24 @@ def ranker_scorer(model: CrossEncoderRanker) -> ListScorer:
 FAIR_METRIC = "snips_ndcg@5"
 
 
-def blend_verdict(table: pd.DataFrame, method: str, blend: str = "logged order", metric: str = "ndcg@5") -> dict:
+NO_SERVED_ORDER = ("the lists are sampled from interactions (nothing was shown), so their order is random, "
+                   "not the blend's: there is no served order to beat")
+
+
+def blend_verdict(table: pd.DataFrame, method: str, blend: str = "logged order", metric: str = "ndcg@5",
+                  shown: bool = True) -> dict:
     """Whether `method` (a ranker) beat the blend's order on the same validation lists, as the
     record `export_ranker(validation=...)` stores and the gateway's ranker_mode auto obeys. The
     logged order is what the gateway served: the blend of retrieval and features.
 
     When the table has the position-debiased judge (`snips_ndcg@5`, evaluate_lists), the verdict
     is taken on it: the naive `metric` favours the logged order, so a ranker would have to beat
-    the blend *and* the position bias. The naive numbers stay in the record (`naive_*`)."""
+    the blend *and* the position bias. The naive numbers stay in the record (`naive_*`).
+
+    `shown` False (RankerLists.shown: lists of one interaction + sampled negatives): the verdict is
+    "does not beat the blend", with the reason, whatever the numbers. Beating a random order says
+    nothing about the blend; on Online Retail such a ranker passed and cost the served path -84%
+    NDCG@10 (docs/models.md)."""
     from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
 
     overall = table[table["slice"] == "all"].set_index("method")
@@ -67,6 +77,8 @@ def blend_verdict(table: pd.DataFrame, method: str, blend: str = "logged order",
               "lists": int(overall.loc[method, "lists"])}
     if judge != metric:
         record.update({f"naive_{metric}_ranker": naive_ranker, f"naive_{metric}_blend": naive_base})
+    if not shown:
+        record.update({RANKER_VERDICT_PARAMETER: False, "reason": NO_SERVED_ORDER})
     return record
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from contract.item_text import item_text_from_features
 from contract.ranker_inputs import context_text, numeric_features
-from scorer.train.data import (INTERACTIONS, SAMPLED_NEGATIVES, interaction_log, join_features, label_log,
+from scorer.train.data import (INTERACTIONS, SAMPLED_NEGATIVES, SHOWN_LISTS, interaction_log, join_features, label_log,
                                require_source)
 
 
@@ -30,10 +30,19 @@ class RankerLists:
     rows: pd.DataFrame  # request_id, user_id, item_id, query, grade, position, event_timestamp, context, item_text
     numeric: np.ndarray  # [len(rows), n_numeric], aligned with rows
     cutoff: pd.Timestamp
+    # SHOWN_LISTS: what the gateway served (its order is the blend's); INTERACTIONS: one interaction +
+    # sampled negatives in random order, so "the logged order" there is no blend to beat.
+    source: str = SHOWN_LISTS
 
     def split(self, holdout: bool) -> "RankerLists":
         mask = (self.rows["event_timestamp"] >= self.cutoff) == holdout
-        return RankerLists(self.rows[mask].reset_index(drop=True), self.numeric[mask.to_numpy()], self.cutoff)
+        return RankerLists(self.rows[mask].reset_index(drop=True), self.numeric[mask.to_numpy()], self.cutoff,
+                           self.source)
+
+    @property
+    def shown(self) -> bool:
+        """Whether these lists carry a served (blend) order a ranker can be judged against."""
+        return self.source == SHOWN_LISTS
 
 
 def text_similarities(contexts: list[str], items: list[str], encoder=None) -> np.ndarray:
@@ -122,4 +131,4 @@ def load_ranker_lists(repo: Path, holdout_fraction: float = 0.2, store=None, enc
     labels["item_text"] = [item_text_from_features(r) for r in records]
     sims = text_similarities(labels["context"].tolist(), labels["item_text"].tolist(), encoder)
     numeric = np.array([numeric_features(r, r, sim) for r, sim in zip(records, sims)], dtype=np.float32)
-    return RankerLists(labels, numeric, cutoff)
+    return RankerLists(labels, numeric, cutoff, source)

@@ -173,6 +173,8 @@ def test_training_examples_come_from_the_interactions(retail) -> None:
     assert (per_list.iloc[:, 1] == 1).all() and (per_list["size"] > 5).all()
     assert lists.rows["item_text"].str.len().gt(0).all()  # attributes joined at the interaction, not before it
     assert len(lists.split(holdout=False).rows) and len(lists.split(holdout=True).rows)
+    # Sampled lists have no served order: no ranker trained on them is said to beat the blend.
+    assert not lists.shown and not lists.split(holdout=True).shown
 
 
 def test_train_commands_run_on_purchase_only_data(retail, tmp_path) -> None:

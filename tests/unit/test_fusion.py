@@ -237,6 +237,26 @@ def test_blend_verdict_compares_the_ranker_with_the_logged_order_on_the_same_lis
     assert blend_verdict(table, "worse")[RANKER_VERDICT_PARAMETER] is False
 
 
+def test_on_sampled_interaction_lists_no_ranker_beats_the_blend():
+    """Lists of one purchase + sampled negatives are in random order: beating that order says
+    nothing about the blend (on Online Retail such a ranker passed and cost the served path -84%
+    NDCG@10), so the verdict is no, with the reason, however far ahead the ranker is."""
+    from scorer.eval.ranking_eval import NO_SERVED_ORDER, blend_verdict
+    from scorer.train.data import INTERACTIONS, SHOWN_LISTS
+    from scorer.train.ranker_data import RankerLists
+
+    table = pd.DataFrame([
+        {"method": "logged order", "slice": "all", "lists": 40, "ndcg@5": 0.29, "mrr": 0.2},
+        {"method": "candidate", "slice": "all", "lists": 40, "ndcg@5": 0.47, "mrr": 0.4}])
+    verdict = blend_verdict(table, "candidate", shown=False)
+    assert verdict[RANKER_VERDICT_PARAMETER] is False and verdict["reason"] == NO_SERVED_ORDER
+    assert verdict["ranker"] == 0.47 and verdict["blend"] == 0.29  # the numbers stay in the record
+    rows = pd.DataFrame({"event_timestamp": pd.to_datetime(["2026-01-01", "2026-02-01"], utc=True)})
+    for source, shown in ((INTERACTIONS, False), (SHOWN_LISTS, True)):
+        lists = RankerLists(rows, np.zeros((2, 1), np.float32), pd.Timestamp("2026-01-15", tz="UTC"), source)
+        assert lists.shown is shown and lists.split(holdout=True).shown is shown  # the split keeps it
+
+
 def test_a_profile_covisit_is_explained_with_the_item_it_was_bought_with():
     from gateway.explain import ExplainerCache
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -44,9 +45,9 @@ PARENT = textwrap.dedent("""
     from cli.gateway_workers import run_workers
     from gateway.config import GatewaySettings
     worker = ("import os, signal, sys, time\\n"
-              "print('worker', os.environ['RECSYS_MAX_IN_FLIGHT'], os.environ['RECSYS_REUSE_PORT'], flush=True)\\n"
               "if os.environ.get('FAKE_DIE') and os.environ['RECSYS_MAX_IN_FLIGHT'] == '1': sys.exit(3)\\n"
               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\\n"
+              "print('worker', os.environ['RECSYS_MAX_IN_FLIGHT'], os.environ['RECSYS_REUSE_PORT'], flush=True)\\n"
               "time.sleep(60)\\n")
     code = run_workers(GatewaySettings(port=50061, max_in_flight=3), None, 2,
                        say=lambda m: print(m, flush=True), command=[sys.executable, "-c", worker])
@@ -61,15 +62,21 @@ def _parent(env: dict[str, str] | None = None) -> subprocess.Popen:
 
 def test_sigterm_reaches_every_worker_and_all_exit():
     parent = _parent()
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(parent.stdout), daemon=True)  # to EOF
+    reader.start()
     try:
+        # Each fake worker prints once its SIGTERM handler is in place: wait for both lines, however
+        # slow the box (a fixed sleep after "both children sleeping" lost the race under load).
         deadline = time.monotonic() + 60
-        while len(children := psutil.Process(parent.pid).children()) < 2 or not all(
-                c.status() == psutil.STATUS_SLEEPING for c in children):
-            assert parent.poll() is None and time.monotonic() < deadline, parent.stdout.read()
-            time.sleep(0.1)
-        time.sleep(1.0)  # the fake workers install their handler after printing
+        while sum(line.startswith("worker ") for line in list(lines)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        children = psutil.Process(parent.pid).children()
         parent.send_signal(signal.SIGTERM)
-        out, _ = parent.communicate(timeout=30)
+        parent.wait(timeout=30)
+        reader.join(timeout=10)
+        out = "".join(lines)
     finally:
         if parent.poll() is None:
             parent.kill()

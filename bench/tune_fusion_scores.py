@@ -42,7 +42,8 @@ from bench.tune_fusion import (Loaded, Relevance, Request, Seeds, evaluate, fuse
                                synthetic_shop, target_ranks, tune)
 from contract.scores import RANKER_PRIOR, ScoreWeights
 from gateway.config import SourceFusion
-from gateway.retrieval import INTEREST, POPULAR, SESSION, covisit_seeds, fallback_interest, history_positions
+from gateway.retrieval import (INTEREST, POPULAR, SESSION, covisit_scores, covisit_seeds, fallback_interest,
+                               history_positions)
 from gateway.scoring import source_fusion, weight_vector
 from gateway.state import Snapshot
 from scorer.eval.interest_eval import ndcg_per_example
@@ -54,24 +55,6 @@ GRID = {"session": (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0),
         "popular": (0.0, 0.1, 0.3, 1.0, 2.0),
         "scale": (0.5, 1.0, 2.0, 3.0, 5.0, 9.0)}
 LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-def covisit_scores(snap: Snapshot, seeds: list[int], decay: float) -> dict[int, float]:
-    """The co-visitation score each neighbour was sorted by in gateway.retrieval.covisit_neighbours
-    (seed-weighted, relative to each seed's strongest neighbour), before the top-k cut."""
-    catalog = snap.catalog
-    scores: dict[int, float] = {}
-    for j, seed in enumerate(seeds):
-        neighbours = catalog.covisit.get(seed)
-        if neighbours is None or len(neighbours) == 0:
-            continue
-        w = catalog.covisit_weights.get(seed)
-        if w is None or len(w) != len(neighbours):
-            w = 1.0 / (1.0 + np.arange(len(neighbours), dtype=np.float32))
-        scale = decay ** j / max(float(w[0]), 1e-9)
-        for p, x in zip(neighbours.tolist(), w.tolist()):
-            scores[p] = scores.get(p, 0.0) + scale * x
-    return scores
 
 
 @dataclass

@@ -96,12 +96,10 @@ def covisit_seeds(user: UserView, page_position: int | None, recent_items: int) 
     return list(dict.fromkeys(seeds))
 
 
-def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray,
-                       decay: float = RECENCY_DECAY) -> np.ndarray:
-    """The top-k co-visited positions of `seeds` within `allowed`, best first: each seed's
-    neighbours weighted by their co-visitation (relative to the seed's strongest) times
-    decay^(seed's place), summed over the seeds (a small decay: the newest seed decides, older
-    ones break its ties and add what it lacks)."""
+def covisit_scores(snap: Snapshot, seeds: list[int], decay: float = RECENCY_DECAY,
+                   allowed: np.ndarray | None = None) -> dict[int, float]:
+    """Position -> co-visitation score of the seeds' neighbours (within `allowed`, if given): each
+    neighbour's co-visitation relative to its seed's strongest, times decay^(seed's place), summed."""
     catalog = snap.catalog
     scores: dict[int, float] = {}
     for j, seed in enumerate(seeds):
@@ -113,8 +111,18 @@ def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.nda
             w = 1.0 / (1.0 + np.arange(len(neighbours), dtype=np.float32))
         scale = decay ** j / max(float(w[0]), 1e-9)
         for p, x in zip(neighbours.tolist(), w.tolist()):
-            if allowed[p]:
+            if allowed is None or allowed[p]:
                 scores[p] = scores.get(p, 0.0) + scale * x
+    return scores
+
+
+def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray,
+                       decay: float = RECENCY_DECAY) -> np.ndarray:
+    """The top-k co-visited positions of `seeds` within `allowed`, best first: each seed's
+    neighbours weighted by their co-visitation (relative to the seed's strongest) times
+    decay^(seed's place), summed over the seeds (a small decay: the newest seed decides, older
+    ones break its ties and add what it lacks)."""
+    scores = covisit_scores(snap, seeds, decay, allowed)
     best = sorted(scores, key=lambda p: -scores[p])[:k]  # stable: ties keep the seeds' order
     return np.array(best, dtype=np.int64)
 

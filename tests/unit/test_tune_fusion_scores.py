@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from bench.tune_fusion_scores import _minmax, _unit_range, _z, covisit_scores
+from bench.tune_fusion_scores import _minmax, _unit_range, _z
+from gateway.retrieval import covisit_scores
 from gateway.catalog import load_catalog
 from gateway.retrieval import covisit_neighbours
 from sources.interface import EVENT_COLUMNS

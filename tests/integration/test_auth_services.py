@@ -23,6 +23,7 @@ from rpc.auth import ADMIN, EVENTS, RECOMMEND, key_line, new_key
 from rpc.clients import FeedbackClient, RecommendClient, channel
 from scripts.local_redis import free_port
 from tests.keys import GATEWAY_KEY, SHOP_KEY
+from tests.grpc_calls import status_of as _code
 from tests.processes import FeedbackProcess
 
 pytestmark = pytest.mark.integration
@@ -66,14 +67,6 @@ def gateway(feature_repo, triton_gw, tmp_path_factory, feedback, key_file):
                                online_weights_poll_s=0.2, auth_keys_file=key_file)
     with BackgroundGateway(settings) as gw:
         yield gw
-
-
-def _code(fn) -> tuple[S, str]:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return S.OK, ""
 
 
 def _event(n: int) -> fb.Event:

@@ -31,6 +31,7 @@ from rpc.auth import channel_credentials
 from rpc.clients import FeedbackClient, RecommendClient
 from scripts.local_redis import free_port
 from tests.keys import GATEWAY_KEY, SHOP_KEY
+from tests.grpc_calls import status_of as _code
 from tests.processes import FeedbackProcess
 
 pytestmark = [pytest.mark.integration,
@@ -116,14 +117,6 @@ def _client_credentials(certs: Certs, client: Pair | None = None) -> grpc.Channe
 def _event(name: str) -> fb.Event:
     return fb.Event(event_id=f"tls-{name}-{time.time_ns()}", type=fb.EVENT_TYPE_CLICK, user_id="u1", item_id="i1",
                     request_id="r1", position=1)
-
-
-def _code(fn) -> tuple[S, str]:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code(), e.details()
-    return S.OK, ""
 
 
 def _log_as_trusted(service: FeedbackProcess, certs: Certs, event: fb.Event) -> fb.LogResponse:

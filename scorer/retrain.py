@@ -3,20 +3,23 @@
     retrain -> for each model: fine-tune from its serving checkpoint on the label log (Feast's
                labels_source, which includes the feedback service's events)
             -> evaluate candidate vs serving on the time-split holdout (report either way)
-            -> promote only if the gate metric improves by `margin` (the interest model: only if
-               its paired validation gain exceeds the gain's standard error plus `margin`, the rule
-               of `recsys train interest`): export a new Triton version
+            -> promote only if the candidate's gain in the gate metric over what serves, paired
+               over the same examples, exceeds the gain's standard error plus `margin` (PairedGain,
+               scorer/eval/paired_gain.py: the rule `recsys train encoder` and `recsys train
+               interest` keep a candidate by): export a new Triton version
                and publish it with zero downtime (modelrepo/publish.py); the gateway notices
                (a new encoder: re-embeds the catalog and swaps its index; a new ranker or
                interest model: used from the next request)
     rollback -> publish a model's previous version again (its files stay in the model repository)
 
-Gate metrics: encoder NDCG@10 of retrieval on its validation split (query -> item on searches, next
-item on interaction-only data; skipped when the data holds neither); ranker NDCG@5 of the holdout's
-shown lists; interest model NDCG@10 of next-interaction retrieval on its validation split (the end
-of the training period), against the serving model and the untrained fallback, each on the same
-examples (the gain over each must exceed its paired standard error plus the margin: a gain of
-+0.007 on ~100 examples is noise, scorer/train/interest_train.py PairedGain). The encoder goes first: the
+Gate metrics, each per example so that the gain's noise is measured (a gain of +0.007 on ~100
+examples is noise): encoder NDCG@10 of retrieval on its validation split (query -> item on
+searches, next item on interaction-only data; skipped when the data holds neither), serving vs the
+best fine-tuned weights on the same examples; ranker NDCG@5 of the holdout's shown lists, serving vs
+candidate on the same lists, with the position-debiased SNIPS-NDCG@5 as a veto; interest model
+NDCG@10 of next-interaction retrieval on its validation split (the end of the training period),
+against the serving model and the untrained fallback, each on the same examples (the gain over
+each must pass). The encoder goes first: the
 ranker's similarity feature and the interest model's item vectors come from the (new) serving
 encoder. The registry (`var/models/registry.json`) records, per model, which checkpoint made which
 version, what serves now and the promotion history, and when training last ran (for the
@@ -36,11 +39,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from scorer.eval.paired_gain import PairedGain
+
 if TYPE_CHECKING:
     from torch import nn
 
     from scorer.train.interest_data import VectorTable
-    from scorer.train.interest_train import PairedGain
 
 MODELS = ("encoder", "ranker", "interest")
 
@@ -94,7 +98,7 @@ class RetrainResult:
     candidate_score: float
     version: int | None
     report: Path | None
-    gain: "PairedGain | None" = None  # the interest model's: its gain over what serves, and that gain's standard error
+    gain: PairedGain | None = None  # the candidate's gain over what serves and that gain's standard error (None: skipped)
 
 
 def adopt_serving(registry: Registry, version: int, checkpoint: Path | None, model: str = "encoder") -> None:
@@ -165,21 +169,16 @@ def write_gate_report(out_dir: Path, title: str, table: pd.DataFrame, metric: st
     return out_dir / "report.md"
 
 
-def _gate(model: str, registry: Registry, before: float, after: float, margin: float, metric: str,
-          report: Path, candidate_dir: Path, promote: Callable[[], int], log, veto: str | None = None,
-          gain: "PairedGain | None" = None) -> RetrainResult:
-    """Promote (export + publish via `promote`) only if `after` beats `before` by `margin`, or, given
-    the candidate's paired `gain`, only if that gain exceeds its standard error plus its margin
-    (PairedGain.beyond_noise); and no `veto` (why a second judge refuses the candidate)."""
-    passed = gain.beyond_noise if gain is not None else after >= before + margin
-    if not passed or veto is not None:
+def _gate(model: str, registry: Registry, gain: PairedGain, metric: str, report: Path, candidate_dir: Path,
+          promote: Callable[[], int], log, veto: str | None = None) -> RetrainResult:
+    """Promote (export + publish via `promote`) only if the candidate's paired `gain` over what
+    serves exceeds its standard error plus its margin (PairedGain.beyond_noise), and no `veto` (why
+    a second judge refuses the candidate)."""
+    before, after = gain.baseline, gain.candidate
+    if not gain.beyond_noise or veto is not None:
         registry.save()
-        if veto is not None:
-            reason = f"not promoted: {veto}"
-        elif gain is not None:
-            reason = f"not promoted: {metric} {after:.4f} vs {gain.versus} {before:.4f}: {gain.says()}"
-        else:
-            reason = f"not promoted: {metric} {after:.4f} vs serving {before:.4f} (margin {margin})"
+        reason = (f"not promoted: {veto}" if veto is not None
+                  else f"not promoted: {metric} {after:.4f} vs {gain.versus} {before:.4f}: {gain.says()}")
         log(f"retrain {model}: {reason}; report {report}")
         return RetrainResult(model, False, reason, before, after, None, report, gain)
     version = promote()
@@ -188,13 +187,13 @@ def _gate(model: str, registry: Registry, before: float, after: float, margin: f
     entry.serving = version
     entry.history.append(version)
     registry.save()
-    reason = f"promoted v{version}: {metric} {before:.4f} -> {after:.4f}" + (f" ({gain.says()})" if gain else "")
+    reason = f"promoted v{version}: {metric} {before:.4f} -> {after:.4f} ({gain.says()})"
     log(f"retrain {model}: {reason}; report {report}")
     return RetrainResult(model, True, reason, before, after, version, report, gain)
 
 
 def interest_gain(candidate: "nn.Module", baselines: dict[str, "nn.Module"], val: pd.DataFrame,
-                  table: "VectorTable", margin: float) -> "PairedGain":
+                  table: "VectorTable", margin: float) -> PairedGain:
     """The candidate's gain over each of `baselines` (what serves, the untrained fallback) on the
     same validation examples, judged by the rule of `recsys train interest` (PairedGain): the
     binding one, i.e. the baseline the candidate beats by the least beyond its noise (if it passes
@@ -223,12 +222,13 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
                     steps: int = 200, margin: float = 0.005, lr: float | None = None, seed: int = 0,
                     log=print) -> RetrainResult:
     """One round of the loop for the encoder, gated on **validation** NDCG@10 (the split, early
-    stopping and objective of `recsys train encoder`, scorer/train/encoder_train.py): fine-tune the
-    serving encoder (query -> item, or previous item -> next item on data without searches) and
-    promote the best fine-tuned weights only if they beat the serving encoder on validation by
-    `margin`. On query data the holdout is reported too, not used to choose. When the data holds
-    nothing the encoder can learn from, the step is skipped (not promoted, no report) and says why.
-    `steps` caps the step budget; `triton_url` None: export but do not publish."""
+    stopping, objective and keep rule of `recsys train encoder`, scorer/train/encoder_train.py):
+    fine-tune the serving encoder (query -> item, or previous item -> next item on data without
+    searches) and promote the best fine-tuned weights only if their gain over the serving encoder,
+    on the same validation examples, exceeds its paired standard error plus `margin` (PairedGain; a
+    negative `margin` tolerates a loss). On query data the holdout is reported too, not used to
+    choose. When the data holds nothing the encoder can learn from, the step is skipped (not
+    promoted, no report) and says why. `steps` caps the step budget; `triton_url` None: export but do not publish."""
     from scorer.eval.encoder_validation import NextItemValidation
     from scorer.eval.retrieval_eval import build_eval_set, encoder_scorer, evaluate
     from scorer.export.encoder_export import export_encoder
@@ -247,12 +247,15 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
         return RetrainResult("encoder", False, reason, math.nan, math.nan, None, None)
     log(f"retrain encoder: {len(ts.fit):,} training pairs ({ts.objective} -> item), {ts.validation.examples:,} "
         f"validation examples, serving v{entry.serving} ({serving_ckpt or 'packaged weights'})")
+    # The fit's own keep rule is the gate's: its verdict, with `margin`, decides.
     fit = fit_encoder(ts.fit, ts.validation, ts.validation.examples, ts.metric,
-                      EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed), start_from=serving_ckpt, start_name="serving")
+                      EncoderTrainConfig(max_steps=steps, lr=lr, seed=seed, min_gain=margin), start_from=serving_ckpt,
+                      start_name="serving")
     candidate = best_fine_tuned(fit)
     candidate_dir = work_dir / f"encoder-{stamp}"
     save_encoder(candidate, fit.tokenizer, candidate_dir)
-    before, after = fit.verdict.start, fit.verdict.fine_tuned
+    gain = fit.verdict.gain
+    before, after = gain.baseline, gain.candidate
     serving = _serving_encoder(registry)
     if ts.source == INTERACTIONS:
         ids, texts = catalog(repo)
@@ -269,8 +272,8 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
         table = pd.DataFrame([{"method": n, "split": "holdout", **by["all"]} for n, by in got.items()])
     validation = pd.DataFrame([{"method": "serving", "split": "validation", "NDCG@10": round(before, 4)},
                                {"method": "candidate", "split": "validation", "NDCG@10": round(after, 4)}])
-    decision = (f"{'promote' if after >= before + margin else 'keep serving'}: {fit.verdict.says} "
-                f"(margin {margin}; best step {fit.best_step} of {fit.steps_run})")
+    decision = (f"{'promote' if gain.beyond_noise else 'keep serving'}: {fit.verdict.says} "
+                f"(best step {fit.best_step} of {fit.steps_run})")
     report = write_gate_report(work_dir / f"report-encoder-{stamp}", f"Encoder retrain {stamp}: candidate vs serving",
                                pd.concat([validation, table], ignore_index=True), f"validation {ts.metric}", before,
                                after, decision)
@@ -279,16 +282,35 @@ def retrain_encoder(repo: Path, model_repo: Path, triton_url: str | None, regist
     labels = repo / "data" / "offline" / "labels.parquet"
     seen = pd.read_parquet(labels, columns=["event_timestamp"])["event_timestamp"] if labels.exists() else pd.Series([])
     registry.last_trained_at = max(registry.last_trained_at or "", str(max([*seen.tolist(), ts.data.rows["event_timestamp"].max()])))
-    return _gate("encoder", registry, before, after, margin, "validation NDCG@10", report, candidate_dir,
+    return _gate("encoder", registry, gain, "validation NDCG@10", report, candidate_dir,
                  _publisher("encoder", model_repo, triton_url, lambda: export_encoder(model_repo, candidate, int8=True)), log)
+
+
+def ranker_gain(per_list: dict[str, pd.DataFrame], margin: float) -> PairedGain:
+    """The candidate ranker's NDCG@5 gain over the serving one, paired over the same holdout lists
+    (per_list_metrics' frames, scorer/eval/ranking_eval.py)."""
+    return PairedGain.of(per_list["candidate"]["ndcg@5"], per_list["serving"]["ndcg@5"], margin, "serving", "lists")
+
+
+def snips_veto(overall: pd.DataFrame, gain: PairedGain, margin: float) -> str | None:
+    """Why the position-debiased judge refuses the candidate (its SNIPS-NDCG@5 drops below the
+    serving ranker's by more than |margin|: a negative margin, "any candidate passes", tolerates as
+    much), else None. `overall`: the lists' table for slice "all", indexed by method."""
+    fair_before, fair_after = float(overall.loc["serving", "snips_ndcg@5"]), float(overall.loc["candidate", "snips_ndcg@5"])
+    if fair_after >= fair_before - abs(margin):
+        return None
+    return (f"SNIPS-NDCG@5 {fair_after:.4f} vs serving {fair_before:.4f}: the NDCG@5 gain ({gain.baseline:.4f} -> "
+            f"{gain.candidate:.4f}) does not survive the position correction")
 
 
 def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                    steps: int = 100, margin: float = 0.005, seed: int = 0, log=print) -> RetrainResult:
-    """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5,
-    with the position-debiased SNIPS-NDCG@5 (scorer/eval/ips.py) as a veto: a candidate whose gain is
-    only agreement with the logged order (clicked because shown high) is not promoted."""
-    from scorer.eval.ranking_eval import blend_verdict, evaluate_lists, logged_order, ranker_scorer
+    """One round for the ranker: listwise fine-tuning from the serving ranker, gated on holdout NDCG@5:
+    promoted only if the candidate's gain over the serving ranker, paired over the same holdout
+    lists, exceeds its standard error plus `margin` (PairedGain), with the position-debiased
+    SNIPS-NDCG@5 (scorer/eval/ips.py) as a veto: a candidate whose gain is only agreement with the
+    logged order (clicked because shown high) is not promoted."""
+    from scorer.eval.ranking_eval import blend_verdict, logged_order, per_list_metrics, ranker_scorer, summarize_lists
     from scorer.export.ranker_export import export_ranker
     from scorer.models.ranker import CrossEncoderRanker
     from scorer.train.ranker_data import load_ranker_lists
@@ -304,28 +326,28 @@ def retrain_ranker(repo: Path, model_repo: Path, triton_url: str | None, registr
     candidate, _ = train_ranker(lists.split(holdout=False), candidate_dir, RankerTrainConfig(max_steps=steps, seed=seed),
                                 start_from=serving_ckpt)
     serving = CrossEncoderRanker.load(serving_ckpt) if serving_ckpt else CrossEncoderRanker().eval()
-    table = evaluate_lists(lists.split(holdout=True), {"logged order": logged_order, "serving": ranker_scorer(serving),
-                                                       "candidate": ranker_scorer(candidate)})
+    per_list = per_list_metrics(lists.split(holdout=True), {"logged order": logged_order,
+                                                            "serving": ranker_scorer(serving),
+                                                            "candidate": ranker_scorer(candidate)})
+    table = summarize_lists(per_list)
     overall = table[table["slice"] == "all"].set_index("method")
-    before, after = float(overall.loc["serving", "ndcg@5"]), float(overall.loc["candidate", "ndcg@5"])
-    fair_before, fair_after = float(overall.loc["serving", "snips_ndcg@5"]), float(overall.loc["candidate", "snips_ndcg@5"])
-    log(f"retrain ranker: NDCG@5 (naive holdout) {before:.4f} -> {after:.4f}; SNIPS-NDCG@5 (position-debiased) "
-        f"{fair_before:.4f} -> {fair_after:.4f}; the logged order {overall.loc['logged order', 'ndcg@5']:.4f} / "
-        f"{overall.loc['logged order', 'snips_ndcg@5']:.4f}")
-    # The veto tolerates a drop of |margin| (a negative margin, "any candidate passes", tolerates as much).
-    veto = (f"SNIPS-NDCG@5 {fair_after:.4f} vs serving {fair_before:.4f}: the NDCG@5 gain ({before:.4f} -> "
-            f"{after:.4f}) does not survive the position correction" if fair_after < fair_before - abs(margin) else None)
-    decision = "promote" if after >= before + margin and veto is None else "keep serving"
+    gain = ranker_gain(per_list, margin)
+    log(f"retrain ranker: NDCG@5 (naive holdout) {gain.baseline:.4f} -> {gain.candidate:.4f}; SNIPS-NDCG@5 "
+        f"(position-debiased) {overall.loc['serving', 'snips_ndcg@5']:.4f} -> {overall.loc['candidate', 'snips_ndcg@5']:.4f}; "
+        f"the logged order {overall.loc['logged order', 'ndcg@5']:.4f} / {overall.loc['logged order', 'snips_ndcg@5']:.4f}")
+    veto = snips_veto(overall, gain, margin)
+    decision = (f"{'promote' if gain.beyond_noise and veto is None else 'keep serving'}: NDCG@5 {gain.says()}"
+                + (f"; vetoed: {veto}" if veto else ""))
     report = write_gate_report(work_dir / f"report-ranker-{stamp}", f"Ranker retrain {stamp}: candidate vs serving",
-                               table, "NDCG@5", before, after, decision)
+                               table, "NDCG@5", gain.baseline, gain.candidate, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(lists.rows["event_timestamp"].max()))
-    return _gate("ranker", registry, before, after, margin, "NDCG@5", report, candidate_dir,
+    return _gate("ranker", registry, gain, "NDCG@5", report, candidate_dir,
                  # The version carries whether it beat the logged (blend) order on these lists: the
                  # gateway's ranker_mode auto applies it only then (docs/gateway.md#the-ranker-gate).
                  _publisher("ranker", model_repo, triton_url, lambda: export_ranker(
                      model_repo, candidate, int8=True,
                      validation=blend_verdict(table, "candidate", shown=lists.shown))),
-                 log, veto=veto)
+                 log, veto)
 
 
 def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
@@ -374,9 +396,8 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     report = write_gate_report(work_dir / f"report-interest-{stamp}", f"Interest model retrain {stamp}: candidate vs serving",
                                result.round(4), "validation NDCG@10", gain.baseline, gain.candidate, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
-    return _gate("interest", registry, gain.baseline, gain.candidate, margin, "validation NDCG@10", report,
-                 candidate_dir, _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)),
-                 log, gain=gain)
+    return _gate("interest", registry, gain, "validation NDCG@10", report, candidate_dir,
+                 _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
 
 
 RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest}

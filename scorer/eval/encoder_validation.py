@@ -13,7 +13,9 @@ Two kinds of examples, one per training objective (scorer/train/encoder_train.py
 - **query** (data with searches): the search requests of a split, ranked as `recsys eval
   retrieval` ranks them (scorer/eval/retrieval_eval.py); keys NDCG@10, Recall@10, Recall@50.
 
-`NDCG@10` is the key every judge reads.
+`NDCG@10` is the key every judge reads. `judge(model)` gives it per example too (`Judged`): the
+encoder's gate compares two encoders on the same examples, and the noise of that comparison is
+the spread of the per-example differences (scorer/eval/paired_gain.py).
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from scorer.eval.interest_eval import ndcg_per_example
+from scorer.eval.metrics import ndcg_at_k, recall_at_k
 from scorer.eval.next_item import metrics_from_ranks, target_ranks
-from scorer.eval.retrieval_eval import EvalSet, embed_texts, encoder_scorer, evaluate
+from scorer.eval.retrieval_eval import EvalSet, embed_texts, encoder_scorer
 from scorer.models.encoder import TextEncoder
 
 PRIMARY = "NDCG@10"
 KS = (10, 50)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One validation of an encoder: the mean metrics and each example's PRIMARY (NDCG@10), in the
+    validator's fixed order of examples (so two encoders' values pair up)."""
+
+    metrics: dict[str, float]
+    per_example: np.ndarray
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:
@@ -81,18 +94,24 @@ class NextItemValidation:
             item_ranks.append(target_ranks(vectors[[h[0] for h in hists]] @ vectors.T, targets))
         return np.concatenate(hist_ranks), np.concatenate(item_ranks)
 
-    def metrics_of_vectors(self, vectors: np.ndarray) -> dict[str, float]:
+    def judge_vectors(self, vectors: np.ndarray) -> Judged:
         hist, item = self.scores(vectors)
         out = metrics_from_ranks(hist, KS)
         out.update({f"item {k}": v for k, v in metrics_from_ranks(item, KS).items()})
-        return out
+        return Judged(out, ndcg_per_example(hist, 10))
 
-    def __call__(self, model: TextEncoder) -> dict[str, float]:
+    def metrics_of_vectors(self, vectors: np.ndarray) -> dict[str, float]:
+        return self.judge_vectors(vectors).metrics
+
+    def judge(self, model: TextEncoder) -> Judged:
         was_training = model.training
         model.eval()
         vectors = embed_texts(model, self.item_texts, model.config.item_max_length)
         model.train(was_training)
-        return self.metrics_of_vectors(vectors)
+        return self.judge_vectors(vectors)
+
+    def __call__(self, model: TextEncoder) -> dict[str, float]:
+        return self.judge(model).metrics
 
 
 @dataclass
@@ -110,9 +129,29 @@ class QueryValidation:
     def examples(self) -> int:
         return len(self.eval_set.queries)
 
-    def __call__(self, model: TextEncoder) -> dict[str, float]:
+    def judge(self, model: TextEncoder) -> Judged:
         was_training = model.training
         model.eval()
-        got = evaluate(self.eval_set, {"m": encoder_scorer(self.eval_set, model)}).metrics["m"]["all"]
+        scores = encoder_scorer(self.eval_set, model)(self.eval_set.queries["query"].tolist())
         model.train(was_training)
-        return {"NDCG@10": got["ndcg@10"], "Recall@10": got["recall@10"], "Recall@50": got["recall@50"]}
+        per = self.per_query(scores)
+        return Judged({k: float(v) for k, v in per.mean().items()}, per[PRIMARY].to_numpy())
+
+    def per_query(self, scores: np.ndarray) -> pd.DataFrame:
+        """NDCG@10, Recall@10, Recall@50 of each request from its [n_queries, n_items] scores, ranked
+        as `recsys eval retrieval` ranks them (scorer/eval/retrieval_eval.py `evaluate`: items not
+        yet in the catalog at request time are out, ties keep catalog order)."""
+        ev, q = self.eval_set, self.eval_set.queries
+        ts = q["event_timestamp"].dt.tz_convert(None).to_numpy()
+        scores = np.where(ev.item_created[None, :] <= ts[:, None], scores, -np.inf)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)]
+        ids = np.array(ev.item_ids)
+        rows = []
+        for n, rel in enumerate(q["relevant"]):
+            ranked = ids[top[n]].tolist()
+            rows.append({"NDCG@10": ndcg_at_k(ranked, rel, 10), "Recall@10": recall_at_k(ranked, rel, 10),
+                         "Recall@50": recall_at_k(ranked, rel, 50)})
+        return pd.DataFrame(rows, columns=["NDCG@10", "Recall@10", "Recall@50"])
+
+    def __call__(self, model: TextEncoder) -> dict[str, float]:
+        return self.judge(model).metrics

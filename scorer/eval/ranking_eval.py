@@ -85,11 +85,12 @@ def blend_verdict(table: pd.DataFrame, method: str, blend: str = "logged order",
 METRICS = ["ndcg@5", "mrr", "ips_dcg@5", "snips_ndcg@5"]
 
 
-def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users: set[str] = frozenset(),
-                   theta: np.ndarray | None = None, clip: float = ips.DEFAULT_CLIP) -> pd.DataFrame:
-    """Per method: the naive NDCG@5 / MRR and the IPS / SNIPS judges (scorer/eval/ips.py). `theta`:
-    the position propensities (index 0 = position 1); None estimates them from these lists' own
-    impressions (CTR curve + intervention harvesting). Weights are clipped at `clip`."""
+def per_list_metrics(data: RankerLists, methods: dict[str, ListScorer], cold_users: set[str] = frozenset(),
+                     theta: np.ndarray | None = None, clip: float = ips.DEFAULT_CLIP) -> dict[str, pd.DataFrame]:
+    """Per method, one row per list (the same lists in the same order for every method, so two
+    methods' values pair up): METRICS and whether the list's user is cold. `theta`: the position
+    propensities (index 0 = position 1); None estimates them from these lists' own impressions
+    (CTR curve + intervention harvesting). Weights are clipped at `clip`."""
     lists = trainable_lists(data)
     grades = data.rows["grade"].to_numpy()
     items = data.rows["item_id"].to_numpy()
@@ -99,7 +100,7 @@ def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users
         theta = ips.position_propensities(positions, grades > 0, items)
     w = ips.weights(positions, theta, clip)
     gains = 2.0 ** grades - 1
-    out = []
+    out = {}
     for name, scorer in methods.items():
         per = []
         for idx in lists:
@@ -109,12 +110,27 @@ def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users
             ranked = [items[i] for i in order]
             per.append((ndcg_at_k(ranked, rel, 5), mrr(ranked, rel), ips.ips_dcg(scores, gains[idx], w[idx], 5),
                         ips.snips_ndcg(scores, gains[idx], w[idx], 5), users[idx[0]] in cold_users))
-        frame = pd.DataFrame(per, columns=[*METRICS, "cold"])
+        out[name] = pd.DataFrame(per, columns=[*METRICS, "cold"])
+    return out
+
+
+def summarize_lists(per_list: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The table of `evaluate_lists` from `per_list_metrics`: per method, the means overall and on
+    the lists of cold users."""
+    out = []
+    for name, frame in per_list.items():
         out.append({"method": name, "slice": "all", "lists": len(frame), **frame[METRICS].mean().round(4)})
         cold = frame[frame["cold"]]
         if len(cold):
             out.append({"method": name, "slice": "cold_users", "lists": len(cold), **cold[METRICS].mean().round(4)})
     return pd.DataFrame(out)
+
+
+def evaluate_lists(data: RankerLists, methods: dict[str, ListScorer], cold_users: set[str] = frozenset(),
+                   theta: np.ndarray | None = None, clip: float = ips.DEFAULT_CLIP) -> pd.DataFrame:
+    """Per method: the naive NDCG@5 / MRR and the IPS / SNIPS judges (scorer/eval/ips.py), the
+    means of `per_list_metrics` (same arguments)."""
+    return summarize_lists(per_list_metrics(data, methods, cold_users, theta, clip))
 
 
 def onnx_scorer(onnx_path: Path, config) -> ListScorer:

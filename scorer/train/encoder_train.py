@@ -19,9 +19,12 @@ real data):
 - a **step budget that scales with the data** (`epochs` passes, within [min_steps, max_steps]);
 - **early stopping** on validation NDCG@10 (scorer/eval/encoder_validation.py), best weights kept;
   the first validation is the starting encoder (zero-shot, or the serving one when fine-tuning it);
-- **the gate** (`EncoderFit.verdict`): the fine-tuned weights are kept only when their best
-  validation NDCG@10 beats the start's by more than `min_gain`; otherwise the start is what is
-  saved, and the verdict says so (`encoder_validation.json` beside the checkpoint).
+- **the gate** (`EncoderFit.verdict`): the fine-tuned weights are kept only when the gain of their
+  best validation NDCG@10 over the start's, on the same examples, exceeds its paired standard
+  error plus `min_gain` (PairedGain, scorer/eval/paired_gain.py: the rule of every model gate; the
+  best of a noisy validation curve beats the start by chance on a few hundred examples);
+  otherwise the start is what is saved, and the verdict says so (`encoder_validation.json`
+  beside the checkpoint).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from scorer.eval.encoder_validation import PRIMARY
+from scorer.eval.encoder_validation import PRIMARY, Judged
+from scorer.eval.paired_gain import PairedGain, paired_standard_error
 from scorer.models.encoder import EncoderConfig, TextEncoder, load_tokenizer
 from scorer.train.data import CannotTrain
 from scorer.train.early_stop import EarlyStopping, eval_interval, step_budget
@@ -68,7 +72,7 @@ class EncoderTrainConfig:
     evals_per_epoch: float = 4.0
     eval_every_bounds: tuple[int, int] = (10, 200)
     patience: int = 3  # validations without a gain before stopping
-    min_gain: float = 0.0  # how much the fine-tuned encoder must beat the start on validation to be kept
+    min_gain: float = 0.0  # how much more than its standard error the validation gain over the start must be
     seed: int = 0
     # One intra-op thread: on the 2-core shared VM a second thread contends with the other jobs.
     threads: int | None = 1
@@ -76,7 +80,8 @@ class EncoderTrainConfig:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The gate's decision: fine-tuned kept only when it beats the start on validation."""
+    """The gate's decision: fine-tuned kept only when its gain over the start on validation is
+    beyond noise (`gain`, PairedGain.beyond_noise)."""
 
     kept: bool
     metric: str  # e.g. "NDCG@10, next item (mean of recent history)"
@@ -85,26 +90,51 @@ class Verdict:
     min_gain: float
     examples: int
     start_name: str = "zero-shot"
+    se: float = 0.0  # standard error of fine_tuned - start, paired over the validation examples
+
+    @property
+    def gain(self) -> PairedGain:
+        return PairedGain(self.fine_tuned, self.start, self.se, self.min_gain, self.examples, self.start_name)
 
     @property
     def says(self) -> str:
         change = (f"{(self.fine_tuned / self.start - 1) * 100:+.1f}%" if self.start > 0 else "n/a")
         nums = (f"validation {self.metric} on {self.examples:,} examples: {self.start_name} {self.start:.4f}, "
-                f"fine-tuned {self.fine_tuned:.4f} ({change})")
+                f"fine-tuned {self.fine_tuned:.4f} ({change}): {self.gain.says()}")
         if self.kept:
             return f"{nums} -> fine-tuned encoder kept"
-        return f"{nums} -> fine-tuning does not beat the {self.start_name} encoder: the {self.start_name} encoder is kept"
+        return f"{nums} -> fine-tuning does not beat the {self.start_name} encoder beyond noise: the {self.start_name} encoder is kept"
 
 
 def gate(start: float, fine_tuned: float, metric: str, examples: int, min_gain: float = 0.0,
-         start_name: str = "zero-shot") -> Verdict:
-    """Keep the fine-tuned encoder only when its validation score beats the start's by more than `min_gain`."""
-    if any(math.isnan(x) for x in (start, fine_tuned)):
-        raise ValueError(f"validation scores must be numbers, got {start} and {fine_tuned}")
-    return Verdict(fine_tuned > start + min_gain, metric, float(start), float(fine_tuned), min_gain, examples, start_name)
+         start_name: str = "zero-shot", se: float = 0.0) -> Verdict:
+    """Keep the fine-tuned encoder only when its validation gain over the start exceeds `se` (the
+    gain's paired standard error, `paired_standard_error`) plus `min_gain`."""
+    if any(math.isnan(x) for x in (start, fine_tuned, se)):
+        raise ValueError(f"validation scores must be numbers, got {start}, {fine_tuned} (standard error {se})")
+    gain = PairedGain(float(fine_tuned), float(start), float(se), min_gain, examples, start_name)
+    return Verdict(gain.beyond_noise, metric, float(start), float(fine_tuned), min_gain, examples, start_name, float(se))
 
 
+# NextItemValidation / QueryValidation (scorer/eval/encoder_validation.py); they also `judge` per example.
 Validator = Callable[[TextEncoder], dict[str, float]]
+
+
+def _judge(validate: Validator, model: TextEncoder) -> Judged | dict[str, float]:
+    judge = getattr(validate, "judge", None)
+    return judge(model) if judge is not None else validate(model)
+
+
+def _gain_se(start: Judged | dict[str, float], best: Judged | dict[str, float]) -> float:
+    """The paired standard error of the best fine-tuned validation's gain over the start's. A
+    validator with means only (a unit test's scripted scores) gives no estimate of the noise: 0."""
+    if isinstance(start, Judged) and isinstance(best, Judged):
+        return paired_standard_error(best.per_example, start.per_example)
+    return 0.0
+
+
+def _metrics(judged: Judged | dict[str, float]) -> dict[str, float]:
+    return judged.metrics if isinstance(judged, Judged) else judged
 
 
 @dataclass
@@ -122,6 +152,10 @@ class EncoderFit:
     train_pairs: int
     lr: float
     fine_tuned_state: dict | None = None  # the best fine-tuned weights, kept or not (for comparisons)
+    # Each validation example's NDCG@10 under the start and under the best fine-tuned weights, in
+    # the same order (None: no validation, or a validator that gives means only).
+    start_values: np.ndarray | None = None
+    fine_tuned_values: np.ndarray | None = None
 
     def manifest(self) -> dict:
         if self.verdict is None:
@@ -190,12 +224,14 @@ def fit_encoder(pairs: pd.DataFrame, validate: Validator | None, val_examples: i
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         sched = warmup_then_linear_decay(opt, cfg.warmup_steps, budget)
         stopper = EarlyStopping(cfg.patience)  # patience only; the weights kept are chosen below
-        best_ft: tuple[float, int, dict | None] = (-math.inf, 0, None)  # best fine-tuned (score, step, weights)
+        # best fine-tuned (score, step, weights, its validation)
+        best_ft: tuple[float, int, dict | None, Judged | dict | None] = (-math.inf, 0, None, None)
         curve: list[tuple[int, dict[str, float]]] = []
-        start_state = None
+        start_state = start_judged = None
         if validate is not None:
             start_state = copy.deepcopy(model.state_dict())
-            curve.append((0, validate(model)))
+            start_judged = _judge(validate, model)
+            curve.append((0, _metrics(start_judged)))
             stopper.update(0, curve[0][1][PRIMARY], model)
         losses: list[float] = []
         batches = _batches(pairs, cfg.batch_size, rng)
@@ -212,10 +248,11 @@ def fit_encoder(pairs: pd.DataFrame, validate: Validator | None, val_examples: i
                 loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(anchors)))
                 losses.append(optimizer_step(model, opt, sched, loss))
                 if validate is not None and (step % every == 0 or step == budget):
-                    curve.append((step, validate(model)))
+                    judged = _judge(validate, model)
+                    curve.append((step, _metrics(judged)))
                     score = curve[-1][1][PRIMARY]
                     if score > best_ft[0]:
-                        best_ft = (score, step, copy.deepcopy(model.state_dict()))
+                        best_ft = (score, step, copy.deepcopy(model.state_dict()), judged)
                     stopped = stopper.update(step, score, model) and step < budget
                     progress.update(task, val=shown())
                 progress.update(task, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
@@ -223,13 +260,15 @@ def fit_encoder(pairs: pd.DataFrame, validate: Validator | None, val_examples: i
                     break
         verdict = None
         if validate is not None:
-            verdict = gate(curve[0][1][PRIMARY], best_ft[0], metric, val_examples, cfg.min_gain, start_name)
+            verdict = gate(curve[0][1][PRIMARY], best_ft[0], metric, val_examples, cfg.min_gain, start_name,
+                           _gain_se(start_judged, best_ft[3]))
             model.load_state_dict(best_ft[2] if verdict.kept else start_state)  # refused: the start is kept
         model.eval()
     finally:
         torch.set_num_threads(before)
+    values = lambda j: j.per_example if isinstance(j, Judged) else None  # noqa: E731
     return EncoderFit(model, tok, verdict, losses, curve, best_ft[1], len(losses), budget, stopped, objective,
-                      len(pairs), lr, best_ft[2])
+                      len(pairs), lr, best_ft[2], values(start_judged), values(best_ft[3]))
 
 
 def best_fine_tuned(fit: EncoderFit) -> TextEncoder:

@@ -35,6 +35,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from scorer.eval.interest_eval import ndcg_per_example, usable, validation_metrics, validation_ranks
+# The rule (a gain must exceed its paired standard error plus a margin), shared with the encoder's and
+# the ranker's gates; re-exported here, where the interest code has always imported it from.
+from scorer.eval.paired_gain import PairedGain
 from scorer.models.interest import KIND as ATTENTION, InterestConfig, InterestModel, load_interest_model
 from scorer.models.sequential import KIND as SEQUENTIAL, SequentialConfig, SequentialInterestModel
 from scorer.train.early_stop import EarlyStopping, eval_interval, step_budget
@@ -84,37 +87,6 @@ class FitResult:
     steps_run: int
     budget: int
     stopped_early: bool
-
-
-@dataclass(frozen=True)
-class PairedGain:
-    """A candidate's validation NDCG@10 against a baseline's on the same examples, and the one rule
-    that keeps a candidate (`recsys train interest`'s choice and the retrain gate alike): the gain
-    must exceed its standard error (paired over the examples) plus `margin`. The best checkpoint
-    is the maximum of a noisy validation curve: on ~100 examples it beats the baseline by chance (a
-    CI run kept a model +0.007 ahead on 94 examples that lost by 0.014 on the holdout)."""
-
-    candidate: float
-    baseline: float
-    se: float  # standard error of the mean per-example difference (inf with fewer than 2 examples)
-    margin: float = 0.0  # how much more than the noise a gain must be (negative: a tolerance)
-    examples: int = 0
-    versus: str = "fallback"  # what the baseline is, for the messages
-
-    @property
-    def gain(self) -> float:
-        return self.candidate - self.baseline
-
-    @property
-    def beyond_noise(self) -> bool:
-        return self.gain > self.se + self.margin
-
-    def says(self) -> str:
-        """e.g. 'gain +0.0070 over serving <= its standard error 0.0200 + margin 0.005 (94 examples)'."""
-        op = ">" if self.beyond_noise else "<="
-        n = f" ({self.examples:,} examples)" if self.examples else ""
-        return (f"gain {self.gain:+.4f} over {self.versus} {op} its standard error {self.se:.4f} "
-                f"+ margin {self.margin:g}{n}")
 
 
 @dataclass
@@ -323,9 +295,7 @@ def paired_gain(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table:
     capped: `validation_rows`), with the standard error of the mean per-example difference."""
     ours = ndcg_per_example(validation_ranks(model, val, table))
     theirs = ndcg_per_example(validation_ranks(baseline, val, table))
-    diff = ours - theirs
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else math.inf
-    return PairedGain(float(ours.mean()), float(theirs.mean()), se, margin, len(diff), versus)
+    return PairedGain.of(ours, theirs, margin, versus)
 
 
 def gain_standard_error(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table: VectorTable) -> float:

@@ -1,8 +1,12 @@
-"""The retrain loop's interest gate: a new version is published only if its validation gain over
-what serves (and over the untrained fallback) exceeds the gain's paired standard error plus the
-margin, the rule `recsys train interest` keeps a candidate by (PairedGain); the reason says both."""
+"""The retrain loop's gates, one rule for all three models: a new version is published only if
+its gain over what serves (the interest model: and over the untrained fallback), paired over the
+same examples, exceeds the gain's standard error plus the margin, the rule `recsys train interest`
+and `recsys train encoder` keep a candidate by (PairedGain); the reason says both. The ranker's
+SNIPS veto still refuses a gain the position correction does not confirm."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,10 +14,15 @@ import pytest
 import torch
 from torch import nn
 
+from scorer.eval.encoder_validation import Judged
+from scorer.eval.paired_gain import PairedGain
+from scorer.eval.ranking_eval import logged_order, per_list_metrics, summarize_lists
 from scorer.models.interest import InterestConfig, InterestModel
-from scorer.retrain import Registry, _gate, interest_gain
+from scorer.retrain import Registry, _gate, interest_gain, ranker_gain, snips_veto
+from scorer.train.encoder_train import ANCHOR_ITEM, EncoderTrainConfig, fit_encoder
 from scorer.train.interest_data import VectorTable
-from scorer.train.interest_train import FitResult, PairedGain, Selection, paired_gain, validation_rows
+from scorer.train.interest_train import FitResult, Selection, paired_gain, validation_rows
+from scorer.train.ranker_data import RankerLists
 
 DIM = 16
 N_ITEMS = 40
@@ -101,17 +110,151 @@ def test_the_binding_baseline_is_the_one_beaten_by_the_least():
         interest_gain(oracle, {}, val, table, 0.005)
 
 
+def _run_gate(tmp_path: Path, model: str, gain: PairedGain, veto: str | None = None):
+    """`_gate` with serving v1 and a fake publisher that would make v2."""
+    registry = Registry(tmp_path / "registry.json")
+    registry.entry(model).serving = 1
+    published, lines = [], []
+    result = _gate(model, registry, gain, "metric", tmp_path / "report.md", tmp_path / "candidate",
+                   lambda: published.append(2) or 2, lines.append, veto)
+    return result, published, lines
+
+
 @pytest.mark.parametrize("gain, promoted", [(PairedGain(0.107, 0.100, 0.02, 0.005, 94, "serving"), False),
                                             (PairedGain(0.140, 0.100, 0.01, 0.005, 94, "serving"), True)])
 def test_the_gate_publishes_only_beyond_noise_and_says_the_gain_and_its_error(tmp_path, gain, promoted):
-    registry = Registry(tmp_path / "registry.json")
-    registry.entry("interest").serving = 1
-    published, lines = [], []
-    result = _gate("interest", registry, gain.baseline, gain.candidate, 0.005, "validation NDCG@10",
-                   tmp_path / "report.md", tmp_path / "candidate", lambda: published.append(2) or 2, lines.append,
-                   gain=gain)
+    result, published, lines = _run_gate(tmp_path, "interest", gain)
     assert result.promoted is promoted and published == ([2] if promoted else [])
-    assert result.gain is gain
+    assert result.gain is gain and (result.serving_score, result.candidate_score) == (gain.baseline, gain.candidate)
     assert f"gain {gain.gain:+.4f} over serving" in result.reason and f"standard error {gain.se:.4f}" in result.reason
     assert result.reason in lines[0]
-    assert Registry.load(registry.path).entry("interest").serving == (2 if promoted else 1)
+    assert Registry.load(tmp_path / "registry.json").entry("interest").serving == (2 if promoted else 1)
+
+
+# --- the encoder: the fit's verdict (`recsys train encoder`'s keep rule) is the retrain gate's gain
+
+START = np.full(8, 0.5)  # each validation example's NDCG@10 under the serving encoder
+# The best fine-tuned validation beats it by +0.025 on average, which the old fixed margin (0.005)
+# promoted, but half the examples gained and half lost: noise.
+NOISY = START + np.array([0.3, -0.2, 0.25, -0.2, 0.3, -0.25, 0.2, -0.2])
+STEADY = START + 0.1 + np.array([0.01, -0.01, 0.0, 0.01, -0.01, 0.0, 0.01, -0.01])  # every example gains
+
+
+class _PerExample:
+    """Per-example NDCG@10 of each validation in a fixed order (the start first), as
+    NextItemValidation.judge / QueryValidation.judge give them: the gate's logic, not the metric."""
+
+    def __init__(self, runs: list[np.ndarray]):
+        self.runs = list(runs)
+
+    def judge(self, model) -> Judged:  # noqa: ARG002 - the validator's signature
+        values = self.runs.pop(0)
+        return Judged({"NDCG@10": float(values.mean())}, values)
+
+    def __call__(self, model) -> dict[str, float]:
+        return self.judge(model).metrics
+
+
+def _fit_encoder(best: np.ndarray, margin: float):
+    pairs = pd.DataFrame({"query": [f"red mug {i}" for i in range(12)], "item_text": [f"blue cup {i}" for i in range(12)],
+                          "item_id": [f"i{i}" for i in range(12)], "grade": 3, "anchor": ANCHOR_ITEM})
+    cfg = EncoderTrainConfig(max_steps=2, min_steps=2, batch_size=4, lr=1e-3, eval_every_bounds=(1, 1), patience=5,
+                             min_gain=margin)
+    # validations: the start, step 1 (the best), step 2 (worse)
+    return fit_encoder(pairs, _PerExample([START, best, START - 0.1]), len(START), "NDCG@10", cfg, start_name="serving")
+
+
+@pytest.mark.parametrize("best, promoted", [(NOISY, False), (STEADY, True)])
+def test_the_encoder_gate_keeps_fine_tuning_only_beyond_noise(tmp_path, best, promoted):
+    fit = _fit_encoder(best, margin=0.005)
+    diff = best - START
+    assert fit.verdict.se == pytest.approx(diff.std(ddof=1) / np.sqrt(len(diff)))
+    assert np.array_equal(fit.start_values, START) and np.array_equal(fit.fine_tuned_values, best)
+    gain = fit.verdict.gain
+    assert gain == PairedGain(fit.verdict.fine_tuned, fit.verdict.start, fit.verdict.se, 0.005, 8, "serving")
+    assert gain.gain == pytest.approx(diff.mean()) and gain.gain >= 0.005  # the old rule promoted both
+    assert fit.verdict.kept is promoted and gain.beyond_noise is promoted
+    assert gain.says() in fit.verdict.says and "standard error" in fit.verdict.says
+    result, published, _ = _run_gate(tmp_path, "encoder", gain)
+    assert result.promoted is promoted and published == ([2] if promoted else [])
+    assert f"standard error {gain.se:.4f}" in result.reason
+
+
+def test_the_encoder_judges_per_example_values_average_to_their_metrics():
+    from scorer.eval.encoder_validation import NextItemValidation, QueryValidation
+    from scorer.eval.retrieval_eval import EvalSet, evaluate
+
+    vectors = np.eye(4, dtype=np.float32)
+    judged = NextItemValidation(["a", "b", "c", "d"], [[0], [3, 2]], np.array([1, 3]), recent=1).judge_vectors(vectors)
+    # example 1: the target ties with the two other items the newest one is orthogonal to (ties count
+    # against it): rank 3; example 2: the newest item is the target: rank 0
+    assert judged.per_example.tolist() == pytest.approx([1 / np.log2(5), 1.0])
+    assert judged.per_example.mean() == pytest.approx(judged.metrics["NDCG@10"])
+
+    # QueryValidation ranks as `recsys eval retrieval` does (items created after the request are out)
+    t = pd.Timestamp("2026-01-02", tz="UTC")
+    created = pd.to_datetime(["2026-01-01", "2026-01-01", "2026-01-03", "2026-01-01"], utc=True).tz_convert(None).to_numpy()
+    queries = pd.DataFrame({"request_id": ["q0", "q1", "q2"], "query": ["x", "y", "z"], "event_timestamp": [t] * 3,
+                            "relevant": [{"b": 1}, {"d": 2, "a": 1}, {"c": 1}], "cold_user": False, "new_item": False})
+    ev = EvalSet(["a", "b", "c", "d"], ["a", "b", "c", "d"], created, queries, np.zeros(4))
+    scores = np.array([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 1.0, 0.0]])
+    per = QueryValidation(ev).per_query(scores)
+    assert per["NDCG@10"].iloc[0] == pytest.approx(1 / np.log2(3))
+    assert per["NDCG@10"].iloc[2] == pytest.approx(1 / np.log2(5))  # c scored highest but was not listed yet: last
+    got = evaluate(ev, {"m": lambda _: scores}).metrics["m"]["all"]
+    for ours, theirs in (("NDCG@10", "ndcg@10"), ("Recall@10", "recall@10"), ("Recall@50", "recall@50")):
+        assert per[ours].mean() == pytest.approx(got[theirs], abs=5e-5)  # evaluate rounds to 4 digits
+
+
+# --- the ranker: NDCG@5 per holdout list, serving vs candidate on the same lists
+
+LISTS = 12
+
+
+def _lists() -> RankerLists:
+    """LISTS shown lists of three items; the clicked one was shown second."""
+    rows = [{"request_id": f"r{r}", "user_id": f"u{r}", "item_id": f"r{r}-{p}", "grade": int(p == 2), "position": p}
+            for r in range(LISTS) for p in (1, 2, 3)]
+    frame = pd.DataFrame(rows)
+    return RankerLists(frame, np.zeros((len(frame), 1), np.float32), pd.Timestamp("2026-01-01", tz="UTC"))
+
+
+def _clicked_first_on(good: set[int]):
+    """A fake ranker: the clicked item first on the lists of `good`, last on the others."""
+
+    def score(data: RankerLists, idx: np.ndarray) -> np.ndarray:
+        rows = data.rows.iloc[idx]
+        on = int(rows["request_id"].iloc[0][1:]) in good
+        return np.where(rows["grade"].to_numpy() > 0, 1.0 if on else -1.0, 0.0)
+
+    return score
+
+
+@pytest.mark.parametrize("good, promoted", [({0, 1, 2, 3}, False), (set(range(LISTS)), True)])
+def test_the_ranker_gate_pairs_the_lists_and_promotes_only_beyond_noise(tmp_path, good, promoted):
+    per_list = per_list_metrics(_lists(), {"serving": logged_order, "candidate": _clicked_first_on(good)})
+    gain = ranker_gain(per_list, margin=0.005)
+    # per list: the clicked item second under the serving order (1/log2 3), first (1) or last (1/2) under the candidate
+    diff = np.array([1.0 if r in good else 0.5 for r in range(LISTS)]) - 1 / np.log2(3)
+    assert (gain.examples, gain.versus, gain.unit) == (LISTS, "serving", "lists")
+    assert gain.gain == pytest.approx(diff.mean()) and gain.gain >= 0.005  # the old rule promoted both
+    assert gain.se == pytest.approx(diff.std(ddof=1) / np.sqrt(LISTS), abs=1e-12)
+    assert gain.beyond_noise is promoted
+    table = summarize_lists(per_list)
+    overall = table[table["slice"] == "all"].set_index("method")
+    assert overall.loc["candidate", "ndcg@5"] == pytest.approx(gain.candidate, abs=5e-5)  # the table's means
+    result, published, _ = _run_gate(tmp_path, "ranker", gain)
+    assert result.promoted is promoted and published == ([2] if promoted else [])
+    assert f"({LISTS} lists)" in result.reason
+
+
+def test_the_snips_veto_still_refuses_a_gain_beyond_noise(tmp_path):
+    gain = PairedGain(0.60, 0.50, 0.01, 0.005, 100, "serving", "lists")
+    overall = pd.DataFrame({"snips_ndcg@5": [0.40, 0.45]}, index=pd.Index(["serving", "candidate"], name="method"))
+    assert snips_veto(overall, gain, 0.005) is None  # the position correction confirms it
+    overall.loc["candidate", "snips_ndcg@5"] = 0.39  # a drop beyond |margin|
+    veto = snips_veto(overall, gain, 0.005)
+    assert "SNIPS-NDCG@5 0.3900 vs serving 0.4000" in veto and "does not survive the position correction" in veto
+    assert snips_veto(overall, gain, -0.05) is None  # a negative margin tolerates as much
+    result, published, _ = _run_gate(tmp_path, "ranker", gain, veto)
+    assert gain.beyond_noise and not result.promoted and published == [] and result.reason == f"not promoted: {veto}"

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import psutil
@@ -55,31 +54,34 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def _parent(env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _parent(env: dict[str, str] | None = None, out=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PARENT], stdout=out, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **(env or {})})
 
 
-def test_sigterm_reaches_every_worker_and_all_exit():
-    parent = _parent()
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(parent.stdout), daemon=True)  # to EOF
-    reader.start()
+def test_sigterm_reaches_every_worker_and_all_exit(tmp_path):
+    # The parent's and workers' output goes to a file the test re-reads: a reader thread on a pipe
+    # once sat in read() with every line already written and none of the workers' handed back
+    # (CI under load), so the wait below timed out on a healthy parent.
+    log = tmp_path / "parent.out"
+    with log.open("w") as sink:
+        parent = _parent(out=sink)
     try:
         # Each fake worker prints once its SIGTERM handler is in place: wait for both lines, however
         # slow the box (a fixed sleep after "both children sleeping" lost the race under load).
         deadline = time.monotonic() + 60
-        while sum(line.startswith("worker ") for line in list(lines)) < 2:
-            assert parent.poll() is None and time.monotonic() < deadline, "".join(lines)
+        while sum(line.startswith("worker ") for line in log.read_text().splitlines()) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         children = psutil.Process(parent.pid).children()
         parent.send_signal(signal.SIGTERM)
         parent.wait(timeout=30)
-        reader.join(timeout=10)
-        out = "".join(lines)
     finally:
-        if parent.poll() is None:
+        if parent.poll() is None:  # a failed wait: leave no fake worker behind either
+            for child in psutil.Process(parent.pid).children():
+                child.kill()
             parent.kill()
+    out = log.read_text()
     assert parent.returncode == 0, out
     assert sorted(line for line in out.splitlines() if line.startswith("worker ")) == ["worker 1 true", "worker 2 true"]
     assert "SIGTERM: stopping 2 gateway workers" in out

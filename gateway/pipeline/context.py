@@ -94,7 +94,8 @@ class RequestContext:
     # pre_score
     positions: np.ndarray = field(default_factory=_ints)
     cosine: np.ndarray | None = None  # similarity of each candidate to the query (else interest) vector
-    relevance: np.ndarray = field(default_factory=_floats)  # rank_head replaces the head's
+    relevance: np.ndarray = field(default_factory=_floats)  # rank_head replaces (or re-orders) the head's
+    fused: bool = False  # relevance is the sources' rank fusion (no query), not on the ranker's scale
     pers: np.ndarray = field(default_factory=_floats)
     pop: np.ndarray = field(default_factory=_floats)  # read_head_features refreshes the head's
     fresh: np.ndarray = field(default_factory=_floats)

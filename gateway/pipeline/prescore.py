@@ -19,12 +19,13 @@ from contract.scores import RANKER_PRIOR
 
 
 def pre_score(ctx: RequestContext, svc: Services) -> None:
-    """Fills `positions`, `cosine`, `relevance`, `pers`, `pop`, `fresh`, `weights`, `blend_version`, `order`."""
+    """Fills `positions`, `cosine`, `relevance`, `fused`, `pers`, `pop`, `fresh`, `weights`, `blend_version`, `order`."""
     req, catalog = ctx.req, ctx.catalog
     ctx.positions = positions = np.array(ctx.cands.positions, dtype=np.int64)
     probe = ctx.query_vec if ctx.query_vec is not None else ctx.interest
     ctx.cosine = ctx.snap.index.similarity(probe, positions) if probe is not None else None
-    if not req.query and req.candidate_ids is None:  # no query: what the sources agree on
+    ctx.fused = not req.query and req.candidate_ids is None
+    if ctx.fused:  # no query: what the sources agree on
         relevance = fused_relevance(ctx.cands, positions, svc.settings.fusion)
     else:
         relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine)

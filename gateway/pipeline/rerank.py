@@ -36,8 +36,8 @@ async def read_head_features(ctx: RequestContext, svc: Services) -> None:
 
 
 async def rank_head(ctx: RequestContext, svc: Services) -> None:
-    """Replaces the relevance of head[:head_n] by the ranker's scores and sets `ranked`; without a
-    context vector the ranker is left out (NO_INPUT)."""
+    """Replaces the relevance of head[:head_n] by the ranker's scores (fused relevance: re-orders it
+    by them, `reorder_by`) and sets `ranked`; without a context vector the ranker is left out (NO_INPUT)."""
     if not ctx.head_n:
         return
     if ctx.ctx_vec is None:
@@ -54,8 +54,25 @@ async def rank_head(ctx: RequestContext, svc: Services) -> None:
         Part.RANKER, "rank", lambda t: triton.rank(context, texts, numeric, timeout_s=t), ctx,
         "retrieval scores", reserve_s=svc.reserve_s)
     if scores is not None:
-        ctx.relevance[rank_idx] = scores + BOOST * ctx.boosts[positions[rank_idx]]
+        if ctx.fused:
+            ctx.relevance[rank_idx] = reorder_by(ctx.relevance[rank_idx], scores)
+        else:
+            ctx.relevance[rank_idx] = scores + BOOST * ctx.boosts[positions[rank_idx]]
         ctx.ranked = True
+
+
+def reorder_by(values: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The same values, re-assigned so the highest goes to the best-scored item, and so on.
+
+    Why: with a query, relevance is RANKER_PRIOR x cosine, the ranker's own scale (its score is
+    prior x cosine + a learned head), so its scores replace the head's and still compare with the
+    unranked items below. Without a query, relevance is the sources' rank fusion, on no common
+    scale with the ranker's scores: replacing them sank a ranked head under items the ranker never
+    saw (Online Retail, depth 10: Recall@10 0.270 -> 0.045, docs/models.md). So there the ranker
+    decides the order within the head and the head keeps the relevance the fusion gave it."""
+    out = np.empty_like(values)
+    out[np.argsort(-np.asarray(scores), kind="stable")] = np.sort(values)[::-1]
+    return out
 
 
 def item_values(catalog: Catalog, p: int, feats: EntityFeatures | None) -> dict[str, Any]:

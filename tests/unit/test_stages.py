@@ -27,8 +27,8 @@ from gateway.pipeline.explain import explain, model_versions
 from gateway.pipeline.features import read_user
 from gateway.pipeline.guarded import GuardedCalls
 from gateway.pipeline.order import diversify, order_answer
-from gateway.pipeline.prescore import pre_score
-from gateway.pipeline.rerank import rank_head, read_head_features
+from gateway.pipeline.prescore import fused_relevance, pre_score
+from gateway.pipeline.rerank import rank_head, read_head_features, reorder_by
 from gateway.pipeline.retrieve import retrieve_candidates
 from gateway.pipeline.services import Services
 from gateway.pipeline.understand import understand_query
@@ -641,6 +641,28 @@ def test_order_answers_in_final_score_order_preferring_the_ranked_head():
     scores = [ctx.final[i] for i in ctx.chosen]
     assert scores == sorted(scores, reverse=True)
     assert set(ctx.head[:2].tolist()) <= set(ctx.chosen)
+
+
+def test_without_a_query_the_ranker_reorders_the_fused_head_and_the_head_keeps_its_relevance():
+    # Fused relevance (no query) is on no common scale with the ranker's scores: the ranker decides
+    # the head's order, the head keeps the fusion's values, so it cannot sink under unranked items.
+    svc = services(None, FakeTriton(rank_scores=lambda texts: -1e3 * np.arange(len(texts))[::-1]), rerank_depth=3)
+    ctx = ranked_context(svc, "", num_results=6)
+    assert ctx.fused and ctx.ranked
+    head = ctx.head[:3]
+    before = np.sort(fused_relevance(ctx.cands, ctx.positions, svc.settings.fusion)[head])[::-1]
+    # The fake ranker scores the head's last item best and its first worst: the values swap ends.
+    assert np.allclose(ctx.relevance[head], before[::-1])
+    tail = [i for i in ctx.order if i not in set(head.tolist())]
+    assert np.allclose(ctx.relevance[tail], fused_relevance(ctx.cands, ctx.positions, svc.settings.fusion)[tail])
+    order_answer(ctx, svc)
+    assert set(head.tolist()) <= set(ctx.chosen[:4])  # the ranked head is still at the top (ties aside)
+
+
+def test_reorder_by_gives_the_highest_value_to_the_best_score():
+    assert list(reorder_by(np.array([3.0, 2.0, 1.0]), np.array([0.1, 0.9, 0.5]))) == [1.0, 3.0, 2.0]
+    assert list(reorder_by(np.array([1.0, 1.0]), np.array([0.0, 0.0]))) == [1.0, 1.0]
+    assert list(reorder_by(np.array([]), np.array([]))) == []
 
 
 def test_order_honours_the_brand_cap():

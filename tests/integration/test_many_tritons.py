@@ -164,14 +164,20 @@ def test_one_of_two_tritons_killed_mid_traffic(feature_repo, tritons, tmp_path_f
            "RECSYS_REQUEST_TIMEOUT_MS": "8000", "RECSYS_EMBED_TIMEOUT_MS": "3000", "RECSYS_RANK_TIMEOUT_MS": "5000",
            "RECSYS_INTEREST_TIMEOUT_MS": "2000", "RECSYS_FEATURE_TIMEOUT_MS": "2000",
            "RECSYS_MAX_IN_FLIGHT": "4", "RECSYS_RANKER_MODE": "always", "RECSYS_LOG_LEVEL": "WARNING"}
-    gateway = subprocess.Popen([sys.executable, "-m", "cli.app", "serve", "--workers", str(WORKERS)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(gateway.stdout), daemon=True).start()
+    # Output to a file the test re-reads, not a reader thread on a pipe (one such thread sat in read()
+    # with every line written and none handed back: tests/unit/test_gateway_workers.py).
+    output = tmp_path_factory.mktemp("gateway_output") / "gateway.out"
+    with output.open("w") as sink:
+        gateway = subprocess.Popen([sys.executable, "-m", "cli.app", "serve", "--workers", str(WORKERS)], cwd=ROOT,
+                                   env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+
+    def lines() -> list[str]:
+        return output.read_text().splitlines(keepends=True)
+
     workers = Workers(metrics_port)
     try:
         _wait("both gateway workers serving", lambda: gateway.poll() is None and workers.ready(), 300, 0.5)
-        assert sum("max_in_flight 2" in line for line in lines) == WORKERS, lines  # 4 shared by 2 workers
+        assert sum("max_in_flight 2" in line for line in lines()) == WORKERS, lines()  # 4 shared by 2 workers
         with Traffic(f"127.0.0.1:{port}") as traffic:
             # Before: both servers answer.
             before = {s.grpc_url: workers.ok_calls(s.grpc_url) for s in tritons}
@@ -216,7 +222,7 @@ def test_one_of_two_tritons_killed_mid_traffic(feature_repo, tritons, tmp_path_f
         children = psutil.Process(gateway.pid).children()
         assert len(children) == WORKERS
         gateway.send_signal(signal.SIGTERM)
-        assert gateway.wait(40) == 0, "".join(lines[-30:])
+        assert gateway.wait(40) == 0, "".join(lines()[-30:])
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     finally:
         if gateway.poll() is None:
@@ -224,4 +230,4 @@ def test_one_of_two_tritons_killed_mid_traffic(feature_repo, tritons, tmp_path_f
                 c.kill()
             gateway.kill()
             gateway.wait()
-    print("gateway output (tail):\n" + "".join(lines[-12:]))
+    print("gateway output (tail):\n" + "".join(lines()[-12:]))

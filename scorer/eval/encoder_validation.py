@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 
 from scorer.eval.interest_eval import ndcg_per_example
-from scorer.eval.metrics import ndcg_at_k, recall_at_k
 from scorer.eval.next_item import metrics_from_ranks, target_ranks
-from scorer.eval.retrieval_eval import EvalSet, embed_texts, encoder_scorer
+from scorer.eval.retrieval_eval import EvalSet, embed_texts, encoder_scorer, per_query_metrics
 from scorer.models.encoder import TextEncoder
 
 PRIMARY = "NDCG@10"
@@ -139,19 +138,9 @@ class QueryValidation:
 
     def per_query(self, scores: np.ndarray) -> pd.DataFrame:
         """NDCG@10, Recall@10, Recall@50 of each request from its [n_queries, n_items] scores, ranked
-        as `recsys eval retrieval` ranks them (scorer/eval/retrieval_eval.py `evaluate`: items not
-        yet in the catalog at request time are out, ties keep catalog order)."""
-        ev, q = self.eval_set, self.eval_set.queries
-        ts = q["event_timestamp"].dt.tz_convert(None).to_numpy()
-        scores = np.where(ev.item_created[None, :] <= ts[:, None], scores, -np.inf)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)]
-        ids = np.array(ev.item_ids)
-        rows = []
-        for n, rel in enumerate(q["relevant"]):
-            ranked = ids[top[n]].tolist()
-            rows.append({"NDCG@10": ndcg_at_k(ranked, rel, 10), "Recall@10": recall_at_k(ranked, rel, 10),
-                         "Recall@50": recall_at_k(ranked, rel, 50)})
-        return pd.DataFrame(rows, columns=["NDCG@10", "Recall@10", "Recall@50"])
+        by the code `recsys eval retrieval` ranks with (scorer/eval/retrieval_eval.py `per_query_metrics`)."""
+        names = {"ndcg@10": "NDCG@10", "recall@10": "Recall@10", "recall@50": "Recall@50"}
+        return per_query_metrics(self.eval_set, scores).rename(columns=names)[list(names.values())]
 
     def __call__(self, model: TextEncoder) -> dict[str, float]:
         return self.judge(model).metrics

@@ -132,22 +132,28 @@ def evaluate(ev: EvalSet, methods: dict[str, Scorer]) -> EvalResult:
     q = ev.queries
     slices = {"all": np.ones(len(q), bool), "cold_users": q["cold_user"].to_numpy(), "new_items": q["new_item"].to_numpy()}
     result = EvalResult(counts={s: int(m.sum()) for s, m in slices.items()})
-    ts = q["event_timestamp"].dt.tz_convert(None).to_numpy()
-    ids = np.array(ev.item_ids)
     for name, scorer in methods.items():
-        scores = scorer(q["query"].tolist())
-        scores = np.where(ev.item_created[None, :] <= ts[:, None], scores, -np.inf)  # not yet in the catalog
-        top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)]
-        per_query = []
-        for n, rel in enumerate(q["relevant"]):
-            ranked = ids[top[n]].tolist()
-            row = {f"recall@{k}": recall_at_k(ranked, rel, k) for k in KS}
-            row.update({f"ndcg@{k}": ndcg_at_k(ranked, rel, k) for k in KS})
-            row["mrr"] = mrr(ranked, rel)
-            per_query.append(row)
-        frame = pd.DataFrame(per_query)
+        frame = per_query_metrics(ev, scorer(q["query"].tolist()))
         result.metrics[name] = {s: frame[m].mean().round(4).to_dict() if m.any() else {} for s, m in slices.items()}
     return result
+
+
+def per_query_metrics(ev: EvalSet, scores: np.ndarray) -> pd.DataFrame:
+    """recall@k, ndcg@k (k in KS) and mrr of each query from its [n_queries, n_items] scores: items
+    not yet in the catalog at request time are out, ties keep catalog order."""
+    q = ev.queries
+    ts = q["event_timestamp"].dt.tz_convert(None).to_numpy()
+    scores = np.where(ev.item_created[None, :] <= ts[:, None], scores, -np.inf)  # not yet in the catalog
+    top = np.argsort(-scores, axis=1, kind="stable")[:, : max(KS)]
+    ids = np.array(ev.item_ids)
+    rows = []
+    for n, rel in enumerate(q["relevant"]):
+        ranked = ids[top[n]].tolist()
+        row = {f"recall@{k}": recall_at_k(ranked, rel, k) for k in KS}
+        row.update({f"ndcg@{k}": ndcg_at_k(ranked, rel, k) for k in KS})
+        row["mrr"] = mrr(ranked, rel)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[f"recall@{k}" for k in KS] + [f"ndcg@{k}" for k in KS] + ["mrr"])
 
 
 def markdown_table(df: pd.DataFrame) -> str:

@@ -60,7 +60,8 @@ def test_train_encoder_fine_tunes_item_to_item_and_says_its_verdict(orders_repo,
     assert [p["step"] for p in verdict["curve"]][0] == 0  # the zero-shot encoder is validated first
     assert verdict["start"] == verdict["curve"][0]["NDCG@10"]
     assert verdict["fine_tuned"] == max(p["NDCG@10"] for p in verdict["curve"][1:])
-    assert verdict["kept"] == (verdict["fine_tuned"] > verdict["start"])
+    # Kept only when the paired gain over the start exceeds its standard error plus min_gain (PairedGain).
+    assert verdict["kept"] == (verdict["fine_tuned"] - verdict["start"] > verdict["se"] + verdict["min_gain"])
     assert verdict["verdict"] == ("fine-tuned" if verdict["kept"] else "zero-shot")
     assert ("fine-tuned encoder kept" if verdict["kept"] else "the zero-shot encoder is kept") in said
     assert f"zero-shot {verdict['start']:.4f}" in said and f"fine-tuned {verdict['fine_tuned']:.4f}" in said

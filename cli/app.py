@@ -736,6 +736,36 @@ def eval_ranker_cmd(
     console.print(f"[green]report[/]: {report}")
 
 
+tune_app = typer.Typer(help="Choose serving settings on the shop's own log (validation; test read once).",
+                       no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("fusion")
+def tune_fusion_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline holds the imported log "
+                              "(items.parquet, events.parquet: `recsys data import`, `recsys demo`)."),
+    out: Path = typer.Option(PROJECT_ROOT / "var" / "gateway.toml", help="Gateway settings file to write "
+                             "(`recsys serve --config`); only when the choice beats the defaults on validation."),
+    max_users: int = typer.Option(2000, min=2, help="At most this many validation (and test) users, sampled."),
+    seed: int = typer.Option(0, help="Seed of that sample."),
+    min_gain: float = typer.Option(0.0, help="How much more than its standard error the validation NDCG@10 gain "
+                                   "must be to write the choice."),
+) -> None:
+    """Choose the source fusion of pages without a query (weights, k, co-visitation seeds) on this shop's
+    validation users, through the gateway's own retrieval and pre-score code; print the defaults vs
+    the choice on validation and test. Writes OUT (the fusion table, covisit_*) only when the choice's
+    validation gain exceeds its standard error (+ --min-gain); otherwise writes nothing."""
+    from cli.fusion_tuning import CannotTune, tune_fusion
+
+    _quiet_transformers()
+    try:
+        tune_fusion(repo, out, max_users, seed, min_gain)
+    except CannotTune as e:
+        console.print(f"[red]cannot tune[/]: {e}")
+        raise typer.Exit(1) from None
+
+
 @app.command("retrain")
 def retrain_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its label log is the training data)."),

@@ -38,6 +38,8 @@ console = Console()
 DEMO_SHOP_DIR = PROJECT_ROOT / "var" / "demo_shop"
 AUTH_KEYS_FILE = PROJECT_ROOT / "var" / "auth" / "keys"
 API_KEY_HELP = "API key sent as 'authorization: Bearer <key>' (env RECSYS_API_KEY)."
+# The packaged ranker transformer (all-MiniLM-L6-v2) has 6 layers: `recsys train ranker --layers` keeps 0 (all) .. 6.
+RANKER_MAX_LAYERS = 6
 
 
 def append_key(path: Path, name: str, roles: list[str], key: str) -> None:
@@ -489,26 +491,36 @@ def train_ranker_cmd(
     steps: int = typer.Option(200, help="Optimizer steps (4 lists each; ~1 s per step on 2 CPU cores)."),
     seed: int = typer.Option(0),
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "ranker", help="Evaluation report folder."),
+    layers: Optional[int] = typer.Option(None, "--layers", help=f"Transformer layers kept, the bottom ones: "
+                                         f"1..{RANKER_MAX_LAYERS}, 0 = all {RANKER_MAX_LAYERS}. Default: the "
+                                         "serving default (RankerConfig.num_layers, scorer/models/ranker.py). "
+                                         "Recorded in the checkpoint; `recsys export ranker` exports that many."),
 ) -> None:
     """Fine-tune the ranker on shown lists (listwise) and compare it on the holdout lists."""
+    if layers is not None and not 0 <= layers <= RANKER_MAX_LAYERS:
+        raise typer.BadParameter(f"{layers} layers: the ranker's transformer has {RANKER_MAX_LAYERS}; give 1.."
+                                 f"{RANKER_MAX_LAYERS}, or 0 for all of them", param_hint="--layers")
     from modelrepo.layout import write_validation
     from scorer.eval.ranking_eval import (blend_verdict, evaluate_lists, logged_order, popularity, ranker_scorer,
                                           write_ranking_report)
-    from scorer.models.ranker import CrossEncoderRanker
+    from scorer.models.ranker import CrossEncoderRanker, RankerConfig
     from scorer.train.ranker_data import load_ranker_lists
     from scorer.train.ranker_train import RankerTrainConfig, train_ranker
 
     from cli.data_summary import require_trainable
 
+    config = RankerConfig() if layers is None else RankerConfig(num_layers=layers)
     require_trainable(console, repo, "ranker")
     with console.status("building shown lists with features through Feast"):
         lists = load_ranker_lists(repo)
-    model, losses = train_ranker(lists.split(holdout=False), out, RankerTrainConfig(max_steps=steps, seed=seed))
+    model, losses = train_ranker(lists.split(holdout=False), out, RankerTrainConfig(max_steps=steps, seed=seed), config)
     holdout = lists.split(holdout=True)
     result = evaluate_lists(holdout, {"logged order": logged_order, "popularity": popularity,
-                                      "untrained ranker": ranker_scorer(CrossEncoderRanker().eval()),
+                                      "untrained ranker": ranker_scorer(CrossEncoderRanker(config).eval()),
                                       "fine-tuned ranker": ranker_scorer(model)})
-    path = write_ranking_report(result, report, f"Ranker fine-tuned {steps} steps, on the holdout's shown lists")
+    kept = f"{config.num_layers} transformer layers" if config.num_layers else "all transformer layers"
+    path = write_ranking_report(result, report, f"Ranker ({kept}) fine-tuned {steps} steps, on the holdout's "
+                                                "shown lists")
     verdict = blend_verdict(result, "fine-tuned ranker", shown=holdout.shown)
     write_validation(out, verdict)  # `recsys export ranker` carries it into the version
     _plot_curve(losses, report / "training_loss.png")
@@ -746,16 +758,18 @@ def tune_fusion_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline holds the imported log "
                               "(items.parquet, events.parquet: `recsys data import`, `recsys demo`)."),
     out: Path = typer.Option(PROJECT_ROOT / "var" / "gateway.toml", help="Gateway settings file to write "
-                             "(`recsys serve --config`); only when the choice beats the defaults on validation."),
-    max_users: int = typer.Option(2000, min=2, help="At most this many validation (and test) users, sampled."),
-    seed: int = typer.Option(0, help="Seed of that sample."),
-    min_gain: float = typer.Option(0.0, help="How much more than its standard error the validation NDCG@10 gain "
-                                   "must be to write the choice."),
+                             "(`recsys serve --config`); only when the choice beats the defaults on the confirm half "
+                             "of validation."),
+    max_users: int = typer.Option(2000, min=4, help="At most this many validation (and test) users, sampled."),
+    seed: int = typer.Option(0, help="Seed of that sample and of the validation users' split in two halves."),
+    min_gain: float = typer.Option(0.0, help="How much more than its standard error the NDCG@10 gain on the "
+                                   "confirm half of validation must be to write the choice."),
 ) -> None:
-    """Choose the source fusion of pages without a query (weights, k, co-visitation seeds) on this shop's
-    validation users, through the gateway's own retrieval and pre-score code; print the defaults vs
-    the choice on validation and test. Writes OUT (the fusion table, covisit_*) only when the choice's
-    validation gain exceeds its standard error (+ --min-gain); otherwise writes nothing."""
+    """Choose the source fusion of pages without a query (weights, k, co-visitation seeds) on one half of
+    this shop's validation users, through the gateway's own retrieval and pre-score code; print the
+    defaults vs the choice on both halves and on test. Writes OUT (the fusion table, covisit_*) only
+    when the choice's gain on the other half (the confirm half, which took no part in the choice)
+    exceeds its standard error (+ --min-gain); otherwise writes nothing."""
     from cli.fusion_tuning import CannotTune, tune_fusion
 
     _quiet_transformers()
@@ -780,7 +794,8 @@ def retrain_cmd(
     ranker_steps: int = typer.Option(100, help="Ranker fine-tuning steps per round (4 lists each)."),
     interest_steps: int = typer.Option(0, help="Cap on interest-model steps per round (batch 128); 0: the default "
                                                "budget (scales with the data, stopped early on validation)."),
-    margin: float = typer.Option(0.005, help="Promote only if the gain over what is served exceeds its standard error plus this (interest: paired on validation; encoder and ranker: a fixed holdout margin)."),
+    margin: float = typer.Option(0.005, help="Promote only if the gain over what is served, paired over the same validation "
+                                              "examples (ranker: holdout lists), exceeds its standard error plus this."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
     every: Optional[float] = typer.Option(None, help="Keep running: check every this many seconds."),
     serving_checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of the serving encoder, for a new "

@@ -12,10 +12,13 @@ relevance (`gateway.pipeline.prescore.fused_relevance`) and the pre-score (`gate
 (ranker_mode auto). Split: leave-one-out next item (scorer/eval/next_item.py): each user's last
 interaction is the test target, the one before it the validation target.
 
-`tune_shop` chooses the fusion's weights, k and the co-visitation seeds on validation only (the
-harness's coordinate ascent; one shop, so the objective is its NDCG@10), reads test once, and keeps
-the choice only when its validation gain over the start exceeds the gain's paired standard error
-(`scorer.eval.paired_gain.PairedGain`, the rule the model gates keep a candidate by).
+`tune_shop` splits the validation users in two seeded halves: it chooses the fusion's weights, k
+and the co-visitation seeds on the choice half only (the harness's coordinate ascent; one shop, so
+the objective is its NDCG@10), and keeps the choice only when its gain over the start on the
+confirm half, users that took no part in the choice, exceeds the gain's paired standard error
+(`scorer.eval.paired_gain.PairedGain`, the rule the model gates keep a candidate by). The gain on
+the choice half is optimistic (about 70 settings tried on it): it is shown, never decisive. Test
+is read once, never to decide.
 `settings_toml` writes the keys the gateway's `--config` file reads (gateway/config.py).
 """
 
@@ -317,8 +320,8 @@ class Setting:
 
 @dataclass
 class SplitResult:
-    """The start and the chosen setting on one split's users, and the chosen one's NDCG@10 gain
-    paired over those users."""
+    """The start and the chosen setting on one set of users (a half of validation, or test), and
+    the chosen one's NDCG@10 gain paired over those users."""
 
     start: dict[str, float]
     chosen: dict[str, float]
@@ -333,15 +336,17 @@ class SplitResult:
 class ShopTuning:
     shop: str
     start: Setting
-    chosen: Setting  # the best on validation, kept only if `changes`
-    valid: SplitResult
-    test: SplitResult
+    chosen: Setting  # the best on the choice half of validation, kept only if `changes`
+    choice: SplitResult  # the validation users the setting was chosen on (optimistic: shown, never decisive)
+    confirm: SplitResult  # the other validation users, which took no part in the choice: they decide
+    test: SplitResult  # read once, never to decide
     seed_scores: dict[str, float]
 
     @property
     def changes(self) -> bool:
-        """The chosen setting differs from the start and its validation gain exceeds its standard error (+ margin)."""
-        return self.chosen != self.start and self.valid.gain.beyond_noise
+        """The chosen setting differs from the start and its gain on the confirm half exceeds its
+        standard error (+ margin)."""
+        return self.chosen != self.start and self.confirm.gain.beyond_noise
 
     @property
     def served(self) -> Setting:
@@ -369,47 +374,81 @@ def compare(start_reqs: list[Request], chosen_reqs: list[Request], start: Settin
     return SplitResult(metrics_from_ranks(before), metrics_from_ranks(after), gain)
 
 
+def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n-1 in two disjoint halves, drawn with `seed` (the same n and seed: the same
+    halves): the choice half (the larger one when n is odd) and the confirm half, each sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = (n + 1) // 2
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def subset(loaded: Loaded, positions: np.ndarray) -> Loaded:
+    """The same catalog (co-visitation, popularity over every user's history) and only these pages."""
+    return Loaded(loaded.snap, [loaded.pages[i] for i in positions])
+
+
+def judge(loaded: Loaded, start: Setting, chosen: Setting, weights: np.ndarray, per_source: int, margin: float,
+          label: str) -> SplitResult:
+    """Both settings on `loaded`'s pages, each with its own co-visitation seeds' candidates."""
+    start_reqs = prepare(loaded, per_source, start.seeds, f"{label}: the defaults' candidates")
+    chosen_reqs = (start_reqs if chosen.seeds == start.seeds
+                   else prepare(loaded, per_source, chosen.seeds, f"{label}: the chosen seeds"))
+    return compare(start_reqs, chosen_reqs, start, chosen, weights, margin)
+
+
 def tune_shop(shop: ShopData, max_users: int, seed: int = 0, margin: float = 0.0, start: Setting | None = None,
               per_source: int = GatewaySettings.model_fields["candidates_per_source"].default) -> ShopTuning:
-    """The fusion and seeds chosen on validation from `start` (default: the gateway's defaults), as
-    bench/tune_fusion.py chooses them for several shops; test read once, for both settings."""
+    """The fusion and seeds chosen from `start` (default: the gateway's defaults) on the choice half
+    of the validation users, as bench/tune_fusion.py chooses them for several shops; judged against
+    the start on the confirm half; test read once, for both settings."""
     start = start or Setting()
     weights = weight_vector(ScoreWeights())
     vectors: dict[str, np.ndarray] = {}
     loaded = load(shop, "valid", max_users, seed, vectors=vectors)
-    if len(loaded.pages) < 2:
-        raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions: a validation and a test target "
-                         "each need a history (scorer/eval/next_item.py)")
-    valid_start = prepare(loaded, per_source, start.seeds, "validation: the defaults' candidates")
-    shops = {shop.name: valid_start}
-    base = {shop.name: evaluate(valid_start, fused(start.fusion), weights)["NDCG@10"]}
-    console.print("tuning the fusion on validation (coordinate ascent on NDCG@10)")
+    if len(loaded.pages) < 4:
+        raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions: need 4 (two halves of validation "
+                         "with a standard error each; a validation and a test target each need a history, "
+                         "scorer/eval/next_item.py)")
+    choice_half, confirm_half = (subset(loaded, h) for h in split_halves(len(loaded.pages), seed))
+    console.print(f"validation users split in two (seed {seed}): {len(choice_half.pages):,} to choose on, "
+                  f"{len(confirm_half.pages):,} to confirm on")
+    choice_start = prepare(choice_half, per_source, start.seeds, "choice half: the defaults' candidates")
+    shops = {shop.name: choice_start}
+    base = {shop.name: evaluate(choice_start, fused(start.fusion), weights)["NDCG@10"]}
+    console.print("tuning the fusion on the choice half of validation (coordinate ascent on NDCG@10)")
     fusion = tune(shops, weights, start.fusion)
-    console.print("choosing the co-visitation seeds on validation")
-    seeds, valid_chosen, seed_scores = choose_seeds({shop.name: loaded}, fusion, weights, per_source, start.seeds, base)
+    console.print("choosing the co-visitation seeds on the choice half of validation")
+    seeds, choice_chosen, seed_scores = choose_seeds({shop.name: choice_half}, fusion, weights, per_source,
+                                                     start.seeds, base)
     if seeds != start.seeds:
         console.print("tuning the fusion again with those seeds")
-        fusion = tune(valid_chosen, weights, fusion)
+        fusion = tune(choice_chosen, weights, fusion)
     chosen = Setting(fusion, seeds)
-    valid = compare(valid_start, valid_chosen[shop.name], start, chosen, weights, margin)
+    choice = compare(choice_start, choice_chosen[shop.name], start, chosen, weights, margin)
+    confirm = judge(confirm_half, start, chosen, weights, per_source, margin, "confirm half")
     test_loaded = load(shop, "test", max_users, seed, vectors=vectors)
-    test_start = prepare(test_loaded, per_source, start.seeds, "test: the defaults' candidates")
-    test_chosen = test_start if seeds == start.seeds else prepare(test_loaded, per_source, seeds, "test: the chosen seeds")
-    test = compare(test_start, test_chosen, start, chosen, weights, margin)
-    return ShopTuning(shop.name, start, chosen, valid, test, seed_scores)
+    test = judge(test_loaded, start, chosen, weights, per_source, margin, "test")
+    return ShopTuning(shop.name, start, chosen, choice, confirm, test, seed_scores)
 
 
 def result_table(t: ShopTuning) -> Table:
-    """Start vs chosen on validation and test: Recall@10, NDCG@10, the paired NDCG@10 gain ± its standard error."""
+    """Start vs chosen on both halves of validation and on test: Recall@10, NDCG@10, the paired
+    NDCG@10 gain ± its standard error."""
     table = Table("split", "users", "settings", "Recall@10", "NDCG@10", "NDCG@10 gain ± SE",
-                  title=f"source fusion on {t.shop}: the defaults vs the choice on validation")
-    for split, r in (("validation", t.valid), ("test", t.test)):
+                  title=f"source fusion on {t.shop}: the defaults vs the choice (made on the choice half of "
+                        "validation, kept only if the confirm half says so)")
+    for split, r in shown_splits(t):
         g = r.gain
         rel = f" ({g.gain / g.baseline:+.0%})" if g.baseline > 0 else ""
         table.add_row(split, f"{r.users:,}", "defaults", f"{r.start['Recall@10']:.4f}", f"{r.start['NDCG@10']:.4f}", "")
         table.add_row("", "", "chosen", f"{r.chosen['Recall@10']:.4f}", f"{r.chosen['NDCG@10']:.4f}",
                       f"{g.gain:+.4f} ± {g.se:.4f}{rel}", end_section=True)
     return table
+
+
+def shown_splits(t: ShopTuning) -> tuple[tuple[str, SplitResult], ...]:
+    """The table's and the file's rows, in the order shown."""
+    return (("validation, choice half", t.choice), ("validation, confirm half", t.confirm), ("test", t.test))
 
 
 def settings_toml(t: ShopTuning, out: Path, max_users: int, seed: int, data: str) -> str:
@@ -426,11 +465,12 @@ def settings_toml(t: ShopTuning, out: Path, max_users: int, seed: int, data: str
 
     lines = [f"# Source fusion chosen by `recsys tune fusion` on {when}.",
              f"# Data: {data}.",
-             f"# Leave-one-out next item (scorer/eval/next_item.py), pages without a query, no ranker; chosen on "
-             f"validation only (at most {max_users:,} users, sample seed {seed}), test read once.",
+             f"# Leave-one-out next item (scorer/eval/next_item.py), pages without a query, no ranker; validation "
+             f"users (at most {max_users:,}, sample and split seed {seed}) split in two: chosen on one half, kept "
+             f"because it beat the defaults on the other; test read once.",
              f"# Defaults: {t.start.label()}.",
              f"# Chosen:   {s.label()}.",
-             numbers("validation", t.valid), numbers("test", t.test),
+             *(numbers(split, r) for split, r in shown_splits(t)),
              f"# Serve: recsys serve --config {out}   (RECSYS_* environment variables win over this file)",
              f"covisit_recent_items = {int(s.seeds.covisit_recent_items)}",
              f"covisit_seed_decay = {float(s.seeds.covisit_seed_decay)!r}",
@@ -493,9 +533,9 @@ def data_note(repo: Path, shop: ShopData) -> str:
 
 
 def tune_fusion(repo: Path, out: Path, max_users: int = 2000, seed: int = 0, margin: float = 0.0) -> ShopTuning:
-    """`recsys tune fusion`: choose on the shop's validation users, print start vs chosen on
-    validation and test, and write `out` only when the choice beats the defaults beyond its
-    standard error (plus `margin`); otherwise write nothing and say so."""
+    """`recsys tune fusion`: choose on one half of the shop's validation users, print start vs
+    chosen on both halves and test, and write `out` only when the choice beats the defaults on the
+    other (confirm) half beyond its standard error (plus `margin`); otherwise write nothing and say so."""
     check_writable(out)  # before minutes of work
     shop = read_shop(repo)
     t = tune_shop(shop, max_users, seed, margin)
@@ -503,15 +543,16 @@ def tune_fusion(repo: Path, out: Path, max_users: int = 2000, seed: int = 0, mar
     console.print(f"defaults: {t.start.label()}")
     console.print(f"chosen:   {t.chosen.label()}")
     if not t.changes:
-        why = "the defaults are the best found" if t.chosen == t.start else t.valid.gain.says()
+        why = ("the defaults are the best found on the choice half" if t.chosen == t.start
+               else f"{t.confirm.gain.says()} on the confirm half")
         left = f"; {out} left as it was" if out.exists() else ""
-        console.print(f"[yellow]no change[/]: keep the defaults, nothing written ({why} on validation{left})")
+        console.print(f"[yellow]no change[/]: keep the defaults, nothing written ({why} of validation{left})")
         return t
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(settings_toml(t, out, max_users, seed, data_note(repo, shop)))
     wrong = read_back(out, t.chosen)
     if wrong:
         console.print(f"[yellow]the gateway would not serve all of {out}[/]: " + "; ".join(wrong))
-    console.print(f"[green]wrote[/] {out} ({t.valid.gain.says()} on validation); serve it with "
+    console.print(f"[green]wrote[/] {out} ({t.confirm.gain.says()} on the confirm half of validation); serve it with "
                   f"`recsys serve --config {out}`")
     return t

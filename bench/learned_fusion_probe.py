@@ -51,9 +51,9 @@ def build_lists(data: Data, hists: Sequence[Sequence[int]], targets: np.ndarray,
         by_seq = np.argsort(-s[i], kind="stable")[:CANDIDATES]
         cand = np.array(list(dict.fromkeys(by_covis.tolist() + by_seq.tolist())))
         rank_covis = np.full(data.n_items, 2.0 * CANDIDATES)
-        rank_covis[by_covis] = np.arange(CANDIDATES)
+        rank_covis[by_covis] = np.arange(len(by_covis))  # fewer than CANDIDATES in a small catalog
         rank_seq = np.full(data.n_items, 2.0 * CANDIDATES)
-        rank_seq[by_seq] = np.arange(CANDIDATES)
+        rank_seq[by_seq] = np.arange(len(by_seq))
         ago = {x: k for k, x in enumerate(reversed(h))}  # 0: the last purchase
         logp = s[i] - s[i].max() - np.log(np.exp(s[i] - s[i].max()).sum())
         f = np.stack([c1[i, cand] / max(c1[i].max(), 1e-9), c3[i, cand] / max(c3[i].max(), 1e-9),

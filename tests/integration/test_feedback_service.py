@@ -111,7 +111,10 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_stores_none_twice(se
     service.start()
     stub = service.stub()
     everything = [e for b in sent_batches for e in b]
-    resent = stub.Log(fb.LogRequest(events=everything[:10_000]), timeout=30)
+    # wait_for_ready: the new channel can share the killed server's subchannel, still in its
+    # reconnect backoff, and fail at once with "connection refused" though the restarted service
+    # already listens (CI, a fast restart).
+    resent = stub.Log(fb.LogRequest(events=everything[:10_000]), timeout=30, wait_for_ready=True)
     assert resent.duplicate >= min(len(acked), 10_000) and resent.rejected == 0
     streamed = stub.Stream(iter(stream_events[:20_000]), timeout=60)
     assert streamed.duplicate == min(streamed_before_kill, 20_000)

@@ -78,7 +78,9 @@ def events_for(lists: list[fb.ServedList], first: int = 0) -> list[fb.Event]:
 
 
 def weights(process: FeedbackProcess) -> fb.BlendWeights:
-    return process.stub(GATEWAY_KEY).GetBlendWeights(fb.GetBlendWeightsRequest(), timeout=5)
+    # wait_for_ready: after a restart on the same port a new channel can share the killed server's
+    # subchannel, still in reconnect backoff, and fail at once (tests/integration/test_feedback_service.py).
+    return process.stub(GATEWAY_KEY).GetBlendWeights(fb.GetBlendWeightsRequest(), timeout=5, wait_for_ready=True)
 
 
 def settled(processes: list[FeedbackProcess], at_least: int, timeout_s: float = 30.0) -> list[fb.BlendWeights]:

@@ -26,6 +26,7 @@ from rich.progress import Progress
 
 from bench.real_data_bench import (DEFAULT_SOURCE, Data, console, covisitation_matrix, load_data, recent_weights,
                                    train_popularity, train_sasrec_baseline)
+from scorer.eval.interest_eval import ndcg_per_example
 from scorer.eval.next_item import metrics_from_ranks
 from scorer.eval.paired_gain import PairedGain
 
@@ -77,10 +78,6 @@ def ranks(lists: Lists, scores: list[np.ndarray], users: Sequence[int] | None = 
     return np.array(out)
 
 
-def per_user_ndcg10(r: np.ndarray) -> np.ndarray:
-    return np.where(r < 10, 1.0 / np.log2(np.minimum(r, 10) + 2.0), 0.0)
-
-
 def rrf_scores(lists: Lists, k: float, w: float) -> list[np.ndarray]:
     """Reciprocal-rank fusion of the two lists (a candidate missing from one ranks 2 x CANDIDATES there)."""
     return [1.0 / (k + 1 + np.expm1(f[:, 3])) + w / (k + 1 + np.expm1(f[:, 4])) - 1e-9 * np.arange(len(f))
@@ -89,7 +86,7 @@ def rrf_scores(lists: Lists, k: float, w: float) -> list[np.ndarray]:
 
 def best_rrf(lists: Lists) -> tuple[float, float]:
     grid = [(k, w) for k in (5, 10, 60) for w in (0.3, 0.5, 1.0)]
-    return max(grid, key=lambda kw: float(per_user_ndcg10(ranks(lists, rrf_scores(lists, *kw))).mean()))
+    return max(grid, key=lambda kw: float(ndcg_per_example(ranks(lists, rrf_scores(lists, *kw))).mean()))
 
 
 def train_fusion(lists: Lists, seed: int = 0, patience: int = 5, max_epochs: int = 60):
@@ -119,7 +116,7 @@ def train_fusion(lists: Lists, seed: int = 0, patience: int = 5, max_epochs: int
             loss.backward()
             opt.step()
         net.eval()
-        v = float(per_user_ndcg10(ranks(lists, score(lists), stop)).mean())
+        v = float(ndcg_per_example(ranks(lists, score(lists), stop)).mean())
         console.print(f"epoch {epoch}: NDCG@10 on the early-stopping users {v:.4f}")
         if v > best + 1e-4:
             best, best_state, bad = v, {k: x.clone() for k, x in net.state_dict().items()}, 0
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         m = metrics_from_ranks(r)
         console.print(f"test {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    gain = PairedGain.of(per_user_ndcg10(fused_rank), per_user_ndcg10(covis_rank), versus="co-visitation")
+    gain = PairedGain.of(ndcg_per_example(fused_rank), ndcg_per_example(covis_rank), versus="co-visitation")
     console.print(f"test NDCG@10 of the learned fusion: {gain.says()}; "
                   f"{gain.gain / max(gain.baseline, 1e-9):+.1%}; {time.time() - start:.0f} s")
     return 0

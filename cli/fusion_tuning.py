@@ -37,7 +37,7 @@ from rich.progress import track
 from rich.table import Table
 
 from contract.scores import ScoreWeights
-from gateway.catalog import COVISIT_NEIGHBOURS, Catalog, load_catalog
+from gateway.catalog import COVISIT_EVENTS, COVISIT_NEIGHBOURS, Catalog, load_catalog
 from gateway.config import GatewaySettings, SourceFusion
 from gateway.index import ItemIndex
 from gateway.pipeline.prescore import fused_relevance
@@ -49,7 +49,8 @@ from scorer.eval.paired_gain import PairedGain
 from sources.memory import InMemoryCatalogSource
 
 console = Console()
-INTERACTIONS = ("CLICK", "ADD_TO_CART", "PURCHASE")
+# The events a next-item target, a history and the co-visitation are made of: the gateway's own.
+INTERACTIONS = COVISIT_EVENTS
 NUM_RESULTS = 50  # what the real-data bench asks the gateway for
 MISS = np.iinfo(np.int32).max
 # The grid of the coordinate ascent (interest's weight stays 1: the sources' weights count only by

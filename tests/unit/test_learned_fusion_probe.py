@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.learned_fusion_probe import CANDIDATES, MISSING, Lists, build_lists, per_user_ndcg10, ranks, rrf_scores
+from bench.learned_fusion_probe import CANDIDATES, MISSING, Lists, build_lists, ranks, rrf_scores
 from bench.real_data_bench import Data
 
 
@@ -24,8 +24,10 @@ def test_ranks_are_the_targets_place_in_score_order_and_missing_when_not_a_candi
     assert list(ranks(ls, [np.array([0.9, 0.2, 0.1]), np.array([1.0, 0.0])], users=[0])) == [2]
 
 
-def test_ndcg10_per_user():
-    assert per_user_ndcg10(np.array([0, 1, 9, 10, MISSING])) == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
+def test_ndcg10_per_user_of_a_missing_target_is_zero():
+    from scorer.eval.interest_eval import ndcg_per_example  # what the probe scores users by
+
+    assert ndcg_per_example(np.array([0, 1, 9, 10, MISSING])) == pytest.approx([1.0, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
 
 
 def test_rrf_adds_the_reciprocal_ranks_of_both_lists():

@@ -388,10 +388,12 @@ def served_path(data: Data, generic: Path, interest_model, progress: Progress, b
     variants = {"settings before tuning, untrained ranker applied (the old harness)":
                 {**SERVED_BEFORE_ENV, "RECSYS_RANKER_MODE": "always"},
                 "settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
-    got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants)
+    got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants,
+                              learned_fusion=LEARNED)
     return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 
 
+LEARNED = "learned fusion (`recsys train fusion` on the history, kept by its gate)"
 NOT_SERVED = Result(SERVED, None, "TODO: not measured in this run (`--served` runs the real stack: "
                                   "feature repo, Feast, Triton, a gateway process)")
 

@@ -120,12 +120,15 @@ async def recommend_all(address: str, users: list[str], on_done) -> tuple[list[l
 
 def measure_served_path(generic: Path, split: Split, interest_model, log, progress,
                         variants: dict[str, dict[str, str]] | None = None, repo: Path | None = None,
-                        ranker=None, ranker_validation: dict | None = None) -> dict[str, tuple[dict[str, float], str]]:
+                        ranker=None, ranker_validation: dict | None = None,
+                        learned_fusion: str = "") -> dict[str, tuple[dict[str, float], str]]:
     """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
     per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only;
     RECSYS_RERANK_DEPTH there sets the variant's depth). One import (none when `repo` is a feature
     repo `import_history` already wrote), one Triton serving `ranker` (default: the untrained one);
-    a fresh gateway process per variant, one after the other."""
+    a fresh gateway process per variant, one after the other. With `learned_fusion` (a label),
+    `recsys train fusion` runs on the imported history (its own leave-one-out: never a test purchase)
+    and, when its gate keeps the model, one more variant serves it (RECSYS_LEARNED_FUSION)."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
@@ -138,6 +141,16 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
     with tempfile.TemporaryDirectory(prefix="real_data_served_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         repo = repo or import_history(generic, split, workdir, log)
+        if learned_fusion:
+            from cli.fusion_learning import train_fusion
+
+            log("recsys train fusion on the imported history (validation users of the history's own split)")
+            model_file = workdir / "learned_fusion.json"
+            fit = train_fusion(repo, model_file, max_users=10**6)
+            if fit.keeps:
+                variants = {**variants, learned_fusion: {"RECSYS_LEARNED_FUSION": str(model_file)}}
+            else:
+                log(f"the learned fusion was not kept by its gate: no '{learned_fusion}' row")
         log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) and "
             + ("the trained interest model" if interest_model is not None else "no interest model (the gateway's fallback)"))
         models = export_models(workdir, interest_model, ranker, ranker_validation)
@@ -158,7 +171,8 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
                 lists, degraded, errors = asyncio.run(recommend_all(f"127.0.0.1:{gw.port}", users,
                                                                     lambda: progress.advance(task)))
             ranks = topk_ranks(lists, split.test["item_id"].tolist())
-            settings = ", ".join(f"{k.removeprefix('RECSYS_').lower()}={v}" for k, v in env.items()) or "gateway defaults"
+            settings = ", ".join(f"{k.removeprefix('RECSYS_').lower()}={Path(v).name if k == 'RECSYS_LEARNED_FUSION' else v}"
+                                 for k, v in env.items()) or "gateway defaults"
             note = (f"{settings} (ranker mode {gw.env['RECSYS_RANKER_MODE']}, rerank depth {depth}), no query, {NUM_RESULTS} results; "
                     f"{degraded} degraded, {errors} errors; {time.perf_counter() - t0:.0f} s")
             out[label] = (metrics_from_ranks(ranks, KS), note)

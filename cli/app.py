@@ -532,6 +532,35 @@ def train_ranker_cmd(
                           "the gateway (ranker_mode auto) will not apply it[/]"))
 
 
+@train_app.command("fusion")
+def train_fusion_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline holds the imported log "
+                              "(items.parquet, events.parquet: `recsys data import`, `recsys demo`)."),
+    out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "fusion" / "learned_fusion.json",
+                             help="Model file to write (the gateway's `learned_fusion` setting); only when it beats "
+                                  "the rank fusion on the confirm half of validation."),
+    config: Optional[Path] = typer.Option(None, help="Gateway settings file the gateway serves with (`recsys serve "
+                                          "--config`): the rank fusion to beat and the co-visitation seeds."),
+    max_users: int = typer.Option(5000, min=10, help="At most this many validation (and test) users, sampled."),
+    seed: int = typer.Option(0, help="Seed of that sample, of the split in two halves and of the fit."),
+    min_gain: float = typer.Option(0.0, help="How much more than its standard error the NDCG@10 gain on the "
+                                   "confirm half of validation must be to write the model."),
+) -> None:
+    """Fit a learned fusion of the no-query sources (co-visitation, interest, popularity, the user's
+    history) on one half of this shop's validation users, through the gateway's own retrieval code;
+    compare it with the served rank fusion on the other half and on test. Writes OUT only when the
+    gain on the other half (the confirm half, which took no part) exceeds its standard error."""
+    from cli.fusion_learning import train_fusion
+    from cli.fusion_tuning import CannotTune
+
+    _quiet_transformers()
+    try:
+        train_fusion(repo, out, max_users, seed, min_gain, config)
+    except CannotTune as e:
+        console.print(f"[red]cannot train the fusion[/]: {e}")
+        raise typer.Exit(1) from None
+
+
 @train_app.command("interest")
 def train_interest_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its data/offline holds the label log)."),

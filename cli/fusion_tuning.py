@@ -41,7 +41,8 @@ from gateway.catalog import COVISIT_EVENTS, COVISIT_NEIGHBOURS, Catalog, load_ca
 from gateway.config import GatewaySettings, SourceFusion
 from gateway.index import ItemIndex
 from gateway.pipeline.prescore import fused_relevance
-from gateway.retrieval import Candidates, fallback_interest, history_positions, retrieve
+from gateway.learned_fusion import candidate_features
+from gateway.retrieval import Candidates, covisit_seeds, fallback_interest, history_positions, retrieve
 from gateway.scoring import UserView, feature_terms, fuse, weight_vector
 from gateway.state import Snapshot, build_snapshot
 from scorer.eval.next_item import Split, leave_one_out, metrics_from_ranks, ordered_interactions
@@ -74,6 +75,7 @@ class Request:
     pop: np.ndarray
     fresh: np.ndarray
     target: int  # catalog position (-1: not in the catalog)
+    features: np.ndarray  # the learned fusion's (gateway/learned_fusion.py candidate_features), one row per candidate
 
 
 @dataclass
@@ -215,7 +217,8 @@ def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dic
 
 
 def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "") -> list[Request]:
-    """gateway/pipeline/retrieve.py + prescore.py for each page (no query, no page item)."""
+    """gateway/pipeline/retrieve.py + prescore.py for each page (no query, no page item), and each
+    candidate's learned-fusion features (what prescore.learned_relevance computes)."""
     snap, allowed = loaded.snap, np.ones(len(loaded.snap.catalog), dtype=bool)
     out = []
     for page in track(loaded.pages, description=label or "pages", console=console, transient=True):
@@ -226,7 +229,11 @@ def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "") -> l
         positions = np.array(cands.positions, dtype=np.int64)
         pers, pop, fresh = feature_terms(positions, snap.catalog, page.user, snap.catalog.popularity[positions],
                                          now=page.now)
-        out.append(Request(positions, cands, pers, pop, fresh, page.target))
+        cosine = snap.index.similarity(interest, positions) if interest is not None else None
+        features = candidate_features(snap, cands, positions, page.user,
+                                      covisit_seeds(page.user, None, seeds.covisit_recent_items),
+                                      seeds.covisit_seed_decay, cosine, pop, pers, fresh)
+        out.append(Request(positions, cands, pers, pop, fresh, page.target, features))
     return out
 
 

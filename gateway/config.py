@@ -111,6 +111,9 @@ class GatewaySettings(BaseSettings):
     covisit_recent_items: int = Field(10, ge=0, description="profile items (newest first) whose co-visits are candidates")
     covisit_seed_decay: float = Field(0.2, gt=0, le=1, description="weight of the r-th newest co-visitation seed: decay^r")
     fusion: SourceFusion = SourceFusion()
+    learned_fusion: Path | None = Field(
+        None, description="model file of `recsys train fusion`: scores no-query candidates instead of the rank "
+        "fusion (read at start; a file that cannot be served stops the start)")
     ranker_mode: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: the ranker only when its served version beat the blend on validation")
     weights: ScoreWeights = ScoreWeights()

@@ -27,6 +27,7 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
+from gateway.learned_fusion import LearnedFusionError
 from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from rpc import pseudonyms as pseudonym_keys
@@ -87,6 +88,9 @@ class Gateway:
         self.state = ServingState(CatalogSources.from_feature_store(store), self.triton, self.settings.cache_dir)
         self.blend = OnlineBlend(self.settings) if self.settings.feedback_url else None
         self.recommender = Recommender(self.settings, self.state, reader, self.triton, self.blend)
+        fusion = self.recommender.services.learned_fusion
+        if fusion is not None:
+            log.info("learned fusion %s (%s) scores requests without a query", fusion.version, self.settings.learned_fusion)
         if self.blend is not None:
             self._tasks.append(asyncio.create_task(self.blend.run()))
 
@@ -286,6 +290,9 @@ def main(config_file: Path | None = None) -> None:
     try:
         asyncio.run(serve(load_settings(config_file)))
     except pseudonym_keys.PseudonymKeyError as e:  # a configured key that cannot be used: never serve keyless
+        print(f"gateway not started: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except LearnedFusionError as e:  # the configured model file cannot be served: say so, do not fall back silently
         print(f"gateway not started: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     exit_without_teardown(0)  # served and shut down cleanly: no duckdb teardown noise in the log

@@ -96,6 +96,7 @@ class RequestContext:
     cosine: np.ndarray | None = None  # similarity of each candidate to the query (else interest) vector
     relevance: np.ndarray = field(default_factory=_floats)  # rank_head replaces (or re-orders) the head's
     fused: bool = False  # relevance is the sources' rank fusion (no query), not on the ranker's scale
+    fusion_version: str = ""  # the learned fusion's version when it gave the relevance ("": rank fusion or a query)
     pers: np.ndarray = field(default_factory=_floats)
     pop: np.ndarray = field(default_factory=_floats)  # read_head_features refreshes the head's
     fresh: np.ndarray = field(default_factory=_floats)

@@ -47,4 +47,6 @@ def model_versions(ctx: RequestContext, svc: Services) -> dict[str, str]:
         out["ranker"] = svc.ranker_version
     if ctx.blend_version:
         out["blend"] = ctx.blend_version
+    if ctx.fusion_version:
+        out["fusion"] = ctx.fusion_version
     return out

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract.fusion import FusionModel
 from gateway.config import SourceFusion
+from gateway.learned_fusion import candidate_features, model_relevance
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.services import Services
-from gateway.retrieval import SOURCE_NAMES, Candidates
+from gateway.retrieval import SOURCE_NAMES, Candidates, covisit_seeds
 from gateway.scoring import BOOST, feature_terms, fuse, source_fusion, weight_vector
 from gateway.state import Snapshot
 from contract.scores import RANKER_PRIOR
 
 
 def pre_score(ctx: RequestContext, svc: Services) -> None:
-    """Fills `positions`, `cosine`, `relevance`, `fused`, `pers`, `pop`, `fresh`, `weights`, `blend_version`, `order`."""
+    """Fills `positions`, `cosine`, `pers`, `pop`, `fresh`, `fused`, `fusion_version`, `relevance`, `weights`,
+    `blend_version`, `order`."""
     req, catalog = ctx.req, ctx.catalog
     ctx.positions = positions = np.array(ctx.cands.positions, dtype=np.int64)
     probe = ctx.query_vec if ctx.query_vec is not None else ctx.interest
     ctx.cosine = ctx.snap.index.similarity(probe, positions) if probe is not None else None
+    ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
     ctx.fused = not req.query and req.candidate_ids is None
-    if ctx.fused:  # no query: what the sources agree on
+    if ctx.fused and svc.learned_fusion is not None:  # no query: the learned fusion of the sources
+        relevance = learned_relevance(ctx, svc, svc.learned_fusion.model)
+        ctx.fusion_version = svc.learned_fusion.version
+    elif ctx.fused:  # no query: what the sources agree on, by rank
         relevance = fused_relevance(ctx.cands, positions, svc.settings.fusion)
     else:
         relevance = base_relevance(ctx.snap, req.query, positions, ctx.cosine)
@@ -35,7 +42,6 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
         ctx.weights, ctx.blend_version = ctx.weight_draw.weights, ctx.weight_draw.label
     else:
         ctx.weights, ctx.blend_version = weight_vector(svc.settings.weights), ""
-    ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
     pre = fuse(ctx.weights, ctx.relevance, ctx.pers, ctx.pop, ctx.fresh)
     ctx.order = np.argsort(-pre, kind="stable")
 
@@ -46,6 +52,15 @@ def fused_relevance(cands: Candidates, positions: np.ndarray, fusion: SourceFusi
     the feature terms of the final score (chosen on validation, bench/tune_fusion.py)."""
     weights = {source: getattr(fusion, name) for source, name in SOURCE_NAMES.items() if hasattr(fusion, name)}
     return (RANKER_PRIOR * fusion.scale * source_fusion(cands.ranks, positions, weights, fusion.k)).astype(np.float32)
+
+
+def learned_relevance(ctx: RequestContext, svc: Services, model: FusionModel) -> np.ndarray:
+    """Relevance without a query from the learned fusion (gateway/learned_fusion.py)."""
+    s = svc.settings
+    seeds = covisit_seeds(ctx.user, ctx.page, s.covisit_recent_items)
+    features = candidate_features(ctx.snap, ctx.cands, ctx.positions, ctx.user, seeds, s.covisit_seed_decay,
+                                  ctx.cosine, ctx.pop, ctx.pers, ctx.fresh)
+    return model_relevance(model, features)
 
 
 def base_relevance(snap: Snapshot, query: str, positions: np.ndarray, cosine: np.ndarray | None) -> np.ndarray:

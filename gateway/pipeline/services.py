@@ -13,6 +13,7 @@ from typing import Literal
 from gateway.config import GatewaySettings
 from gateway.explain import ExplainerCache
 from gateway.features.online_reader import OnlineFeatureReader
+from gateway.learned_fusion import LearnedFusion
 from gateway.online_blend import OnlineBlend
 from gateway.pipeline.guarded import GuardedCalls
 from gateway.query_cache import QueryEmbeddingCache
@@ -33,6 +34,8 @@ class Services:
     ranker_verdict: bool | None = None  # the served ranker beat the blend on validation (None: says nothing)
     interest_version: str = ""  # "": no interest model in Triton; the fallback formula is used
     explainers: ExplainerCache = field(default_factory=ExplainerCache)
+    # The learned fusion of the sources for no-query requests (settings.learned_fusion); None: rank fusion.
+    learned_fusion: LearnedFusion | None = None
 
     @property
     def reserve_s(self) -> float:
@@ -47,8 +50,9 @@ class Services:
     @classmethod
     def build(cls, settings: GatewaySettings, state: ServingState, reader: OnlineFeatureReader | None,
               triton: TritonClient, blend: OnlineBlend | None = None) -> "Services":
+        fusion = LearnedFusion.load(settings.learned_fusion) if settings.learned_fusion is not None else None
         return cls(settings, state, reader, triton, GuardedCalls(settings),
-                   QueryEmbeddingCache(settings.embedding_cache_size), blend)
+                   QueryEmbeddingCache(settings.embedding_cache_size), blend, learned_fusion=fusion)
 
 
 def ranker_applies(mode: Literal["auto", "always", "never"], verdict: bool | None) -> bool:

@@ -197,6 +197,40 @@ def test_ranker_mode_auto_leaves_an_unproven_ranker_out(feature_repo, triton_gw,
         assert items.loc[reply.items[0].item_id, "category"] == "Jackets"
 
 
+def test_a_learned_fusion_trained_on_the_shop_is_served_for_pages_without_a_query(feature_repo, triton_gw,
+                                                                                  tmp_path_factory, items):
+    """`recsys train fusion` on the shop's own log, then a gateway started with its file: a home feed
+    is scored by it (its version in model_versions, its relevance on the prior x scale range), a
+    query is not; a file it cannot serve stops the start (the CLI path prints why, exit 2)."""
+    from cli.background import BackgroundGateway
+    from cli.fusion_learning import train_fusion
+    from contract.scores import RANKER_PRIOR
+    from gateway.learned_fusion import LearnedFusion, LearnedFusionError
+    from rpc.clients import GatewayClient
+
+    model_file = tmp_path_factory.mktemp("fusion") / "learned_fusion.json"
+    fit = train_fusion(feature_repo.path, model_file, margin=-1.0)  # this test is about serving, not the gate
+    assert fit.keeps and model_file.is_file()
+    served = LearnedFusion.load(model_file)
+    events = feature_repo.shop.events
+    user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
+    settings = _settings(feature_repo, triton_gw, tmp_path_factory, ranker_mode="auto", learned_fusion=model_file)
+    with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+        home = c.recommend("", user_id=user, num_results=20, explain=True)
+        assert len(home.items) == 20 and not home.degraded, home.degraded_reasons
+        assert home.model_versions["fusion"] == served.version
+        relevance = [i.breakdown.relevance for i in home.items]
+        top = RANKER_PRIOR * served.model.scale
+        assert max(relevance) == pytest.approx(top, rel=1e-4) and min(relevance) > 0  # the best candidate's share is 1
+        searched = c.recommend("rain jacket", user_id=user, num_results=5)
+        assert "fusion" not in searched.model_versions and not searched.degraded
+        assert items.loc[searched.items[0].item_id, "category"] == "Jackets"
+    model_file.write_text("{}")
+    with pytest.raises(LearnedFusionError, match="learned_fusion.json"):
+        with BackgroundGateway(settings):
+            pass
+
+
 # --- Redis --------------------------------------------------------------------------------------------
 
 def test_redis_online_store_end_to_end(feature_repo, triton_gw, tmp_path_factory, items, monkeypatch):

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
+from contract.fusion import FUSION_FEATURES, FusionModel
 from contract.scores import POPULARITY_SCALE, RANKER_PRIOR
 from gateway.budget import Deadline
 from gateway.catalog import Catalog
@@ -19,6 +20,7 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Cause, Degradation, Part
 from gateway.features.online_reader import EntityFeatures, OnlineFeatures, ViewStatus
 from gateway.index import ItemIndex
+from gateway.learned_fusion import LearnedFusionError, candidate_features, model_relevance
 from gateway.online_blend import WeightDraw
 from gateway.pipeline import guarded as guarded_module
 from gateway.pipeline.context import Request, RequestContext
@@ -33,7 +35,7 @@ from gateway.pipeline.retrieve import retrieve_candidates
 from gateway.pipeline.services import Services
 from gateway.pipeline.understand import understand_query
 from gateway.recommender import Recommender, Unavailable
-from gateway.retrieval import CALLER, INTEREST, POPULAR, QUERY, SESSION
+from gateway.retrieval import CALLER, INTEREST, POPULAR, QUERY, SESSION, covisit_seeds
 from gateway.scoring import BOOST, fuse, score_parts
 from gateway.state import ServingState, build_snapshot
 from gateway.triton_client import TritonError
@@ -555,6 +557,62 @@ def test_pre_score_without_vectors_scales_bm25_into_the_cosine_range_and_uses_th
     assert ctx.relevance.max() == pytest.approx(RANKER_PRIOR * 0.5) and ctx.relevance.min() >= 0
     best = ids(ctx, ctx.order[:1])[0]
     assert best in {"j1", "j3"}  # both words match
+
+
+def _fusion_file(tmp_path: Path, scale: float = 3.0) -> Path:
+    """A learned fusion that likes co-visited items bought long ago: any fixed weights do here."""
+    rng = np.random.default_rng(5)
+    n = len(FUSION_FEATURES)
+    m = FusionModel(rng.standard_normal((n, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32),
+                    rng.standard_normal(6).astype(np.float32), 0.0, scale)
+    path = tmp_path / "fusion.json"
+    path.write_text(m.to_json())
+    return path
+
+
+def test_pre_score_without_a_query_serves_the_learned_fusion_and_says_which(tmp_path):
+    reader = FakeReader(users={"u1": features({**PROFILE, **SESSION_VALUES}, "user_profile", "user_session")})
+    svc = services(reader, FakeTriton(), learned_fusion=_fusion_file(tmp_path))
+    assert svc.learned_fusion is not None
+    ctx = context(request("", user_id="u1", session_id="sess-A"))
+    run(through_prescore(ctx, svc))
+    s = svc.settings
+    x = candidate_features(SNAP, ctx.cands, ctx.positions, ctx.user,
+                           covisit_seeds(ctx.user, None, s.covisit_recent_items), s.covisit_seed_decay,
+                           ctx.cosine, ctx.pop, ctx.pers, ctx.fresh)
+    model = svc.learned_fusion.model
+    assert np.allclose(ctx.relevance, model_relevance(model, x) + BOOST * ctx.boosts[ctx.positions], atol=1e-6)
+    assert ctx.relevance.max() == pytest.approx(RANKER_PRIOR * 3.0)  # the best candidate: prior x scale
+    where = {int(p): i for i, p in enumerate(ctx.positions)}
+    assert col_of(x, "in_session")[where[pos("j1")]] == 1.0 and col_of(x, "in_session").sum() == 1  # clicked
+    assert col_of(x, "bought")[where[pos("s4")]] == 1.0 and col_of(x, "bought").sum() == 1  # the profile's
+    pre = fuse(ctx.weights, ctx.relevance, ctx.pers, ctx.pop, ctx.fresh)
+    assert list(ctx.order) == list(np.argsort(-pre, kind="stable"))
+    assert ctx.fusion_version == svc.learned_fusion.version
+    assert model_versions(ctx, svc)["fusion"] == svc.learned_fusion.version
+
+
+def test_a_query_or_caller_ids_never_use_the_learned_fusion(tmp_path):
+    svc = services(None, FakeTriton(), learned_fusion=_fusion_file(tmp_path))
+    ctx = context(request("osprey jackets"))
+    run(through_prescore(ctx, svc))
+    cosine = SNAP.index.embeddings[ctx.positions] @ ctx.query_vec
+    assert np.allclose(ctx.relevance, RANKER_PRIOR * cosine + BOOST * ctx.boosts[ctx.positions], atol=1e-5)
+    assert ctx.fusion_version == "" and "fusion" not in model_versions(ctx, svc)
+    ctx = context(request("", candidate_ids=["j1", "s4"]))
+    run(through_prescore(ctx, svc))
+    assert not ctx.fused and ctx.fusion_version == ""
+
+
+def test_a_gateway_never_starts_on_a_fusion_file_it_cannot_serve(tmp_path):
+    bad = tmp_path / "fusion.json"
+    bad.write_text('{"format": "recsys-learned-fusion/1", "features": ["covisit_newest"]}')
+    with pytest.raises(LearnedFusionError, match="fusion.json: 'features' differ"):
+        services(None, FakeTriton(), learned_fusion=bad)
+
+
+def col_of(x: np.ndarray, name: str) -> np.ndarray:
+    return x[:, FUSION_FEATURES.index(name)]
 
 
 # --- read_head_features and rank_head -----------------------------------------------------------------

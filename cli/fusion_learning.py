@@ -1,0 +1,216 @@
+"""`recsys train fusion`: fit the learned source fusion on a shop's own log and keep it only when
+it beats the rank fusion the gateway serves today.
+
+Through the served code (cli/fusion_tuning.py's harness: the gateway's catalog, co-visitation,
+retrieval, feature terms and pre-score; pages without a query; leave-one-out next item), each
+validation user becomes one list: the gateway's candidates, their FUSION_FEATURES
+(gateway/learned_fusion.py `candidate_features`, what the gateway computes per request) and where
+the next item sits among them. The validation users are split in two seeded halves:
+- the **fit half**: scorer/train/fusion_train.py fits the network (80% of the half) with early
+  stopping (the other 20%), then the relevance's scale against the feature terms is chosen on the
+  whole half;
+- the **confirm half**, which took no part: the learned fusion and the served rank fusion (the
+  settings the gateway would read from `--config`, else its defaults) are compared per user
+  (NDCG@10 paired, `scorer.eval.paired_gain.PairedGain`: the rule the model gates keep a model by).
+Test is read once and shown, never to decide. The model file is written only when the confirm
+half's gain exceeds its standard error (+ margin); the gateway serves it with the setting
+`learned_fusion`.
+
+Limit: the harness's interest vector is the gateway's untrained formula (`fallback_interest`); a shop
+serving a trained interest model gives the fusion other interest ranks and cosines than it was fitted on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.fusion_tuning import (CannotTune, Request, Seeds, console, data_note, fused, load, prepare,
+                               read_shop, split_halves, subset, target_ranks)
+from contract.fusion import FusionModel
+from gateway.config import GatewaySettings, load_settings
+from gateway.learned_fusion import LearnedFusion, model_relevance
+from gateway.scoring import weight_vector
+from scorer.eval.interest_eval import ndcg_per_example
+from scorer.eval.next_item import metrics_from_ranks
+from scorer.eval.paired_gain import PairedGain
+
+MAX_EPOCHS = 100
+SCALES = (1.0, 3.0, 9.0)  # the learned relevance's weight against the feature terms, chosen on the fit half
+
+
+@dataclass
+class Judged:
+    """Rank fusion vs the learned fusion on one set of users."""
+
+    rank_fusion: dict[str, float]
+    learned: dict[str, float]
+    gain: PairedGain
+
+
+@dataclass
+class FusionTraining:
+    shop: str
+    model: FusionModel
+    fit_half: Judged  # the users it was fitted on (optimistic: shown, never decisive)
+    confirm: Judged  # the users that decide
+    test: Judged  # read once
+    curve: list[tuple[int, float]]
+    best_epoch: int
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def learned_anything(self) -> bool:
+        """The fit beat the untrained network on its early-stopping users' loss (else it kept the untrained one)."""
+        return self.best_epoch > 0
+
+    @property
+    def keeps(self) -> bool:
+        return self.learned_anything and self.confirm.gain.beyond_noise
+
+
+def learned(model: FusionModel):
+    return lambda r: model_relevance(model, r.features)
+
+
+def judge(reqs: list[Request], model: FusionModel, settings: GatewaySettings, margin: float) -> Judged:
+    w = weight_vector(settings.weights)
+    before = target_ranks(reqs, fused(settings.fusion), w)
+    after = target_ranks(reqs, learned(model), w)
+    gain = PairedGain.of(ndcg_per_example(after), ndcg_per_example(before), margin, versus="the rank fusion",
+                         unit="users")
+    return Judged(metrics_from_ranks(before), metrics_from_ranks(after), gain)
+
+
+def lists_of(reqs: list[Request]) -> tuple[list[np.ndarray], list[int]]:
+    """Each request's candidate features and its target's index among them (-1: not retrieved)."""
+    targets = []
+    for r in reqs:
+        hit = np.flatnonzero(r.positions == r.target)
+        targets.append(int(hit[0]) if len(hit) else -1)
+    return [r.features for r in reqs], targets
+
+
+def fit(reqs: list[Request], seed: int):
+    from scorer.train.fusion_train import fit_fusion
+
+    lists, targets = lists_of(reqs)
+    retrieved = sum(t >= 0 for t in targets)
+    console.print(f"fitting on {len(lists):,} users' candidate lists ({retrieved:,} hold the next item; "
+                  "early stopping on 20% of them, NDCG@10 within the list)")
+    with Progress(TextColumn("fusion epoch {task.completed:.0f}"), BarColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("fit", total=MAX_EPOCHS, note="")
+
+        def on_epoch(epoch: int, ndcg: float) -> None:
+            progress.update(task, completed=epoch, note=f"early-stopping NDCG@10 {ndcg:.4f}")
+
+        return fit_fusion(lists, targets, seed=seed, max_epochs=MAX_EPOCHS, on_epoch=on_epoch)
+
+
+def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, margin: float = 0.0,
+                 config: Path | None = None) -> FusionTraining:
+    """Fit, choose the scale, judge; write `out` only when the confirm half says so."""
+    if out.exists() and not out.is_file():
+        raise CannotTune(f"{out} is not a file: --out names the model file to write")
+    settings = load_settings(config)
+    seeds = Seeds(settings.covisit_recent_items, settings.covisit_seed_decay)
+    per_source = settings.candidates_per_source
+    shop = read_shop(repo)
+    vectors: dict[str, np.ndarray] = {}
+    loaded = load(shop, "valid", max_users, seed, vectors=vectors)
+    if len(loaded.pages) < 10:
+        raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions: need 10 (a half to fit on, "
+                         "split again for early stopping, and a half to confirm on)")
+    fit_pages, confirm_pages = (subset(loaded, h) for h in split_halves(len(loaded.pages), seed))
+    console.print(f"validation users split in two (seed {seed}): {len(fit_pages.pages):,} to fit on, "
+                  f"{len(confirm_pages.pages):,} to confirm on")
+    fit_reqs = prepare(fit_pages, per_source, seeds, "fit half: candidates and features")
+    result = fit(fit_reqs, seed)
+    w = weight_vector(settings.weights)
+    by_scale = {s: metrics_from_ranks(target_ranks(fit_reqs, learned(_scaled(result.model, s)), w))["NDCG@10"]
+                for s in SCALES}
+    scale = max(SCALES, key=lambda s: (by_scale[s], -s))
+    console.print("scale (the learned relevance against the feature terms), NDCG@10 on the fit half: "
+                  + ", ".join(f"{s:g}: {v:.4f}" for s, v in by_scale.items()) + f"; chosen {scale:g}")
+    model = _scaled(result.model, scale)
+    confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features")
+    fit_half = judge(fit_reqs, model, settings, margin)
+    confirm = judge(confirm_reqs, model, settings, margin)
+    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors), per_source, seeds, "test")
+    test = judge(test_reqs, model, settings, margin)
+    t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve)
+    console.print(result_table(t))
+    plot = out.with_name(out.stem + "_curve.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_curve(t, plot)
+    console.print(f"early-stopping curve: {plot} (best epoch {t.best_epoch})")
+    if not t.keeps:
+        left = f"; {out} left as it was" if out.exists() else ""
+        why = (f"{confirm.gain.says()} on the confirm half of validation" if t.learned_anything
+               else "the fit never beat the untrained network on its early-stopping users")
+        console.print(f"[yellow]not kept[/]: {why}: the gateway keeps the rank fusion, nothing written{left}")
+        return t
+    about = {"trained_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "data": data_note(repo, shop), "max_users": max_users, "seed": seed,
+             "candidates_per_source": per_source, "covisit_recent_items": seeds.covisit_recent_items,
+             "covisit_seed_decay": seeds.covisit_seed_decay, "best_epoch": t.best_epoch,
+             **{f"{name}_ndcg10": {"rank_fusion": j.rank_fusion["NDCG@10"], "learned": j.learned["NDCG@10"],
+                                    "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}
+                for name, j in (("fit_half", fit_half), ("confirm_half", confirm), ("test", test))}}
+    model = FusionModel(model.w1, model.b1, model.w2, model.b2, model.scale, about)
+    out.write_text(model.to_json())
+    LearnedFusion.load(out)  # what the gateway will read: refuse to leave a file it cannot serve
+    t.model = model
+    console.print(f"[green]wrote[/] {out} ({confirm.gain.says()} on the confirm half of validation); serve it with "
+                  f"RECSYS_LEARNED_FUSION={out} (or `learned_fusion = \"{out}\"` in the --config file)")
+    return t
+
+
+def _scaled(model: FusionModel, scale: float) -> FusionModel:
+    return FusionModel(model.w1, model.b1, model.w2, model.b2, scale, model.about)
+
+
+def result_table(t: FusionTraining) -> Table:
+    table = Table("users", "count", "fusion", "Recall@10", "NDCG@10", "NDCG@10 gain ± SE",
+                  title=f"learned fusion on {t.shop}: fitted on one half of validation, kept only if the other "
+                        "half says so (test read once)")
+    for name, j in (("validation, fit half", t.fit_half), ("validation, confirm half", t.confirm), ("test", t.test)):
+        g = j.gain
+        rel = f" ({g.gain / g.baseline:+.0%})" if g.baseline > 0 else ""
+        table.add_row(name, f"{g.examples:,}", "rank fusion (served settings)", f"{j.rank_fusion['Recall@10']:.4f}",
+                      f"{j.rank_fusion['NDCG@10']:.4f}", "")
+        table.add_row("", "", "learned", f"{j.learned['Recall@10']:.4f}", f"{j.learned['NDCG@10']:.4f}",
+                      f"{g.gain:+.4f} ± {g.se:.4f}{rel}", end_section=True)
+    return table
+
+
+def save_curve(t: FusionTraining, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    epochs, values = zip(*t.curve)
+    ax.plot(epochs, values, marker=".", label="NDCG@10, early-stopping users (fit half)")
+    ax.axvline(t.best_epoch, color="grey", linestyle=":", label=f"kept: epoch {t.best_epoch} (lowest loss)")
+    if t.loss_curve:
+        loss_ax = ax.twinx()
+        loss_epochs, losses = zip(*t.loss_curve)
+        loss_ax.plot(loss_epochs, losses, color="tab:green", alpha=0.6)
+        loss_ax.set_ylabel("held-out loss (decides)", color="tab:green")
+    ax.axhline(t.fit_half.rank_fusion["NDCG@10"], color="tab:red", linestyle="--",
+               label="rank fusion, whole fit half (served order)")
+    ax.set_xlabel("epoch (0: untrained)")
+    ax.set_ylabel("NDCG@10 within the candidates")
+    ax.set_title("learned fusion: validation curve")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

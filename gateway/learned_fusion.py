@@ -1,0 +1,83 @@
+"""The learned source fusion in the gateway: its model file, and each candidate's features.
+
+`recsys train fusion` writes the model (contract/fusion.py: the features, the file format, the
+forward pass); the setting `learned_fusion` names it. When set, a request without a query and
+without caller ids gets its relevance from the model instead of the rank fusion
+(gateway/pipeline/prescore.py); everything else (the feature terms, the ranker where it applies,
+the order, the explanations) is unchanged. `candidate_features` is also what `recsys train fusion`
+fits on, through the gateway's own retrieval, so training and serving compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from contract.fusion import MISSING_RANK, FusionInputs, FusionModel, feature_matrix
+from contract.scores import RANKER_PRIOR
+from gateway.retrieval import INTEREST, POPULAR, SESSION, Candidates, covisit_scores
+from gateway.scoring import UserView
+from gateway.state import Snapshot
+
+
+class LearnedFusionError(ValueError):
+    """The configured model file cannot be served (the message names the file and what is wrong)."""
+
+
+class LearnedFusion:
+    """A loaded model file and its version label (what `model_versions` reports as "fusion")."""
+
+    def __init__(self, model: FusionModel, version: str):
+        self.model = model
+        self.version = version
+
+    @classmethod
+    def load(cls, path: Path) -> "LearnedFusion":
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise LearnedFusionError(f"learned_fusion {path}: cannot read it ({e.strerror or e})") from None
+        try:
+            model = FusionModel.from_json(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LearnedFusionError(f"learned_fusion {path}: {e}") from None
+        return cls(model, hashlib.sha256(data).hexdigest()[:12])
+
+
+def _rank_array(ranked: dict[int, int] | None, positions: np.ndarray) -> np.ndarray:
+    ranked = ranked or {}
+    return np.array([ranked.get(p, MISSING_RANK) for p in positions.tolist()], dtype=np.int64)
+
+
+def candidate_features(snap: Snapshot, cands: Candidates, positions: np.ndarray, user: UserView,
+                       seeds: list[int], seed_decay: float, cosine: np.ndarray | None, pop: np.ndarray,
+                       pers: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """FUSION_FEATURES for each candidate at `positions` (pop, pers, fresh: the unweighted feature
+    terms; cosine: to the interest vector, None without one; seeds: the co-visitation source's)."""
+    newest = covisit_scores(snap, seeds[:1])
+    summed = covisit_scores(snap, seeds, seed_decay)
+    bought = {p: i for i, p in enumerate(user.recent_positions)}
+    session = set(user.session_positions)
+    plist = positions.tolist()
+    return feature_matrix(FusionInputs(
+        covisit_newest=np.array([newest.get(p, 0.0) for p in plist], dtype=np.float32),
+        covisit_seeds=np.array([summed.get(p, 0.0) for p in plist], dtype=np.float32),
+        covisit_rank=_rank_array(cands.ranks.get(SESSION), positions),
+        interest_rank=_rank_array(cands.ranks.get(INTEREST), positions),
+        interest_cosine=(cosine if cosine is not None else np.zeros(len(plist))).astype(np.float32),
+        popular_rank=_rank_array(cands.ranks.get(POPULAR), positions),
+        popularity=pop,
+        bought_ago=np.array([bought.get(p, MISSING_RANK) for p in plist], dtype=np.int64),
+        in_session=np.array([p in session for p in plist], dtype=bool),
+        personalization=pers,
+        freshness=fresh,
+    ))
+
+
+def model_relevance(model: FusionModel, features: np.ndarray) -> np.ndarray:
+    """Relevance without a query from the model: RANKER_PRIOR x its scale x each candidate's softmax
+    share relative to the best one (in (0, 1], the rank fusion's range, so the feature terms of the
+    final score weigh the same against either)."""
+    return (RANKER_PRIOR * model.scale * model.relevance(features)).astype(np.float32)

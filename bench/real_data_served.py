@@ -141,19 +141,19 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
     with tempfile.TemporaryDirectory(prefix="real_data_served_") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         repo = repo or import_history(generic, split, workdir, log)
+        log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) and "
+            + ("the trained interest model" if interest_model is not None else "no interest model (the gateway's fallback)"))
+        models = export_models(workdir, interest_model, ranker, ranker_validation)
         if learned_fusion:
-            from cli.fusion_learning import train_fusion
+            from cli.fusion_learning import served_interest_model, train_fusion
 
             log("recsys train fusion on the imported history (validation users of the history's own split)")
             model_file = workdir / "learned_fusion.json"
-            fit = train_fusion(repo, model_file, max_users=10**6)
+            fit = train_fusion(repo, model_file, max_users=10**6, interest_model=served_interest_model(models))
             if fit.keeps:
                 variants = {**variants, learned_fusion: {"RECSYS_LEARNED_FUSION": str(model_file)}}
             else:
                 log(f"the learned fusion was not kept by its gate: no '{learned_fusion}' row")
-        log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) and "
-            + ("the trained interest model" if interest_model is not None else "no interest model (the gateway's fallback)"))
-        models = export_models(workdir, interest_model, ranker, ranker_validation)
         log("starting tritonserver and the gateway (it embeds the catalog through Triton)")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))
         users = split.test["user_id"].tolist()

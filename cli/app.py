@@ -545,17 +545,20 @@ def train_fusion_cmd(
     seed: int = typer.Option(0, help="Seed of that sample, of the split in two halves and of the fit."),
     min_gain: float = typer.Option(0.0, help="How much more than its standard error the NDCG@10 gain on the "
                                    "confirm half of validation must be to write the model."),
+    model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository the gateway serves "
+                                    "from: its newest interest_onnx version gives the interest vectors (none: the "
+                                    "gateway's untrained formula, as it serves then)."),
 ) -> None:
     """Fit a learned fusion of the no-query sources (co-visitation, interest, popularity, the user's
     history) on one half of this shop's validation users, through the gateway's own retrieval code;
     compare it with the served rank fusion on the other half and on test. Writes OUT only when the
     gain on the other half (the confirm half, which took no part) exceeds its standard error."""
-    from cli.fusion_learning import train_fusion
+    from cli.fusion_learning import served_interest_model, train_fusion
     from cli.fusion_tuning import CannotTune
 
     _quiet_transformers()
     try:
-        train_fusion(repo, out, max_users, seed, min_gain, config)
+        train_fusion(repo, out, max_users, seed, min_gain, config, served_interest_model(model_repo))
     except CannotTune as e:
         console.print(f"[red]cannot train the fusion[/]: {e}")
         raise typer.Exit(1) from None

@@ -16,8 +16,11 @@ Test is read once and shown, never to decide. The model file is written only whe
 half's gain exceeds its standard error (+ margin); the gateway serves it with the setting
 `learned_fusion`.
 
-Limit: the harness's interest vector is the gateway's untrained formula (`fallback_interest`); a shop
-serving a trained interest model gives the fusion other interest ranks and cosines than it was fitted on.
+The interest vectors are the ones the gateway will use: its untrained formula, or (`--model-repo`
+holding an `interest_onnx` version) the served interest model's ONNX file, run on onnxruntime as the
+gateway calls it, so the interest ranks and cosines the fusion is fitted on are the served ones.
+Limit: the item vectors are the zero-shot encoder's in float32 (the served index may hold int8's,
+within ~0.01 cosine of them).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.fusion_tuning import (CannotTune, Request, Seeds, console, data_note, fused, load, prepare,
+from cli.fusion_tuning import (CannotTune, InterestFn, Request, Seeds, console, data_note, fused, load, prepare,
                                read_shop, split_halves, subset, target_ranks)
 from contract.fusion import FusionModel
 from gateway.config import GatewaySettings, load_settings
@@ -113,15 +116,53 @@ def fit(reqs: list[Request], seed: int):
         return fit_fusion(lists, targets, seed=seed, max_epochs=MAX_EPOCHS, on_epoch=on_epoch)
 
 
+def served_interest_model(model_repo: Path) -> Path | None:
+    """The newest version's ONNX file of the interest model in a Triton model repository (what a
+    gateway over that repository serves), or None when it holds none (the gateway's formula then)."""
+    from contract.tensors import INTEREST_MODEL
+
+    versions = [d for d in (model_repo / INTEREST_MODEL.name).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
+    return max(versions, key=lambda d: int(d.name)) / "model.onnx" if versions else None
+
+
+def onnx_interest(path: Path, recent_items: int) -> InterestFn:
+    """The served interest model (its ONNX file, on onnxruntime's CPU) called as the gateway calls it
+    without a query (gateway/pipeline/retrieve.py interest_vector: the history padded to
+    `recent_items`, a mask, a zero query with has_query 0)."""
+    import onnxruntime as ort
+
+    from contract.tensors import INTEREST_MODEL, names
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # no graph-optimizer chatter in the command's output
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    query_name, has_query_name, items_name, mask_name = names(INTEREST_MODEL.inputs)
+
+    def interest(snap, history: list[int]) -> np.ndarray:
+        items = np.zeros((1, recent_items, snap.index.dim), np.float32)
+        items[0, : len(history)] = snap.index.embeddings[history[:recent_items]]
+        mask = np.zeros((1, recent_items), np.float32)
+        mask[0, : len(history)] = 1.0
+        feeds = {query_name: np.zeros((1, snap.index.dim), np.float32), has_query_name: np.zeros((1, 1), np.float32),
+                 items_name: items, mask_name: mask}
+        return session.run(None, feeds)[0][0]
+
+    return interest
+
+
 def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, margin: float = 0.0,
-                 config: Path | None = None) -> FusionTraining:
-    """Fit, choose the scale, judge; write `out` only when the confirm half says so."""
+                 config: Path | None = None, interest_model: Path | None = None) -> FusionTraining:
+    """Fit, choose the scale, judge; write `out` only when the confirm half says so. `interest_model`:
+    the ONNX file of the interest model the gateway serves (None: it serves its untrained formula)."""
     if out.exists() and not out.is_file():
         raise CannotTune(f"{out} is not a file: --out names the model file to write")
     settings = load_settings(config)
     seeds = Seeds(settings.covisit_recent_items, settings.covisit_seed_decay)
     per_source = settings.candidates_per_source
     shop = read_shop(repo)
+    interest_fn = onnx_interest(interest_model, settings.interest_recent_items) if interest_model else None
+    console.print("interest vectors: " + (f"the served interest model ({interest_model})" if interest_model
+                                          else "the gateway's untrained formula (no interest model served)"))
     vectors: dict[str, np.ndarray] = {}
     loaded = load(shop, "valid", max_users, seed, vectors=vectors)
     if len(loaded.pages) < 10:
@@ -130,7 +171,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     fit_pages, confirm_pages = (subset(loaded, h) for h in split_halves(len(loaded.pages), seed))
     console.print(f"validation users split in two (seed {seed}): {len(fit_pages.pages):,} to fit on, "
                   f"{len(confirm_pages.pages):,} to confirm on")
-    fit_reqs = prepare(fit_pages, per_source, seeds, "fit half: candidates and features")
+    fit_reqs = prepare(fit_pages, per_source, seeds, "fit half: candidates and features", interest_fn)
     result = fit(fit_reqs, seed)
     w = weight_vector(settings.weights)
     by_scale = {s: metrics_from_ranks(target_ranks(fit_reqs, learned(_scaled(result.model, s)), w))["NDCG@10"]
@@ -139,10 +180,10 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     console.print("scale (the learned relevance against the feature terms), NDCG@10 on the fit half: "
                   + ", ".join(f"{s:g}: {v:.4f}" for s, v in by_scale.items()) + f"; chosen {scale:g}")
     model = _scaled(result.model, scale)
-    confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features")
+    confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn)
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
-    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors), per_source, seeds, "test")
+    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors), per_source, seeds, "test", interest_fn)
     test = judge(test_reqs, model, settings, margin)
     t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve)
     console.print(result_table(t))
@@ -160,6 +201,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
              "data": data_note(repo, shop), "max_users": max_users, "seed": seed,
              "candidates_per_source": per_source, "covisit_recent_items": seeds.covisit_recent_items,
              "covisit_seed_decay": seeds.covisit_seed_decay, "best_epoch": t.best_epoch,
+             "interest": str(interest_model) if interest_model else "the gateway's untrained formula",
              **{f"{name}_ndcg10": {"rank_fusion": j.rank_fusion["NDCG@10"], "learned": j.learned["NDCG@10"],
                                     "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}
                 for name, j in (("fit_half", fit_half), ("confirm_half", confirm), ("test", test))}}

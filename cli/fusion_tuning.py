@@ -216,14 +216,20 @@ def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dic
     return Loaded(snap, pages)
 
 
-def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "") -> list[Request]:
+# A user's interest vector from their history (catalog positions, newest first): the gateway's
+# untrained formula by default, or the served interest model (cli/fusion_learning.py onnx_interest).
+InterestFn = Callable[[Snapshot, list[int]], "np.ndarray | None"]
+
+
+def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "",
+            interest_fn: InterestFn | None = None) -> list[Request]:
     """gateway/pipeline/retrieve.py + prescore.py for each page (no query, no page item), and each
     candidate's learned-fusion features (what prescore.learned_relevance computes)."""
     snap, allowed = loaded.snap, np.ones(len(loaded.snap.catalog), dtype=bool)
     out = []
     for page in track(loaded.pages, description=label or "pages", console=console, transient=True):
         hist = history_positions(page.user, None, 10)
-        interest = fallback_interest(snap, hist, None) if hist else None
+        interest = (interest_fn(snap, hist) if interest_fn else fallback_interest(snap, hist, None)) if hist else None
         cands = retrieve(snap, per_source, allowed, None, "", interest, page.user, None,
                          seeds.covisit_recent_items, seeds.covisit_seed_decay)
         positions = np.array(cands.positions, dtype=np.int64)

@@ -190,3 +190,27 @@ def test_the_fit_is_reproducible_and_refuses_what_it_cannot_use():
         fit_fusion(lists, targets[:-1])
     none_found = fit_fusion(lists[:5], [-1] * 5)  # nothing to learn from: the untrained network, no crash
     assert none_found.best_epoch == 0 and none_found.fit_lists == 0
+
+
+def test_the_fusion_is_fitted_on_the_interest_vectors_the_gateway_serves(tmp_path):
+    """`recsys train fusion --model-repo`: the newest interest_onnx version, run as the gateway calls
+    it; the untrained model exported there is the gateway's formula, so both must agree."""
+    from types import SimpleNamespace
+
+    from cli.fusion_learning import onnx_interest, served_interest_model
+    from gateway.retrieval import fallback_interest
+    from scorer.export.interest_export import export_interest
+
+    assert served_interest_model(tmp_path) is None  # none served: the formula
+    export_interest(tmp_path, version=1)
+    export_interest(tmp_path, version=3)
+    (tmp_path / "interest_onnx" / "7").mkdir()  # a version folder without a model file is not served
+    assert served_interest_model(tmp_path) == tmp_path / "interest_onnx" / "3" / "model.onnx"
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((30, 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    snap = SimpleNamespace(index=SimpleNamespace(dim=384, embeddings=emb))
+    interest = onnx_interest(served_interest_model(tmp_path), recent_items=10)
+    for history in ([4], [3, 9, 27], list(range(12))):
+        want = fallback_interest(snap, history[:10], None)
+        assert np.allclose(interest(snap, history), want, atol=1e-4)

@@ -1,6 +1,7 @@
 """Recommend without a query: latency with the ranker applied (encoder + ranker calls) against
 ranker_mode auto with the demo's untrained ranker (no verdict: neither the ranker nor the encoder
-is called), through the real gateway process and a real tritonserver on CPU.
+is called) and against mode auto with a learned fusion (`recsys train fusion` on the same shop), through
+the real gateway process and a real tritonserver on CPU.
 
     .venv/bin/python -m bench.no_query_latency [--size small] [--seconds 20]
 
@@ -33,6 +34,20 @@ def users_with_history(repo: Path, n: int, seed: int = 0) -> list[tuple[str, str
     return [(u, "") for u in users.sample(min(n, len(users)), random_state=seed)]
 
 
+LEARNED = "ranker_mode auto + the learned fusion (recsys train fusion)"
+
+
+def learned_fusion_file(repo: Path, models: Path, workdir: Path) -> Path:
+    """A learned fusion fitted on the bench's shop (`recsys train fusion` with the served interest
+    model), written whatever its gate says: this bench measures what serving one costs."""
+    from cli.fusion_learning import served_interest_model, train_fusion
+
+    out = workdir / "learned_fusion.json"
+    log("recsys train fusion on the bench's shop (written whatever the gate says: the cost is measured)")
+    train_fusion(repo, out, interest_model=served_interest_model(models), margin=-1e9)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small")
@@ -49,10 +64,13 @@ def main() -> None:
         log("starting tritonserver")
         triton = stack.enter_context(TritonServer(model_repository=models, workdir=workdir / "triton"))
         requests = users_with_history(repo, args.users)
+        fusion = learned_fusion_file(repo, models, workdir)
         rows = []
-        for name, mode in MODES.items():
-            gw = GatewayProcess(repo, triton.grpc_url, 20, env, workdir, "feature_store.yaml", name=mode)
+        for name, mode in {**MODES, LEARNED: "auto"}.items():
+            gw = GatewayProcess(repo, triton.grpc_url, 20, env, workdir, "feature_store.yaml", name=f"{mode}{len(rows)}")
             gw.env.update({"RECSYS_RANKER_MODE": mode, "RECSYS_EMBEDDING_CACHE_SIZE": "0"})
+            if name == LEARNED:
+                gw.env["RECSYS_LEARNED_FUSION"] = str(fusion)
             with gw:
                 r = run_gateway(f"127.0.0.1:{gw.port}", requests, 1, args.seconds)
             rows.append((name, r))

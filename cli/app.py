@@ -548,6 +548,8 @@ def train_fusion_cmd(
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository the gateway serves "
                                     "from: its newest interest_onnx version gives the interest vectors (none: the "
                                     "gateway's untrained formula, as it serves then)."),
+    encoder: Optional[Path] = typer.Option(None, help="Fine-tuned encoder checkpoint the gateway's index is built "
+                                           "with (`recsys train encoder`'s output; default: the zero-shot encoder)."),
 ) -> None:
     """Fit a learned fusion of the no-query sources (co-visitation, interest, popularity, the user's
     history) on one half of this shop's validation users, through the gateway's own retrieval code;
@@ -558,7 +560,7 @@ def train_fusion_cmd(
 
     _quiet_transformers()
     try:
-        train_fusion(repo, out, max_users, seed, min_gain, config, served_interest_model(model_repo))
+        train_fusion(repo, out, max_users, seed, min_gain, config, served_interest_model(model_repo), encoder)
     except CannotTune as e:
         console.print(f"[red]cannot train the fusion[/]: {e}")
         raise typer.Exit(1) from None
@@ -1050,7 +1052,7 @@ def demo(
         import shutil
 
         shutil.rmtree(interest, ignore_errors=True)
-    console.rule("10. Triton + the gateway: a shopper's results change after a few clicks")
+    console.rule("10. export to Triton's model repository; the learned fusion of the no-query sources")
     from cli.demo_live import live_demo
 
     live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)

@@ -76,6 +76,8 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
         trained = (interest / "interest_config.json").exists()  # absent: nothing beat the fallback
         interest_v = export_interest(MODEL_REPOSITORY, load_interest_model(interest) if trained else None)
     console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")
+    fusion = demo_fusion(repo, checkpoint, console)
+    console.rule("11. Triton + the gateway: a shopper's results change after a few clicks")
     with TritonServer() as triton:
         publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)
         console.print(f"Triton ready on {triton.grpc_url} (encoder v{encoder_v}, ranker v{ranker_v})")
@@ -90,7 +92,7 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
             settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
                                        embed_timeout_ms=1000, interest_timeout_ms=1000, rank_timeout_ms=1500,
                                        feedback_url=fb_service.address, feedback_api_key=keys["gateway"],
-                                       auth_keys_file=AUTH_KEYS_FILE,
+                                       auth_keys_file=AUTH_KEYS_FILE, learned_fusion=fusion,
                                        online_weights_holdout=0.5, online_weights_poll_s=0.5)
             t0 = time.perf_counter()
             with console.status("starting the gateway: embedding the catalog through Triton (cached for next time)"):
@@ -108,13 +110,27 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
                 gateway.stop()
 
 
+def demo_fusion(repo: Path, encoder: Path, console: Console) -> Path | None:
+    """`recsys train fusion` on the demo shop, with the encoder and interest model just exported: the model file
+    when its gate keeps it (the gateway then serves it for pages without a query), else None."""
+    from cli.app import PROJECT_ROOT
+    from cli.fusion_learning import served_interest_model, train_fusion
+
+    out = PROJECT_ROOT / "var" / "models" / "fusion" / "learned_fusion.json"
+    out.unlink(missing_ok=True)  # an earlier demo's model was fitted on an earlier shop
+    console.print("the learned fusion (`recsys train fusion`): fitted on half the shop's validation users through the "
+                  "gateway's own retrieval code, served only if it beats the rank fusion on the other half")
+    kept = train_fusion(repo, out, interest_model=served_interest_model(MODEL_REPOSITORY), encoder=encoder).keeps
+    return out if kept else None
+
+
 def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console,
                   keys: dict[str, str] | None = None) -> None:
     """Synthetic shoppers on the live system; tastes shift; the online arm's CTR recovers (plot)."""
     from cli.app import run_simulation
     from cli.simulate import SimConfig, SimulatedShop
 
-    console.rule("11. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
+    console.rule("12. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
     keys = keys or {}
     config = SimConfig(requests=480, shift_at=120, window=40, seed=0, api_key=keys.get("shop"),
                        weights_api_key=keys.get("gateway"))  # the learned weights: an internal key reads them

@@ -151,9 +151,12 @@ def onnx_interest(path: Path, recent_items: int) -> InterestFn:
 
 
 def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, margin: float = 0.0,
-                 config: Path | None = None, interest_model: Path | None = None) -> FusionTraining:
+                 config: Path | None = None, interest_model: Path | None = None,
+                 encoder: Path | None = None) -> FusionTraining:
     """Fit, choose the scale, judge; write `out` only when the confirm half says so. `interest_model`:
-    the ONNX file of the interest model the gateway serves (None: it serves its untrained formula)."""
+    the ONNX file of the interest model the gateway serves (None: it serves its untrained formula);
+    `encoder`: the fine-tuned encoder checkpoint whose item vectors the gateway's index holds (None:
+    the zero-shot encoder's)."""
     if out.exists() and not out.is_file():
         raise CannotTune(f"{out} is not a file: --out names the model file to write")
     settings = load_settings(config)
@@ -164,7 +167,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     console.print("interest vectors: " + (f"the served interest model ({interest_model})" if interest_model
                                           else "the gateway's untrained formula (no interest model served)"))
     vectors: dict[str, np.ndarray] = {}
-    loaded = load(shop, "valid", max_users, seed, vectors=vectors)
+    loaded = load(shop, "valid", max_users, seed, vectors=vectors, encoder=encoder)
     if len(loaded.pages) < 10:
         raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions: need 10 (a half to fit on, "
                          "split again for early stopping, and a half to confirm on)")
@@ -183,7 +186,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn)
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
-    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors), per_source, seeds, "test", interest_fn)
+    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test", interest_fn)
     test = judge(test_reqs, model, settings, margin)
     t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve)
     console.print(result_table(t))
@@ -202,6 +205,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
              "candidates_per_source": per_source, "covisit_recent_items": seeds.covisit_recent_items,
              "covisit_seed_decay": seeds.covisit_seed_decay, "best_epoch": t.best_epoch,
              "interest": str(interest_model) if interest_model else "the gateway's untrained formula",
+             "encoder": str(encoder) if encoder else "zero-shot",
              **{f"{name}_ndcg10": {"rank_fusion": j.rank_fusion["NDCG@10"], "learned": j.learned["NDCG@10"],
                                     "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}
                 for name, j in (("fit_half", fit_half), ("confirm_half", confirm), ("test", test))}}

@@ -117,16 +117,18 @@ class ShopData:
 
 
 
-def embed_catalog(catalog: Catalog) -> np.ndarray:
-    """The zero-shot encoder's item vectors (what the gateway's index holds after the demo export)."""
+def embed_catalog(catalog: Catalog, encoder: Path | None = None) -> np.ndarray:
+    """The item vectors the gateway's index holds: the zero-shot encoder's, or those of the
+    fine-tuned checkpoint `encoder` (`recsys train encoder`'s output, as the demo serves it)."""
     import torch
 
     from scorer.eval.retrieval_eval import embed_texts
-    from scorer.models.encoder import TextEncoder
+    from scorer.models.encoder import EncoderConfig, TextEncoder
 
     torch.set_num_threads(2)
-    model = TextEncoder().eval()
-    with console.status(f"embedding {len(catalog):,} item texts with the zero-shot encoder"):
+    model = (TextEncoder(EncoderConfig(model_path=str(encoder))) if encoder else TextEncoder()).eval()
+    which = f"the encoder {encoder}" if encoder else "the zero-shot encoder"
+    with console.status(f"embedding {len(catalog):,} item texts with {which}"):
         return embed_texts(model, list(catalog.texts), model.config.item_max_length)
 
 
@@ -186,7 +188,7 @@ def _live_session(events: pd.DataFrame, targets: pd.DataFrame) -> dict[str, dict
 
 
 def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dict[str, np.ndarray] | None = None,
-         covisit_neighbours: int = COVISIT_NEIGHBOURS) -> Loaded:
+         covisit_neighbours: int = COVISIT_NEIGHBOURS, encoder: Path | None = None) -> Loaded:
     """The gateway's catalog (co-visitation, popularity) over every user's history before their
     `which` ("valid" or "test") target, and each sampled target's user as the gateway reads them."""
     from scorer.data.feature_tables import item_features, item_popularity
@@ -202,7 +204,7 @@ def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dic
     vectors = vectors if vectors is not None else {}
     key = "|".join(catalog.item_ids)
     if key not in vectors:
-        vectors[key] = embed_catalog(catalog)
+        vectors[key] = embed_catalog(catalog, encoder) if encoder else embed_catalog(catalog)
     snap = build_snapshot(catalog, ItemIndex(vectors[key], "zero-shot"))
     profiles = _profiles(shop.items, history[history["user_id"].isin(set(targets["user_id"]))])
     sessions = _live_session(shop.events, targets)

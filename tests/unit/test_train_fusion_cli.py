@@ -6,54 +6,24 @@ a model file the gateway loads only when the other half confirms the gain, and w
 from __future__ import annotations
 
 import json
-import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cli.fusion_tuning as fusion_tuning
 from cli.app import app
 from cli.fusion_learning import train_fusion
 from contract.fusion import FUSION_FEATURES
 from gateway.learned_fusion import LearnedFusion
-from scorer.data.importer import import_dataset
-from scorer.data.synthetic import generate_shop
 
-END = datetime(2026, 11, 1, tzinfo=timezone.utc)
-_vectors: dict[tuple[str, ...], np.ndarray] = {}
+pytestmark = pytest.mark.usefixtures("harness_embeds_once")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shop")
-    generate_shop("tiny", seed=7, end=END).write(root / "source")
-    import_dataset(root / "source", root / "repo" / "data" / "offline", as_of=END)
-    return root / "repo"
-
-
-@pytest.fixture(autouse=True)
-def embed_once(monkeypatch):
-    real = fusion_tuning.embed_catalog
-
-    def cached(catalog):
-        key = tuple(catalog.item_ids)
-        if key not in _vectors:
-            _vectors[key] = real(catalog)
-        return _vectors[key]
-
-    monkeypatch.setattr(fusion_tuning, "embed_catalog", cached)
-    for name in list(os.environ):
-        if name.startswith("RECSYS_"):
-            monkeypatch.delenv(name)
-
-
-def test_a_kept_model_is_written_with_its_numbers_and_the_gateway_serves_it(repo, tmp_path):
+def test_a_kept_model_is_written_with_its_numbers_and_the_gateway_serves_it(imported_tiny_shop, tmp_path):
     out = tmp_path / "fusion" / "model.json"
     # A margin of -1 lets any fit with a finite standard error through: this test is about the file.
-    t = train_fusion(repo, out, margin=-1.0)
+    t = train_fusion(imported_tiny_shop, out, margin=-1.0)
     assert t.learned_anything and t.keeps and out.is_file()
     assert t.fit_half.gain.examples + t.confirm.gain.examples == t.test.gain.examples > 50
     loaded = LearnedFusion.load(out)
@@ -67,10 +37,10 @@ def test_a_kept_model_is_written_with_its_numbers_and_the_gateway_serves_it(repo
     assert t.curve[0][0] == 0 and t.best_epoch in dict(t.curve)
 
 
-def test_nothing_is_written_when_the_confirm_half_does_not_say_so(repo, tmp_path):
+def test_nothing_is_written_when_the_confirm_half_does_not_say_so(imported_tiny_shop, tmp_path):
     out = tmp_path / "model.json"
     out.write_text("an earlier model")
-    result = CliRunner().invoke(app, ["train", "fusion", "--repo", str(repo), "--out", str(out), "--min-gain", "1"])
+    result = CliRunner().invoke(app, ["train", "fusion", "--repo", str(imported_tiny_shop), "--out", str(out), "--min-gain", "1"])
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "not kept" in said and "left as it was" in said and "confirm half" in said

@@ -6,12 +6,9 @@ on the half it was chosen on. A file holding other settings is never overwritten
 
 from __future__ import annotations
 
-import os
 import tomllib
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -19,35 +16,8 @@ import cli.fusion_tuning as fusion_tuning
 from cli.app import app
 from cli.fusion_tuning import Setting, split_halves, tune_fusion
 from gateway.config import GatewaySettings, SourceFusion, load_settings
-from scorer.data.importer import import_dataset
-from scorer.data.synthetic import generate_shop
 
-END = datetime(2026, 11, 1, tzinfo=timezone.utc)  # a fixed shop: same seed and end, same log
-_vectors: dict[tuple[str, ...], np.ndarray] = {}  # the real zero-shot embedding, computed once for all tests
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shop")
-    generate_shop("tiny", seed=7, end=END).write(root / "source")
-    import_dataset(root / "source", root / "repo" / "data" / "offline", as_of=END)
-    return root / "repo"
-
-
-@pytest.fixture(autouse=True)
-def embed_once(monkeypatch):
-    real = fusion_tuning.embed_catalog
-
-    def cached(catalog):
-        key = tuple(catalog.item_ids)
-        if key not in _vectors:
-            _vectors[key] = real(catalog)
-        return _vectors[key]
-
-    monkeypatch.setattr(fusion_tuning, "embed_catalog", cached)
-    for name in list(os.environ):  # the file alone decides what the gateway reads back
-        if name.startswith("RECSYS_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("harness_embeds_once")
 
 
 def _said(result) -> str:
@@ -65,11 +35,11 @@ def test_the_halves_are_disjoint_cover_every_user_and_are_reproducible():
     assert split_halves(101, seed=0)[0].tolist() != list(range(51))  # drawn, not the sample's first half
 
 
-def test_the_choice_is_written_and_the_gateway_reads_back_exactly_it(repo, tmp_path):
+def test_the_choice_is_written_and_the_gateway_reads_back_exactly_it(imported_tiny_shop, tmp_path):
     out = tmp_path / "conf" / "gateway.toml"
     # A tolerance of 1 (a negative margin) lets any choice with a finite standard error through: this
     # test is about the file, the next one about the rule.
-    t = tune_fusion(repo, out, max_users=2000, margin=-1.0)
+    t = tune_fusion(imported_tiny_shop, out, max_users=2000, margin=-1.0)
     assert t.changes and t.chosen != Setting()
     assert t.choice.users + t.confirm.users == t.test.users > 50 and abs(t.choice.users - t.confirm.users) <= 1
     assert t.start == Setting(SourceFusion(), fusion_tuning.Seeds(GatewaySettings.model_fields["covisit_recent_items"].default,
@@ -83,24 +53,24 @@ def test_the_choice_is_written_and_the_gateway_reads_back_exactly_it(repo, tmp_p
     assert "recsys tune fusion" in text and "test (" in text
     assert f"validation, choice half ({t.choice.users:,} users)" in text
     assert f"validation, confirm half ({t.confirm.users:,} users)" in text
-    assert f"{t.confirm.chosen['NDCG@10']:.4f}" in text and str(repo / "data" / "offline") in text
+    assert f"{t.confirm.chosen['NDCG@10']:.4f}" in text and str(imported_tiny_shop / "data" / "offline") in text
     assert load_settings(None).fusion == SourceFusion()  # the file, not the defaults, changed what is served
 
 
-def test_the_confirm_half_decides_not_the_half_the_choice_was_made_on(repo, tmp_path):
+def test_the_confirm_half_decides_not_the_half_the_choice_was_made_on(imported_tiny_shop, tmp_path):
     """The weakness this rule fixes: the tiny shop's choice beats the defaults beyond the noise on the
     users it was chosen on, and loses on test; on the confirm half its gain is within the noise."""
     out = tmp_path / "gateway.toml"
-    t = tune_fusion(repo, out, max_users=2000)
+    t = tune_fusion(imported_tiny_shop, out, max_users=2000)
     assert t.chosen != Setting() and t.choice.gain.beyond_noise  # what the old rule would have written
     assert not t.confirm.gain.beyond_noise and not t.changes and not out.exists()
     assert t.test.gain.gain < 0  # and rightly so
 
 
-def test_no_change_when_the_choice_does_not_beat_the_defaults_by_enough_nothing_is_written(repo, tmp_path):
+def test_no_change_when_the_choice_does_not_beat_the_defaults_by_enough_nothing_is_written(imported_tiny_shop, tmp_path):
     out = tmp_path / "gateway.toml"
     # An NDCG@10 gain of 1 is out of reach: the choice cannot be kept, whatever it is.
-    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(repo), "--out", str(out), "--min-gain", "1"])
+    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(imported_tiny_shop), "--out", str(out), "--min-gain", "1"])
     assert got.exit_code == 0, got.output
     said = _said(got)
     assert "no change: keep the defaults, nothing written" in said and "+ margin 1" in said
@@ -109,14 +79,14 @@ def test_no_change_when_the_choice_does_not_beat_the_defaults_by_enough_nothing_
     assert not out.exists()
     earlier = "[fusion]\nk = 30.0\n"  # an earlier tuning's file is left as it was
     out.write_text(earlier)
-    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(repo), "--out", str(out), "--min-gain", "1"])
+    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(imported_tiny_shop), "--out", str(out), "--min-gain", "1"])
     assert got.exit_code == 0 and f"{out} left as it was" in _said(got) and out.read_text() == earlier
 
 
-def test_a_file_with_other_settings_is_refused_before_any_work(repo, tmp_path):
+def test_a_file_with_other_settings_is_refused_before_any_work(imported_tiny_shop, tmp_path):
     out = tmp_path / "gateway.toml"
     out.write_text('triton_url = "10.0.0.5:8001"\n\n[fusion]\nk = 30.0\n')
-    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(repo), "--out", str(out)])
+    got = CliRunner().invoke(app, ["tune", "fusion", "--repo", str(imported_tiny_shop), "--out", str(out)])
     assert got.exit_code == 1 and isinstance(got.exception, SystemExit), got.output
     assert "holds other settings (triton_url)" in _said(got) and "k = 30.0" in out.read_text()
     assert "tuning" not in got.output  # refused before reading the log

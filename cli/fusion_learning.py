@@ -210,8 +210,11 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
                                     "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}
                 for name, j in (("fit_half", fit_half), ("confirm_half", confirm), ("test", test))}}
     model = FusionModel(model.w1, model.b1, model.w2, model.b2, model.scale, about)
-    out.write_text(model.to_json())
-    LearnedFusion.load(out)  # what the gateway will read: refuse to leave a file it cannot serve
+    # Written whole or not at all (a gateway that reads a half-written file refuses to start).
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(model.to_json())
+    LearnedFusion.load(partial)  # what the gateway will read: never leave a file it cannot serve
+    partial.replace(out)
     t.model = model
     console.print(f"[green]wrote[/] {out} ({confirm.gain.says()} on the confirm half of validation); serve it with "
                   f"RECSYS_LEARNED_FUSION={out} (or `learned_fusion = \"{out}\"` in the --config file)")

@@ -42,7 +42,7 @@ from gateway.config import GatewaySettings, SourceFusion
 from gateway.index import ItemIndex
 from gateway.pipeline.prescore import fused_relevance
 from gateway.learned_fusion import candidate_features
-from gateway.retrieval import Candidates, covisit_seeds, fallback_interest, history_positions, retrieve
+from gateway.retrieval import Candidates, fallback_interest, history_positions, retrieve
 from gateway.scoring import UserView, feature_terms, fuse, weight_vector
 from gateway.state import Snapshot, build_snapshot
 from scorer.eval.next_item import Split, leave_one_out, metrics_from_ranks, ordered_interactions
@@ -238,9 +238,7 @@ def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "",
         pers, pop, fresh = feature_terms(positions, snap.catalog, page.user, snap.catalog.popularity[positions],
                                          now=page.now)
         cosine = snap.index.similarity(interest, positions) if interest is not None else None
-        features = candidate_features(snap, cands, positions, page.user,
-                                      covisit_seeds(page.user, None, seeds.covisit_recent_items),
-                                      seeds.covisit_seed_decay, cosine, pop, pers, fresh)
+        features = candidate_features(snap, cands, positions, page.user, cosine, pop, pers, fresh)
         out.append(Request(positions, cands, pers, pop, fresh, page.target, features))
     return out
 

@@ -52,12 +52,13 @@ def _rank_array(ranked: dict[int, int] | None, positions: np.ndarray) -> np.ndar
 
 
 def candidate_features(snap: Snapshot, cands: Candidates, positions: np.ndarray, user: UserView,
-                       seeds: list[int], seed_decay: float, cosine: np.ndarray | None, pop: np.ndarray,
-                       pers: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+                       cosine: np.ndarray | None, pop: np.ndarray, pers: np.ndarray, fresh: np.ndarray) -> np.ndarray:
     """FUSION_FEATURES for each candidate at `positions` (pop, pers, fresh: the unweighted feature
-    terms; cosine: to the interest vector, None without one; seeds: the co-visitation source's)."""
-    newest = covisit_scores(snap, seeds[:1])
-    summed = covisit_scores(snap, seeds, seed_decay)
+    terms; cosine: to the interest vector, None without one). The co-visitation scores over all
+    seeds are the ones retrieval ranked by (`cands.covisit_scores`); only the newest seed's alone
+    is summed here."""
+    newest = covisit_scores(snap, cands.covisit_seeds[:1])
+    summed = cands.covisit_scores
     bought = {p: i for i, p in enumerate(user.recent_positions)}
     session = set(user.session_positions)
     plist = positions.tolist()

@@ -35,6 +35,10 @@ class Candidates:
     positions: list[int] = field(default_factory=list)
     sources: dict[int, set[Source]] = field(default_factory=dict)  # position -> where it came from
     ranks: dict[Source, dict[int, int]] = field(default_factory=dict)  # source -> position -> 0-based rank there
+    # The co-visitation source's seeds (newest first) and its score of every neighbour it found:
+    # kept so the learned fusion (gateway/learned_fusion.py) reads them instead of summing again.
+    covisit_seeds: list[int] = field(default_factory=list)
+    covisit_scores: dict[int, float] = field(default_factory=dict)
 
     def add(self, positions: Iterable[int], source: Source) -> int:
         """Add a source's candidates, best first; return how many were new to the list."""
@@ -117,12 +121,12 @@ def covisit_scores(snap: Snapshot, seeds: list[int], decay: float = RECENCY_DECA
 
 
 def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.ndarray,
-                       decay: float = RECENCY_DECAY) -> np.ndarray:
+                       decay: float = RECENCY_DECAY, scores: dict[int, float] | None = None) -> np.ndarray:
     """The top-k co-visited positions of `seeds` within `allowed`, best first: each seed's
     neighbours weighted by their co-visitation (relative to the seed's strongest) times
     decay^(seed's place), summed over the seeds (a small decay: the newest seed decides, older
-    ones break its ties and add what it lacks)."""
-    scores = covisit_scores(snap, seeds, decay, allowed)
+    ones break its ties and add what it lacks). `scores`, when given, is `covisit_scores`' result."""
+    scores = covisit_scores(snap, seeds, decay, allowed) if scores is None else scores
     best = sorted(scores, key=lambda p: -scores[p])[:k]  # stable: ties keep the seeds' order
     return np.array(best, dtype=np.int64)
 
@@ -148,8 +152,9 @@ def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray 
         cands.add(lexical_top(snap, lexical_query, k, allowed)[0], QUERY)
     if interest is not None:  # already fused with the query (interest model)
         cands.add(snap.index.search(interest, k, allowed)[0], INTEREST)
-    seeds = covisit_seeds(user, page_position, covisit_recent_items)
-    cands.add(covisit_neighbours(snap, seeds, k, allowed, covisit_decay), SESSION)
+    cands.covisit_seeds = seeds = covisit_seeds(user, page_position, covisit_recent_items)
+    cands.covisit_scores = covisit_scores(snap, seeds, covisit_decay, allowed)
+    cands.add(covisit_neighbours(snap, seeds, k, allowed, covisit_decay, cands.covisit_scores), SESSION)
     # Popularity: the whole list for cold start / no query; a backfill otherwise.
     want = k if (query_vec is None and not lexical_query) else max(k // 5, 10)
     popular = snap.catalog.popular

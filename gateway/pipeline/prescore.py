@@ -14,7 +14,7 @@ from gateway.config import SourceFusion
 from gateway.learned_fusion import candidate_features, model_relevance
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.services import Services
-from gateway.retrieval import SOURCE_NAMES, Candidates, covisit_seeds
+from gateway.retrieval import SOURCE_NAMES, Candidates
 from gateway.scoring import BOOST, feature_terms, fuse, source_fusion, weight_vector
 from gateway.state import Snapshot
 from contract.scores import RANKER_PRIOR
@@ -30,7 +30,7 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
     ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
     ctx.fused = not req.query and req.candidate_ids is None
     if ctx.fused and svc.learned_fusion is not None:  # no query: the learned fusion of the sources
-        relevance = learned_relevance(ctx, svc, svc.learned_fusion.model)
+        relevance = learned_relevance(ctx, svc.learned_fusion.model)
         ctx.fusion_version = svc.learned_fusion.version
     elif ctx.fused:  # no query: what the sources agree on, by rank
         relevance = fused_relevance(ctx.cands, positions, svc.settings.fusion)
@@ -54,12 +54,10 @@ def fused_relevance(cands: Candidates, positions: np.ndarray, fusion: SourceFusi
     return (RANKER_PRIOR * fusion.scale * source_fusion(cands.ranks, positions, weights, fusion.k)).astype(np.float32)
 
 
-def learned_relevance(ctx: RequestContext, svc: Services, model: FusionModel) -> np.ndarray:
+def learned_relevance(ctx: RequestContext, model: FusionModel) -> np.ndarray:
     """Relevance without a query from the learned fusion (gateway/learned_fusion.py)."""
-    s = svc.settings
-    seeds = covisit_seeds(ctx.user, ctx.page, s.covisit_recent_items)
-    features = candidate_features(ctx.snap, ctx.cands, ctx.positions, ctx.user, seeds, s.covisit_seed_decay,
-                                  ctx.cosine, ctx.pop, ctx.pers, ctx.fresh)
+    features = candidate_features(ctx.snap, ctx.cands, ctx.positions, ctx.user, ctx.cosine, ctx.pop, ctx.pers,
+                                  ctx.fresh)
     return model_relevance(model, features)
 
 

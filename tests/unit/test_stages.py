@@ -35,7 +35,7 @@ from gateway.pipeline.retrieve import retrieve_candidates
 from gateway.pipeline.services import Services
 from gateway.pipeline.understand import understand_query
 from gateway.recommender import Recommender, Unavailable
-from gateway.retrieval import CALLER, INTEREST, POPULAR, QUERY, SESSION, covisit_seeds
+from gateway.retrieval import CALLER, INTEREST, POPULAR, QUERY, SESSION, covisit_scores, covisit_seeds
 from gateway.scoring import BOOST, fuse, score_parts
 from gateway.state import ServingState, build_snapshot
 from gateway.triton_client import TritonError
@@ -577,9 +577,11 @@ def test_pre_score_without_a_query_serves_the_learned_fusion_and_says_which(tmp_
     ctx = context(request("", user_id="u1", session_id="sess-A"))
     run(through_prescore(ctx, svc))
     s = svc.settings
-    x = candidate_features(SNAP, ctx.cands, ctx.positions, ctx.user,
-                           covisit_seeds(ctx.user, None, s.covisit_recent_items), s.covisit_seed_decay,
-                           ctx.cosine, ctx.pop, ctx.pers, ctx.fresh)
+    # The co-visitation scores retrieval kept are exactly the source's own sum over its seeds.
+    seeds = covisit_seeds(ctx.user, None, s.covisit_recent_items)
+    assert ctx.cands.covisit_seeds == seeds
+    assert ctx.cands.covisit_scores == covisit_scores(SNAP, seeds, s.covisit_seed_decay) != {}
+    x = candidate_features(SNAP, ctx.cands, ctx.positions, ctx.user, ctx.cosine, ctx.pop, ctx.pers, ctx.fresh)
     model = svc.learned_fusion.model
     assert np.allclose(ctx.relevance, model_relevance(model, x) + BOOST * ctx.boosts[ctx.positions], atol=1e-6)
     assert ctx.relevance.max() == pytest.approx(RANKER_PRIOR * 3.0)  # the best candidate: prior x scale

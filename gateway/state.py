@@ -29,6 +29,10 @@ from gateway.query_parser import QueryParser
 from gateway.triton_client import TritonClient
 from sources.interface import CatalogSource
 
+# bm25s sets its own logger to DEBUG: once anything installs a root handler (the gateway's logging,
+# a CLI), every index build printed "Building index from IDs objects". Its warnings still show.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
+
 log = logging.getLogger(__name__)
 
 

@@ -36,6 +36,7 @@ FUSION_FEATURES = (
     "popularity",  # popularity_7d / POPULARITY_SCALE (the popularity part of the final score)
     "bought",  # 1: among the profile's recent items
     "bought_ago",  # log1p(its place there, 0 = newest) / log1p(MISSING_RANK); 1: not there
+    "repeat_share",  # the user's share of interactions with an item touched before (the same for each candidate)
     "in_session",  # 1: clicked or carted in the live session
     "personalization",  # the personalization part of the final score (unweighted)
     "freshness",  # the freshness part (unweighted)
@@ -67,6 +68,23 @@ class FusionInputs:
     in_session: np.ndarray  # bool
     personalization: np.ndarray
     freshness: np.ndarray
+    # How much of what this user does is doing it again (repeat_share below): whether "bought it
+    # before" means "will buy it again" depends on the customer, and a list-wise model cannot see that
+    # from the candidates alone. +0.005 NDCG@10 on Online Retail (docs/models.md).
+    repeat_share: float = 0.0
+
+
+def repeat_share(interactions: float, distinct_items: int) -> float:
+    """1 - distinct items / interactions, in [0, 1]; 0 when either is unknown or not a count. From the
+    profile: its interaction counts and its (capped) list of distinct recent items, so past the cap
+    it reads a little high."""
+    try:
+        n, d = float(interactions), float(distinct_items)
+    except (TypeError, ValueError):
+        return 0.0
+    if not (math.isfinite(n) and math.isfinite(d)) or n <= 0 or d < 0:
+        return 0.0
+    return min(max(1.0 - d / n, 0.0), 1.0)
 
 
 def feature_matrix(x: FusionInputs) -> np.ndarray:
@@ -85,6 +103,7 @@ def feature_matrix(x: FusionInputs) -> np.ndarray:
         "popularity": x.popularity,
         "bought": (bought_ago < MISSING_RANK).astype(np.float32),
         "bought_ago": log_rank(bought_ago),
+        "repeat_share": np.full(len(bought_ago), np.clip(x.repeat_share, 0.0, 1.0)),
         "in_session": np.asarray(x.in_session, dtype=np.float32),
         "personalization": x.personalization,
         "freshness": x.freshness,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.fusion import MISSING_RANK, FusionInputs, FusionModel, feature_matrix
+from contract.fusion import MISSING_RANK, FusionInputs, FusionModel, feature_matrix, repeat_share
 from contract.scores import RANKER_PRIOR
 from gateway.retrieval import INTEREST, POPULAR, SESSION, Candidates, covisit_scores
 from gateway.scoring import UserView
@@ -51,6 +51,17 @@ def _rank_array(ranked: dict[int, int] | None, positions: np.ndarray) -> np.ndar
     return np.array([ranked.get(p, MISSING_RANK) for p in positions.tolist()], dtype=np.int64)
 
 
+def user_repeat_share(user: UserView) -> float:
+    """contract.fusion.repeat_share from the profile's counts (user_profile n_clicks, n_carts,
+    n_purchases) and its distinct recent items; 0 without a profile."""
+    counts = [user.values.get(k) for k in ("n_clicks", "n_carts", "n_purchases")]
+    try:
+        total = sum(float(c) for c in counts if c is not None)
+    except (TypeError, ValueError):
+        return 0.0
+    return repeat_share(total, len(user.values.get("recent_item_ids") or ()))
+
+
 def candidate_features(snap: Snapshot, cands: Candidates, positions: np.ndarray, user: UserView,
                        cosine: np.ndarray | None, pop: np.ndarray, pers: np.ndarray, fresh: np.ndarray) -> np.ndarray:
     """FUSION_FEATURES for each candidate at `positions` (pop, pers, fresh: the unweighted feature
@@ -74,6 +85,7 @@ def candidate_features(snap: Snapshot, cands: Candidates, positions: np.ndarray,
         in_session=np.array([p in session for p in plist], dtype=bool),
         personalization=pers,
         freshness=fresh,
+        repeat_share=user_repeat_share(user),
     ))
 
 

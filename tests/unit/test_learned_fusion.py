@@ -14,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 from contract.fusion import (FUSION_FEATURES, MAX_SCALE, MISSING_RANK, FusionInputs, FusionModel, feature_matrix,
                              log_rank)
-from gateway.learned_fusion import LearnedFusion, LearnedFusionError, model_relevance
+from contract.fusion import repeat_share
+from gateway.learned_fusion import LearnedFusion, LearnedFusionError, model_relevance, user_repeat_share
+from gateway.scoring import UserView
 from contract.scores import RANKER_PRIOR
 from scorer.train.fusion_train import MISS, FusionNet, fit_fusion, list_ranks
 
@@ -52,6 +54,27 @@ def test_features_come_in_the_contracts_order_and_scales():
     assert col(x, "bought_ago") == pytest.approx([0.0, 1.0, math.log1p(3) / math.log1p(MISSING_RANK)])
     assert col(x, "in_session").tolist() == [0.0, 1.0, 0.0]
     assert col(x, "popularity") == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_repeat_share_is_the_users_share_of_repeat_interactions_for_every_candidate():
+    x = feature_matrix(inputs(3, repeat_share=0.25))
+    assert col(x, "repeat_share").tolist() == [0.25, 0.25, 0.25]
+    assert col(feature_matrix(inputs(2)), "repeat_share").tolist() == [0.0, 0.0]  # unknown: 0
+    assert repeat_share(10, 4) == pytest.approx(0.6)
+    assert repeat_share(3, 5) == 0.0  # never below 0 (counts and list read at different times)
+
+
+@pytest.mark.parametrize("n, d", [(0, 0), (-5, 1), (float("nan"), 1), (float("inf"), 1), (None, 1), ("x", 1), (5, -1)])
+def test_repeat_share_of_counts_that_are_not_counts_is_zero(n, d):
+    assert repeat_share(n, d) == 0.0
+
+
+def test_the_gateway_reads_repeat_share_from_the_profiles_counts_and_recent_items():
+    values = {"n_clicks": 2, "n_carts": 0, "n_purchases": 8, "recent_item_ids": ["a", "b", "c", "d"]}
+    assert user_repeat_share(UserView(values=values)) == pytest.approx(0.6)
+    assert user_repeat_share(UserView(values={**values, "n_purchases": None})) == 0.0  # 2 events, 4 items
+    assert user_repeat_share(UserView(values={**values, "n_clicks": "many"})) == 0.0  # a hostile store value
+    assert user_repeat_share(UserView()) == 0.0  # anonymous
 
 
 def test_features_of_no_candidates_and_of_non_finite_inputs_are_finite():

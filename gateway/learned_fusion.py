@@ -57,7 +57,7 @@ def user_repeat_share(user: UserView) -> float:
     counts = [user.values.get(k) for k in ("n_clicks", "n_carts", "n_purchases")]
     try:
         total = sum(float(c) for c in counts if c is not None)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a store value that is not a count
         return 0.0
     return repeat_share(total, len(user.values.get("recent_item_ids") or ()))
 

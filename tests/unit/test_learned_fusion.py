@@ -64,7 +64,7 @@ def test_repeat_share_is_the_users_share_of_repeat_interactions_for_every_candid
     assert repeat_share(3, 5) == 0.0  # never below 0 (counts and list read at different times)
 
 
-@pytest.mark.parametrize("n, d", [(0, 0), (-5, 1), (float("nan"), 1), (float("inf"), 1), (None, 1), ("x", 1), (5, -1)])
+@pytest.mark.parametrize("n, d", [(0, 0), (-5, 1), (float("nan"), 1), (float("inf"), 1), (None, 1), ("x", 1), (5, -1), (10**400, 1)])
 def test_repeat_share_of_counts_that_are_not_counts_is_zero(n, d):
     assert repeat_share(n, d) == 0.0
 
@@ -74,6 +74,7 @@ def test_the_gateway_reads_repeat_share_from_the_profiles_counts_and_recent_item
     assert user_repeat_share(UserView(values=values)) == pytest.approx(0.6)
     assert user_repeat_share(UserView(values={**values, "n_purchases": None})) == 0.0  # 2 events, 4 items
     assert user_repeat_share(UserView(values={**values, "n_clicks": "many"})) == 0.0  # a hostile store value
+    assert user_repeat_share(UserView(values={**values, "n_clicks": 10**400})) == 0.0
     assert user_repeat_share(UserView()) == 0.0  # anonymous
 
 

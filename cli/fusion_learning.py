@@ -25,7 +25,7 @@ within ~0.01 cosine of them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -222,7 +222,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
 
 
 def _scaled(model: FusionModel, scale: float) -> FusionModel:
-    return FusionModel(model.w1, model.b1, model.w2, model.b2, scale, model.about)
+    return replace(model, scale=scale)
 
 
 def result_table(t: FusionTraining) -> Table:

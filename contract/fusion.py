@@ -154,12 +154,15 @@ class FusionModel:
             raise ValueError("'features' differ from this gateway's (contract/fusion.py FUSION_FEATURES): "
                              "re-train it with this version (`recsys train fusion`)")
         try:
-            w1 = np.asarray(d["w1"], dtype=np.float32)
-            b1 = np.asarray(d["b1"], dtype=np.float32)
-            w2 = np.asarray(d["w2"], dtype=np.float32)
+            # A number too large for float32 casts to infinity, which the finite check below refuses
+            # by name; numpy's overflow warning would only repeat that, on stderr.
+            with np.errstate(over="ignore"):
+                w1 = np.asarray(d["w1"], dtype=np.float32)
+                b1 = np.asarray(d["b1"], dtype=np.float32)
+                w2 = np.asarray(d["w2"], dtype=np.float32)
             b2 = float(d["b2"])
             scale = float(d.get("scale", 1.0))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: float(10**400)
             raise ValueError(f"weights missing or not numbers ({e!r})") from None
         hidden = b1.shape[0] if b1.ndim == 1 else -1
         if w1.shape != (len(FUSION_FEATURES), hidden) or w2.shape != (hidden,) or not 0 < hidden <= MAX_HIDDEN:

@@ -125,6 +125,11 @@ def _file(**over) -> str:
     (_file(w2=[1.0, float("inf"), 0.0, 0.0]), "NaN"),
     (_file(scale=0.0), "scale"),
     (_file(scale=MAX_SCALE + 1), "scale"),
+    # An integer past float range: OverflowError inside, a named ValueError outside.
+    (_file(b2=10 ** 400), "not numbers"),
+    (_file(scale=10 ** 400), "not numbers"),
+    (_file(w2=[10 ** 400, 0.0, 0.0, 0.0]), "not numbers"),
+    (_file(w2=[1e39, 0.0, 0.0, 0.0]), "NaN or infinity"),  # past float32's range: infinity once cast
 ])
 def test_a_bad_model_file_is_refused_with_what_is_wrong(text, says):
     with pytest.raises(ValueError, match=says):
@@ -137,7 +142,8 @@ def test_a_bad_model_file_is_refused_with_what_is_wrong(text, says):
 def test_any_json_is_a_model_or_a_value_error(value):
     d = json.loads(model().to_json())
     for text in (json.dumps(value), json.dumps({**d, "w1": value}), json.dumps({**d, "b1": value}),
-                 json.dumps({**d, "scale": value}), json.dumps({**d, "about": value})):
+                 json.dumps({**d, "scale": value}), json.dumps({**d, "about": value}),
+                 json.dumps({**d, "w2": value}), json.dumps({**d, "b2": value})):
         try:
             FusionModel.from_json(text)
         except ValueError:

@@ -148,6 +148,8 @@ class FusionModel:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON ({e})") from None
+        except RecursionError:  # json's decoder recurses per nesting level: '[' * 100_000 gets here
+            raise ValueError("not a learned-fusion file: nested too deeply") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"not a learned-fusion file: 'format' must be {FORMAT!r}")
         if d.get("features") != list(FUSION_FEATURES):

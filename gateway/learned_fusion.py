@@ -46,6 +46,47 @@ class LearnedFusion:
         return cls(model, hashlib.sha256(data).hexdigest()[:12])
 
 
+class FusionFileWatch:
+    """The configured model file, looked at on every refresh of the gateway (gateway/server.py): a
+    new file (`recsys train fusion` renames its finished file into place) is served from the next
+    request on, without a restart. A file it cannot serve (missing, damaged, an older format) leaves
+    the current model serving; the reason is logged once per version of the file, not every
+    interval, and the counter `recsys_learned_fusion_reloads_total{result="refused"}` counts it.
+    The stat check keeps an unchanged file from being read at all."""
+
+    def __init__(self, path: Path, current: LearnedFusion):
+        self.path = path
+        self.current = current
+        self._seen = _signature(path)
+
+    def check(self) -> tuple[LearnedFusion | None, str]:
+        """(the new model to serve, "") when the file changed and holds one; (None, why) when it
+        changed and cannot be served; (None, "") when nothing changed (or only its time stamp)."""
+        seen = _signature(self.path)
+        if seen == self._seen:
+            return None, ""
+        self._seen = seen
+        if seen is None:
+            return None, f"learned_fusion {self.path}: the file is gone; still serving {self.current.version}"
+        try:
+            loaded = LearnedFusion.load(self.path)
+        except LearnedFusionError as e:
+            return None, f"{e}; still serving {self.current.version}"
+        if loaded.version == self.current.version:
+            return None, ""
+        self.current = loaded
+        return loaded, ""
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced or rewritten (inode: a rename; time and size: in place)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _rank_array(ranked: dict[int, int] | None, positions: np.ndarray) -> np.ndarray:
     ranked = ranked or {}
     return np.array([ranked.get(p, MISSING_RANK) for p in positions.tolist()], dtype=np.int64)

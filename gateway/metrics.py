@@ -22,6 +22,9 @@ DOWNSTREAM_UP = Gauge("recsys_downstream_up", "1 while a downstream answers its 
 QUERY_CACHE = Counter("recsys_query_embedding_cache_total", "Query/context embedding cache lookups", ["result"])
 DOWNSTREAM_ERRORS = Counter("recsys_downstream_errors_total", "Failed downstream calls", ["downstream", "kind"])
 INDEX_ITEMS = Gauge("recsys_index_items", "Items in the serving vector index")
+FUSION_RELOADS = Counter("recsys_learned_fusion_reloads_total",
+                         "Changes of the learned-fusion file seen while serving: loaded, or refused (the old model stays)",
+                         ["result"])
 INDEX_SWAPS = Counter("recsys_index_swaps_total", "Index replacements (new encoder version or new items)")
 BLEND_WEIGHT = Gauge("recsys_blend_weight", "Online-learned blend weight (posterior mean) per score part", ["part"])
 BLEND_VERSION = Gauge("recsys_blend_version", "Version of the online blend weights in use (0: configured prior)")

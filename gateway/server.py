@@ -27,7 +27,7 @@ from gateway.config import GatewaySettings
 from gateway.degradation import Part
 from gateway.features.layout import FeatureLayout
 from gateway.features.online_reader import open_reader
-from gateway.learned_fusion import LearnedFusionError
+from gateway.learned_fusion import FusionFileWatch, LearnedFusionError
 from rpc.auth import add_port, server_auth
 from rpc.interceptors import server_interceptors
 from rpc import pseudonyms as pseudonym_keys
@@ -76,6 +76,7 @@ class Gateway:
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._versions_differ = False
+        self._fusion_watch: FusionFileWatch | None = None  # set at start when a learned fusion is configured
         # RECSYS_PSEUDONYM_KEY_FILE / RECSYS_PSEUDONYM_KEY (rpc/pseudonyms.py): user and session ids
         # become pseudonyms where requests enter (service.py) and in the access log.
         self.pseudonyms = pseudonym_keys.load()
@@ -89,6 +90,7 @@ class Gateway:
         self.blend = OnlineBlend(self.settings) if self.settings.feedback_url else None
         self.recommender = Recommender(self.settings, self.state, reader, self.triton, self.blend)
         fusion = self.recommender.services.learned_fusion
+        self._fusion_watch = FusionFileWatch(self.settings.learned_fusion, fusion) if fusion is not None else None
         if fusion is not None:
             log.info("learned fusion %s (%s) scores requests without a query", fusion.version, self.settings.learned_fusion)
         if self.blend is not None:
@@ -254,6 +256,21 @@ class Gateway:
                     metrics.INDEX_ITEMS.set(len(self.state.snapshot.catalog))
             except Exception as e:  # noqa: BLE001 - the old snapshot keeps serving
                 log.warning("refresh failed (still serving the previous index): %s", e)
+            await self._reload_learned_fusion()  # a file on this host: independent of Feast and Triton
+
+    async def _reload_learned_fusion(self) -> None:
+        """A new learned-fusion file is served from the next request on (FusionFileWatch)."""
+        if self._fusion_watch is None:
+            return
+        new, refused = await asyncio.to_thread(self._fusion_watch.check)
+        if new is not None:
+            old = self.recommender.services.learned_fusion
+            self.recommender.services.learned_fusion = new
+            metrics.FUSION_RELOADS.labels("loaded").inc()
+            log.info("learned fusion %s -> %s (%s)", old.version if old else "-", new.version, self.settings.learned_fusion)
+        elif refused:
+            metrics.FUSION_RELOADS.labels("refused").inc()
+            log.warning("%s", refused)
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()

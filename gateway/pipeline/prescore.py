@@ -29,9 +29,10 @@ def pre_score(ctx: RequestContext, svc: Services) -> None:
     ctx.cosine = ctx.snap.index.similarity(probe, positions) if probe is not None else None
     ctx.pers, ctx.pop, ctx.fresh = feature_terms(positions, catalog, ctx.user, catalog.popularity[positions])
     ctx.fused = not req.query and req.candidate_ids is None
-    if ctx.fused and svc.learned_fusion is not None:  # no query: the learned fusion of the sources
-        relevance = learned_relevance(ctx, svc.learned_fusion.model)
-        ctx.fusion_version = svc.learned_fusion.version
+    fusion = svc.learned_fusion  # read once: a reload swaps it between requests, never inside one
+    if ctx.fused and fusion is not None:  # no query: the learned fusion of the sources
+        relevance = learned_relevance(ctx, fusion.model)
+        ctx.fusion_version = fusion.version
     elif ctx.fused:  # no query: what the sources agree on, by rank
         relevance = fused_relevance(ctx.cands, positions, svc.settings.fusion)
     else:

@@ -201,7 +201,10 @@ def test_a_learned_fusion_trained_on_the_shop_is_served_for_pages_without_a_quer
                                                                                   tmp_path_factory, items):
     """`recsys train fusion` on the shop's own log, then a gateway started with its file: a home feed
     is scored by it (its version in model_versions, its relevance on the prior x scale range), a
-    query is not; a file it cannot serve stops the start (the CLI path prints why, exit 2)."""
+    query is not; a new file is served without a restart, a damaged one leaves the last good one
+    serving; a file it cannot serve stops the start (the CLI path prints why, exit 2)."""
+    import dataclasses
+
     from cli.background import BackgroundGateway
     from cli.fusion_learning import train_fusion
     from contract.scores import RANKER_PRIOR
@@ -225,6 +228,35 @@ def test_a_learned_fusion_trained_on_the_shop_is_served_for_pages_without_a_quer
         searched = c.recommend("rain jacket", user_id=user, num_results=5)
         assert "fusion" not in searched.model_versions and not searched.degraded
         assert items.loc[searched.items[0].item_id, "category"] == "Jackets"
+
+        def publish(text: str) -> None:  # as `recsys train fusion` does: a finished file renamed into place
+            partial = model_file.with_suffix(".partial")
+            partial.write_text(text)
+            partial.replace(model_file)
+
+        def home_feed():
+            return c.recommend("", user_id=user, num_results=20, explain=True)
+
+        from prometheus_client import REGISTRY
+
+        def reloads(result: str) -> float:  # the gateway runs in this process: its metrics are here
+            return REGISTRY.get_sample_value("recsys_learned_fusion_reloads_total", {"result": result}) or 0.0
+
+        loaded, refused = reloads("loaded"), reloads("refused")
+        halved = dataclasses.replace(served.model, scale=served.model.scale / 2)
+        publish(halved.to_json())
+        new_version = LearnedFusion.load(model_file).version
+        deadline = time.monotonic() + 10  # the refresh interval here is 0.5 s
+        while home_feed().model_versions["fusion"] != new_version:
+            assert time.monotonic() < deadline, "the new learned-fusion file was not picked up"
+            time.sleep(0.2)
+        reloaded = home_feed()
+        assert max(i.breakdown.relevance for i in reloaded.items) == pytest.approx(top / 2, rel=1e-4)
+        publish('{"format": "damaged"}')
+        time.sleep(2.0)  # four refreshes: the damaged file has been looked at
+        kept = home_feed()
+        assert kept.model_versions["fusion"] == new_version and not kept.degraded and len(kept.items) == 20
+        assert reloads("loaded") == loaded + 1 and reloads("refused") == refused + 1  # once, not every refresh
     model_file.write_text("{}")
     with pytest.raises(LearnedFusionError, match="learned_fusion.json"):
         with BackgroundGateway(settings):

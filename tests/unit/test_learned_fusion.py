@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 from contract.fusion import (FUSION_FEATURES, MAX_SCALE, MISSING_RANK, FusionInputs, FusionModel, feature_matrix,
                              log_rank)
 from contract.fusion import repeat_share
-from gateway.learned_fusion import LearnedFusion, LearnedFusionError, model_relevance, user_repeat_share
+from gateway.learned_fusion import (FusionFileWatch, LearnedFusion, LearnedFusionError, model_relevance,
+                                    user_repeat_share)
 from gateway.scoring import UserView
 from contract.scores import RANKER_PRIOR
 from scorer.train.fusion_train import MISS, FusionNet, fit_fusion, list_ranks
@@ -126,6 +127,7 @@ def _file(**over) -> str:
     (_file(scale=0.0), "scale"),
     (_file(scale=MAX_SCALE + 1), "scale"),
     # An integer past float range: OverflowError inside, a named ValueError outside.
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     (_file(b2=10 ** 400), "not numbers"),
     (_file(scale=10 ** 400), "not numbers"),
     (_file(w2=[10 ** 400, 0.0, 0.0, 0.0]), "not numbers"),
@@ -163,6 +165,49 @@ def test_the_gateway_names_the_file_it_cannot_serve(tmp_path):
     assert len(loaded.version) == 12 and loaded.version == LearnedFusion.load(good).version
     good.write_text(model(seed=1).to_json())
     assert LearnedFusion.load(good).version != loaded.version  # another model, another version
+
+
+def _publish(path, text: str) -> None:
+    """As `recsys train fusion` writes its file: a finished file renamed into place."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def test_a_new_file_is_served_a_bad_one_leaves_the_old_one_serving(tmp_path):
+    path = tmp_path / "fusion.json"
+    path.write_text(model().to_json())
+    first = LearnedFusion.load(path)
+    watch = FusionFileWatch(path, first)
+    assert watch.check() == (None, "")  # unchanged: not even read
+    _publish(path, model(seed=1).to_json())
+    new, why = watch.check()
+    assert new is not None and new.version != first.version and why == ""
+    assert watch.current is new and watch.check() == (None, "")
+    _publish(path, model(seed=1).to_json())  # the same model written again: nothing to swap
+    assert watch.check() == (None, "")
+
+    for bad, says in (('{"format": "x"}', "not a learned-fusion file"), ("{not json", "not JSON"),
+                      ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        _publish(path, bad)
+        new, why = watch.check()
+        assert new is None and says in why and str(path) in why and f"still serving {watch.current.version}" in why
+        assert watch.check() == (None, "")  # said once per version of the file, not every interval
+    path.unlink()
+    new, why = watch.check()
+    assert new is None and "gone" in why
+    _publish(path, model(seed=2).to_json())  # back with a servable file: served
+    new, _ = watch.check()
+    assert new is not None and new.version == LearnedFusion.load(path).version
+
+
+def test_a_file_rewritten_in_place_is_noticed(tmp_path):
+    path = tmp_path / "fusion.json"
+    path.write_text(model().to_json())
+    watch = FusionFileWatch(path, LearnedFusion.load(path))
+    path.write_text(model(hidden=8).to_json())  # same inode; other size
+    new, _ = watch.check()
+    assert new is not None and new.model.w1.shape == (F, 8)
 
 
 def test_the_exported_network_is_the_trained_one():

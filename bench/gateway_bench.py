@@ -160,7 +160,8 @@ def run_gateway(address: str, requests: list[tuple[str, str]], concurrency: int,
                     errors += 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1e3)
-                stages.append({**await _aio_stages(call), "degraded": float(response.degraded)})
+                stages.append({**await _aio_stages(call), "degraded": float(response.degraded),
+                               "learned_fusion": float("fusion" in response.model_versions)})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -266,14 +267,20 @@ def run_naive(pipeline: NaivePipeline, requests: list[tuple[str, str]], concurre
     return summarise(latencies, time.perf_counter() - t0, 0, [])
 
 
+# Per-answer flags counted as shares, not timed as stages: degraded answers, and answers scored
+# by the learned fusion (its version in model_versions: proof that a "learned fusion" row measured it).
+SHARES = ("degraded", "learned_fusion")
+
+
 def summarise(latencies: list[float], wall: float, errors: int, stages: list[dict]) -> dict:
     out = {"requests": len(latencies), "errors": errors, "rps": round(len(latencies) / wall, 1),
            "p50_ms": round(percentile(latencies, 50), 1), "p99_ms": round(percentile(latencies, 99), 1)}
     if stages:
-        names = sorted({k for s in stages for k in s if k != "degraded"})
+        names = sorted({k for s in stages for k in s if k not in SHARES})
         out["stage_p50_ms"] = {k: round(percentile([s.get(k, 0.0) for s in stages], 50), 2) for k in names}
         out["stage_p99_ms"] = {k: round(percentile([s.get(k, 0.0) for s in stages], 99), 2) for k in names}
-        out["degraded_share"] = round(sum(s["degraded"] for s in stages) / len(stages), 3)
+        for k in SHARES:
+            out[f"{k}_share"] = round(sum(s.get(k, 0.0) for s in stages) / len(stages), 3)
     return out
 
 

@@ -75,10 +75,11 @@ def main() -> None:
                 r = run_gateway(f"127.0.0.1:{gw.port}", requests, 1, args.seconds)
             rows.append((name, r))
             log(f"  {name}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['rps']} rps")
-    print("\n| no query, 1 client | p50 ms | p99 ms | rps | stage p50s (ms) |\n|---|---|---|---|---|")
+    print("\n| no query, 1 client | p50 ms | p99 ms | rps | scored by the learned fusion | stage p50s (ms) |\n"
+          "|---|---|---|---|---|---|")
     for name, r in rows:
         stages = ", ".join(f"{k} {v}" for k, v in sorted((r.get("stage_p50_ms") or {}).items()))
-        print(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} | {stages} |")
+        print(f"| {name} | {r['p50_ms']} | {r['p99_ms']} | {r['rps']} | {r.get('learned_fusion_share', 0):.0%} | {stages} |")
 
 
 if __name__ == "__main__":

@@ -468,7 +468,7 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
 
 def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float | None = 300.0,
         served: bool = False, interest_max_steps: int | None = None, sasrec_epochs: int | None = None,
-        threads: int = 1, served_before: bool = False) -> Path:
+        threads: int = 1, served_before: bool = False, served_fallback_interest: bool = False) -> Path:
     """The whole benchmark; returns report.md. `sasrec_epochs` / `interest_max_steps` cap the two
     trainings (CI: fixed caps, so the result does not depend on the machine's load)."""
     import torch
@@ -530,7 +530,10 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
                 {"train_loss": fit.losses, "valid": fit.valid, "x": "step"})
     if summary:
         console.print(summary)
-    served_interest = fits[keep].model if keep is not None else None
+    served_interest = fits[keep].model if keep is not None and not served_fallback_interest else None
+    if served_fallback_interest:
+        console.print("served path: the gateway's untrained interest formula (--served-fallback-interest), "
+                      "not the kept model")
     best = fits[keep if keep is not None else 0]
     measure(f"RRF co-visitation + interest ({best.name})", rrf_scorer([covis, interest_scorer(best.model, vectors, item_ids)]),
             f"k = {RRF_K:.0f}")
@@ -569,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sasrec-epochs", type=int, default=None, help="cap SASRec's epochs (default: its own, 200)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--served", action="store_true", help="also measure the served path (real Feast, Triton, gateway; minutes)")
+    ap.add_argument("--served-fallback-interest", action="store_true",
+                    help="with --served: serve no interest model (the gateway's untrained formula) even when one was kept")
     ap.add_argument("--served-before", action="store_true",
                     help="with --served: also the served path with the fusion settings before tuning (a second gateway)")
     args = ap.parse_args(argv)
@@ -576,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"skipping: {args.source} not found (the Online Retail data set is not in the repo)")
         return 0
     report = run(args.source, args.out, args.limit, args.sasrec_seconds, args.served, args.interest_max_steps,
-                 args.sasrec_epochs, args.threads, args.served_before)
+                 args.sasrec_epochs, args.threads, args.served_before, args.served_fallback_interest)
     console.print(f"[green]report[/] {report}")
     print(report.read_text())
     return 0

@@ -262,7 +262,10 @@ class Gateway:
         """A new learned-fusion file is served from the next request on (FusionFileWatch)."""
         if self._fusion_watch is None:
             return
-        new, refused = await asyncio.to_thread(self._fusion_watch.check)
+        try:
+            new, refused = await asyncio.to_thread(self._fusion_watch.check)
+        except Exception as e:  # noqa: BLE001 - this loop also refreshes the index: it must outlive any file
+            new, refused = None, f"learned_fusion {self.settings.learned_fusion}: {type(e).__name__}: {e}; still serving"
         if new is not None:
             old = self.recommender.services.learned_fusion
             self.recommender.services.learned_fusion = new

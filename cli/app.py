@@ -566,6 +566,34 @@ def train_fusion_cmd(
         raise typer.Exit(1) from None
 
 
+@train_app.command("next-item")
+def train_next_item_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose data/offline holds the imported log "
+                              "(items.parquet, events.parquet: `recsys data import`, `recsys demo`)."),
+    model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository to export the "
+                                    "kept model into (a new version of next_item_onnx)."),
+    max_seconds: float = typer.Option(600.0, min=1.0, help="Wall-clock budget of the training run (it also stops "
+                                      "when validation NDCG@10 has not improved for 8 epochs)."),
+    max_epochs: int = typer.Option(200, min=1, help="Cap on epochs (one window of every user's sequence each)."),
+    seed: int = typer.Option(0),
+    min_gain: float = typer.Option(0.0, help="How much more than its standard error the validation NDCG@10 gain "
+                                   "over popularity must be to export the model."),
+    report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "next_item", help="Report folder (report.md, curve.png)."),
+) -> None:
+    """Train the next-item model (SASRec over item ids) on the shop's interactions, early-stopped on
+    validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise."""
+    from cli.fusion_tuning import CannotTune
+    from cli.next_item_training import run
+
+    try:
+        version = run(repo, model_repo, report, max_seconds, max_epochs, seed, min_gain, console)
+    except CannotTune as e:
+        console.print(f"[red]cannot train the next-item model[/]: {e}")
+        raise typer.Exit(1) from None
+    if version is None:
+        raise typer.Exit(1)
+
+
 @train_app.command("interest")
 def train_interest_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its data/offline holds the label log)."),

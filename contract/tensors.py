@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from contract.next_item import HISTORY_LEN
 from contract.ranker_inputs import NUMERIC_FEATURES
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's width: the encoder's output, the index's and the interest model's
@@ -37,6 +38,9 @@ INTEREST_MODEL = Model("interest_onnx",
                  (Tensor("query", "TYPE_FP32", (EMBEDDING_DIM,)), Tensor("has_query", "TYPE_FP32", (1,)),
                   Tensor("items", "TYPE_FP32", (-1, EMBEDDING_DIM)), Tensor("mask", "TYPE_FP32", (-1,))),
                  (Tensor("interest", "TYPE_FP32", (EMBEDDING_DIM,)),))
+# Item ids in, item ids out (contract/next_item.py): up to TOP_K next items, best first.
+NEXT_ITEM_MODEL = Model("next_item_onnx", (Tensor("history", "TYPE_STRING", (HISTORY_LEN,)),),
+                  (Tensor("item_id", "TYPE_STRING", (-1,)), Tensor("log_prob", "TYPE_FP32", (-1,))))
 
 # The encoder's and the ranker's steps (the gateway calls these directly to pin an encoder version).
 _IDS, _MASK, _TYPES = (Tensor(n, "TYPE_INT64", (-1,)) for n in ("input_ids", "attention_mask", "token_type_ids"))
@@ -46,7 +50,7 @@ PAIR_TOKENIZER = Model("pair_tokenizer", RANKER_MODEL.inputs[:2], (_IDS, _MASK, 
 RANKER_ONNX = Model("ranker_onnx", (_IDS, _MASK, _TYPES, Tensor("numeric", "TYPE_FP32", (len(NUMERIC_FEATURES),))),
                     (Tensor("score", "TYPE_FP32", (1,)),))
 
-TRITON_MODELS = {m.name: m for m in (ENCODER_MODEL, RANKER_MODEL, INTEREST_MODEL, TEXT_TOKENIZER, ENCODER_ONNX, PAIR_TOKENIZER, RANKER_ONNX)}
+TRITON_MODELS = {m.name: m for m in (ENCODER_MODEL, RANKER_MODEL, INTEREST_MODEL, NEXT_ITEM_MODEL, TEXT_TOKENIZER, ENCODER_ONNX, PAIR_TOKENIZER, RANKER_ONNX)}
 
 
 def names(tensors: tuple[Tensor, ...]) -> list[str]:

@@ -20,7 +20,8 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
-from contract.tensors import ENCODER_MODEL, ENCODER_ONNX, INTEREST_MODEL, RANKER_MODEL, TEXT_TOKENIZER, names
+from contract.next_item import history_tensor
+from contract.tensors import ENCODER_MODEL, ENCODER_ONNX, INTEREST_MODEL, NEXT_ITEM_MODEL, RANKER_MODEL, TEXT_TOKENIZER, names
 
 # Tensor names from the contract (triton_models/*/config.pbtxt is checked against it).
 _TEXT = ENCODER_MODEL.inputs[0].name
@@ -30,6 +31,8 @@ _STEP_EMBEDDING = ENCODER_ONNX.outputs[0].name
 _QUERY, _ITEM, _FEATURES = names(RANKER_MODEL.inputs)
 _SCORE = RANKER_MODEL.outputs[0].name
 _INTEREST_OUT = INTEREST_MODEL.outputs[0].name
+_HISTORY = NEXT_ITEM_MODEL.inputs[0].name
+_NEXT_ITEM_ID, _NEXT_LOG_PROB = names(NEXT_ITEM_MODEL.outputs)
 
 # gRPC's default reconnect backoff grows to 120 s: after a Triton restart the gateway's first ranked
 # answer came 24-66 s late. Capped at 1 s, the channel is back within a second of the server.
@@ -205,6 +208,25 @@ class TritonClient:
         except InferenceServerException as e:
             raise _wrap(e, model) from None
         return result.as_numpy(_INTEREST_OUT)[0]
+
+    async def next_items(self, newest_first: Sequence[str], timeout_s: float, version: str = "",
+                         model: str = NEXT_ITEM_MODEL.name) -> tuple[list[str], np.ndarray]:
+        """The next-item model's best next item ids for one user's recent item ids (newest first),
+        best first, and their log-probabilities; `version` pins one ("" = the newest ready)."""
+        history = history_tensor(newest_first)[None, :]
+        t = grpcclient.InferInput(_HISTORY, list(history.shape), "BYTES")
+        t.set_data_from_numpy(history)
+        try:
+            result = await asyncio.wait_for(self._client.infer(
+                model, [t], model_version=version,
+                outputs=[grpcclient.InferRequestedOutput(_NEXT_ITEM_ID), grpcclient.InferRequestedOutput(_NEXT_LOG_PROB)],
+                client_timeout=timeout_s), timeout_s)
+        except asyncio.TimeoutError:
+            raise TritonDeadlineExceeded(f"{model}: no answer within {timeout_s * 1e3:.0f} ms") from None
+        except InferenceServerException as e:
+            raise _wrap(e, f"{model} v{version or 'latest'}") from None
+        ids = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in result.as_numpy(_NEXT_ITEM_ID)[0]]
+        return ids, result.as_numpy(_NEXT_LOG_PROB)[0].astype(np.float32)
 
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
         """Versions of `model` that are loaded and ready, newest first.

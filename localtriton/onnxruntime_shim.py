@@ -31,12 +31,22 @@ class TritonPythonModel:
         opts.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = [i["name"] for i in config["input"]]
+        # Triton hands TYPE_STRING inputs over as bytes objects; ONNX Runtime's string tensors want str
+        # (it would read a bytes object as its repr, "b'...'", silently). The real backend converts too.
+        self.string_inputs = {i["name"] for i in config["input"] if i["data_type"] == "TYPE_STRING"}
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+
+    def _input(self, request, name):
+        arr = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+        if name in self.string_inputs:
+            arr = np.vectorize(lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v),
+                               otypes=[object])(arr)
+        return arr
 
     def execute(self, requests):
         # Requests batched by Triton's dynamic batcher arrive together: run them as one ORT call
         # when their shapes allow (same sequence length), else one by one.
-        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+        feeds = [{n: self._input(r, n) for n in self.inputs} for r in requests]
         shapes = {tuple(f[self.inputs[0]].shape[1:]) for f in feeds}
         if len(feeds) > 1 and len(shapes) == 1:
             sizes = [f[self.inputs[0]].shape[0] for f in feeds]

@@ -3,8 +3,9 @@
 A causal transformer over a user's item sequence, nanoGPT-style: item embeddings plus learned
 positions, pre-norm blocks of causal self-attention and an MLP, and the output at each position
 scored against every item's embedding (tied input/output embeddings, as in the paper). It knows
-nothing but ids, so it cannot serve an item it has not seen in training; it is here to tell how
-strong a plain sequential model is on a data set, not to be served.
+nothing but ids, so it cannot recommend an item it has not seen in training: a baseline for how
+strong a plain sequential model is on a data set, and a candidate source for the gateway
+(`recsys train next-item` exports it to Triton as `next_item_onnx`).
 
 Item ids are catalog positions + 1: id 0 is padding (sequences are left-padded to max_len).
 """
@@ -80,11 +81,12 @@ class SASRec(nn.Module):
         if length > self.config.max_len:
             raise ValueError(f"sequence length {length} > max_len {self.config.max_len}")
         real = ids != PAD
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        # Attend to earlier real items; every position also sees itself, so a padded row is never
-        # all-masked (which would give NaN); padded rows are ignored by the loss anyway.
-        allowed = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=ids.device)
         pos = torch.arange(length, device=ids.device)
+        # Attend to earlier real items; every position also sees itself, so a padded row is never
+        # all-masked (which would give NaN); padded rows are ignored by the loss anyway. (Masks from
+        # comparisons, not tril/eye: ONNX Runtime has no boolean EyeLike, and the model is exported.)
+        causal, itself = pos[:, None] >= pos[None, :], pos[:, None] == pos[None, :]
+        allowed = (causal & real[:, None, :]) | itself
         x = self.drop(self.items(ids) * self.config.dim**0.5 + self.positions(pos)) * real.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, allowed[:, None])

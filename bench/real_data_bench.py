@@ -379,7 +379,8 @@ SERVED_BEFORE_ENV = {"RECSYS_FUSION__K": "30", "RECSYS_FUSION__INTEREST": "1", "
                      "RECSYS_COVISIT_RECENT_ITEMS": "10"}
 
 
-def served_path(data: Data, generic: Path, interest_model, progress: Progress, before: bool = False) -> list[Result]:
+def served_path(data: Data, generic: Path, interest_model, progress: Progress, before: bool = False,
+                next_item_seconds: float = 0.0) -> list[Result]:
     """The gateway's own retrieval + fusion + ranking for the no-query case, through the real stack
     (bench/real_data_served.py): never a copy of its code, and never a number it did not answer.
     With `before`, also the settings before the fusion was tuned (first row)."""
@@ -389,7 +390,7 @@ def served_path(data: Data, generic: Path, interest_model, progress: Progress, b
                 {**SERVED_BEFORE_ENV, "RECSYS_RANKER_MODE": "always"},
                 "settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
     got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants,
-                              learned_fusion=LEARNED)
+                              learned_fusion=LEARNED, next_item_seconds=next_item_seconds)
     return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 
 
@@ -468,7 +469,8 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
 
 def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float | None = 300.0,
         served: bool = False, interest_max_steps: int | None = None, sasrec_epochs: int | None = None,
-        threads: int = 1, served_before: bool = False, served_fallback_interest: bool = False) -> Path:
+        threads: int = 1, served_before: bool = False, served_fallback_interest: bool = False,
+        served_next_item: float = 0.0) -> Path:
     """The whole benchmark; returns report.md. `sasrec_epochs` / `interest_max_steps` cap the two
     trainings (CI: fixed caps, so the result does not depend on the machine's load)."""
     import torch
@@ -542,7 +544,8 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             try:
-                results.extend(served_path(data, out / "generic", served_interest, progress, served_before))
+                results.extend(served_path(data, out / "generic", served_interest, progress, served_before,
+                                           served_next_item))
             except Exception as e:  # the offline table is still worth writing; the row says what failed
                 import traceback
 
@@ -574,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--served", action="store_true", help="also measure the served path (real Feast, Triton, gateway; minutes)")
     ap.add_argument("--served-fallback-interest", action="store_true",
                     help="with --served: serve no interest model (the gateway's untrained formula) even when one was kept")
+    ap.add_argument("--served-next-item", type=float, default=0.0, metavar="SECONDS",
+                    help="with --served: train the next-item model on the history (this budget) and serve it as a source")
     ap.add_argument("--served-before", action="store_true",
                     help="with --served: also the served path with the fusion settings before tuning (a second gateway)")
     args = ap.parse_args(argv)
@@ -581,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"skipping: {args.source} not found (the Online Retail data set is not in the repo)")
         return 0
     report = run(args.source, args.out, args.limit, args.sasrec_seconds, args.served, args.interest_max_steps,
-                 args.sasrec_epochs, args.threads, args.served_before, args.served_fallback_interest)
+                 args.sasrec_epochs, args.threads, args.served_before, args.served_fallback_interest,
+                 args.served_next_item)
     console.print(f"[green]report[/] {report}")
     print(report.read_text())
     return 0

@@ -121,14 +121,17 @@ async def recommend_all(address: str, users: list[str], on_done) -> tuple[list[l
 def measure_served_path(generic: Path, split: Split, interest_model, log, progress,
                         variants: dict[str, dict[str, str]] | None = None, repo: Path | None = None,
                         ranker=None, ranker_validation: dict | None = None,
-                        learned_fusion: str = "") -> dict[str, tuple[dict[str, float], str]]:
+                        learned_fusion: str = "", next_item_seconds: float = 0.0) -> dict[str, tuple[dict[str, float], str]]:
     """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
     per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only;
     RECSYS_RERANK_DEPTH there sets the variant's depth). One import (none when `repo` is a feature
     repo `import_history` already wrote), one Triton serving `ranker` (default: the untrained one);
     a fresh gateway process per variant, one after the other. With `learned_fusion` (a label),
     `recsys train fusion` runs on the imported history (its own leave-one-out: never a test purchase)
-    and, when its gate keeps the model, one more variant serves it (RECSYS_LEARNED_FUSION)."""
+    and, when its gate keeps the model, one more variant serves it (RECSYS_LEARNED_FUSION). With
+    `next_item_seconds`, `recsys train next-item` runs on the imported history first (that budget) and
+    exports what its gate keeps into the served repository: every variant then has the next-item
+    source, and the learned fusion is fitted with it."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
@@ -144,12 +147,25 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
         log(f"exporting the encoder (int8), the {'fine-tuned' if ranker is not None else 'untrained'} ranker (int8) and "
             + ("the trained interest model" if interest_model is not None else "no interest model (the gateway's fallback)"))
         models = export_models(workdir, interest_model, ranker, ranker_validation)
+        served_models = "interest model " + ("trained" if interest_model is not None else "none (the formula)")
+        if next_item_seconds:
+            from rich.console import Console
+
+            from cli.next_item_training import run as train_next_item
+
+            log(f"recsys train next-item on the imported history ({next_item_seconds:.0f} s budget)")
+            kept = train_next_item(repo, models, workdir / "next_item_report", next_item_seconds, 200, 0, 0.0,
+                                   Console(stderr=True))
+            log(f"next-item model: {'v' + str(kept) + ' exported' if kept else 'not kept by its gate (no such source)'}")
+            served_models += ", next-item model " + ("served (`recsys train next-item` on the history)" if kept
+                                                     else "not kept by its gate")
         if learned_fusion:
-            from cli.fusion_learning import served_interest_model, train_fusion
+            from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
 
             log("recsys train fusion on the imported history (validation users of the history's own split)")
             model_file = workdir / "learned_fusion.json"
-            fit = train_fusion(repo, model_file, max_users=10**6, interest_model=served_interest_model(models))
+            fit = train_fusion(repo, model_file, max_users=10**6, interest_model=served_interest_model(models),
+                               next_item_model=served_next_item_model(models))
             if fit.keeps:
                 variants = {**variants, learned_fusion: {"RECSYS_LEARNED_FUSION": str(model_file)}}
             else:
@@ -174,6 +190,6 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
             settings = ", ".join(f"{k.removeprefix('RECSYS_').lower()}={Path(v).name if k == 'RECSYS_LEARNED_FUSION' else v}"
                                  for k, v in env.items()) or "gateway defaults"
             note = (f"{settings} (ranker mode {gw.env['RECSYS_RANKER_MODE']}, rerank depth {depth}), no query, {NUM_RESULTS} results; "
-                    f"{degraded} degraded, {errors} errors; {time.perf_counter() - t0:.0f} s")
+                    f"{degraded} degraded, {errors} errors; {served_models}; {time.perf_counter() - t0:.0f} s")
             out[label] = (metrics_from_ranks(ranks, KS), note)
     return out

@@ -547,7 +547,8 @@ def train_fusion_cmd(
                                    "confirm half of validation must be to write the model."),
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository the gateway serves "
                                     "from: its newest interest_onnx version gives the interest vectors (none: the "
-                                    "gateway's untrained formula, as it serves then)."),
+                                    "gateway's untrained formula, as it serves then), its newest next_item_onnx "
+                                    "version the next-item source (none: no such source)."),
     encoder: Optional[Path] = typer.Option(None, help="Fine-tuned encoder checkpoint the gateway's index is built "
                                            "with (`recsys train encoder`'s output; default: the zero-shot encoder)."),
 ) -> None:
@@ -555,12 +556,13 @@ def train_fusion_cmd(
     history) on one half of this shop's validation users, through the gateway's own retrieval code;
     compare it with the served rank fusion on the other half and on test. Writes OUT only when the
     gain on the other half (the confirm half, which took no part) exceeds its standard error."""
-    from cli.fusion_learning import served_interest_model, train_fusion
+    from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
     from cli.fusion_tuning import CannotTune
 
     _quiet_transformers()
     try:
-        train_fusion(repo, out, max_users, seed, min_gain, config, served_interest_model(model_repo), encoder)
+        train_fusion(repo, out, max_users, seed, min_gain, config, served_interest_model(model_repo), encoder,
+                     served_next_item_model(model_repo))
     except CannotTune as e:
         console.print(f"[red]cannot train the fusion[/]: {e}")
         raise typer.Exit(1) from None
@@ -1080,7 +1082,7 @@ def demo(
         import shutil
 
         shutil.rmtree(interest, ignore_errors=True)
-    console.rule("10. export to Triton's model repository; the learned fusion of the no-query sources")
+    console.rule("10. export to Triton's model repository; the next-item model; the learned fusion of the no-query sources")
     from cli.demo_live import live_demo
 
     live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)

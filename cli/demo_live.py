@@ -76,6 +76,7 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
         trained = (interest / "interest_config.json").exists()  # absent: nothing beat the fallback
         interest_v = export_interest(MODEL_REPOSITORY, load_interest_model(interest) if trained else None)
     console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")
+    demo_next_item(repo, console)
     fusion = demo_fusion(repo, checkpoint, console)
     console.rule("11. Triton + the gateway: a shopper's results change after a few clicks")
     with TritonServer() as triton:
@@ -90,7 +91,8 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
             console.print(f"feedback service on {fb_service.address} (event log: {feedback_settings.event_log_dir})")
             # Half the shoppers get the online-learned blend weights, half the configured ones.
             settings = GatewaySettings(port=0, feature_repo=repo, triton_url=triton.grpc_url, request_timeout_ms=2000,
-                                       embed_timeout_ms=1000, interest_timeout_ms=1000, rank_timeout_ms=1500,
+                                       embed_timeout_ms=1000, interest_timeout_ms=1000, next_item_timeout_ms=1000,
+                                       rank_timeout_ms=1500,
                                        feedback_url=fb_service.address, feedback_api_key=keys["gateway"],
                                        auth_keys_file=AUTH_KEYS_FILE, learned_fusion=fusion,
                                        online_weights_holdout=0.5, online_weights_poll_s=0.5)
@@ -110,17 +112,29 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
                 gateway.stop()
 
 
+def demo_next_item(repo: Path, console: Console) -> int | None:
+    """`recsys train next-item` on the demo shop (a 2-minute budget): a new next_item_onnx version when
+    it beats popularity on validation, which the gateway then serves as a source."""
+    from cli.app import PROJECT_ROOT
+    from cli.next_item_training import run
+
+    console.print("the next-item model (`recsys train next-item`): a SASRec over the shop's item sequences, "
+                  "exported to Triton only if it beats popularity on validation")
+    return run(repo, MODEL_REPOSITORY, PROJECT_ROOT / "var" / "reports" / "next_item", 120.0, 200, 0, 0.0, console)
+
+
 def demo_fusion(repo: Path, encoder: Path, console: Console) -> Path | None:
     """`recsys train fusion` on the demo shop, with the encoder and interest model just exported: the model file
     when its gate keeps it (the gateway then serves it for pages without a query), else None."""
     from cli.app import PROJECT_ROOT
-    from cli.fusion_learning import served_interest_model, train_fusion
+    from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
 
     out = PROJECT_ROOT / "var" / "models" / "fusion" / "learned_fusion.json"
     out.unlink(missing_ok=True)  # an earlier demo's model was fitted on an earlier shop
     console.print("the learned fusion (`recsys train fusion`): fitted on half the shop's validation users through the "
                   "gateway's own retrieval code, served only if it beats the rank fusion on the other half")
-    kept = train_fusion(repo, out, interest_model=served_interest_model(MODEL_REPOSITORY), encoder=encoder).keeps
+    kept = train_fusion(repo, out, interest_model=served_interest_model(MODEL_REPOSITORY), encoder=encoder,
+                        next_item_model=served_next_item_model(MODEL_REPOSITORY)).keeps
     return out if kept else None
 
 

@@ -33,8 +33,8 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.fusion_tuning import (CannotTune, InterestFn, Request, Seeds, console, data_note, fused, load, prepare,
-                               read_shop, split_halves, subset, target_ranks)
+from cli.fusion_tuning import (CannotTune, InterestFn, NextItemFn, Request, Seeds, console, data_note, fused, load,
+                               prepare, read_shop, split_halves, subset, target_ranks)
 from contract.fusion import FusionModel
 from gateway.config import GatewaySettings, load_settings
 from gateway.learned_fusion import LearnedFusion, model_relevance
@@ -150,9 +150,41 @@ def onnx_interest(path: Path, recent_items: int) -> InterestFn:
     return interest
 
 
+def served_next_item_model(model_repo: Path) -> Path | None:
+    """The newest version's ONNX file of the next-item model in a Triton model repository, or None."""
+    from contract.tensors import NEXT_ITEM_MODEL
+
+    versions = [d for d in (model_repo / NEXT_ITEM_MODEL.name).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
+    return max(versions, key=lambda d: int(d.name)) / "model.onnx" if versions else None
+
+
+def onnx_next_item(path: Path) -> NextItemFn:
+    """The served next-item model (its ONNX file on onnxruntime's CPU) called as the gateway calls it
+    (gateway/pipeline/retrieve.py next_item_list: item ids newest first in, item ids out, mapped to
+    catalog positions by gateway/retrieval.py next_item_positions)."""
+    import onnxruntime as ort
+
+    from contract.next_item import history_tensor
+    from contract.tensors import NEXT_ITEM_MODEL
+    from gateway.retrieval import next_item_positions
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    history_name = NEXT_ITEM_MODEL.inputs[0].name
+
+    def next_items(snap, history: list[int]):
+        catalog = snap.catalog
+        ids, logp = session.run(None, {history_name: history_tensor([catalog.item_ids[p] for p in history])[None]})
+        return next_item_positions(catalog.position, [str(i) for i in ids[0]], logp[0])
+
+    return next_items
+
+
 def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, margin: float = 0.0,
                  config: Path | None = None, interest_model: Path | None = None,
-                 encoder: Path | None = None) -> FusionTraining:
+                 encoder: Path | None = None, next_item_model: Path | None = None) -> FusionTraining:
     """Fit, choose the scale, judge; write `out` only when the confirm half says so. `interest_model`:
     the ONNX file of the interest model the gateway serves (None: it serves its untrained formula);
     `encoder`: the fine-tuned encoder checkpoint whose item vectors the gateway's index holds (None:
@@ -166,6 +198,9 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     interest_fn = onnx_interest(interest_model, settings.interest_recent_items) if interest_model else None
     console.print("interest vectors: " + (f"the served interest model ({interest_model})" if interest_model
                                           else "the gateway's untrained formula (no interest model served)"))
+    next_fn = onnx_next_item(next_item_model) if next_item_model else None
+    console.print("next-item source: " + (f"the served next-item model ({next_item_model})" if next_item_model
+                                          else "none (no next-item model served)"))
     vectors: dict[str, np.ndarray] = {}
     loaded = load(shop, "valid", max_users, seed, vectors=vectors, encoder=encoder)
     if len(loaded.pages) < 10:
@@ -174,7 +209,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     fit_pages, confirm_pages = (subset(loaded, h) for h in split_halves(len(loaded.pages), seed))
     console.print(f"validation users split in two (seed {seed}): {len(fit_pages.pages):,} to fit on, "
                   f"{len(confirm_pages.pages):,} to confirm on")
-    fit_reqs = prepare(fit_pages, per_source, seeds, "fit half: candidates and features", interest_fn)
+    fit_reqs = prepare(fit_pages, per_source, seeds, "fit half: candidates and features", interest_fn, next_fn)
     result = fit(fit_reqs, seed)
     w = weight_vector(settings.weights)
     by_scale = {s: metrics_from_ranks(target_ranks(fit_reqs, learned(_scaled(result.model, s)), w))["NDCG@10"]
@@ -183,10 +218,11 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     console.print("scale (the learned relevance against the feature terms), NDCG@10 on the fit half: "
                   + ", ".join(f"{s:g}: {v:.4f}" for s, v in by_scale.items()) + f"; chosen {scale:g}")
     model = _scaled(result.model, scale)
-    confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn)
+    confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn, next_fn)
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
-    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test", interest_fn)
+    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test",
+                        interest_fn, next_fn)
     test = judge(test_reqs, model, settings, margin)
     t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve)
     console.print(result_table(t))
@@ -205,6 +241,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
              "candidates_per_source": per_source, "covisit_recent_items": seeds.covisit_recent_items,
              "covisit_seed_decay": seeds.covisit_seed_decay, "best_epoch": t.best_epoch,
              "interest": str(interest_model) if interest_model else "the gateway's untrained formula",
+             "next_item": str(next_item_model) if next_item_model else "none",
              "encoder": str(encoder) if encoder else "zero-shot",
              **{f"{name}_ndcg10": {"rank_fusion": j.rank_fusion["NDCG@10"], "learned": j.learned["NDCG@10"],
                                     "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}

@@ -36,13 +36,14 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from contract.next_item import NEXT_ITEM_HISTORY
 from contract.scores import ScoreWeights
 from gateway.catalog import COVISIT_EVENTS, COVISIT_NEIGHBOURS, Catalog, load_catalog
 from gateway.config import GatewaySettings, SourceFusion
 from gateway.index import ItemIndex
 from gateway.pipeline.prescore import fused_relevance
 from gateway.learned_fusion import candidate_features
-from gateway.retrieval import Candidates, fallback_interest, history_positions, retrieve
+from gateway.retrieval import Candidates, NextItems, fallback_interest, history_positions, retrieve
 from gateway.scoring import UserView, feature_terms, fuse, weight_vector
 from gateway.state import Snapshot, build_snapshot
 from scorer.eval.next_item import Split, leave_one_out, metrics_from_ranks, ordered_interactions
@@ -221,10 +222,14 @@ def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dic
 # A user's interest vector from their history (catalog positions, newest first): the gateway's
 # untrained formula by default, or the served interest model (cli/fusion_learning.py onnx_interest).
 InterestFn = Callable[[Snapshot, list[int]], "np.ndarray | None"]
+# The next-item model's list for a history (catalog positions, newest first): the served model's
+# ONNX file (cli/fusion_learning.py onnx_next_item); None: no model served (the gateway then has no
+# such source).
+NextItemFn = Callable[[Snapshot, list[int]], "NextItems | None"]
 
 
 def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "",
-            interest_fn: InterestFn | None = None) -> list[Request]:
+            interest_fn: InterestFn | None = None, next_item_fn: NextItemFn | None = None) -> list[Request]:
     """gateway/pipeline/retrieve.py + prescore.py for each page (no query, no page item), and each
     candidate's learned-fusion features (what prescore.learned_relevance computes)."""
     snap, allowed = loaded.snap, np.ones(len(loaded.snap.catalog), dtype=bool)
@@ -232,8 +237,10 @@ def prepare(loaded: Loaded, per_source: int, seeds: Seeds, label: str = "",
     for page in track(loaded.pages, description=label or "pages", console=console, transient=True):
         hist = history_positions(page.user, None, 10)
         interest = (interest_fn(snap, hist) if interest_fn else fallback_interest(snap, hist, None)) if hist else None
+        recent = history_positions(page.user, None, NEXT_ITEM_HISTORY)
+        next_items = next_item_fn(snap, recent) if next_item_fn and recent else None
         cands = retrieve(snap, per_source, allowed, None, "", interest, page.user, None,
-                         seeds.covisit_recent_items, seeds.covisit_seed_decay)
+                         seeds.covisit_recent_items, seeds.covisit_seed_decay, next_items)
         positions = np.array(cands.positions, dtype=np.int64)
         pers, pop, fresh = feature_terms(positions, snap.catalog, page.user, snap.catalog.popularity[positions],
                                          now=page.now)

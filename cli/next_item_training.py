@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli.fusion_tuning import INTERACTIONS, CannotTune, read_shop
-from contract.next_item import HISTORY_LEN, served_history
+from contract.next_item import NEXT_ITEM_HISTORY, served_history
 from scorer.eval.interest_eval import ndcg_per_example
 from scorer.eval.next_item import leave_one_out, metrics_from_ranks, target_ranks
 from scorer.eval.paired_gain import PairedGain
@@ -54,7 +54,7 @@ def prepare(events: pd.DataFrame) -> NextItemData:
     seqs = [[position[str(i)] for i in s] for s in split.train_sequences().values()]
 
     def served(frame: pd.DataFrame) -> tuple[list[list[int]], np.ndarray]:
-        hist = [[position[i] for i in reversed(served_history([str(x) for x in h])) if i in position][-HISTORY_LEN:]
+        hist = [[position[i] for i in reversed(served_history([str(x) for x in h])) if i in position][-NEXT_ITEM_HISTORY:]
                 for h in frame["history"]]
         return hist, np.array([position.get(str(t), -1) for t in frame["item_id"]], dtype=np.int64)
 
@@ -107,7 +107,7 @@ def train_next_item(events: pd.DataFrame, cfg: SASRecTrainConfig, min_gain: floa
                             f"{curve.valid_ndcg10[-1]:.4f} (best {curve.best_valid_ndcg10:.4f})")
 
         model, curve = train_sasrec(data.train_seqs, data.valid_hist, data.valid_target,
-                                    SASRecConfig(n_items=len(data.vocabulary), max_len=HISTORY_LEN), cfg, on_epoch)
+                                    SASRecConfig(n_items=len(data.vocabulary), max_len=NEXT_ITEM_HISTORY), cfg, on_epoch)
     return evaluate(model, data, min_gain, curve)
 
 

@@ -1,7 +1,7 @@
 """The learned source fusion: its input features (names, order, scales) and its model file.
 
-Without a query the gateway's candidates come from the interest vector, co-visitation and
-popularity. Rank fusion (gateway/scoring.py `source_fusion`) only sees each candidate's ranks; a
+Without a query the gateway's candidates come from the interest vector, the next-item model (when
+Triton serves one), co-visitation and popularity. Rank fusion (gateway/scoring.py `source_fusion`) only sees each candidate's ranks; a
 small learned model also sees what the ranks lose: how far ahead a co-visitation neighbour is, and
 whether the user bought the item before and how recently (an item bought again helps for some items
 only: an interaction no rank formula can express; docs/models.md, "What could reach +10%").
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "recsys-learned-fusion/1"
+# /2 added the next-item model's two features: a /1 file is refused by name (re-train it).
+FORMAT = "recsys-learned-fusion/2"
 
 # One row per candidate, these columns in this order (each roughly within [0, 1]).
 FUSION_FEATURES = (
@@ -32,6 +33,8 @@ FUSION_FEATURES = (
     "covisit_rank",  # log1p(rank in that source's list) / log1p(MISSING_RANK); 1: not in the list
     "interest_rank",  # the same for the interest source
     "interest_cosine",  # cosine to the user's interest vector (0: no interest vector)
+    "next_item_rank",  # the same for the next-item model's list (1: not in it, or no model served)
+    "next_item_logprob",  # 1 + its log-probability there / LOGPROB_SPAN, clipped to [0, 1] (0: not in it)
     "popular_rank",  # the same for the popularity source
     "popularity",  # popularity_7d / POPULARITY_SCALE (the popularity part of the final score)
     "bought",  # 1: among the profile's recent items
@@ -42,6 +45,7 @@ FUSION_FEATURES = (
     "freshness",  # the freshness part (unweighted)
 )
 MISSING_RANK = 1000  # the rank a candidate missing from a list gets (log-scaled to 1)
+LOGPROB_SPAN = 20.0  # log-probabilities below -LOGPROB_SPAN (a 2e-9 chance) read as 0
 # The learned relevance's weight against the feature terms of the final score: at most the rank
 # fusion's own bound (gateway SourceFusion.scale), so the relevance part stays in PART_BOUNDS.
 MAX_SCALE = 9.0
@@ -73,6 +77,9 @@ class FusionInputs:
     # from the candidates alone. On Online Retail +0.005 NDCG@10 offline, +0.003 on the gate's confirm
     # half (docs/models.md, "The learned fusion, served").
     repeat_share: float = 0.0
+    # The next-item model's list (None: no model served, or it did not answer; every candidate missing).
+    next_item_rank: np.ndarray | None = None  # 0-based; >= MISSING_RANK: not in the list
+    next_item_logprob: np.ndarray | None = None  # raw log-probability; NaN or -inf: not in the list
 
 
 def repeat_share(interactions: float, distinct_items: int) -> float:
@@ -93,6 +100,11 @@ def feature_matrix(x: FusionInputs) -> np.ndarray:
     seeds = np.asarray(x.covisit_seeds, dtype=np.float64)
     best = float(seeds.max(initial=0.0))
     bought_ago = np.asarray(x.bought_ago)
+    n = len(bought_ago)
+    next_rank = np.full(n, MISSING_RANK) if x.next_item_rank is None else np.asarray(x.next_item_rank)
+    with np.errstate(invalid="ignore"):
+        next_lp = (np.zeros(n) if x.next_item_logprob is None
+                   else np.clip(1.0 + np.asarray(x.next_item_logprob, dtype=np.float64) / LOGPROB_SPAN, 0.0, 1.0))
     cols = {
         "covisit_newest": np.clip(x.covisit_newest, 0.0, 1.0),
         "covisit_seeds": seeds / best if best > 0 else seeds,
@@ -100,11 +112,13 @@ def feature_matrix(x: FusionInputs) -> np.ndarray:
         "covisit_rank": log_rank(np.asarray(x.covisit_rank)),
         "interest_rank": log_rank(np.asarray(x.interest_rank)),
         "interest_cosine": x.interest_cosine,
+        "next_item_rank": log_rank(next_rank),
+        "next_item_logprob": next_lp,
         "popular_rank": log_rank(np.asarray(x.popular_rank)),
         "popularity": x.popularity,
         "bought": (bought_ago < MISSING_RANK).astype(np.float32),
         "bought_ago": log_rank(bought_ago),
-        "repeat_share": np.full(len(bought_ago), np.clip(x.repeat_share, 0.0, 1.0)),
+        "repeat_share": np.full(n, np.clip(x.repeat_share, 0.0, 1.0)),
         "in_session": np.asarray(x.in_session, dtype=np.float32),
         "personalization": x.personalization,
         "freshness": x.freshness,

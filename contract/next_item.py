@@ -14,16 +14,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-HISTORY_LEN = 50  # the newest items the model reads (the SASRec recipe's max_len)
-TOP_K = 100  # the next items it returns per request, best first (fewer when its vocabulary is smaller)
+NEXT_ITEM_HISTORY = 50  # the newest items the model reads (the SASRec recipe's max_len)
+NEXT_ITEM_TOP_K = 100  # the next items it returns per request, best first (fewer when its vocabulary is smaller)
 PAD_ITEM = ""  # an empty history slot (the model also reads an item it does not know as one)
 
 
 def history_tensor(newest_first: Sequence[str]) -> np.ndarray:
-    """The `history` input for one user: the newest HISTORY_LEN item ids, oldest first, left-padded
+    """The `history` input for one user: the newest NEXT_ITEM_HISTORY item ids, oldest first, left-padded
     with PAD_ITEM (the order the model was trained in: time runs left to right)."""
-    recent = [str(i) for i in list(newest_first)[:HISTORY_LEN]][::-1]
-    return np.array([PAD_ITEM] * (HISTORY_LEN - len(recent)) + recent, dtype=object)
+    recent = [str(i) for i in list(newest_first)[:NEXT_ITEM_HISTORY]][::-1]
+    return np.array([PAD_ITEM] * (NEXT_ITEM_HISTORY - len(recent)) + recent, dtype=object)
 
 
 def served_history(sequence: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contract.next_item import HISTORY_LEN
+from contract.next_item import NEXT_ITEM_HISTORY
 from contract.ranker_inputs import NUMERIC_FEATURES
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2's width: the encoder's output, the index's and the interest model's
@@ -38,8 +38,8 @@ INTEREST_MODEL = Model("interest_onnx",
                  (Tensor("query", "TYPE_FP32", (EMBEDDING_DIM,)), Tensor("has_query", "TYPE_FP32", (1,)),
                   Tensor("items", "TYPE_FP32", (-1, EMBEDDING_DIM)), Tensor("mask", "TYPE_FP32", (-1,))),
                  (Tensor("interest", "TYPE_FP32", (EMBEDDING_DIM,)),))
-# Item ids in, item ids out (contract/next_item.py): up to TOP_K next items, best first.
-NEXT_ITEM_MODEL = Model("next_item_onnx", (Tensor("history", "TYPE_STRING", (HISTORY_LEN,)),),
+# Item ids in, item ids out (contract/next_item.py): up to NEXT_ITEM_TOP_K next items, best first.
+NEXT_ITEM_MODEL = Model("next_item_onnx", (Tensor("history", "TYPE_STRING", (NEXT_ITEM_HISTORY,)),),
                   (Tensor("item_id", "TYPE_STRING", (-1,)), Tensor("log_prob", "TYPE_FP32", (-1,))))
 
 # The encoder's and the ranker's steps (the gateway calls these directly to pin an encoder version).

@@ -26,6 +26,7 @@ class Breakers(BaseModel):
     online_store: BreakerSettings = BreakerSettings()
     encoder: BreakerSettings = BreakerSettings()
     interest: BreakerSettings = BreakerSettings()
+    next_item: BreakerSettings = BreakerSettings()
     ranker: BreakerSettings = BreakerSettings()
 
 
@@ -37,6 +38,7 @@ class SourceFusion(BaseModel):
 
     k: float = Field(10.0, gt=0, description="rank offset: larger flattens the difference between ranks")
     interest: float = Field(1.0, ge=0)
+    next_item: float = Field(1.0, ge=0, description="the next-item model's list (Triton's next_item_onnx, when loaded)")
     session: float = Field(10.0, ge=0, description="co-visitation of the page, session and profile items")
     popular: float = Field(0.3, ge=0)
     # The fused relevance's weight against the feature terms (personalization, popularity, freshness)
@@ -91,6 +93,7 @@ class GatewaySettings(BaseSettings):
     feature_timeout_ms: int = Field(50, gt=0)
     reserve_ms: int = Field(8, ge=0, description="kept back from the ranker's budget for fusion and the reply")
     interest_timeout_ms: int = Field(50, gt=0)
+    next_item_timeout_ms: int = Field(50, gt=0)
     rank_timeout_ms: int = Field(200, gt=0, description="a ranker call that gets this long and does not answer counts against Triton")
     breakers: Breakers = Breakers()
 

@@ -14,6 +14,7 @@ class Part(str, Enum):
     ONLINE_STORE = "online_store"
     ENCODER = "encoder"
     INTEREST = "interest"
+    NEXT_ITEM = "next_item"
     RANKER = "ranker"
 
 
@@ -26,7 +27,7 @@ class Cause(str, Enum):
 
 
 LABELS = {Part.ONLINE_STORE: "online store", Part.ENCODER: "encoder", Part.INTEREST: "interest model",
-          Part.RANKER: "ranker"}
+          Part.NEXT_ITEM: "next-item model", Part.RANKER: "ranker"}
 
 
 @dataclass(frozen=True)

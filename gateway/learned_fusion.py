@@ -17,7 +17,7 @@ import numpy as np
 
 from contract.fusion import MISSING_RANK, FusionInputs, FusionModel, feature_matrix, repeat_share
 from contract.scores import RANKER_PRIOR
-from gateway.retrieval import INTEREST, POPULAR, SESSION, Candidates, covisit_scores
+from gateway.retrieval import INTEREST, NEXT_ITEM, POPULAR, SESSION, Candidates, covisit_scores
 from gateway.scoring import UserView
 from gateway.state import Snapshot
 
@@ -127,6 +127,8 @@ def candidate_features(snap: Snapshot, cands: Candidates, positions: np.ndarray,
         personalization=pers,
         freshness=fresh,
         repeat_share=user_repeat_share(user),
+        next_item_rank=_rank_array(cands.ranks.get(NEXT_ITEM), positions),
+        next_item_logprob=np.array([cands.next_item_logprob.get(p, np.nan) for p in plist], dtype=np.float64),
     ))
 
 

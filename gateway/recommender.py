@@ -125,6 +125,14 @@ class Recommender:
     def interest_version(self, version: str) -> None:
         self.services.interest_version = version
 
+    @property
+    def next_item_version(self) -> str:
+        return self.services.next_item_version
+
+    @next_item_version.setter
+    def next_item_version(self, version: str) -> None:
+        self.services.next_item_version = version
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]

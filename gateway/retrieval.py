@@ -1,4 +1,4 @@
-"""Candidate retrieval: query vector, interest vector, co-visitation, popularity.
+"""Candidate retrieval: query vector, interest vector, next-item model, co-visitation, popularity.
 
 Every source respects the request's constraints (a boolean mask over catalog positions), tags its
 candidates, so the response can say where each item came from, and keeps its own ranking of them
@@ -23,8 +23,10 @@ INTEREST = common_pb2.CANDIDATE_SOURCE_INTEREST
 SESSION = common_pb2.CANDIDATE_SOURCE_SESSION
 POPULAR = common_pb2.CANDIDATE_SOURCE_POPULAR
 CALLER = common_pb2.CANDIDATE_SOURCE_CALLER
+NEXT_ITEM = common_pb2.CANDIDATE_SOURCE_NEXT_ITEM
 
-SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", SESSION: "session", POPULAR: "popular", CALLER: "caller"}
+SOURCE_NAMES = {QUERY: "query", INTEREST: "interest", NEXT_ITEM: "next_item", SESSION: "session", POPULAR: "popular",
+                CALLER: "caller"}
 
 
 Source: TypeAlias = common_pb2.CandidateSource.ValueType  # an int at run time
@@ -39,6 +41,8 @@ class Candidates:
     # kept so the learned fusion (gateway/learned_fusion.py) reads them instead of summing again.
     covisit_seeds: list[int] = field(default_factory=list)
     covisit_scores: dict[int, float] = field(default_factory=dict)
+    # The next-item model's log-probability of each item it returned (for the learned fusion).
+    next_item_logprob: dict[int, float] = field(default_factory=dict)
 
     def add(self, positions: Iterable[int], source: Source) -> int:
         """Add a source's candidates, best first; return how many were new to the list."""
@@ -131,6 +135,28 @@ def covisit_neighbours(snap: Snapshot, seeds: list[int], k: int, allowed: np.nda
     return np.array(best, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class NextItems:
+    """The next-item model's answer in catalog positions, best first, and their log-probabilities."""
+
+    positions: list[int]
+    logprob: list[float]
+
+
+def next_item_positions(catalog_position: dict[str, int], item_ids: list[str], logprob: np.ndarray) -> NextItems:
+    """The model's item ids as catalog positions, in its order; ids the catalog no longer holds (the
+    model knows the items it was trained on) are left out, as are repeats and non-finite scores."""
+    positions, logps, seen = [], [], set()
+    for item, lp in zip(item_ids, np.asarray(logprob, dtype=np.float64).tolist()):
+        p = catalog_position.get(item)
+        if p is None or p in seen or not np.isfinite(lp):
+            continue
+        seen.add(p)
+        positions.append(p)
+        logps.append(float(lp))
+    return NextItems(positions, logps)
+
+
 def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """BM25 top-k within `allowed` (positions, scores); used when the encoder is unavailable."""
     scores = snap.lexical.scores(query)
@@ -144,7 +170,8 @@ def lexical_top(snap: Snapshot, query: str, k: int, allowed: np.ndarray) -> tupl
 
 def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray | None, lexical_query: str,
              interest: np.ndarray | None, user: UserView, page_position: int | None,
-             covisit_recent_items: int = 10, covisit_decay: float = RECENCY_DECAY) -> Candidates:
+             covisit_recent_items: int = 10, covisit_decay: float = RECENCY_DECAY,
+             next_items: NextItems | None = None) -> Candidates:
     cands = Candidates()
     if query_vec is not None:
         cands.add(snap.index.search(query_vec, k, allowed)[0], QUERY)
@@ -152,6 +179,10 @@ def retrieve(snap: Snapshot, k: int, allowed: np.ndarray, query_vec: np.ndarray 
         cands.add(lexical_top(snap, lexical_query, k, allowed)[0], QUERY)
     if interest is not None:  # already fused with the query (interest model)
         cands.add(snap.index.search(interest, k, allowed)[0], INTEREST)
+    if next_items is not None:  # the model answers for the whole catalog: keep what the request allows
+        kept = [(p, lp) for p, lp in zip(next_items.positions, next_items.logprob) if p < len(allowed) and allowed[p]][:k]
+        cands.add([p for p, _ in kept], NEXT_ITEM)
+        cands.next_item_logprob = dict(kept)
     cands.covisit_seeds = seeds = covisit_seeds(user, page_position, covisit_recent_items)
     cands.covisit_scores = covisit_scores(snap, seeds, covisit_decay, allowed)
     cands.add(covisit_neighbours(snap, seeds, k, allowed, covisit_decay, cands.covisit_scores), SESSION)

@@ -36,6 +36,7 @@ from gateway.pipeline.services import ranker_applies
 from gateway.recommender import Recommender, Unavailable
 from gateway.service import ACCESS_LOG, LOGGED_IDS, RecommendServicer
 from gateway.state import ServingState, serving_encoder_version
+from contract.tensors import NEXT_ITEM_MODEL
 from gateway.triton_client import TritonError
 from gateway.triton_pool import TritonPool
 from recsys.v1 import recommend_pb2, recommend_pb2_grpc
@@ -162,7 +163,7 @@ class Gateway:
         after a cool-down). Reported as health entry "triton" (NOT_SERVING only with every server
         gone), gauge recsys_downstream_up{downstream="triton"} and recsys_triton_server_up{server};
         the gateway's own health stays SERVING (a degraded answer beats none)."""
-        parts = (Part.ENCODER, Part.INTEREST, Part.RANKER)
+        parts = (Part.ENCODER, Part.INTEREST, Part.NEXT_ITEM, Part.RANKER)
         down = False
         metrics.DOWNSTREAM_UP.labels("triton").set(1)
         await self.health.set(TRITON_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -240,6 +241,13 @@ class Gateway:
             self.recommender.interest_version = versions[0] if versions else ""
         except TritonError as e:
             log.warning("interest model version unknown: %s", e)
+        try:
+            versions = await self.triton.ready_versions(NEXT_ITEM_MODEL.name)
+            if (versions[0] if versions else "") != self.recommender.next_item_version:
+                log.info("next-item model: %s", f"v{versions[0]} serves as a source" if versions else "none loaded")
+            self.recommender.next_item_version = versions[0] if versions else ""
+        except TritonError as e:
+            log.warning("next-item model version unknown: %s", e)
 
     async def _refresh_loop(self) -> None:
         while True:

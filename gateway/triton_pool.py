@@ -47,7 +47,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from contract.tensors import INTEREST_MODEL
+from contract.tensors import INTEREST_MODEL, NEXT_ITEM_MODEL
 from gateway import metrics
 from gateway.breaker import Breaker, BreakerSettings, State
 from gateway.budget import REQUEST_DEADLINE
@@ -248,6 +248,10 @@ class TritonPool:
     async def interest(self, query: np.ndarray, has_query: bool, items: np.ndarray, mask: np.ndarray,
                        timeout_s: float, model: str = INTEREST_MODEL.name) -> np.ndarray:
         return await self._call("interest", lambda c: c.interest(query, has_query, items, mask, timeout_s, model))
+
+    async def next_items(self, newest_first: Sequence[str], timeout_s: float, version: str = "",
+                         model: str = NEXT_ITEM_MODEL.name) -> tuple[list[str], np.ndarray]:
+        return await self._call("next_items", lambda c: c.next_items(newest_first, timeout_s, version, model))
 
     async def ready_versions(self, model: str, timeout_s: float = 1.0) -> list[str]:
         return await self._call("ready_versions", lambda c: c.ready_versions(model, timeout_s), self.primary())

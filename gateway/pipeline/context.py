@@ -88,6 +88,7 @@ class RequestContext:
     page: int | None = None  # catalog position of the page's item
     history: list[int] = field(default_factory=list)  # what the interest model reads, newest first
     interest: np.ndarray | None = None
+    next_item_used: bool = False  # the next-item model answered for this request
     cands: Candidates = field(default_factory=Candidates)
     unknown: list[str] = field(default_factory=list)  # Rank: ids not in the catalog
 

@@ -43,6 +43,8 @@ def model_versions(ctx: RequestContext, svc: Services) -> dict[str, str]:
     out = {"encoder": ctx.snap.encoder_version}
     if svc.interest_version:
         out["interest"] = svc.interest_version
+    if ctx.next_item_used and svc.next_item_version:
+        out["next_item"] = svc.next_item_version
     if ctx.ranked and svc.ranker_version:
         out["ranker"] = svc.ranker_version
     if ctx.blend_version:

@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 # What each part needs before anything is measured (seconds, 2 CPU cores); replaced within tens of
 # calls by the observed latency (budget.LatencyEstimate).
-LATENCY_PRIORS = {Part.ONLINE_STORE: 0.004, Part.ENCODER: 0.010, Part.INTEREST: 0.004, Part.RANKER: 0.030}
+LATENCY_PRIORS = {Part.ONLINE_STORE: 0.004, Part.ENCODER: 0.010, Part.INTEREST: 0.004, Part.NEXT_ITEM: 0.004,
+                  Part.RANKER: 0.030}
 TIMEOUTS = (asyncio.TimeoutError, TimeoutError, TritonDeadlineExceeded)
 DETACH_GRACE_S = 2.0  # how much longer than the request waits a downstream call may run to completion
 _detached: set[asyncio.Future] = set()  # calls nobody waits for any more, kept referenced until done
@@ -82,7 +83,8 @@ class GuardedCalls:
         self.latency: dict[Part, LatencyEstimate] = {part: LatencyEstimate(prior) for part, prior in LATENCY_PRIORS.items()}
         self.caps_s: dict[Part, float] = {
             Part.ONLINE_STORE: settings.feature_timeout_ms / 1e3, Part.ENCODER: settings.embed_timeout_ms / 1e3,
-            Part.INTEREST: settings.interest_timeout_ms / 1e3, Part.RANKER: settings.rank_timeout_ms / 1e3}
+            Part.INTEREST: settings.interest_timeout_ms / 1e3, Part.NEXT_ITEM: settings.next_item_timeout_ms / 1e3,
+            Part.RANKER: settings.rank_timeout_ms / 1e3}
 
     async def call(self, part: Part, stage: str, call: Callable[[float], Awaitable[T]], scope: CallScope,
                    fallback: str, reserve_s: float = 0.0) -> T | None:

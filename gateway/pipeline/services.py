@@ -33,6 +33,7 @@ class Services:
     ranker_version: str = ""  # kept current by the server's refresh loop
     ranker_verdict: bool | None = None  # the served ranker beat the blend on validation (None: says nothing)
     interest_version: str = ""  # "": no interest model in Triton; the fallback formula is used
+    next_item_version: str = ""  # "": no next-item model in Triton; that source is left out
     explainers: ExplainerCache = field(default_factory=ExplainerCache)
     # The learned fusion of the sources for no-query requests (settings.learned_fusion); None: rank fusion.
     learned_fusion: LearnedFusion | None = None

@@ -1,7 +1,7 @@
 """Export a trained SASRec (scorer/models/sasrec.py) as a new version of Triton's `next_item_onnx`.
 
 The graph takes item ids and returns item ids (contract/next_item.py): torch exports the id model
-(model ids in, the TOP_K best next model ids and their log-probabilities out), then two ONNX-ML
+(model ids in, the NEXT_ITEM_TOP_K best next model ids and their log-probabilities out), then two ONNX-ML
 operators wrap it with the vocabulary: a LabelEncoder maps each history id to its model id (unknown
 and padding -> 0) and a Gather over the vocabulary maps the returned model ids back to item ids.
 Hand-built with onnx.helper because torch cannot export string tensors; both operators are
@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from contract.next_item import HISTORY_LEN, TOP_K
+from contract.next_item import NEXT_ITEM_HISTORY, NEXT_ITEM_TOP_K
 from contract.tensors import NEXT_ITEM_MODEL
 from modelrepo.layout import MODEL_REPOSITORY, next_version
 from scorer.export.encoder_export import OPSET, quiet_export
@@ -33,7 +33,7 @@ ML_OPSET = 2  # ai.onnx.ml LabelEncoder with int64 values: opset 2
 
 
 class _NextItemIds(nn.Module):
-    """Model ids [B, HISTORY_LEN] (oldest first, 0 = padding) -> the k best next model ids and their
+    """Model ids [B, NEXT_ITEM_HISTORY] (oldest first, 0 = padding) -> the k best next model ids and their
     log-probabilities over the whole vocabulary."""
 
     def __init__(self, model: SASRec, k: int):
@@ -58,13 +58,13 @@ def build_next_item_onnx(model: SASRec, vocabulary: Sequence[str]) -> onnx.Model
         raise ValueError(f"vocabulary has {len(vocab)} ids, the model {model.config.n_items} items")
     if len(set(vocab)) != len(vocab) or "" in vocab:
         raise ValueError("vocabulary ids must be distinct and non-empty")
-    if model.config.max_len < HISTORY_LEN:
-        raise ValueError(f"the model reads {model.config.max_len} items, the contract sends {HISTORY_LEN}")
-    k = min(TOP_K, len(vocab))
+    if model.config.max_len < NEXT_ITEM_HISTORY:
+        raise ValueError(f"the model reads {model.config.max_len} items, the contract sends {NEXT_ITEM_HISTORY}")
+    k = min(NEXT_ITEM_TOP_K, len(vocab))
     buf = io.BytesIO()
     wrapper = _NextItemIds(model.eval(), k).eval()
     with torch.no_grad(), quiet_export():
-        torch.onnx.export(wrapper, (torch.zeros(2, HISTORY_LEN, dtype=torch.long),), buf, input_names=["ids"],
+        torch.onnx.export(wrapper, (torch.zeros(2, NEXT_ITEM_HISTORY, dtype=torch.long),), buf, input_names=["ids"],
                           output_names=["rows", LOG_PROB], opset_version=OPSET, dynamo=False,
                           dynamic_axes={"ids": {0: "batch"}, "rows": {0: "batch"}, LOG_PROB: {0: "batch"}})
     core = onnx.load_from_string(buf.getvalue())
@@ -79,7 +79,7 @@ def build_next_item_onnx(model: SASRec, vocabulary: Sequence[str]) -> onnx.Model
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(HISTORY, TensorProto.STRING, ["batch", HISTORY_LEN]))
+    graph.input.append(helper.make_tensor_value_info(HISTORY, TensorProto.STRING, ["batch", NEXT_ITEM_HISTORY]))
     outputs = {o.name: o for o in graph.output}
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(ITEM_ID, TensorProto.STRING, ["batch", k]), outputs[LOG_PROB]])

@@ -107,6 +107,32 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     assert versions(models, "interest_onnx") == [1]
 
 
+def test_train_next_item_exports_only_what_beats_popularity(feature_repo, tmp_path):
+    """`recsys train next-item` on the shop's log: a report with the table and the curve, and a new
+    next_item_onnx version only when validation says it beats popularity beyond noise (exit 1 and
+    nothing written otherwise)."""
+    from modelrepo.layout import copy_repository_configs, read_validation, versions
+
+    models = copy_repository_configs(tmp_path / "models")
+    done = run("train", "next-item", "--repo", str(feature_repo.path), "--model-repo", str(models),
+               "--max-seconds", "30", "--report", str(tmp_path / "report"))
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "SASRec (next-item model)" in report and "popularity" in report and "standard error" in report
+    assert (tmp_path / "report" / "curve.png").is_file()
+    if done.returncode == 1:
+        assert "not exported" in done.stdout and versions(models, "next_item_onnx") == [], done.stdout[-2000:]
+        return
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "exported" in done.stdout and versions(models, "next_item_onnx") == [1]
+    record = read_validation(models / "next_item_onnx" / "1")
+    assert record["model"] > record["popularity"] + record["se"]
+
+
+def test_train_next_item_without_a_log_says_what_to_do(tmp_path):
+    done = run("train", "next-item", "--repo", str(tmp_path), "--model-repo", str(tmp_path / "models"))
+    assert done.returncode == 1 and "recsys data import" in done.stdout, done.stdout
+
+
 def test_simulate_needs_a_generated_shop(tmp_path):
     done = run("simulate", "--shop", str(tmp_path))
     assert done.returncode == 1

@@ -674,3 +674,65 @@ def test_feedback_events_reach_the_next_recommend(feature_repo, client, items, t
         assert visible_ms < 1000, visible_ms  # SQLite push ~30 ms + one Recommend
     finally:
         service.stop()
+
+
+def test_a_next_item_model_in_triton_becomes_a_source_and_leaving_it_degrades_nothing(feature_repo, models, triton_gw,
+                                                                                     tmp_path_factory):
+    """`recsys train next-item`'s code on the shop's log, exported into the served repository and
+    loaded: the gateway notices it (refresh loop), home feeds get its candidates (source NEXT_ITEM,
+    its version in model_versions), a query-less page fused with it answers whole; unloaded again,
+    the gateway stops asking and nothing is degraded. The learned fusion trains with it too."""
+    from rich.console import Console
+
+    from cli.background import BackgroundGateway
+    from cli.fusion_learning import served_next_item_model, train_fusion
+    from cli.next_item_training import train_next_item
+    from modelrepo.admin import AdminClient
+    from recsys.v1 import common_pb2
+    from rpc.clients import GatewayClient
+    from scorer.export.next_item_export import export_next_item
+    from scorer.train.sasrec_train import SASRecTrainConfig
+
+    trained = train_next_item(feature_repo.shop.events, SASRecTrainConfig(max_seconds=30), 0.0, Console(quiet=True))
+    version = str(export_next_item(trained.model, trained.vocabulary, models))
+    events = feature_repo.shop.events
+    user = events.loc[events["event_type"] == "PURCHASE", "user_id"].value_counts().index[0]
+    admin = AdminClient(triton_gw.grpc_url, triton_gw.admin_key)
+    admin.load_model("next_item_onnx")
+    try:
+        settings = _settings(feature_repo, triton_gw, tmp_path_factory, ranker_mode="auto", next_item_timeout_ms=2_000)
+        with BackgroundGateway(settings) as gw, GatewayClient(gw.address, 30) as c:
+            deadline = time.monotonic() + 10
+            while gw.gateway.recommender.next_item_version != version:
+                assert time.monotonic() < deadline, "the gateway never saw the loaded next-item model"
+                time.sleep(0.2)
+            home = c.recommend("", user_id=user, num_results=20)
+            assert len(home.items) == 20 and not home.degraded, home.degraded_reasons
+            assert home.model_versions["next_item"] == version
+            assert any(common_pb2.CANDIDATE_SOURCE_NEXT_ITEM in i.sources for i in home.items)
+            cold = c.recommend("", num_results=5)  # no history: nothing to ask the model about
+            assert "next_item" not in cold.model_versions and not cold.degraded
+            admin.unload_model("next_item_onnx")
+            deadline = time.monotonic() + 10
+            while gw.gateway.recommender.next_item_version:
+                assert time.monotonic() < deadline, "the gateway kept asking an unloaded model"
+                time.sleep(0.2)
+            after = c.recommend("", user_id=user, num_results=20)
+            assert len(after.items) == 20 and not after.degraded, after.degraded_reasons
+            assert "next_item" not in after.model_versions
+        path = served_next_item_model(models)
+        assert path is not None and path.parent.name == version
+        fit = train_fusion(feature_repo.path, tmp_path_factory.mktemp("fusion_ni") / "f.json", margin=-1.0,
+                           next_item_model=path)
+        assert fit.keeps and fit.model.about["next_item"] == str(path)
+    finally:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            admin.unload_model("next_item_onnx")
+        except InferenceServerException:
+            pass
+        admin.close()
+        import shutil
+
+        shutil.rmtree(models / "next_item_onnx" / version, ignore_errors=True)  # other tests' Triton starts stay as they were

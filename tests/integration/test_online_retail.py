@@ -208,3 +208,25 @@ def test_a_learned_fusion_beats_the_rank_fusion_on_real_purchases(retail, tmp_pa
     assert t.test.gain.gain > t.test.gain.se, t.test.gain.says()
     assert t.test.learned["NDCG@10"] > t.test.rank_fusion["NDCG@10"]
     assert LearnedFusion.load(out).model.about["test_ndcg10"]["users"] == t.test.gain.examples
+
+
+def test_the_next_item_model_trains_on_real_purchases_and_the_fusion_learns_from_it(retail, tmp_path) -> None:
+    """`recsys train next-item` on the real sample: it must beat popularity on validation beyond noise
+    (and so be exported); `recsys train fusion` with it as a source (run on onnxruntime
+    as the gateway calls it through Triton) must pass its gate and win on test."""
+    from rich.console import Console
+
+    from cli.fusion_learning import served_next_item_model, train_fusion
+    from cli.next_item_training import run as train_next_item
+    from modelrepo.layout import copy_repository_configs
+
+    models = copy_repository_configs(tmp_path / "models")
+    version = train_next_item(retail.repo, models, tmp_path / "report", 120.0, 200, 0, 0.0, Console(quiet=True))
+    assert version == 1, (tmp_path / "report" / "report.md").read_text()
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "kept and exported" in table
+    path = served_next_item_model(models)
+    t = train_fusion(retail.repo, tmp_path / "learned_fusion.json", next_item_model=path)
+    assert t.learned_anything and t.keeps, (t.confirm.gain.says(), t.best_epoch)
+    assert t.test.gain.gain > t.test.gain.se, t.test.gain.says()
+    assert t.model.about["next_item"] == str(path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from contract.fusion import (FUSION_FEATURES, MAX_SCALE, MISSING_RANK, FusionInputs, FusionModel, feature_matrix,
+from contract.fusion import (FUSION_FEATURES, LOGPROB_SPAN, MAX_SCALE, MISSING_RANK, FusionInputs, FusionModel, feature_matrix,
                              log_rank)
 from contract.fusion import repeat_share
 from gateway.learned_fusion import (FusionFileWatch, LearnedFusion, LearnedFusionError, model_relevance,
@@ -55,6 +55,17 @@ def test_features_come_in_the_contracts_order_and_scales():
     assert col(x, "bought_ago") == pytest.approx([0.0, 1.0, math.log1p(3) / math.log1p(MISSING_RANK)])
     assert col(x, "in_session").tolist() == [0.0, 1.0, 0.0]
     assert col(x, "popularity") == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_next_item_features_read_its_rank_and_log_probability_and_missing_reads_as_absent():
+    x = feature_matrix(inputs(4, next_item_rank=np.array([0, 9, MISSING_RANK, MISSING_RANK]),
+                              next_item_logprob=np.array([0.0, -LOGPROB_SPAN / 2, np.nan, -np.inf])))
+    assert col(x, "next_item_rank") == pytest.approx([0.0, math.log1p(9) / math.log1p(MISSING_RANK), 1.0, 1.0])
+    assert col(x, "next_item_logprob") == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    none = feature_matrix(inputs(2))  # no model served
+    assert col(none, "next_item_rank").tolist() == [1.0, 1.0] and col(none, "next_item_logprob").tolist() == [0.0, 0.0]
+    far = feature_matrix(inputs(1, next_item_rank=np.array([0]), next_item_logprob=np.array([-1e30])))
+    assert col(far, "next_item_logprob").tolist() == [0.0]
 
 
 def test_repeat_share_is_the_users_share_of_repeat_interactions_for_every_candidate():

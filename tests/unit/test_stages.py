@@ -3,6 +3,8 @@ in-memory shop with a fake online store and a fake Triton; and of the one guarde
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
-from contract.fusion import FUSION_FEATURES, FusionModel
+from contract.fusion import FORMAT, FUSION_FEATURES, FusionModel
 from contract.scores import POPULARITY_SCALE, RANKER_PRIOR
 from gateway.budget import Deadline
 from gateway.catalog import Catalog
@@ -35,10 +37,11 @@ from gateway.pipeline.retrieve import retrieve_candidates
 from gateway.pipeline.services import Services
 from gateway.pipeline.understand import understand_query
 from gateway.recommender import Recommender, Unavailable
-from gateway.retrieval import CALLER, INTEREST, POPULAR, QUERY, SESSION, covisit_scores, covisit_seeds
+from gateway.retrieval import (CALLER, INTEREST, NEXT_ITEM, POPULAR, QUERY, SESSION, covisit_scores, covisit_seeds,
+                               next_item_positions)
 from gateway.scoring import BOOST, fuse, score_parts
 from gateway.state import ServingState, build_snapshot
-from gateway.triton_client import TritonError
+from gateway.triton_client import TritonError, TritonUnavailable
 from recsys.v1 import common_pb2
 
 NOW = time.time()
@@ -176,6 +179,12 @@ class FakeTriton:
         v = np.zeros(DIM, np.float32)
         v[2] = 1.0  # the fake interest model always wants backpacks
         return v
+
+    async def next_items(self, newest_first: Sequence[str], timeout_s: float, version: str = "") -> tuple[list[str], np.ndarray]:
+        self._check("next_items", list(newest_first))
+        # The fake next-item model always predicts jackets next, and one item the catalog lost.
+        ids = ["gone-item", "j3", "j2", "b2"]
+        return ids, np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))
 
 
 class FakeBlend:
@@ -532,6 +541,52 @@ def test_retrieve_with_the_interest_breaker_open_uses_the_formula_without_callin
     assert np.allclose(ctx.interest, SNAP.index.embeddings[pos("j1")], atol=1e-6)
 
 
+def test_retrieve_adds_the_next_item_models_list_within_the_requests_constraints():
+    triton = FakeTriton()
+    reader = FakeReader(users={"u1": features(SESSION_VALUES, "user_session")})
+    svc = services(reader, triton)
+    svc.next_item_version = "3"
+    ctx = context(request("", user_id="u1", filters=common_pb2.Filters(categories=["Jackets"])))
+    run(through_embed(ctx, svc))
+    run(retrieve_candidates(ctx, svc))
+    assert triton.called("next_items") == [["j1"]]  # the user's recent items, newest first
+    got = [CATALOG.item_ids[p] for p, _ in sorted(ctx.cands.ranks[NEXT_ITEM].items(), key=lambda kv: kv[1])]
+    assert got == ["j3", "j2"]  # the lost item is dropped, the backpack is outside the filter
+    assert ctx.cands.next_item_logprob[pos("j3")] == pytest.approx(np.log(0.3))
+    assert ctx.next_item_used and "next_item" in ctx.timed.ms and not ctx.degraded
+
+
+def test_next_item_source_is_asked_only_with_a_history_and_never_for_caller_ids():
+    triton = FakeTriton()
+    svc = services(FakeReader(), triton)
+    svc.next_item_version = "3"
+    for req in (request(""), request("", user_id="u1", candidate_ids=["j1", "s2"])):
+        ctx = context(req)
+        run(through_embed(ctx, svc))
+        run(retrieve_candidates(ctx, svc))
+        assert NEXT_ITEM not in ctx.cands.ranks and not ctx.next_item_used
+    assert triton.called("next_items") == []
+
+
+def test_a_failing_next_item_model_degrades_only_its_source():
+    triton = FakeTriton(fail={"next_items": TritonUnavailable("down")})
+    reader = FakeReader(users={"u1": features(SESSION_VALUES, "user_session")})
+    svc = services(reader, triton)
+    svc.next_item_version = "3"
+    ctx = context(request("", user_id="u1"))
+    run(through_embed(ctx, svc))
+    run(retrieve_candidates(ctx, svc))
+    assert parts_of(ctx.degraded) == [(Part.NEXT_ITEM, Cause.ERROR)]
+    assert "next-item model unavailable" in ctx.degraded[0].message()
+    assert NEXT_ITEM not in ctx.cands.ranks and SESSION in ctx.cands.sources[pos("b1")]
+
+
+def test_next_item_positions_keep_the_models_order_and_drop_what_cannot_be_served():
+    got = next_item_positions(CATALOG.position, ["j2", "nope", "j2", "s1", "b1"],
+                              np.array([-1.0, -2.0, -3.0, np.nan, -5.0], np.float32))
+    assert got.positions == [pos("j2"), pos("b1")] and got.logprob == [-1.0, -5.0]
+
+
 # --- pre_score -------------------------------------------------------------------------------------------
 
 def test_pre_score_is_prior_times_cosine_plus_boosts_fused_with_the_feature_terms():
@@ -608,7 +663,7 @@ def test_a_query_or_caller_ids_never_use_the_learned_fusion(tmp_path):
 
 def test_a_gateway_never_starts_on_a_fusion_file_it_cannot_serve(tmp_path):
     bad = tmp_path / "fusion.json"
-    bad.write_text('{"format": "recsys-learned-fusion/1", "features": ["covisit_newest"]}')
+    bad.write_text(json.dumps({"format": FORMAT, "features": ["covisit_newest"]}))
     with pytest.raises(LearnedFusionError, match="fusion.json: 'features' differ"):
         services(None, FakeTriton(), learned_fusion=bad)
 

@@ -105,6 +105,8 @@ class _CandidateSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Candi
     """Popular items (cold start and backfill)."""
     CANDIDATE_SOURCE_CALLER: _CandidateSource.ValueType  # 5
     """Sent by the caller (RecommendRequest.candidate_item_ids or Rank)."""
+    CANDIDATE_SOURCE_NEXT_ITEM: _CandidateSource.ValueType  # 6
+    """Predicted next by the sequence model over the user's recent items."""
 
 class CandidateSource(_CandidateSource, metaclass=_CandidateSourceEnumTypeWrapper):
     """Where a candidate came from. An item can come from several sources."""
@@ -121,6 +123,8 @@ CANDIDATE_SOURCE_POPULAR: CandidateSource.ValueType  # 4
 """Popular items (cold start and backfill)."""
 CANDIDATE_SOURCE_CALLER: CandidateSource.ValueType  # 5
 """Sent by the caller (RecommendRequest.candidate_item_ids or Rank)."""
+CANDIDATE_SOURCE_NEXT_ITEM: CandidateSource.ValueType  # 6
+"""Predicted next by the sequence model over the user's recent items."""
 Global___CandidateSource: _TypeAlias = CandidateSource  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,54 @@
+"""`recsys train next-item`'s data: the leave-one-out split in the form the gateway serves, and the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli.fusion_tuning import CannotTune
+from cli.next_item_training import evaluate, prepare
+from scorer.models.sasrec import SASRec, SASRecConfig
+from scorer.train.sasrec_train import SASRecCurve
+
+
+def log(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """(user, item, event type) rows, one minute apart in the given order."""
+    t = pd.Timestamp("2026-01-01", tz="UTC")
+    return pd.DataFrame([{"user_id": u, "item_id": i, "event_type": e, "timestamp": t + pd.Timedelta(minutes=n)}
+                         for n, (u, i, e) in enumerate(rows)])
+
+
+EVENTS = log([("u1", "a", "PURCHASE"), ("u1", "b", "PURCHASE"), ("u1", "a", "PURCHASE"), ("u1", "c", "CLICK"),
+              ("u1", "x", "IMPRESSION"), ("u1", "d", "PURCHASE"), ("u1", "e", "PURCHASE"),
+              ("u2", "b", "ADD_TO_CART"), ("u2", "c", "PURCHASE"), ("u2", "new", "PURCHASE"), ("u2", "a", "PURCHASE"),
+              ("u3", "a", "PURCHASE")])
+
+
+def test_histories_are_what_the_gateway_holds_and_unknown_targets_are_misses():
+    data = prepare(EVENTS)
+    assert data.vocabulary == ["a", "b", "c"]  # the training items only (impressions are not interactions)
+    pos = {v: i for i, v in enumerate(data.vocabulary)}
+    # u1: train a b a c, valid d, test e. Served history: distinct, newest last: b a c.
+    assert data.train_seqs[0] == [pos["a"], pos["b"], pos["a"], pos["c"]]
+    assert data.valid_hist[0] == [pos["b"], pos["a"], pos["c"]]
+    assert data.valid_target[0] == -1  # "d" is not in the vocabulary: a miss for every method
+    # u2: train b c, valid new (unknown), test a; the test history drops the unknown item.
+    assert data.test_hist[1] == [pos["b"], pos["c"]] and data.test_target[1] == pos["a"]
+    assert data.popularity.tolist() == [2, 2, 2]
+
+
+def test_a_log_without_three_interactions_per_user_cannot_train():
+    with pytest.raises(CannotTune, match="three interactions"):
+        prepare(log([("u1", "a", "PURCHASE"), ("u1", "b", "PURCHASE")]))
+
+
+def test_the_gate_compares_with_popularity_on_the_same_validation_users():
+    data = prepare(EVENTS)
+    model = SASRec(SASRecConfig(n_items=len(data.vocabulary), max_len=50, dim=8, n_layers=1, n_heads=2, dropout=0.0))
+    curve = SASRecCurve(loss=[1.0], valid_ndcg10=[0.0], best_epoch=0)
+    result = evaluate(model, data, 0.0, curve)
+    t = result.table.set_index(["method", "split"])
+    assert result.gain.examples == len(data.valid_hist) == 2
+    assert result.gain.baseline == pytest.approx(t.loc[("popularity", "validation"), "NDCG@10"])
+    assert result.kept == (result.gain.gain > result.gain.se) and np.isfinite(result.gain.se)

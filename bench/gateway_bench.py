@@ -161,7 +161,8 @@ def run_gateway(address: str, requests: list[tuple[str, str]], concurrency: int,
                     continue
                 latencies.append((time.perf_counter() - t0) * 1e3)
                 stages.append({**await _aio_stages(call), "degraded": float(response.degraded),
-                               "learned_fusion": float("fusion" in response.model_versions)})
+                               "learned_fusion": float("fusion" in response.model_versions),
+                               "next_item_used": float("next_item" in response.model_versions)})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -268,8 +269,9 @@ def run_naive(pipeline: NaivePipeline, requests: list[tuple[str, str]], concurre
 
 
 # Per-answer flags counted as shares, not timed as stages: degraded answers, and answers scored
-# by the learned fusion (its version in model_versions: proof that a "learned fusion" row measured it).
-SHARES = ("degraded", "learned_fusion")
+# by the learned fusion or with the next-item model's list (their versions in model_versions: proof
+# that such a row measured them; the stage `next_item` is timed under its own name).
+SHARES = ("degraded", "learned_fusion", "next_item_used")
 
 
 def summarise(latencies: list[float], wall: float, errors: int, stages: list[dict]) -> dict:

@@ -154,7 +154,8 @@ def run(repo: Path, model_repo: Path, report: Path, max_seconds: float, max_epoc
     result = train_next_item(shop.events, cfg, min_gain, console)
     path = write_report(result, report)
     console.print(result.table.round(4).to_string(index=False))
-    console.print(f"validation NDCG@10: {result.gain.says()}")
+    c = result.curve
+    console.print(f"best epoch {c.best_epoch + 1} of {len(c.loss)} ({c.seconds:.0f} s); validation NDCG@10: {result.gain.says()}")
     if not result.kept:
         console.print(f"[red]not exported[/]: the model does not beat popularity on validation beyond noise; report: {path}")
         return None

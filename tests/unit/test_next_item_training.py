@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cli.fusion_tuning import CannotTune
-from cli.next_item_training import evaluate, prepare
+from cli.next_item_training import evaluate, halves, prepare, train_next_item
 from scorer.models.sasrec import SASRec, SASRecConfig
 from scorer.train.sasrec_train import SASRecCurve
 
@@ -43,12 +43,25 @@ def test_a_log_without_three_interactions_per_user_cannot_train():
         prepare(log([("u1", "a", "PURCHASE"), ("u1", "b", "PURCHASE")]))
 
 
-def test_the_gate_compares_with_popularity_on_the_same_validation_users():
-    data = prepare(EVENTS)
+def test_the_gate_reads_the_confirm_half_and_compares_with_popularity_on_the_same_users():
+    many = log([(f"u{u}", item, "PURCHASE") for u in range(9) for item in ("a", "b", "c", "a", "b")])
+    data = prepare(many)
+    choice, confirm = halves(data, 0)
+    assert len(choice) == 5 and len(confirm) == 4 and not set(choice) & set(confirm)
+    assert (halves(data, 0)[1] == confirm).all()  # seeded: the same halves again
     model = SASRec(SASRecConfig(n_items=len(data.vocabulary), max_len=50, dim=8, n_layers=1, n_heads=2, dropout=0.0))
     curve = SASRecCurve(loss=[1.0], valid_ndcg10=[0.0], best_epoch=0)
     result = evaluate(model, data, 0.0, curve)
     t = result.table.set_index(["method", "split"])
-    assert result.gain.examples == len(data.valid_hist) == 2
-    assert result.gain.baseline == pytest.approx(t.loc[("popularity", "validation"), "NDCG@10"])
+    assert result.gain.examples == len(confirm) == t.loc[("popularity", "validation, confirm half"), "users"]
+    assert result.gain.baseline == pytest.approx(t.loc[("popularity", "validation, confirm half"), "NDCG@10"])
     assert result.kept == (result.gain.gain > result.gain.se) and np.isfinite(result.gain.se)
+
+
+def test_too_few_users_to_split_cannot_train():
+    from rich.console import Console
+
+    from scorer.train.sasrec_train import SASRecTrainConfig
+
+    with pytest.raises(CannotTune, match="need 4"):
+        train_next_item(EVENTS, SASRecTrainConfig(max_epochs=1), 0.0, Console(quiet=True))

@@ -31,10 +31,11 @@ import scorer.data.feature_tables as feature_tables
 from bench.online_retail import DEFAULT_SOURCE
 from bench.tune_fusion import online_retail
 from cli.fusion_learning import SCALES, _scaled, learned, lists_of
-from cli.fusion_tuning import Seeds, load, prepare, split_halves, target_ranks
+from cli.fusion_tuning import Seeds, load, prepare, target_ranks
 from gateway.config import load_settings
 from gateway.scoring import weight_vector
 from scorer.eval.next_item import metrics_from_ranks
+from scorer.eval.paired_gain import split_halves
 from scorer.train.fusion_train import fit_fusion
 
 console = Console()

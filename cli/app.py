@@ -584,16 +584,51 @@ def train_next_item_cmd(
 ) -> None:
     """Train the next-item model (SASRec over item ids) on the shop's interactions, early-stopped on
     validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise."""
-    from cli.fusion_tuning import CannotTune
     from cli.next_item_training import run
+    from scorer.train.data import CannotTrain
 
     try:
         version = run(repo, model_repo, report, max_seconds, max_epochs, seed, min_gain, console)
-    except CannotTune as e:
+    except CannotTrain as e:
         console.print(f"[red]cannot train the next-item model[/]: {e}")
         raise typer.Exit(1) from None
     if version is None:
         raise typer.Exit(1)
+
+
+@train_app.command("all")
+def train_all_cmd(
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied and materialized; its data/offline holds the "
+                              "imported log: `recsys data import`)."),
+    model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository to export into."),
+    models: Path = typer.Option(PROJECT_ROOT / "var" / "models", help="Checkpoints: MODELS/encoder, MODELS/interest, "
+                                "MODELS/fusion/learned_fusion.json."),
+    reports: Path = typer.Option(PROJECT_ROOT / "var" / "reports", help="Each step's report folder."),
+    settings_out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "gateway.toml", "--settings",
+                                      help="Gateway settings file to write: it serves what was kept "
+                                           "(`recsys serve --config FILE`)."),
+    config: Optional[Path] = typer.Option(None, help="Gateway settings the gateway serves with (e.g. `recsys tune "
+                                          "fusion`'s var/gateway.toml): the rank fusion the learned one must beat; "
+                                          "its settings are copied into --settings."),
+    encoder: bool = typer.Option(True, help="Try fine-tuning the encoder (--no-encoder: serve the zero-shot encoder; "
+                                 "on order-only logs fine-tuning rarely passes its gate and costs the most CPU)."),
+    encoder_steps: int = typer.Option(0, help="Cap on encoder steps; 0: `recsys train encoder`'s default budget."),
+    interest_steps: int = typer.Option(0, help="Cap on interest-model steps; 0: `recsys train interest`'s default."),
+    next_item_seconds: float = typer.Option(600.0, min=1.0, help="Wall-clock budget of the next-item training."),
+    seed: int = typer.Option(0),
+    url: str = typer.Option("", help="A running Triton (or replicas, comma-separated) to publish each new version to "
+                            "with zero downtime; '' = export only (a fresh `recsys triton serve` serves the newest)."),
+) -> None:
+    """Train every model the shop's log can train, in dependency order (encoder, interest model,
+    export, next-item model, learned fusion), each kept only by its own gate; write the gateway
+    settings that serve what was kept and print a table of it."""
+    from cli.train_all import Plan, train_all
+
+    _quiet_transformers()
+    if config is not None and not config.is_file():
+        raise typer.BadParameter(f"{config} is not a file", param_hint="--config")
+    train_all(Plan(repo, model_repo, models, reports, settings_out, config, encoder, encoder_steps, interest_steps,
+                   next_item_seconds, seed, url), console)
 
 
 @train_app.command("interest")
@@ -852,12 +887,15 @@ def retrain_cmd(
                                                    "comma-separated (switched one at a time); '' = export only."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
     work_dir: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "retrain", help="Candidates and reports."),
-    model: list[str] = typer.Option(["encoder", "ranker", "interest"], "--model",
+    model: list[str] = typer.Option(["encoder", "ranker", "interest", "next_item"], "--model",
                                     help="Models to retrain (repeatable), encoder first."),
     steps: int = typer.Option(200, help="Encoder fine-tuning steps per round."),
     ranker_steps: int = typer.Option(100, help="Ranker fine-tuning steps per round (4 lists each)."),
     interest_steps: int = typer.Option(0, help="Cap on interest-model steps per round (batch 128); 0: the default "
                                                "budget (scales with the data, stopped early on validation)."),
+    next_item_epochs: int = typer.Option(0, help="Cap on next-item model epochs per round; 0: the default (200, "
+                                                 "stopped early on validation)."),
+    next_item_seconds: float = typer.Option(600.0, min=1.0, help="Wall-clock budget of a next-item training round."),
     margin: float = typer.Option(0.005, help="Promote only if the gain over what is served, paired over the same validation "
                                               "examples (ranker: holdout lists), exceeds its standard error plus this."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
@@ -868,8 +906,8 @@ def retrain_cmd(
     serving_interest_checkpoint: Optional[Path] = typer.Option(None, help="Same for the interest model "
                                                                           "(default: untrained)."),
 ) -> None:
-    """Fine-tune encoder, ranker and interest model from their serving versions, gate each on the
-    holdout, promote the winners with zero downtime."""
+    """Fine-tune encoder, ranker and interest model from their serving versions, train the next-item
+    model afresh, gate each against what serves on held-out data, promote the winners with zero downtime."""
     from scorer.retrain import MODELS, Registry, adopt_serving, run_loop, serving_versions_in_triton
 
     unknown = sorted(set(model) - set(MODELS))
@@ -878,20 +916,21 @@ def retrain_cmd(
                                  param_hint="--model")
     reg = Registry.load(registry)
     checkpoints = {"encoder": serving_checkpoint, "ranker": serving_ranker_checkpoint,
-                   "interest": serving_interest_checkpoint}
+                   "interest": serving_interest_checkpoint, "next_item": None}
     if url and any(reg.entry(m).serving is None for m in model):
         for m, v in serving_versions_in_triton(url).items():
             if m in model and reg.entry(m).serving is None and v is not None:
                 adopt_serving(reg, v, checkpoints[m], m)
                 console.print(f"registry started from Triton: {m} v{v} serves ({checkpoints[m] or 'packaged start'})")
     run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, models=tuple(model),
-             steps={"encoder": steps, "ranker": ranker_steps, "interest": interest_steps}, margin=margin,
-             log=console.print)
+             steps={"encoder": steps, "ranker": ranker_steps, "interest": interest_steps,
+                    "next_item": next_item_epochs}, margin=margin, log=console.print,
+             extra={"next_item": {"max_seconds": next_item_seconds}})
 
 
 @app.command("rollback")
 def rollback_cmd(
-    model: str = typer.Option("encoder", help="encoder | ranker | interest"),
+    model: str = typer.Option("encoder", help="encoder | ranker | interest | next_item"),
     url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
@@ -1068,24 +1107,20 @@ def demo(
     user, item_ids = push_demo_session(FEATURE_REPO)
     console.rule("6. online features through the fast reader")
     show_features(user, item_ids, FEATURE_REPO)
-    console.rule("7. fine-tune the encoder on the label log (training data through Feast)")
-    ckpt = PROJECT_ROOT / "var" / "models" / "encoder"
-    train_encoder_cmd(repo=FEATURE_REPO, out=ckpt, steps=train_steps, lr=1e-4, seed=0, start_from=None)
-    console.rule("8. offline evaluation on the time-split holdout")
-    eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt], onnx=True, out=PROJECT_ROOT / "var" / "reports" / "retrieval")
-    console.rule("9. the interest model: recent items + query -> one retrieval vector (next-interaction training)")
-    interest = PROJECT_ROOT / "var" / "models" / "interest"
-    try:
-        train_interest_cmd(repo=FEATURE_REPO, out=interest, encoder=ckpt, model="auto", steps=0, lr=None, seed=0,
-                           report=PROJECT_ROOT / "var" / "reports" / "interest")
-    except typer.Exit:  # nothing beat the fallback: the demo serves the untrained model (= the fallback)
-        import shutil
+    console.rule("7. `recsys train all`: encoder, interest model, export, next-item model, learned fusion")
+    from cli.train_all import Plan, train_all
 
-        shutil.rmtree(interest, ignore_errors=True)
-    console.rule("10. export to Triton's model repository; the next-item model; the learned fusion of the no-query sources")
+    _quiet_transformers()
+    trained = train_all(Plan(FEATURE_REPO, PROJECT_ROOT / "triton_models", PROJECT_ROOT / "var" / "models",
+                             PROJECT_ROOT / "var" / "reports", PROJECT_ROOT / "var" / "models" / "gateway.toml",
+                             encoder_steps=train_steps, next_item_seconds=120.0), console)
+    console.rule("8. offline evaluation of retrieval on the time-split holdout")
+    ckpt = trained.encoder
+    eval_retrieval_cmd(repo=FEATURE_REPO, checkpoint=[ckpt] if ckpt else [], onnx=True,
+                       out=PROJECT_ROOT / "var" / "reports" / "retrieval")
     from cli.demo_live import live_demo
 
-    live_demo(ckpt, interest, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)
+    live_demo(trained, FEATURE_REPO, console, shop_dir=DEMO_SHOP_DIR)
     from rpc.process_exit import exit_without_teardown
 
     exit_without_teardown(0)  # duckdb's nanobind teardown report would be the last thing printed

@@ -1,10 +1,10 @@
 """Demo step: the models served by a real Triton, the gateway in front, and a shopper whose results
 change after a few clicks (live session features pushed through Feast).
 
-Exports the fine-tuned encoder, the ranker and the interest model into `triton_models/`, starts tritonserver and the
-gateway (which embeds the catalog through Triton and builds its index), then plays a short script
+Serves what `recsys train all` exported into `triton_models/` (and its learned fusion, when kept): starts
+tritonserver and the gateway (which embeds the catalog through Triton and builds its index), then plays a short script
 over real gRPC: a search, three clicks on one brand sent to the feedback service (durable log +
-live session features), the same search again. Then (step 11) simulated shoppers use the live system
+live session features), the same search again. Then (step 10) simulated shoppers use the live system
 through a taste shift, and the online-learned blend weights win back the click-through rate.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.console import Console
@@ -23,14 +24,13 @@ from rpc.clients import FeedbackClient, RecommendClient
 from gateway.config import GatewaySettings
 from feedback.server import FeedbackSettings
 from recsys.v1 import feedback_pb2 as fb
-from scorer.export.encoder_export import export_encoder
-from scorer.export.interest_export import export_interest
-from scorer.export.ranker_export import export_ranker
-from modelrepo.layout import MODEL_REPOSITORY
-from scorer.models.encoder import EncoderConfig, TextEncoder
-from scorer.models.interest import load_interest_model
+from contract.tensors import RANKER_ONNX
+from modelrepo.layout import MODEL_REPOSITORY, versions
 from localtriton.launcher import TritonServer
 from modelrepo.publish import publish_encoder
+
+if TYPE_CHECKING:
+    from cli.train_all import Trained
 
 QUERY = "running shoes"
 DEMO_KEYS = {"shop": ("recommend", "events"), "gateway": ("internal",)}  # name -> roles
@@ -64,21 +64,18 @@ def demo_keys(keys_file: Path) -> dict[str, str]:
     return raw
 
 
-def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, shop_dir: Path | None = None) -> None:
+def live_demo(trained: "Trained", repo: Path, console: Console, shop_dir: Path | None = None) -> None:
+    """Serve what `recsys train all` kept (its exported versions, its learned fusion) from Triton and
+    the gateway, and play the script."""
     from cli.app import AUTH_KEYS_FILE
 
     keys = demo_keys(AUTH_KEYS_FILE)
     console.print(f"auth on: API keys in {AUTH_KEYS_FILE} (hashed; the services re-read it on change), the demo's "
                   f"raw keys in {AUTH_KEYS_FILE.parent / 'demo.keys'}: 'shop' (recommend, events), 'gateway' (internal)")
-    with console.status("exporting the fine-tuned encoder (int8), the ranker (1 layer, int8) and the interest model"):
-        encoder_v = export_encoder(MODEL_REPOSITORY, TextEncoder(EncoderConfig(model_path=str(checkpoint))), int8=True)
-        ranker_v = export_ranker(MODEL_REPOSITORY, int8=True)
-        trained = (interest / "interest_config.json").exists()  # absent: nothing beat the fallback
-        interest_v = export_interest(MODEL_REPOSITORY, load_interest_model(interest) if trained else None)
-    console.print(f"exported encoder v{encoder_v}, ranker v{ranker_v}, interest v{interest_v} into {MODEL_REPOSITORY}")
-    demo_next_item(repo, console)
-    fusion = demo_fusion(repo, checkpoint, console)
-    console.rule("11. Triton + the gateway: a shopper's results change after a few clicks")
+    encoder_v = trained.exported["encoder"]
+    ranker_v = versions(MODEL_REPOSITORY, RANKER_ONNX.name)[-1]
+    fusion = trained.fusion
+    console.rule("9. Triton + the gateway: a shopper's results change after a few clicks")
     with TritonServer() as triton:
         publish_encoder(triton.grpc_url, MODEL_REPOSITORY, encoder_v)
         console.print(f"Triton ready on {triton.grpc_url} (encoder v{encoder_v}, ranker v{ranker_v})")
@@ -112,39 +109,13 @@ def live_demo(checkpoint: Path, interest: Path, repo: Path, console: Console, sh
                 gateway.stop()
 
 
-def demo_next_item(repo: Path, console: Console) -> int | None:
-    """`recsys train next-item` on the demo shop (a 2-minute budget): a new next_item_onnx version when
-    it beats popularity on validation, which the gateway then serves as a source."""
-    from cli.app import PROJECT_ROOT
-    from cli.next_item_training import run
-
-    console.print("the next-item model (`recsys train next-item`): a SASRec over the shop's item sequences, "
-                  "exported to Triton only if it beats popularity on validation")
-    return run(repo, MODEL_REPOSITORY, PROJECT_ROOT / "var" / "reports" / "next_item", 120.0, 200, 0, 0.0, console)
-
-
-def demo_fusion(repo: Path, encoder: Path, console: Console) -> Path | None:
-    """`recsys train fusion` on the demo shop, with the encoder and interest model just exported: the model file
-    when its gate keeps it (the gateway then serves it for pages without a query), else None."""
-    from cli.app import PROJECT_ROOT
-    from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
-
-    out = PROJECT_ROOT / "var" / "models" / "fusion" / "learned_fusion.json"
-    out.unlink(missing_ok=True)  # an earlier demo's model was fitted on an earlier shop
-    console.print("the learned fusion (`recsys train fusion`): fitted on half the shop's validation users through the "
-                  "gateway's own retrieval code, served only if it beats the rank fusion on the other half")
-    kept = train_fusion(repo, out, interest_model=served_interest_model(MODEL_REPOSITORY), encoder=encoder,
-                        next_item_model=served_next_item_model(MODEL_REPOSITORY)).keeps
-    return out if kept else None
-
-
 def simulate_loop(shop_dir: Path, gateway: str, feedback: str, console: Console,
                   keys: dict[str, str] | None = None) -> None:
     """Synthetic shoppers on the live system; tastes shift; the online arm's CTR recovers (plot)."""
     from cli.app import run_simulation
     from cli.simulate import SimConfig, SimulatedShop
 
-    console.rule("12. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
+    console.rule("10. the closed loop: simulated shoppers, a taste shift, online-learned blend weights")
     keys = keys or {}
     config = SimConfig(requests=480, shift_at=120, window=40, seed=0, api_key=keys.get("shop"),
                        weights_api_key=keys.get("gateway"))  # the learned weights: an internal key reads them

@@ -34,14 +34,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.fusion_tuning import (CannotTune, InterestFn, NextItemFn, Request, Seeds, console, data_note, fused, load,
-                               prepare, read_shop, split_halves, subset, target_ranks)
+                               prepare, read_shop, subset, target_ranks)
 from contract.fusion import FusionModel
 from gateway.config import GatewaySettings, load_settings
 from gateway.learned_fusion import LearnedFusion, model_relevance
 from gateway.scoring import weight_vector
 from scorer.eval.interest_eval import ndcg_per_example
 from scorer.eval.next_item import metrics_from_ranks
-from scorer.eval.paired_gain import PairedGain
+from scorer.eval.paired_gain import PairedGain, split_halves
 
 MAX_EPOCHS = 300  # 100 was hit on the full Online Retail data with the next-item features (still improving)
 SCALES = (1.0, 3.0, 9.0)  # the learned relevance's weight against the feature terms, chosen on the fit half

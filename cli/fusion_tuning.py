@@ -47,7 +47,7 @@ from gateway.retrieval import Candidates, NextItems, fallback_interest, history_
 from gateway.scoring import UserView, feature_terms, fuse, weight_vector
 from gateway.state import Snapshot, build_snapshot
 from scorer.eval.next_item import Split, leave_one_out, metrics_from_ranks, ordered_interactions
-from scorer.eval.paired_gain import PairedGain
+from scorer.eval.paired_gain import PairedGain, split_halves
 from sources.memory import InMemoryCatalogSource
 
 console = Console()
@@ -393,14 +393,6 @@ def compare(start_reqs: list[Request], chosen_reqs: list[Request], start: Settin
     after = target_ranks(chosen_reqs, fused(chosen.fusion), weights)
     gain = PairedGain.of(ndcg_per_example(after), ndcg_per_example(before), margin, versus="the defaults", unit="users")
     return SplitResult(metrics_from_ranks(before), metrics_from_ranks(after), gain)
-
-
-def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions 0..n-1 in two disjoint halves, drawn with `seed` (the same n and seed: the same
-    halves): the choice half (the larger one when n is odd) and the confirm half, each sorted."""
-    order = np.random.default_rng(seed).permutation(n)
-    cut = (n + 1) // 2
-    return np.sort(order[:cut]), np.sort(order[cut:])
 
 
 def subset(loaded: Loaded, positions: np.ndarray) -> Loaded:

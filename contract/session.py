@@ -11,8 +11,11 @@ from collections import Counter, deque
 
 SESSION_RECENT_QUERIES = 5
 SESSION_RECENT_ITEMS = 10
+# The events in which a shopper acted on an item: a history, the co-visitation and a next-item
+# target are made of these (the gateway, the next-item model's training and the benchmark alike).
+INTERACTION_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
 # The events that change a session (impressions do not).
-SESSION_EVENTS = ("QUERY", "CLICK", "ADD_TO_CART", "PURCHASE")
+SESSION_EVENTS = ("QUERY", *INTERACTION_EVENTS)
 # The `user_session` feature view's fields (feature_repo/features.py), in SessionState.features() order.
 SESSION_FEATURES = ("session_id", "recent_queries", "recent_clicked_item_ids", "recent_carted_item_ids",
                     "session_categories", "session_category_counts", "session_event_count")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from contract.item_text import catalog_texts
+from contract.session import INTERACTION_EVENTS
 from sources.interface import POPULARITY, CatalogSource
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COVISIT_EVENTS = ("CLICK", "ADD_TO_CART", "PURCHASE")
+COVISIT_EVENTS = INTERACTION_EVENTS
 COVISIT_NEIGHBOURS = 20
 # Steps apart in a shopper's sequence that still count as co-visited; chosen on Online Retail's
 # validation (bench/real_data_bench.py: window 10 beat 3 and 5).

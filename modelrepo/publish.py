@@ -1,4 +1,4 @@
-"""Switch a Triton model (encoder, ranker, interest model) to a new version with no failed requests
+"""Switch a Triton model (encoder, ranker, interest model, next-item model) to a new version with no failed requests
 (explicit model control).
 
 Order of operations:
@@ -22,13 +22,14 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
-from contract.tensors import ENCODER_ONNX, INTEREST_MODEL, PAIR_TOKENIZER, RANKER_ONNX, TEXT_TOKENIZER
+from contract.tensors import ENCODER_ONNX, INTEREST_MODEL, NEXT_ITEM_MODEL, PAIR_TOKENIZER, RANKER_ONNX, TEXT_TOKENIZER
 from modelrepo.admin import AdminClient
 from modelrepo.layout import read_validation
 
 ENCODER_COMPONENTS = (TEXT_TOKENIZER.name, ENCODER_ONNX.name)
 RANKER_COMPONENTS = (PAIR_TOKENIZER.name, RANKER_ONNX.name)
 INTEREST_COMPONENTS = (INTEREST_MODEL.name,)
+NEXT_ITEM_COMPONENTS = (NEXT_ITEM_MODEL.name,)
 
 
 def read_config(repo: Path, model: str) -> model_config_pb2.ModelConfig:
@@ -107,7 +108,7 @@ def publish_encoder(url: str, repo: Path, version: int) -> int | None:
 # The encoder's previous version stays loaded after a switch (module docstring, step 3).
 KEEP_PREVIOUS = {"encoder"}
 COMPONENTS = {"encoder": ("encoder", ENCODER_COMPONENTS), "ranker": ("ranker", RANKER_COMPONENTS),
-              "interest": (None, INTEREST_COMPONENTS)}
+              "interest": (None, INTEREST_COMPONENTS), "next_item": (None, NEXT_ITEM_COMPONENTS)}
 
 
 class PublishError(RuntimeError):
@@ -123,7 +124,7 @@ def replica_urls(url: str) -> list[str]:
 
 
 def publish(url: str, repo: Path, model: str, version: int) -> int | None:
-    """Make `version` of `model` (encoder, ranker or interest) the serving one, with zero downtime.
+    """Make `version` of `model` (encoder, ranker, interest or next_item) the serving one, with zero downtime.
 
     `url` may list several replicas (comma-separated, as the gateway's `triton_urls`): they switch one
     after the other, so while one loads the others serve and the gateway's pool (gateway/triton_pool.py)

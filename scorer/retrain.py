@@ -1,4 +1,5 @@
-"""Retrain, gate, promote, roll back: the closed loop for the encoder, the ranker and the interest model.
+"""Retrain, gate, promote, roll back: the closed loop for the encoder, the ranker, the interest model
+and the next-item model.
 
     retrain -> for each model: fine-tune from its serving checkpoint on the label log (Feast's
                labels_source, which includes the feedback service's events)
@@ -19,7 +20,10 @@ best fine-tuned weights on the same examples; ranker NDCG@5 of the holdout's sho
 candidate on the same lists, with the position-debiased SNIPS-NDCG@5 as a veto; interest model
 NDCG@10 of next-interaction retrieval on its validation split (the end of the training period),
 against the serving model and the untrained fallback, each on the same examples (the gain over
-each must pass). The encoder goes first: the
+each must pass); next-item model NDCG@10 of the next interaction on the confirm half of its
+validation users (scorer/train/next_item_train.py: trained from scratch on today's log, its epoch
+chosen on the other half), against popularity and the serving version's own ONNX file called as the
+gateway calls it (each must pass). The encoder goes first: the
 ranker's similarity feature and the interest model's item vectors come from the (new) serving
 encoder. The registry (`var/models/registry.json`) records, per model, which checkpoint made which
 version, what serves now and the promotion history, and when training last ran (for the
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 
     from scorer.train.interest_data import VectorTable
 
-MODELS = ("encoder", "ranker", "interest")
+MODELS = ("encoder", "ranker", "interest", "next_item")
 
 
 @dataclass
@@ -400,19 +404,63 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
                  _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
 
 
-RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest}
+def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
+                      steps: int | None = None, margin: float = 0.005, seed: int = 0, max_seconds: float = 600.0,
+                      log=print) -> RetrainResult:
+    """One round for the next-item model: train it from scratch on today's log (its vocabulary is the
+    log's items, so yesterday's weights do not fit; the recipe of `recsys train next-item`), and
+    promote it only if its NDCG@10 gain on the confirm half of validation, paired per user, exceeds
+    its standard error plus `margin` over popularity and over the serving version, which is judged
+    from its own ONNX file in `model_repo` (what Triton serves, in its own vocabulary). `steps`: a
+    cap on epochs (None: 200, stopped early on validation)."""
+    from dataclasses import replace
+
+    from contract.tensors import NEXT_ITEM_MODEL
+    from scorer.train.next_item_train import (export_kept, read_events, save_next_item, served_version_gain,
+                                              train_next_item, write_report)
+    from scorer.train.sasrec_train import SASRecTrainConfig
+
+    stamp = _stamp()
+    entry = registry.entry("next_item")
+    events = read_events(repo)
+    cfg = replace(SASRecTrainConfig(), seed=seed, max_seconds=max_seconds, **({"max_epochs": steps} if steps else {}))
+    result = train_next_item(events, cfg, margin, log=lambda m: log(f"retrain next_item: {m}"))
+    candidate_dir = save_next_item(result, work_dir / f"next_item-{stamp}")
+    served = model_repo / NEXT_ITEM_MODEL.name / str(entry.serving) / "model.onnx"
+    gains, table = [result.gain], result.table
+    if entry.serving is not None and served.is_file():
+        over_serving, rows = served_version_gain(result, served, f"serving (v{entry.serving})", margin)
+        gains.append(over_serving)
+        table = pd.concat([table, rows], ignore_index=True)
+    elif entry.serving is not None:
+        log(f"retrain next_item: serving v{entry.serving} has no model file in {model_repo}; judged against popularity only")
+    # The binding baseline: the one the candidate beats by the least beyond its noise.
+    gain = min(gains, key=lambda g: g.gain - g.se)
+    decision = (f"{'promote' if gain.beyond_noise else 'keep serving'} (validation NDCG@10, confirm half, "
+                f"{gain.candidate:.4f} vs {gain.versus} {gain.baseline:.4f}: {gain.says()})")
+    report = write_report(result, work_dir / f"report-next_item-{stamp}", table, f"**{decision}**")
+    times = pd.to_datetime(events["timestamp"], utc=True)
+    registry.last_trained_at = max(registry.last_trained_at or "", str(times.max()))
+    return _gate("next_item", registry, gain, "validation NDCG@10", report, candidate_dir,
+                 _publisher("next_item", model_repo, triton_url, lambda: export_kept(result, model_repo, gain)), log)
+
+
+RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest,
+           "next_item": retrain_next_item}
 
 
 def retrain_models(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                    models: tuple[str, ...] = MODELS, steps: dict[str, int] | None = None, margin: float = 0.005,
-                   log=print) -> list[RetrainResult]:
-    """One round for each of `models`, encoder first (the others read its vectors)."""
+                   log=print, extra: dict[str, dict] | None = None) -> list[RetrainResult]:
+    """One round for each of `models`, encoder first (the others read its vectors). `extra`: per
+    model, further keyword arguments of its round (e.g. the next-item model's max_seconds)."""
     unknown = set(models) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown model(s) {sorted(unknown)}: choose from {', '.join(MODELS)}")
     results = []
     for model in (m for m in MODELS if m in models):
         kwargs = {"steps": steps[model]} if steps and model in steps else {}
+        kwargs.update((extra or {}).get(model, {}))
         results.append(RETRAIN[model](repo, model_repo, triton_url, registry, work_dir, margin=margin, log=log, **kwargs))
     return results
 

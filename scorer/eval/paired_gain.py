@@ -74,3 +74,13 @@ class PairedGain:
         n = f" ({self.examples:,} {self.unit})" if self.examples else ""
         return (f"gain {self.gain:+.4f} over {self.versus} {op} its standard error {self.se:.4f} "
                 f"+ margin {self.margin:g}{n}")
+
+
+def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n-1 in two disjoint halves, drawn with `seed` (the same n and seed: the same
+    halves): the choice half (the larger one when n is odd) and the confirm half, each sorted. A gate
+    read on the examples that chose a setting (an epoch, weights) is optimistic by the best of the
+    settings tried; the confirm half took no part in the choice."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = (n + 1) // 2
+    return np.sort(order[:cut]), np.sort(order[cut:])

@@ -129,6 +129,67 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
         server.stop()
 
 
+def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_repo, tmp_path):
+    """The loop's fourth model: trained afresh on the shop's log, judged against popularity and the
+    serving version's own ONNX file, published with no failed request, rolled back."""
+    from cli.background import BackgroundGateway
+    from gateway.config import GatewaySettings
+    from modelrepo.layout import copy_repository_configs, read_validation
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
+    from scorer.export.ranker_export import export_ranker
+    from scorer.models.encoder import TextEncoder
+    from scorer.retrain import Registry, adopt_serving, retrain_models, rollback
+    from scorer.train.next_item_train import export_kept, read_events, train_next_item
+    from scorer.train.sasrec_train import SASRecTrainConfig
+    from tests.traffic import RecommendTraffic, wait_for_answer
+
+    model_repo = copy_repository_configs(tmp_path / "models")
+    export_encoder(model_repo, TextEncoder())
+    export_ranker(model_repo, int8=True)
+    export_interest(model_repo)
+    # v1: one epoch, exported whatever its gate said (a weak version to retrain against).
+    first = train_next_item(read_events(feature_repo.path), SASRecTrainConfig(max_epochs=1), 0.0, log=lambda _: None)
+    assert export_kept(first, model_repo) == 1
+    server = start_triton(model_repo, tmp_path / "triton")
+    registry = Registry.load(tmp_path / "registry.json")
+    adopt_serving(registry, 1, None, "next_item")
+    user = feature_repo.shop.events.loc[feature_repo.shop.events["event_type"] == "CLICK", "user_id"].iloc[-1]
+    try:
+        settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
+                                   embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
+                                   embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
+                                   next_item_timeout_ms=5_000, refresh_interval_s=0.5, feature_timeout_ms=5_000)
+        with BackgroundGateway(settings) as gw, \
+                RecommendTraffic(gw.address, "trail running shoes", degraded_is_failure=True, user_id=user) as traffic:
+            wait_for_answer(traffic, "next_item", "1")  # the user has a history: the source is in use
+            extra = {"next_item": {"max_seconds": 60.0}}
+            gated = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
+                                   models=("next_item",), steps={"next_item": 3}, margin=1.0, extra=extra)
+            assert not gated[0].promoted and "not promoted: validation NDCG@10" in gated[0].reason
+            report = gated[0].report.read_text()
+            # Judged against both baselines, the serving version from its own model file.
+            assert "serving (v1)" in report and "popularity" in report and "keep serving" in report
+            assert (gated[0].report.parent / "curve.png").exists() and registry.entry("next_item").serving == 1
+
+            promoted = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
+                                      models=("next_item",), steps={"next_item": 3}, margin=-1.0, extra=extra)
+            assert [(r.model, r.promoted, r.version) for r in promoted] == [("next_item", True, 2)]
+            validation = read_validation(model_repo / "next_item_onnx" / "2")
+            assert validation is not None and validation["metric"] == "NDCG@10"
+            wait_for_answer(traffic, "next_item", "2")
+            assert rollback(model_repo, server.grpc_url, registry, "next_item") == 1
+            wait_for_answer(traffic, "next_item", "1")
+            time.sleep(0.5)
+        assert traffic.failures == []
+        assert {"1", "2"} <= {a["next_item"] for a in traffic.answers if "next_item" in a}
+        reloaded = Registry.load(registry.path)
+        assert reloaded.entry("next_item").serving == 1 and reloaded.entry("next_item").history == [1]
+        assert reloaded.last_trained_at is not None
+    finally:
+        server.stop()
+
+
 def test_registry_reads_the_first_format(tmp_path):
     import json
 

@@ -1,4 +1,5 @@
-"""`recsys train next-item`'s data: the leave-one-out split in the form the gateway serves, and the gate."""
+"""The next-item recipe's data (scorer/train/next_item_train.py, `recsys train next-item` and the retrain
+loop): the leave-one-out split in the form the gateway serves, and the gate."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cli.fusion_tuning import CannotTune
-from cli.next_item_training import evaluate, halves, prepare, train_next_item
+from scorer.train.data import CannotTrain
+from scorer.train.next_item_train import evaluate, halves, prepare, train_next_item
 from scorer.models.sasrec import SASRec, SASRecConfig
 from scorer.train.sasrec_train import SASRecCurve
 
@@ -36,10 +37,13 @@ def test_histories_are_what_the_gateway_holds_and_unknown_targets_are_misses():
     # u2: train b c, valid new (unknown), test a; the test history drops the unknown item.
     assert data.test_hist[1] == [pos["b"], pos["c"]] and data.test_target[1] == pos["a"]
     assert data.popularity.tolist() == [2, 2, 2]
+    # The targets as ids too (a served version with another vocabulary is judged on them).
+    assert data.valid_target_id[:2] == ["d", "new"] and data.test_target_id[1] == "a"
+    assert data.newest_first_ids(data.valid_hist[0]) == ["c", "a", "b"]
 
 
 def test_a_log_without_three_interactions_per_user_cannot_train():
-    with pytest.raises(CannotTune, match="three interactions"):
+    with pytest.raises(CannotTrain, match="three interactions"):
         prepare(log([("u1", "a", "PURCHASE"), ("u1", "b", "PURCHASE")]))
 
 
@@ -59,9 +63,56 @@ def test_the_gate_reads_the_confirm_half_and_compares_with_popularity_on_the_sam
 
 
 def test_too_few_users_to_split_cannot_train():
-    from rich.console import Console
-
     from scorer.train.sasrec_train import SASRecTrainConfig
 
-    with pytest.raises(CannotTune, match="need 4"):
-        train_next_item(EVENTS, SASRecTrainConfig(max_epochs=1), 0.0, Console(quiet=True))
+    with pytest.raises(CannotTrain, match="need 4"):
+        train_next_item(EVENTS, SASRecTrainConfig(max_epochs=1), 0.0, log=lambda _: None)
+
+
+def _shop(users: int = 12, items: int = 15, length: int = 7, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return log([(f"u{u}", f"i{rng.integers(items)}", "PURCHASE") for u in range(users) for _ in range(length)])
+
+
+def _result(events: pd.DataFrame, seed: int = 0):
+    import torch
+
+    data = prepare(events)
+    torch.manual_seed(seed)
+    model = SASRec(SASRecConfig(n_items=len(data.vocabulary), max_len=50, dim=8, n_layers=1, n_heads=2,
+                                dropout=0.0)).eval()
+    return evaluate(model, data, 0.0, SASRecCurve(loss=[1.0], valid_ndcg10=[0.0], best_epoch=0))
+
+
+def test_a_served_version_is_judged_as_the_gateway_calls_it_on_the_same_users(tmp_path):
+    from modelrepo.layout import read_validation
+    from scorer.train.next_item_train import DECIDES, MODEL_NAME, export_kept, served_version_gain
+
+    result = _result(_shop())
+    version = export_kept(result, tmp_path)
+    validation = read_validation(tmp_path / "next_item_onnx" / str(version))
+    assert validation is not None and validation["popularity"] == result.gain.baseline
+    # The candidate against its own export: the ONNX file, called with item ids newest first, ranks
+    # every user's target as torch does (NDCG@10 needs only its top 10), so the gain is exactly 0.
+    gain, rows = served_version_gain(result, tmp_path / "next_item_onnx" / str(version) / "model.onnx", "serving", 0.0)
+    assert gain.gain == pytest.approx(0.0, abs=1e-9) and gain.examples == result.gain.examples and not gain.beyond_noise
+    mine = result.table[result.table["method"] == MODEL_NAME].set_index("split")
+    served = rows.set_index("split")
+    for split in mine.index:
+        assert served.loc[split, "NDCG@10"] == pytest.approx(mine.loc[split, "NDCG@10"], abs=1e-9), split
+    # Another model on the same users: a paired gain with a real standard error.
+    other = _result(_shop(), seed=1)
+    gain, _ = served_version_gain(other, tmp_path / "next_item_onnx" / str(version) / "model.onnx", "serving", 0.0)
+    assert gain.examples == other.ndcg[(DECIDES, MODEL_NAME)].size and np.isfinite(gain.se)
+
+
+def test_a_saved_candidate_loads_with_its_vocabulary(tmp_path):
+    import torch
+
+    from scorer.train.next_item_train import load_next_item, save_next_item
+
+    result = _result(_shop())
+    model, vocabulary = load_next_item(save_next_item(result, tmp_path / "ckpt"))
+    assert vocabulary == result.vocabulary
+    ids = torch.tensor([[0, 0, 1, 2, 3]])
+    assert torch.equal(model.next_scores(ids), result.model.next_scores(ids))

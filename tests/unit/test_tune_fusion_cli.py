@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 import cli.fusion_tuning as fusion_tuning
 from cli.app import app
-from cli.fusion_tuning import Setting, split_halves, tune_fusion
+from cli.fusion_tuning import Setting, tune_fusion
+from scorer.eval.paired_gain import split_halves
 from gateway.config import GatewaySettings, SourceFusion, load_settings
 
 pytestmark = pytest.mark.usefixtures("harness_embeds_once")

@@ -1,0 +1,229 @@
+"""`recsys train all`: every model a shop's imported log can train, in the order they depend on
+each other, each kept only by its own gate, exported into the Triton model repository; then the
+gateway settings that serve them and a table of what was kept.
+
+    1. encoder      `recsys train encoder`: kept only if it beats the zero-shot encoder on
+                    validation (otherwise the zero-shot weights are saved and served)
+    2. interest     `recsys train interest` on that encoder's vectors: kept only if it beats the
+                    gateway's untrained formula (otherwise the untrained model, the same formula)
+    3. export       encoder (int8), interest model, and the packaged ranker when the repository
+                    has none (ranker_mode auto applies a ranker only with a validation verdict)
+    4. next-item    `recsys train next-item`: exported only if it beats popularity
+    5. fusion       `recsys train fusion` through the gateway's own retrieval code, with the served
+                    interest and next-item models: kept only if it beats the rank fusion
+    6. settings     a gateway settings file (`recsys serve --config FILE`): the --config file's
+                    settings (e.g. `recsys tune fusion`'s), plus the learned fusion when it was kept
+
+Each step is the command of the same name (one recipe, one gate); this module only orders them,
+passes each one what the previous one kept, and says what the gateway will serve. A step the data
+cannot train says so and the next step goes on with what serves without it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class StepResult:
+    step: str
+    kept: bool | None  # None: the data could not train it (or it was skipped)
+    serves: str  # what the gateway serves for this part afterwards
+    detail: str = ""
+
+
+@dataclass
+class Plan:
+    repo: Path  # feature repo with the imported log in data/offline
+    model_repo: Path  # Triton model repository
+    models: Path  # checkpoints: models/encoder, models/interest, models/fusion/learned_fusion.json
+    reports: Path  # one folder per step's report
+    settings_out: Path  # the gateway settings file written at the end
+    config: Path | None = None  # the settings the gateway serves with (the rank fusion to beat), copied into settings_out
+    encoder: bool = True  # try fine-tuning the encoder (False: serve the zero-shot encoder)
+    encoder_steps: int = 0  # 0: the command's default budget
+    interest_steps: int = 0
+    next_item_seconds: float = 600.0
+    seed: int = 0
+    url: str = ""  # a running Triton to publish each new version to ('' : export only)
+
+
+def _encoder(plan: Plan, console: Console) -> tuple[Path | None, StepResult]:
+    from cli.app import train_encoder_cmd
+    from scorer.train.encoder_train import VALIDATION_FILE
+
+    out = plan.models / "encoder"
+    if not plan.encoder:
+        return None, StepResult("encoder", None, "zero-shot (packaged weights)", "skipped (--no-encoder)")
+    try:
+        train_encoder_cmd(repo=plan.repo, out=out, steps=plan.encoder_steps, lr=None, seed=plan.seed, start_from=None)
+    except typer.Exit:  # the command said why (the data holds no pairs to train on)
+        return None, StepResult("encoder", None, "zero-shot (packaged weights)", "the data cannot train it")
+    verdict = json.loads((out / VALIDATION_FILE).read_text())
+    kept = verdict["verdict"] == "fine-tuned"
+    return out, StepResult("encoder", kept, "fine-tuned" if kept else "zero-shot (packaged weights)", verdict["says"])
+
+
+def _interest(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path | None, StepResult]:
+    import shutil
+
+    from cli.app import train_interest_cmd
+
+    out = plan.models / "interest"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's model must not pass for this one's
+    try:
+        train_interest_cmd(repo=plan.repo, out=out, encoder=encoder, model="auto", steps=plan.interest_steps, lr=None,
+                           seed=plan.seed, report=plan.reports / "interest")
+    except typer.Exit:  # nothing beat the untrained formula, or the data cannot train it (the command said which)
+        shutil.rmtree(out, ignore_errors=True)
+        return None, StepResult("interest model", False, "the untrained formula (the gateway's fallback)",
+                                f"report: {plan.reports / 'interest'}")
+    return out, StepResult("interest model", True, "trained", f"report: {plan.reports / 'interest'}")
+
+
+def _export(plan: Plan, encoder: Path | None, interest: Path | None, console: Console) -> dict[str, int]:
+    from contract.tensors import RANKER_ONNX
+    from modelrepo.layout import versions
+    from scorer.export.encoder_export import export_encoder
+    from scorer.export.interest_export import export_interest
+    from scorer.export.ranker_export import export_ranker
+    from scorer.models.encoder import EncoderConfig, TextEncoder
+    from scorer.models.interest import load_interest_model
+
+    out: dict[str, int] = {}
+    with console.status("exporting the encoder (int8) and the interest model into the model repository"):
+        out["encoder"] = export_encoder(plan.model_repo, TextEncoder(EncoderConfig(model_path=str(encoder)))
+                                        if encoder else TextEncoder(), int8=True)
+        out["interest"] = export_interest(plan.model_repo, load_interest_model(interest) if interest else None)
+        if not versions(plan.model_repo, RANKER_ONNX.name):
+            out["ranker"] = export_ranker(plan.model_repo, int8=True)
+    console.print("exported " + ", ".join(f"{m} v{v}" for m, v in out.items()) + f" into {plan.model_repo}")
+    return out
+
+
+def _next_item(plan: Plan, console: Console) -> tuple[int | None, StepResult]:
+    from cli.next_item_training import run
+    from contract.tensors import NEXT_ITEM_MODEL
+    from modelrepo.layout import read_validation, versions
+    from scorer.train.data import CannotTrain
+
+    report = plan.reports / "next_item"
+    earlier = versions(plan.model_repo, NEXT_ITEM_MODEL.name)
+    without = (f"next_item_onnx v{earlier[-1]}, an earlier version already in the repository" if earlier
+               else "no next-item source")
+    try:
+        version = run(plan.repo, plan.model_repo, report, plan.next_item_seconds, 200, plan.seed, 0.0, console)
+    except CannotTrain as e:
+        console.print(f"[yellow]cannot train the next-item model[/]: {e}")
+        return None, StepResult("next-item model", None, without, str(e))
+    if version is None:
+        return None, StepResult("next-item model", False, without, f"report: {report / 'report.md'}")
+    v = read_validation(plan.model_repo / NEXT_ITEM_MODEL.name / str(version)) or {}
+    return version, StepResult("next-item model", True, f"next_item_onnx v{version} (a candidate source)",
+                               f"confirm half NDCG@10 {v.get('model', float('nan')):.4f} vs popularity "
+                               f"{v.get('popularity', float('nan')):.4f}; report: {report / 'report.md'}")
+
+
+def _fusion(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path | None, StepResult]:
+    from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
+    from cli.fusion_tuning import CannotTune
+
+    out = plan.models / "fusion" / "learned_fusion.json"
+    out.unlink(missing_ok=True)  # an earlier run's model was fitted on other models' lists
+    try:
+        t = train_fusion(plan.repo, out, seed=plan.seed, config=plan.config,
+                         interest_model=served_interest_model(plan.model_repo),
+                         encoder=encoder, next_item_model=served_next_item_model(plan.model_repo))
+    except CannotTune as e:
+        console.print(f"[yellow]cannot train the fusion[/]: {e}")
+        return None, StepResult("learned fusion", None, "the rank fusion (gateway settings)", str(e))
+    g = t.confirm.gain
+    detail = f"confirm half NDCG@10 {g.candidate:.4f} vs rank fusion {g.baseline:.4f} (gain {g.gain:+.4f} ± {g.se:.4f})"
+    if not t.keeps:
+        return None, StepResult("learned fusion", False, "the rank fusion (gateway settings)", detail)
+    return out, StepResult("learned fusion", True, f"{out.name} for pages without a query", detail)
+
+
+def write_settings(path: Path, learned_fusion: Path | None, base: Path | None = None) -> Path:
+    """The gateway settings file that serves what was kept (read by `recsys serve --config`): the
+    `base` file's settings (e.g. `recsys tune fusion`'s rank fusion) with `learned_fusion` set when
+    one was kept (and removed when not). The key goes first: a TOML key after a [table] header
+    would belong to that table."""
+    import re
+    import tomllib
+
+    from gateway.config import load_settings
+
+    kept = [line for line in (base.read_text().splitlines() if base else [])
+            if not re.match(r"\s*learned_fusion\s*=", line)]
+    head = ["# Written by `recsys train all`" + (f" from {base}" if base else "")
+            + f": serve with `recsys serve --config {path}`."]
+    if learned_fusion is not None:
+        head.append(f"learned_fusion = {json.dumps(str(learned_fusion.resolve()))}")
+    else:
+        head.append("# No learned fusion was kept: the gateway scores pages without a query by its rank fusion.")
+    text = "\n".join(head + kept) + "\n"
+    tomllib.loads(text)  # a file the gateway could not read is never written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    load_settings(partial)
+    partial.replace(path)
+    return path
+
+
+def _publish(plan: Plan, exported: dict[str, int], console: Console) -> None:
+    from modelrepo.publish import publish
+
+    for model, version in exported.items():
+        publish(plan.url, plan.model_repo, model, version)
+        console.print(f"published {model} v{version} to {plan.url}")
+
+
+def summary_table(results: list[StepResult]) -> Table:
+    table = Table("model", "kept", "the gateway serves", "why", title="recsys train all: what each gate kept")
+    for r in results:
+        kept = {True: "[green]yes[/]", False: "[yellow]no[/]", None: "-"}[r.kept]
+        table.add_row(r.step, kept, r.serves, r.detail)
+    return table
+
+
+@dataclass
+class Trained:
+    results: list[StepResult]  # one per model, in training order
+    exported: dict[str, int]  # model -> the version exported by this run (next_item: only when kept)
+    encoder: Path | None  # the encoder checkpoint served (None: the packaged zero-shot weights)
+    fusion: Path | None  # the learned fusion file (None: not kept; the rank fusion serves)
+    settings: Path  # the gateway settings file that serves what was kept
+
+
+def train_all(plan: Plan, console: Console) -> Trained:
+    """The steps in order; prints what each gate kept and how to serve it."""
+    console.rule("train all 1/5: the encoder")
+    encoder, enc = _encoder(plan, console)
+    console.rule("train all 2/5: the interest model")
+    interest, inter = _interest(plan, encoder, console)
+    console.rule("train all 3/5: export to Triton's model repository")
+    exported = _export(plan, encoder, interest, console)
+    console.rule("train all 4/5: the next-item model")
+    next_item, nxt = _next_item(plan, console)
+    if next_item is not None:
+        exported["next_item"] = next_item
+    console.rule("train all 5/5: the learned fusion of the no-query sources")
+    fusion, fus = _fusion(plan, encoder, console)
+    settings = write_settings(plan.settings_out, fusion, plan.config)
+    if plan.url:
+        _publish(plan, exported, console)
+    results = [enc, inter, nxt, fus]
+    console.print(summary_table(results))
+    start = (f"Triton at {plan.url} serves the new versions" if plan.url
+             else f"start Triton on the model repository (`recsys triton serve --repo {plan.model_repo}`: a fresh "
+                  "start serves the newest versions)")
+    console.print(f"to serve: {start}, then `recsys serve --config {settings}`")
+    return Trained(results, exported, encoder, fusion, settings)

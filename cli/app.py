@@ -581,14 +581,17 @@ def train_next_item_cmd(
     min_gain: float = typer.Option(0.0, help="How much more than its standard error the validation NDCG@10 gain "
                                    "over popularity must be to export the model."),
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "next_item", help="Report folder (report.md, curve.png)."),
+    refit: bool = typer.Option(True, help="Export the recipe refit on every interaction for the chosen epoch count "
+                               "(--no-refit: the judged model, trained without each user's last two)."),
 ) -> None:
     """Train the next-item model (SASRec over item ids) on the shop's interactions, early-stopped on
-    validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise."""
+    validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise
+    (refit on every interaction first)."""
     from cli.next_item_training import run
     from scorer.train.data import CannotTrain
 
     try:
-        version = run(repo, model_repo, report, max_seconds, max_epochs, seed, min_gain, console)
+        version = run(repo, model_repo, report, max_seconds, max_epochs, seed, min_gain, console, refit)
     except CannotTrain as e:
         console.print(f"[red]cannot train the next-item model[/]: {e}")
         raise typer.Exit(1) from None
@@ -607,9 +610,10 @@ def train_all_cmd(
     settings_out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "gateway.toml", "--settings",
                                       help="Gateway settings file to write: it serves what was kept "
                                            "(`recsys serve --config FILE`)."),
-    config: Optional[Path] = typer.Option(None, help="Gateway settings the gateway serves with (e.g. `recsys tune "
-                                          "fusion`'s var/gateway.toml): the rank fusion the learned one must beat; "
-                                          "its settings are copied into --settings."),
+    config: Optional[Path] = typer.Option(None, help="Gateway settings the gateway serves with: the rank fusion the "
+                                          "learned one must beat (no tuning then); copied into --settings."),
+    tune: bool = typer.Option(True, help="Choose the rank fusion's weights on this log (`recsys tune fusion`) when "
+                              "no --config is given (--no-tune: the defaults)."),
     encoder: bool = typer.Option(True, help="Try fine-tuning the encoder (--no-encoder: serve the zero-shot encoder; "
                                  "on order-only logs fine-tuning rarely passes its gate and costs the most CPU)."),
     encoder_steps: int = typer.Option(0, help="Cap on encoder steps; 0: `recsys train encoder`'s default budget."),
@@ -620,15 +624,15 @@ def train_all_cmd(
                             "with zero downtime; '' = export only (a fresh `recsys triton serve` serves the newest)."),
 ) -> None:
     """Train every model the shop's log can train, in dependency order (encoder, interest model,
-    export, next-item model, learned fusion), each kept only by its own gate; write the gateway
-    settings that serve what was kept and print a table of it."""
+    export, next-item model, rank-fusion weights, learned fusion), each kept only by its own gate;
+    write the gateway settings that serve what was kept and print a table of it."""
     from cli.train_all import Plan, train_all
 
     _quiet_transformers()
     if config is not None and not config.is_file():
         raise typer.BadParameter(f"{config} is not a file", param_hint="--config")
-    train_all(Plan(repo, model_repo, models, reports, settings_out, config, encoder, encoder_steps, interest_steps,
-                   next_item_seconds, seed, url), console)
+    train_all(Plan(repo, model_repo, models, reports, settings_out, config, tune, encoder, encoder_steps,
+                   interest_steps, next_item_seconds, seed, url), console)
 
 
 @train_app.command("interest")
@@ -1107,7 +1111,7 @@ def demo(
     user, item_ids = push_demo_session(FEATURE_REPO)
     console.rule("6. online features through the fast reader")
     show_features(user, item_ids, FEATURE_REPO)
-    console.rule("7. `recsys train all`: encoder, interest model, export, next-item model, learned fusion")
+    console.rule("7. `recsys train all`: encoder, interest model, export, next-item model, rank and learned fusion")
     from cli.train_all import Plan, train_all
 
     _quiet_transformers()

@@ -151,11 +151,18 @@ def onnx_interest(path: Path, recent_items: int) -> InterestFn:
 
 
 def served_next_item_model(model_repo: Path) -> Path | None:
-    """The newest version's ONNX file of the next-item model in a Triton model repository, or None."""
+    """The ONNX file to fit a fusion on for the newest next-item version in a Triton model repository
+    (None: none): its judged graph when the version is a refit (the refit has seen the validation
+    users' targets the fusion is fitted on: modelrepo/layout.py JUDGED_NEXT_ITEM_FILE), else what serves."""
     from contract.tensors import NEXT_ITEM_MODEL
+    from modelrepo.layout import JUDGED_NEXT_ITEM_FILE
 
     versions = [d for d in (model_repo / NEXT_ITEM_MODEL.name).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
-    return max(versions, key=lambda d: int(d.name)) / "model.onnx" if versions else None
+    if not versions:
+        return None
+    newest = max(versions, key=lambda d: int(d.name))
+    judged = newest / JUDGED_NEXT_ITEM_FILE
+    return judged if judged.is_file() else newest / "model.onnx"
 
 
 def onnx_next_item(path: Path) -> NextItemFn:

@@ -9,10 +9,12 @@ gateway settings that serve them and a table of what was kept.
     3. export       encoder (int8), interest model, and the packaged ranker when the repository
                     has none (ranker_mode auto applies a ranker only with a validation verdict)
     4. next-item    `recsys train next-item`: exported only if it beats popularity
-    5. fusion       `recsys train fusion` through the gateway's own retrieval code, with the served
-                    interest and next-item models: kept only if it beats the rank fusion
-    6. settings     a gateway settings file (`recsys serve --config FILE`): the --config file's
-                    settings (e.g. `recsys tune fusion`'s), plus the learned fusion when it was kept
+    5. rank fusion  `recsys tune fusion`: the rank fusion's weights and co-visitation seeds, kept
+                    only if they beat the defaults (skipped when --config gives the settings served)
+    6. fusion       `recsys train fusion` through the gateway's own retrieval code, with the served
+                    interest and next-item models: kept only if it beats that rank fusion
+    then            a gateway settings file (`recsys serve --config FILE`): the rank fusion's
+                    settings, plus the learned fusion when it was kept
 
 Each step is the command of the same name (one recipe, one gate); this module only orders them,
 passes each one what the previous one kept, and says what the gateway will serve. A step the data
@@ -46,6 +48,7 @@ class Plan:
     reports: Path  # one folder per step's report
     settings_out: Path  # the gateway settings file written at the end
     config: Path | None = None  # the settings the gateway serves with (the rank fusion to beat), copied into settings_out
+    tune: bool = True  # choose the rank fusion's weights on this log (`recsys tune fusion`) when no config is given
     encoder: bool = True  # try fine-tuning the encoder (False: serve the zero-shot encoder)
     encoder_steps: int = 0  # 0: the command's default budget
     interest_steps: int = 0
@@ -75,16 +78,22 @@ def _interest(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path 
 
     from cli.app import train_interest_cmd
 
-    out = plan.models / "interest"
+    out, report = plan.models / "interest", plan.reports / "interest"
     shutil.rmtree(out, ignore_errors=True)  # an earlier run's model must not pass for this one's
+    (report / "validation.json").unlink(missing_ok=True)
+
+    def says() -> str:  # the command's own verdict line, from its report
+        verdict = report / "validation.json"
+        return json.loads(verdict.read_text()).get("summary", "") if verdict.is_file() else ""
+
     try:
         train_interest_cmd(repo=plan.repo, out=out, encoder=encoder, model="auto", steps=plan.interest_steps, lr=None,
-                           seed=plan.seed, report=plan.reports / "interest")
+                           seed=plan.seed, report=report)
     except typer.Exit:  # nothing beat the untrained formula, or the data cannot train it (the command said which)
         shutil.rmtree(out, ignore_errors=True)
         return None, StepResult("interest model", False, "the untrained formula (the gateway's fallback)",
-                                f"report: {plan.reports / 'interest'}")
-    return out, StepResult("interest model", True, "trained", f"report: {plan.reports / 'interest'}")
+                                says() or "the data cannot train it (see above)")
+    return out, StepResult("interest model", True, "trained (the validation winner)", says())
 
 
 def _export(plan: Plan, encoder: Path | None, interest: Path | None, console: Console) -> dict[str, int]:
@@ -123,21 +132,47 @@ def _next_item(plan: Plan, console: Console) -> tuple[int | None, StepResult]:
         console.print(f"[yellow]cannot train the next-item model[/]: {e}")
         return None, StepResult("next-item model", None, without, str(e))
     if version is None:
-        return None, StepResult("next-item model", False, without, f"report: {report / 'report.md'}")
+        return None, StepResult("next-item model", False, without, "no gain over popularity beyond noise on the "
+                                f"confirm half of validation; report: {report / 'report.md'}")
     v = read_validation(plan.model_repo / NEXT_ITEM_MODEL.name / str(version)) or {}
     return version, StepResult("next-item model", True, f"next_item_onnx v{version} (a candidate source)",
                                f"confirm half NDCG@10 {v.get('model', float('nan')):.4f} vs popularity "
                                f"{v.get('popularity', float('nan')):.4f}; report: {report / 'report.md'}")
 
 
-def _fusion(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path | None, StepResult]:
+def _rank_fusion(plan: Plan, console: Console) -> tuple[Path | None, StepResult]:
+    """The rank fusion's weights and co-visitation seeds for this shop (`recsys tune fusion`), unless
+    --config names the settings the gateway serves with (then those are the rank fusion)."""
+    from cli.fusion_tuning import CannotTune, tune_fusion
+
+    if plan.config is not None:
+        return plan.config, StepResult("rank fusion", None, f"the settings in {plan.config}", "given (--config)")
+    if not plan.tune:
+        return None, StepResult("rank fusion", None, "the defaults", "skipped (--no-tune)")
+    out = plan.models / "rank_fusion.toml"
+    out.unlink(missing_ok=True)  # an earlier run's choice was made on another log
+    try:
+        t = tune_fusion(plan.repo, out, seed=plan.seed)
+    except CannotTune as e:
+        console.print(f"[yellow]cannot tune the fusion[/]: {e}")
+        return None, StepResult("rank fusion", None, "the defaults", str(e))
+    g = t.confirm.gain
+    detail = f"confirm half NDCG@10 {g.candidate:.4f} vs the defaults {g.baseline:.4f} (gain {g.gain:+.4f} ± {g.se:.4f})"
+    if not t.changes:
+        return None, StepResult("rank fusion", False, "the defaults", detail if t.chosen != t.start
+                                else "the defaults are the best found on the choice half")
+    return out, StepResult("rank fusion", True, f"the weights and seeds in {out.name}", detail)
+
+
+def _fusion(plan: Plan, encoder: Path | None, rank_fusion: Path | None,
+            console: Console) -> tuple[Path | None, StepResult]:
     from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion
     from cli.fusion_tuning import CannotTune
 
     out = plan.models / "fusion" / "learned_fusion.json"
     out.unlink(missing_ok=True)  # an earlier run's model was fitted on other models' lists
     try:
-        t = train_fusion(plan.repo, out, seed=plan.seed, config=plan.config,
+        t = train_fusion(plan.repo, out, seed=plan.seed, config=rank_fusion,
                          interest_model=served_interest_model(plan.model_repo),
                          encoder=encoder, next_item_model=served_next_item_model(plan.model_repo))
     except CannotTune as e:
@@ -205,22 +240,24 @@ class Trained:
 
 def train_all(plan: Plan, console: Console) -> Trained:
     """The steps in order; prints what each gate kept and how to serve it."""
-    console.rule("train all 1/5: the encoder")
+    console.rule("train all 1/6: the encoder")
     encoder, enc = _encoder(plan, console)
-    console.rule("train all 2/5: the interest model")
+    console.rule("train all 2/6: the interest model")
     interest, inter = _interest(plan, encoder, console)
-    console.rule("train all 3/5: export to Triton's model repository")
+    console.rule("train all 3/6: export to Triton's model repository")
     exported = _export(plan, encoder, interest, console)
-    console.rule("train all 4/5: the next-item model")
+    console.rule("train all 4/6: the next-item model")
     next_item, nxt = _next_item(plan, console)
     if next_item is not None:
         exported["next_item"] = next_item
-    console.rule("train all 5/5: the learned fusion of the no-query sources")
-    fusion, fus = _fusion(plan, encoder, console)
-    settings = write_settings(plan.settings_out, fusion, plan.config)
+    console.rule("train all 5/6: the rank fusion's weights for this shop")
+    rank_fusion, rank = _rank_fusion(plan, console)
+    console.rule("train all 6/6: the learned fusion of the no-query sources")
+    fusion, fus = _fusion(plan, encoder, rank_fusion, console)
+    settings = write_settings(plan.settings_out, fusion, rank_fusion)
     if plan.url:
         _publish(plan, exported, console)
-    results = [enc, inter, nxt, fus]
+    results = [enc, inter, nxt, rank, fus]
     console.print(summary_table(results))
     start = (f"Triton at {plan.url} serves the new versions" if plan.url
              else f"start Triton on the model repository (`recsys triton serve --repo {plan.model_repo}`: a fresh "

@@ -19,6 +19,13 @@ TOKENIZER_MODEL = Path(__file__).resolve().with_name("tokenizer_model.py")
 VALIDATION_FILE = "validation.json"
 
 
+# Beside a refit next-item version's model.onnx (what Triton serves): the judged model's graph, the
+# one trained without each user's last two interactions. A learned fusion is fitted on its lists:
+# the refit has seen the fusion's validation targets, and a fusion fitted on its lists would learn
+# to trust a memorised answer (docs/models.md, the next-item model).
+JUDGED_NEXT_ITEM_FILE = "judged.onnx"
+
+
 def write_validation(directory: Path, validation: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / VALIDATION_FILE

@@ -406,34 +406,48 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
 
 def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                       steps: int | None = None, margin: float = 0.005, seed: int = 0, max_seconds: float = 600.0,
-                      log=print) -> RetrainResult:
+                      refit: bool = True, log=print) -> RetrainResult:
     """One round for the next-item model: train it from scratch on today's log (its vocabulary is the
     log's items, so yesterday's weights do not fit; the recipe of `recsys train next-item`), and
     promote it only if its NDCG@10 gain on the confirm half of validation, paired per user, exceeds
     its standard error plus `margin` over popularity and over the serving version, which is judged
-    from its own ONNX file in `model_repo` (what Triton serves, in its own vocabulary). `steps`: a
-    cap on epochs (None: 200, stopped early on validation)."""
+    from its own ONNX file in `model_repo` (what Triton serves, in its own vocabulary). A serving
+    refit has seen every interaction up to its `trained_through`: only users whose validation
+    interaction is newer judge it (too few: popularity alone judges). What is published is the
+    candidate refit on every interaction (`refit`). `steps`: a cap on epochs (None: 200, stopped
+    early on validation)."""
     from dataclasses import replace
 
     from contract.tensors import NEXT_ITEM_MODEL
+    from modelrepo.layout import read_validation
     from scorer.train.next_item_train import (export_kept, read_events, save_next_item, served_version_gain,
                                               train_next_item, write_report)
+    from scorer.train.next_item_train import refit as refit_recipe
+    from scorer.train.next_item_train import utc64
     from scorer.train.sasrec_train import SASRecTrainConfig
 
+    say = lambda m: log(f"retrain next_item: {m}")  # noqa: E731
     stamp = _stamp()
     entry = registry.entry("next_item")
     events = read_events(repo)
     cfg = replace(SASRecTrainConfig(), seed=seed, max_seconds=max_seconds, **({"max_epochs": steps} if steps else {}))
-    result = train_next_item(events, cfg, margin, log=lambda m: log(f"retrain next_item: {m}"))
+    result = train_next_item(events, cfg, margin, log=say)
     candidate_dir = save_next_item(result, work_dir / f"next_item-{stamp}")
-    served = model_repo / NEXT_ITEM_MODEL.name / str(entry.serving) / "model.onnx"
+    served_dir = model_repo / NEXT_ITEM_MODEL.name / str(entry.serving)
     gains, table = [result.gain], result.table
-    if entry.serving is not None and served.is_file():
-        over_serving, rows = served_version_gain(result, served, f"serving (v{entry.serving})", margin)
-        gains.append(over_serving)
+    if entry.serving is not None and (served_dir / "model.onnx").is_file():
+        trained_through = ((read_validation(served_dir) or {}).get("refit") or {}).get("trained_through")
+        after = utc64(trained_through) if trained_through else None
+        over_serving, rows = served_version_gain(result, served_dir / "model.onnx", f"serving (v{entry.serving})",
+                                                 margin, after)
         table = pd.concat([table, rows], ignore_index=True)
+        if over_serving is not None:
+            gains.append(over_serving)
+        else:
+            say(f"serving v{entry.serving} was refit on every interaction up to {trained_through}: fewer than 2 "
+                "confirm users have a newer validation interaction, so popularity alone judges the candidate")
     elif entry.serving is not None:
-        log(f"retrain next_item: serving v{entry.serving} has no model file in {model_repo}; judged against popularity only")
+        say(f"serving v{entry.serving} has no model file in {model_repo}; judged against popularity only")
     # The binding baseline: the one the candidate beats by the least beyond its noise.
     gain = min(gains, key=lambda g: g.gain - g.se)
     decision = (f"{'promote' if gain.beyond_noise else 'keep serving'} (validation NDCG@10, confirm half, "
@@ -441,8 +455,13 @@ def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, regi
     report = write_report(result, work_dir / f"report-next_item-{stamp}", table, f"**{decision}**")
     times = pd.to_datetime(events["timestamp"], utc=True)
     registry.last_trained_at = max(registry.last_trained_at or "", str(times.max()))
+
+    def export() -> int:
+        refitted = refit_recipe(result, events, cfg, log=say) if refit else None
+        return export_kept(result, model_repo, gain, refitted)
+
     return _gate("next_item", registry, gain, "validation NDCG@10", report, candidate_dir,
-                 _publisher("next_item", model_repo, triton_url, lambda: export_kept(result, model_repo, gain)), log)
+                 _publisher("next_item", model_repo, triton_url, export), log)
 
 
 RETRAIN = {"encoder": retrain_encoder, "ranker": retrain_ranker, "interest": retrain_interest,

@@ -14,16 +14,17 @@ the NDCG@10 gain over popularity (and, in the retraining loop, over the serving 
 user, must exceed its standard error (+ margin). A gate read on the users that chose the epoch would
 be optimistic by the best of ~50 noisy epochs.
 
-Limits (said in the report too): the exported model is the one trained without each user's last two
-interactions (no retraining on everything after the choice), and it knows only the items it saw:
-a new item reaches users through the other sources until the next training.
+What is exported is the kept recipe **refit** on every interaction (each user's whole sequence) for
+the epoch count validation chose (Refit): it knows the newest items and transitions. The refit is
+not judged itself (nothing is held out of it). It knows only the items it saw: a new item reaches
+users through the other sources until the next training.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from contract.next_item import NEXT_ITEM_HISTORY, history_tensor, served_history
 from contract.session import INTERACTION_EVENTS
 from contract.tensors import NEXT_ITEM_MODEL
 from scorer.eval.interest_eval import ndcg_per_example
-from scorer.eval.next_item import leave_one_out, metrics_from_ranks, target_ranks, topk_ranks
+from scorer.eval.next_item import leave_one_out, metrics_from_ranks, ordered_interactions, target_ranks, topk_ranks
 from scorer.eval.paired_gain import PairedGain, split_halves
 from scorer.models.sasrec import SASRec, SASRecConfig
 from scorer.train.data import CannotTrain
@@ -51,6 +52,7 @@ class NextItemData:
     valid_hist: list[list[int]]  # served form: distinct recent items, oldest first, only known ones
     valid_target: np.ndarray  # positions; -1: not in the vocabulary (a miss for every method)
     valid_target_id: list[str]  # the same targets as item ids (for a model with another vocabulary)
+    valid_time: np.ndarray  # when each validation target happened (UTC datetime64)
     test_hist: list[list[int]]
     test_target: np.ndarray
     test_target_id: list[str]
@@ -88,8 +90,9 @@ def prepare(events: pd.DataFrame) -> NextItemData:
     valid_hist, valid_target, valid_ids = served(split.valid)
     test_hist, test_target, test_ids = served(split.test)
     popularity = np.array([counts[v] for v in vocabulary], dtype=np.float64)
-    return NextItemData(vocabulary, seqs, valid_hist, valid_target, valid_ids, test_hist, test_target, test_ids,
-                        popularity)
+    valid_time = pd.to_datetime(split.valid["timestamp"], utc=True).to_numpy()
+    return NextItemData(vocabulary, seqs, valid_hist, valid_target, valid_ids, valid_time, test_hist, test_target,
+                        test_ids, popularity)
 
 
 @dataclass
@@ -157,6 +160,53 @@ def train_next_item(events: pd.DataFrame, cfg: SASRecTrainConfig, min_gain: floa
     return evaluate(model, data, min_gain, curve, cfg.seed)
 
 
+# --- the refit: what is exported --------------------------------------------------------------
+
+
+@dataclass
+class Refit:
+    """The kept recipe trained again on every interaction (each user's whole sequence, the last two
+    included) for the epoch count validation chose: it knows the newest items and transitions, which
+    the judged model never saw. It is not judged itself (nothing is held out of it); the gate's
+    verdict is the judged model's."""
+
+    model: SASRec
+    vocabulary: list[str]
+    epochs: int
+    users: int
+    trained_through: str  # ISO time of the newest interaction it was trained on
+
+    def record(self) -> dict:
+        return {"epochs": self.epochs, "users": self.users, "items": len(self.vocabulary),
+                "trained_through": self.trained_through}
+
+
+def utc64(iso: str) -> np.datetime64:
+    """An ISO time (with or without an offset; none: UTC) as the naive-UTC datetime64 of `valid_time`."""
+    t = pd.Timestamp(iso)
+    return np.datetime64((t.tz_localize("UTC") if t.tz is None else t).tz_convert(None))
+
+
+def all_sequences(events: pd.DataFrame) -> tuple[list[str], list[list[int]], pd.Timestamp]:
+    """Every user's whole interaction sequence (two items or more) as positions in its vocabulary."""
+    interactions = ordered_interactions(events[events["event_type"].isin(INTERACTION_EVENTS) & events["item_id"].notna()])
+    vocabulary = sorted(interactions["item_id"].astype(str).unique())
+    position = {item: i for i, item in enumerate(vocabulary)}
+    seqs = [[position[str(i)] for i in g] for _, g in interactions.groupby("user_id", sort=False)["item_id"]]
+    return vocabulary, [q for q in seqs if len(q) >= 2], pd.to_datetime(interactions["timestamp"], utc=True).max()
+
+
+def refit(result: NextItemResult, events: pd.DataFrame, cfg: SASRecTrainConfig,
+          on_epoch: EpochCallback | None = None, log: Callable[[str], None] = print) -> Refit:
+    epochs = result.curve.best_epoch + 1
+    vocabulary, seqs, newest = all_sequences(events)
+    log(f"refit on every interaction: {len(seqs):,} users' whole sequences over {len(vocabulary):,} items, "
+        f"{epochs} epochs (the count validation chose)")
+    model, _ = train_sasrec(seqs, None, None, replace(result.model.config, n_items=len(vocabulary)),
+                            replace(cfg, max_epochs=epochs), on_epoch)
+    return Refit(model, vocabulary, epochs, len(seqs), newest.isoformat())
+
+
 # --- a served version, judged on the same users -------------------------------------------------
 
 
@@ -182,21 +232,28 @@ def served_top_k(model_file: Path) -> Callable[[list[list[str]]], list[list[str]
     return top_k
 
 
-def served_version_gain(result: NextItemResult, model_file: Path, label: str,
-                        min_gain: float) -> tuple[PairedGain, pd.DataFrame]:
+def served_version_gain(result: NextItemResult, model_file: Path, label: str, min_gain: float,
+                        after: np.datetime64 | None = None) -> tuple[PairedGain | None, pd.DataFrame]:
     """The candidate's NDCG@10 gain over an exported version on the deciding split (paired per
     user; NDCG@10 needs only each list's top 10, so the version's top-K list ranks exactly), and
-    that version's rows for the report's table."""
+    that version's rows for the report's table. `after`: the newest interaction the version was
+    trained on (a refit); only users whose validation interaction is newer decide, since the
+    version has seen the others' (None as the gain when fewer than 2 such users)."""
     top_k = served_top_k(model_file)
-    rows, ndcg = [], None
+    rows, gain = [], None
     for split, (hist, _, target_ids) in splits(result.data, result.seed).items():
         ranks = topk_ranks(top_k([result.data.newest_first_ids(h) for h in hist]), target_ids)
         rows.append({"method": label, "split": split, "users": len(ranks), **metrics_from_ranks(ranks)})
-        if split == DECIDES:
-            ndcg = ndcg_per_example(ranks)
-    assert ndcg is not None
-    return (PairedGain.of(result.ndcg[(DECIDES, MODEL_NAME)], ndcg, min_gain, versus=label, unit="users"),
-            pd.DataFrame(rows))
+        if split != DECIDES:
+            continue
+        fair = np.ones(len(ranks), dtype=bool)
+        if after is not None:
+            _, confirm = halves(result.data, result.seed)
+            fair = result.data.valid_time[confirm] > after
+        if fair.sum() >= 2:
+            gain = PairedGain.of(result.ndcg[(DECIDES, MODEL_NAME)][fair], ndcg_per_example(ranks)[fair], min_gain,
+                                 versus=label, unit="users")
+    return gain, pd.DataFrame(rows)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -217,17 +274,26 @@ def load_next_item(folder: Path) -> tuple[SASRec, list[str]]:
     return model.eval(), json.loads((folder / "vocabulary.json").read_text())
 
 
-def export_kept(result: NextItemResult, model_repo: Path, gain: PairedGain | None = None) -> int:
-    """A new `next_item_onnx` version in `model_repo` with its validation verdict beside it
-    (validation.json: the gain that let it through); returns the version."""
-    from modelrepo.layout import write_validation
-    from scorer.export.next_item_export import export_next_item
+def export_kept(result: NextItemResult, model_repo: Path, gain: PairedGain | None = None,
+                refitted: Refit | None = None) -> int:
+    """A new `next_item_onnx` version in `model_repo` (the refit when given, else the judged model)
+    with its validation verdict beside it (validation.json: the gain that let it through, and what
+    the refit was trained on); returns the version."""
+    import onnx
+
+    from modelrepo.layout import JUDGED_NEXT_ITEM_FILE, write_validation
+    from scorer.export.next_item_export import build_next_item_onnx, export_next_item
 
     gain = gain or result.gain
-    version = export_next_item(result.model, result.vocabulary, model_repo)
+    model, vocabulary = (refitted.model, refitted.vocabulary) if refitted else (result.model, result.vocabulary)
+    version = export_next_item(model, vocabulary, model_repo)
+    if refitted:  # the judged graph beside it, for fitting a fusion on lists that have not seen its targets
+        onnx.save(build_next_item_onnx(result.model, result.vocabulary),
+                  str(model_repo / NEXT_ITEM_MODEL.name / str(version) / JUDGED_NEXT_ITEM_FILE))
     write_validation(model_repo / NEXT_ITEM_MODEL.name / str(version),
                      {"metric": "NDCG@10", "model": gain.candidate, gain.versus: gain.baseline, "se": gain.se,
-                      "users": gain.examples, "best_epoch": result.curve.best_epoch + 1})
+                      "users": gain.examples, "best_epoch": result.curve.best_epoch + 1,
+                      **({"refit": refitted.record()} if refitted else {})})
     return version
 
 
@@ -262,8 +328,9 @@ def write_report(result: NextItemResult, folder: Path, table: pd.DataFrame | Non
     text = (f"# Next-item model (SASRec)\n\n{shown.round(4).to_markdown(index=False)}\n\n{verdict}\n\n"
             f"Best epoch {c.best_epoch + 1} of {len(c.loss)} ({c.seconds:.0f} s); ![curve](curve.png)\n\n"
             "Histories are what the gateway sends (distinct recent items, newest last); full ranking over the "
-            "model's vocabulary (the training items). The exported model is this one, trained without each "
-            "user's last two interactions.\n")
+            "model's vocabulary (the training items). The exported model is this recipe refit on every "
+            "interaction for the chosen epoch count (unless --no-refit: this one, trained without each user's "
+            "last two interactions).\n")
     path = folder / "report.md"
     path.write_text(text)
     return path

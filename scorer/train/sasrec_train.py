@@ -76,14 +76,17 @@ def next_item_scores(model: SASRec, histories: Sequence[Sequence[int]], batch_si
     return np.concatenate(parts) if parts else np.zeros((0, model.config.n_items), np.float32)
 
 
-def train_sasrec(train_seqs: Sequence[Sequence[int]], valid_histories: Sequence[Sequence[int]],
-                 valid_targets: Sequence[int], model_cfg: SASRecConfig, cfg: SASRecTrainConfig = SASRecTrainConfig(),
+def train_sasrec(train_seqs: Sequence[Sequence[int]], valid_histories: Sequence[Sequence[int]] | None,
+                 valid_targets: Sequence[int] | None, model_cfg: SASRecConfig, cfg: SASRecTrainConfig = SASRecTrainConfig(),
                  on_epoch: Callable[[int, SASRecCurve], None] | None = None) -> tuple[SASRec, SASRecCurve]:
-    """Sequences hold catalog positions (0..n_items-1), oldest first; returns the best model and its curve."""
+    """Sequences hold catalog positions (0..n_items-1), oldest first; returns the best model and its curve.
+    Without validation (`valid_targets` None: a refit for an epoch count chosen before) every one of
+    `cfg.max_epochs` epochs runs (or the time budget ends it) and the last weights are kept."""
     seqs = [list(s) for s in train_seqs if len(s) >= 2]
     if not seqs:
         raise ValueError("no training sequence has two items: nothing to learn a next item from")
-    if not len(valid_targets):
+    validate = valid_targets is not None
+    if validate and not len(valid_targets):
         raise ValueError("no validation targets: early stopping needs a validation split")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -107,6 +110,15 @@ def train_sasrec(train_seqs: Sequence[Sequence[int]], valid_histories: Sequence[
             opt.step()
             losses.append(loss.item())
         curve.loss.append(float(np.mean(losses)))
+        curve.seconds = time.perf_counter() - t0
+        out_of_time = cfg.max_seconds is not None and curve.seconds > cfg.max_seconds
+        if not validate:
+            curve.best_epoch = epoch
+            if on_epoch is not None:
+                on_epoch(epoch, curve)
+            if out_of_time:
+                break
+            continue
         ndcg = rank_metrics(next_item_scores(model, valid_histories), valid_targets, ks=(10,))["NDCG@10"]
         curve.valid_ndcg10.append(ndcg)
         if curve.best_epoch < 0 or ndcg > curve.best_valid_ndcg10:
@@ -114,7 +126,8 @@ def train_sasrec(train_seqs: Sequence[Sequence[int]], valid_histories: Sequence[
         curve.seconds = time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(epoch, curve)
-        if epoch - curve.best_epoch >= cfg.patience or (cfg.max_seconds is not None and curve.seconds > cfg.max_seconds):
+        if epoch - curve.best_epoch >= cfg.patience or out_of_time:
             break
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model.eval(), curve

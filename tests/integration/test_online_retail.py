@@ -226,6 +226,9 @@ def test_the_next_item_model_trains_on_real_purchases_and_the_fusion_learns_from
     table = (tmp_path / "report" / "report.md").read_text()
     assert "kept and exported" in table
     path = served_next_item_model(models)
+    # What serves is the refit on every purchase; the fusion is fitted on the judged graph beside it,
+    # which has not seen the validation purchases the fusion learns from.
+    assert path is not None and path.name == "judged.onnx" and (path.parent / "model.onnx").is_file()
     t = train_fusion(retail.repo, tmp_path / "learned_fusion.json", next_item_model=path)
     assert t.learned_anything and t.keeps, (t.confirm.gain.says(), t.best_epoch)
     assert t.test.gain.gain > t.test.gain.se, t.test.gain.says()

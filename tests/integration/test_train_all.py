@@ -34,7 +34,7 @@ def test_train_all_then_serve_what_its_gates_kept(feature_repo, tmp_path):
                           env={**os.environ, "COLUMNS": "200"})
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    assert all(f"train all {n}/5" in out for n in range(1, 6)) and "what each gate kept" in out, out[-3000:]
+    assert all(f"train all {n}/6" in out for n in range(1, 7)) and "what each gate kept" in out, out[-3000:]
     assert "Traceback" not in out + done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]
     # One version of each served model; the packaged ranker because the repository had none.
     assert versions(model_repo, "encoder_onnx") == [1] and versions(model_repo, "interest_onnx") == [1]

@@ -116,3 +116,63 @@ def test_a_saved_candidate_loads_with_its_vocabulary(tmp_path):
     assert vocabulary == result.vocabulary
     ids = torch.tensor([[0, 0, 1, 2, 3]])
     assert torch.equal(model.next_scores(ids), result.model.next_scores(ids))
+
+
+def test_the_refit_trains_on_every_interaction_for_the_chosen_epochs(tmp_path):
+    from modelrepo.layout import read_validation
+    from scorer.train.next_item_train import export_kept, refit
+    from scorer.train.sasrec_train import SASRecTrainConfig
+
+    events = EVENTS
+    result = _result(_shop())
+    result.curve.best_epoch = 2  # validation chose 3 epochs
+    done = []
+    r = refit(result, events, SASRecTrainConfig(), on_epoch=lambda e, c: done.append(e), log=lambda _: None)
+    assert done == [0, 1, 2] and r.epochs == 3
+    # The last two interactions are in: "d", "e" (u1's) and "new" (u2's validation target) are known now.
+    assert {"d", "e", "new"} <= set(r.vocabulary) and r.model.config.n_items == len(r.vocabulary)
+    assert r.users == 2  # u3 has one interaction: nothing to learn a next item from
+    assert r.trained_through == "2026-01-01T00:11:00+00:00" and r.model.config.dim == result.model.config.dim
+    version = export_kept(result, tmp_path, refitted=r)
+    record = read_validation(tmp_path / "next_item_onnx" / str(version))
+    assert record["refit"] == {"epochs": 3, "users": 2, "items": len(r.vocabulary),
+                               "trained_through": r.trained_through}
+    assert record["model"] == result.gain.candidate  # the verdict is the judged model's
+    # Triton serves the refit; a fusion is fitted on the judged graph beside it (not on the refit,
+    # which has seen the validation targets the fusion learns from).
+    from cli.fusion_learning import served_next_item_model
+    from scorer.train.next_item_train import served_top_k
+
+    assert served_next_item_model(tmp_path) == tmp_path / "next_item_onnx" / str(version) / "judged.onnx"
+    history = [["a", "b"]]
+    served = served_top_k(tmp_path / "next_item_onnx" / str(version) / "model.onnx")(history)[0]
+    judged = served_top_k(served_next_item_model(tmp_path))(history)[0]
+    assert set(served) == set(r.vocabulary) and set(judged) == set(result.vocabulary)
+    assert export_kept(result, tmp_path) == version + 1  # no refit: nothing beside it
+    assert served_next_item_model(tmp_path).name == "model.onnx"
+
+
+def test_a_refit_serving_version_is_judged_only_on_users_it_has_not_seen(tmp_path):
+    from scorer.train.next_item_train import DECIDES, MODEL_NAME, export_kept, halves, served_version_gain
+
+    result = _result(_shop())
+    version = export_kept(result, tmp_path)
+    model_file = tmp_path / "next_item_onnx" / str(version) / "model.onnx"
+    _, confirm = halves(result.data, result.seed)
+    times = np.sort(result.data.valid_time[confirm])
+    everyone, _ = served_version_gain(result, model_file, "serving", 0.0)
+    newer, _ = served_version_gain(result, model_file, "serving", 0.0, after=times[-4])
+    assert everyone.examples == len(confirm) and newer.examples == 3  # the three newer than that time
+    assert newer.candidate == pytest.approx(
+        result.ndcg[(DECIDES, MODEL_NAME)][result.data.valid_time[confirm] > times[-4]].mean())
+    none, rows = served_version_gain(result, model_file, "serving", 0.0, after=times[-1])
+    assert none is None and len(rows) == 3  # nobody newer: no gain; the rows are still reported
+
+
+def test_without_validation_every_epoch_runs_and_the_last_weights_are_kept():
+    from scorer.train.sasrec_train import SASRecTrainConfig, train_sasrec
+
+    seqs = [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1]]
+    cfg = SASRecConfig(n_items=4, max_len=50, dim=8, n_layers=1, n_heads=2, dropout=0.0)
+    model, curve = train_sasrec(seqs, None, None, cfg, SASRecTrainConfig(max_epochs=5, patience=1))
+    assert len(curve.loss) == 5 and curve.valid_ndcg10 == [] and curve.best_epoch == 4

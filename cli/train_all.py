@@ -31,6 +31,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scorer.eval.paired_gain import PairedGain
+
 
 @dataclass
 class StepResult:
@@ -140,6 +142,11 @@ def _next_item(plan: Plan, console: Console) -> tuple[int | None, StepResult]:
                                f"{v.get('popularity', float('nan')):.4f}; report: {report / 'report.md'}")
 
 
+def confirm_says(g: PairedGain, versus: str) -> str:
+    """A fusion gate's verdict in one line: NDCG@10 on the confirm half against what it must beat."""
+    return f"confirm half NDCG@10 {g.candidate:.4f} vs {versus} {g.baseline:.4f} (gain {g.gain:+.4f} ± {g.se:.4f})"
+
+
 def _rank_fusion(plan: Plan, console: Console) -> tuple[Path | None, StepResult]:
     """The rank fusion's weights and co-visitation seeds for this shop (`recsys tune fusion`), unless
     --config names the settings the gateway serves with (then those are the rank fusion)."""
@@ -156,8 +163,7 @@ def _rank_fusion(plan: Plan, console: Console) -> tuple[Path | None, StepResult]
     except CannotTune as e:
         console.print(f"[yellow]cannot tune the fusion[/]: {e}")
         return None, StepResult("rank fusion", None, "the defaults", str(e))
-    g = t.confirm.gain
-    detail = f"confirm half NDCG@10 {g.candidate:.4f} vs the defaults {g.baseline:.4f} (gain {g.gain:+.4f} ± {g.se:.4f})"
+    detail = confirm_says(t.confirm.gain, "the defaults")
     if not t.changes:
         return None, StepResult("rank fusion", False, "the defaults", detail if t.chosen != t.start
                                 else "the defaults are the best found on the choice half")
@@ -178,8 +184,7 @@ def _fusion(plan: Plan, encoder: Path | None, rank_fusion: Path | None,
     except CannotTune as e:
         console.print(f"[yellow]cannot train the fusion[/]: {e}")
         return None, StepResult("learned fusion", None, "the rank fusion (gateway settings)", str(e))
-    g = t.confirm.gain
-    detail = f"confirm half NDCG@10 {g.candidate:.4f} vs rank fusion {g.baseline:.4f} (gain {g.gain:+.4f} ± {g.se:.4f})"
+    detail = confirm_says(t.confirm.gain, "rank fusion")
     if not t.keeps:
         return None, StepResult("learned fusion", False, "the rank fusion (gateway settings)", detail)
     return out, StepResult("learned fusion", True, f"{out.name} for pages without a query", detail)

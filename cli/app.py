@@ -581,12 +581,12 @@ def train_next_item_cmd(
     min_gain: float = typer.Option(0.0, help="How much more than its standard error the validation NDCG@10 gain "
                                    "over popularity must be to export the model."),
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "next_item", help="Report folder (report.md, curve.png)."),
-    refit: bool = typer.Option(True, help="Export the recipe refit on every interaction for the chosen epoch count "
-                               "(--no-refit: the judged model, trained without each user's last two)."),
+    refit: bool = typer.Option(False, help="Export the recipe refit on every interaction for the chosen epoch count "
+                               "instead of the judged model (trained without each user's last two; the refit is not "
+                               "judged itself, and its gain is not measured yet: docs/models.md)."),
 ) -> None:
     """Train the next-item model (SASRec over item ids) on the shop's interactions, early-stopped on
-    validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise
-    (refit on every interaction first)."""
+    validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise."""
     from cli.next_item_training import run
     from scorer.train.data import CannotTrain
 
@@ -900,6 +900,8 @@ def retrain_cmd(
     next_item_epochs: int = typer.Option(0, help="Cap on next-item model epochs per round; 0: the default (200, "
                                                  "stopped early on validation)."),
     next_item_seconds: float = typer.Option(600.0, min=1.0, help="Wall-clock budget of a next-item training round."),
+    next_item_refit: bool = typer.Option(False, help="Publish the next-item candidate refit on every interaction "
+                                         "(as `recsys train next-item --refit`)."),
     margin: float = typer.Option(0.005, help="Promote only if the gain over what is served, paired over the same validation "
                                               "examples (ranker: holdout lists), exceeds its standard error plus this."),
     min_new_labels: int = typer.Option(0, help="Retrain only when this many new positive labels arrived."),
@@ -929,7 +931,7 @@ def retrain_cmd(
     run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, models=tuple(model),
              steps={"encoder": steps, "ranker": ranker_steps, "interest": interest_steps,
                     "next_item": next_item_epochs}, margin=margin, log=console.print,
-             extra={"next_item": {"max_seconds": next_item_seconds}})
+             extra={"next_item": {"max_seconds": next_item_seconds, "refit": next_item_refit}})
 
 
 @app.command("rollback")

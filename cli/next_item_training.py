@@ -47,9 +47,9 @@ def refit_next_item(result: NextItemResult, events: pd.DataFrame, cfg: SASRecTra
 
 
 def run(repo: Path, model_repo: Path, report: Path, max_seconds: float, max_epochs: int, seed: int,
-        min_gain: float, console: Console, refit: bool = True) -> int | None:
-    """The command: train, report, export when kept (the refit on every interaction unless `refit`
-    is False). Returns the exported version (None: not kept)."""
+        min_gain: float, console: Console, refit: bool = False) -> int | None:
+    """The command: train, report, export when kept (with `refit`, the recipe refit on every
+    interaction). Returns the exported version (None: not kept)."""
     cfg = replace(SASRecTrainConfig(), max_seconds=max_seconds, max_epochs=max_epochs, seed=seed)
     events = read_events(repo)
     result = train_next_item(events, cfg, min_gain, console)

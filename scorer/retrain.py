@@ -406,15 +406,15 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
 
 def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,
                       steps: int | None = None, margin: float = 0.005, seed: int = 0, max_seconds: float = 600.0,
-                      refit: bool = True, log=print) -> RetrainResult:
+                      refit: bool = False, log=print) -> RetrainResult:
     """One round for the next-item model: train it from scratch on today's log (its vocabulary is the
     log's items, so yesterday's weights do not fit; the recipe of `recsys train next-item`), and
     promote it only if its NDCG@10 gain on the confirm half of validation, paired per user, exceeds
     its standard error plus `margin` over popularity and over the serving version, which is judged
     from its own ONNX file in `model_repo` (what Triton serves, in its own vocabulary). A serving
     refit has seen every interaction up to its `trained_through`: only users whose validation
-    interaction is newer judge it (too few: popularity alone judges). What is published is the
-    candidate refit on every interaction (`refit`). `steps`: a cap on epochs (None: 200, stopped
+    interaction is newer judge it (too few: popularity alone judges). With `refit`, what is
+    published is the candidate refit on every interaction (off by default: not judged, not measured). `steps`: a cap on epochs (None: 200, stopped
     early on validation)."""
     from dataclasses import replace
 

@@ -14,10 +14,12 @@ the NDCG@10 gain over popularity (and, in the retraining loop, over the serving 
 user, must exceed its standard error (+ margin). A gate read on the users that chose the epoch would
 be optimistic by the best of ~50 noisy epochs.
 
-What is exported is the kept recipe **refit** on every interaction (each user's whole sequence) for
-the epoch count validation chose (Refit): it knows the newest items and transitions. The refit is
-not judged itself (nothing is held out of it). It knows only the items it saw: a new item reaches
-users through the other sources until the next training.
+What is exported is the judged model, trained without each user's last two interactions; on request
+(`--refit`) the kept recipe **refit** on every interaction (each user's whole sequence) for the
+epoch count validation chose (Refit), which knows the newest items and transitions but is not
+judged itself (nothing is held out of it): off by default until its gain is measured. Either way
+the model knows only the items it saw: a new item reaches users through the other sources until
+the next training.
 """
 
 from __future__ import annotations
@@ -328,9 +330,9 @@ def write_report(result: NextItemResult, folder: Path, table: pd.DataFrame | Non
     text = (f"# Next-item model (SASRec)\n\n{shown.round(4).to_markdown(index=False)}\n\n{verdict}\n\n"
             f"Best epoch {c.best_epoch + 1} of {len(c.loss)} ({c.seconds:.0f} s); ![curve](curve.png)\n\n"
             "Histories are what the gateway sends (distinct recent items, newest last); full ranking over the "
-            "model's vocabulary (the training items). The exported model is this recipe refit on every "
-            "interaction for the chosen epoch count (unless --no-refit: this one, trained without each user's "
-            "last two interactions).\n")
+            "model's vocabulary (the training items). The exported model is this one, trained without each "
+            "user's last two interactions (with --refit: this recipe refit on every interaction for the chosen "
+            "epoch count).\n")
     path = folder / "report.md"
     path.write_text(text)
     return path

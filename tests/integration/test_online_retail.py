@@ -221,12 +221,13 @@ def test_the_next_item_model_trains_on_real_purchases_and_the_fusion_learns_from
     from modelrepo.layout import copy_repository_configs
 
     models = copy_repository_configs(tmp_path / "models")
-    version = train_next_item(retail.repo, models, tmp_path / "report", 120.0, 200, 0, 0.0, Console(quiet=True))
+    version = train_next_item(retail.repo, models, tmp_path / "report", 120.0, 200, 0, 0.0, Console(quiet=True),
+                              refit=True)
     assert version == 1, (tmp_path / "report" / "report.md").read_text()
     table = (tmp_path / "report" / "report.md").read_text()
     assert "kept and exported" in table
     path = served_next_item_model(models)
-    # What serves is the refit on every purchase; the fusion is fitted on the judged graph beside it,
+    # With --refit what serves is the refit on every purchase; the fusion is fitted on the judged graph beside it,
     # which has not seen the validation purchases the fusion learns from.
     assert path is not None and path.name == "judged.onnx" and (path.parent / "model.onnx").is_file()
     t = train_fusion(retail.repo, tmp_path / "learned_fusion.json", next_item_model=path)

@@ -163,7 +163,7 @@ def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_r
         with BackgroundGateway(settings) as gw, \
                 RecommendTraffic(gw.address, "trail running shoes", degraded_is_failure=True, user_id=user) as traffic:
             wait_for_answer(traffic, "next_item", "1")  # the user has a history: the source is in use
-            extra = {"next_item": {"max_seconds": 60.0}}
+            extra = {"next_item": {"max_seconds": 60.0, "refit": True}}
             gated = retrain_models(feature_repo.path, model_repo, server.grpc_url, registry, tmp_path / "work",
                                    models=("next_item",), steps={"next_item": 3}, margin=1.0, extra=extra)
             assert not gated[0].promoted and "not promoted: validation NDCG@10" in gated[0].reason
@@ -176,7 +176,7 @@ def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_r
                                       models=("next_item",), steps={"next_item": 3}, margin=-1.0, extra=extra)
             assert [(r.model, r.promoted, r.version) for r in promoted] == [("next_item", True, 2)]
             validation = read_validation(model_repo / "next_item_onnx" / "2")
-            # What serves is the candidate refit on every interaction; the verdict is the judged one's.
+            # With refit, what serves is the candidate refit on every interaction; the verdict is the judged one's.
             assert validation is not None and validation["metric"] == "NDCG@10" and validation["refit"]["epochs"] >= 1
             wait_for_answer(traffic, "next_item", "2")
             assert rollback(model_repo, server.grpc_url, registry, "next_item") == 1

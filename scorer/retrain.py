@@ -414,8 +414,9 @@ def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, regi
     from its own ONNX file in `model_repo` (what Triton serves, in its own vocabulary). A serving
     refit has seen every interaction up to its `trained_through`: only users whose validation
     interaction is newer judge it (too few: popularity alone judges). With `refit`, what is
-    published is the candidate refit on every interaction (off by default: not judged, not measured). `steps`: a cap on epochs (None: 200, stopped
-    early on validation)."""
+    published is the candidate refit on every interaction (off by default: not judged, not
+    measured). `steps`: a cap on epochs (None: 200, stopped early on validation). A log that cannot
+    train it (too few users with three interactions) skips the round, as the encoder's does."""
     from dataclasses import replace
 
     from contract.tensors import NEXT_ITEM_MODEL
@@ -423,15 +424,20 @@ def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, regi
     from scorer.train.next_item_train import (export_kept, read_events, save_next_item, served_version_gain,
                                               train_next_item, write_report)
     from scorer.train.next_item_train import refit as refit_recipe
+    from scorer.train.data import CannotTrain
     from scorer.train.next_item_train import utc64
     from scorer.train.sasrec_train import SASRecTrainConfig
 
     say = lambda m: log(f"retrain next_item: {m}")  # noqa: E731
     stamp = _stamp()
     entry = registry.entry("next_item")
-    events = read_events(repo)
     cfg = replace(SASRecTrainConfig(), seed=seed, max_seconds=max_seconds, **({"max_epochs": steps} if steps else {}))
-    result = train_next_item(events, cfg, margin, log=say)
+    try:
+        events = read_events(repo)
+        result = train_next_item(events, cfg, margin, log=say)
+    except CannotTrain as e:
+        say(f"skipped: {e}")
+        return RetrainResult("next_item", False, f"skipped: {e}", float("nan"), float("nan"), None, None)
     candidate_dir = save_next_item(result, work_dir / f"next_item-{stamp}")
     served_dir = model_repo / NEXT_ITEM_MODEL.name / str(entry.serving)
     gains, table = [result.gain], result.table

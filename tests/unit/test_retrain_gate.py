@@ -258,3 +258,20 @@ def test_the_snips_veto_still_refuses_a_gain_beyond_noise(tmp_path):
     assert snips_veto(overall, gain, -0.05) is None  # a negative margin tolerates as much
     result, published, _ = _run_gate(tmp_path, "ranker", gain, veto)
     assert gain.beyond_noise and not result.promoted and published == [] and result.reason == f"not promoted: {veto}"
+
+
+def test_a_log_that_cannot_train_the_next_item_model_skips_its_round(tmp_path):
+    import pandas as pd
+
+    from scorer.retrain import Registry, retrain_next_item
+
+    registry = Registry(tmp_path / "registry.json")
+    done = retrain_next_item(tmp_path, tmp_path / "models", None, registry, tmp_path / "work", log=lambda _: None)
+    assert not done.promoted and done.reason.startswith("skipped: no imported data") and done.version is None
+    offline = tmp_path / "data" / "offline"
+    offline.mkdir(parents=True)
+    pd.DataFrame({"user_id": ["u1", "u1"], "item_id": ["a", "b"], "event_type": ["PURCHASE"] * 2,
+                  "timestamp": pd.to_datetime(["2026-01-01", "2026-01-02"], utc=True)}).to_parquet(offline / "events.parquet")
+    done = retrain_next_item(tmp_path, tmp_path / "models", None, registry, tmp_path / "work", log=lambda _: None)
+    assert not done.promoted and "three interactions" in done.reason
+    assert registry.entry("next_item").serving is None

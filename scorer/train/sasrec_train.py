@@ -110,23 +110,18 @@ def train_sasrec(train_seqs: Sequence[Sequence[int]], valid_histories: Sequence[
             opt.step()
             losses.append(loss.item())
         curve.loss.append(float(np.mean(losses)))
-        curve.seconds = time.perf_counter() - t0
-        out_of_time = cfg.max_seconds is not None and curve.seconds > cfg.max_seconds
-        if not validate:
+        if validate:
+            ndcg = rank_metrics(next_item_scores(model, valid_histories), valid_targets, ks=(10,))["NDCG@10"]
+            curve.valid_ndcg10.append(ndcg)
+            if curve.best_epoch < 0 or ndcg > curve.best_valid_ndcg10:
+                curve.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+        else:  # a refit: the last epoch's weights are the ones kept
             curve.best_epoch = epoch
-            if on_epoch is not None:
-                on_epoch(epoch, curve)
-            if out_of_time:
-                break
-            continue
-        ndcg = rank_metrics(next_item_scores(model, valid_histories), valid_targets, ks=(10,))["NDCG@10"]
-        curve.valid_ndcg10.append(ndcg)
-        if curve.best_epoch < 0 or ndcg > curve.best_valid_ndcg10:
-            curve.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
         curve.seconds = time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(epoch, curve)
-        if epoch - curve.best_epoch >= cfg.patience or out_of_time:
+        stale = validate and epoch - curve.best_epoch >= cfg.patience
+        if stale or (cfg.max_seconds is not None and curve.seconds > cfg.max_seconds):
             break
     if best_state is not None:
         model.load_state_dict(best_state)

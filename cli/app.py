@@ -911,9 +911,18 @@ def retrain_cmd(
     serving_ranker_checkpoint: Optional[Path] = typer.Option(None, help="Same for the ranker (default: packaged start)."),
     serving_interest_checkpoint: Optional[Path] = typer.Option(None, help="Same for the interest model "
                                                                           "(default: untrained)."),
+    gateway_config: Optional[Path] = typer.Option(None, help="Settings file the gateway serves with (`recsys serve "
+                                                  "--config`, e.g. `recsys train all`'s var/models/gateway.toml): when "
+                                                  "it names a learned fusion, a round that promotes the encoder, "
+                                                  "interest or next-item model fits that fusion again and replaces "
+                                                  "the file only if the new fit beats it and the rank fusion."),
 ) -> None:
     """Fine-tune encoder, ranker and interest model from their serving versions, train the next-item
-    model afresh, gate each against what serves on held-out data, promote the winners with zero downtime."""
+    model afresh, gate each against what serves on held-out data, promote the winners with zero downtime;
+    then refit the learned fusion on the promoted models' lists (with --gateway-config)."""
+    from functools import partial
+
+    from cli.fusion_refresh import refresh_fusion
     from scorer.retrain import MODELS, Registry, adopt_serving, run_loop, serving_versions_in_triton
 
     unknown = sorted(set(model) - set(MODELS))
@@ -931,7 +940,9 @@ def retrain_cmd(
     run_loop(repo, model_repo, url or None, registry, work_dir, min_new_labels, every, models=tuple(model),
              steps={"encoder": steps, "ranker": ranker_steps, "interest": interest_steps,
                     "next_item": next_item_epochs}, margin=margin, log=console.print,
-             extra={"next_item": {"max_seconds": next_item_seconds, "refit": next_item_refit}})
+             extra={"next_item": {"max_seconds": next_item_seconds, "refit": next_item_refit}},
+             after_round=partial(refresh_fusion, repo=repo, model_repo=model_repo, registry_path=registry,
+                                 gateway_config=gateway_config, margin=margin, log=console.print))
 
 
 @app.command("rollback")

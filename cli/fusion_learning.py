@@ -37,7 +37,7 @@ from cli.fusion_tuning import (CannotTune, InterestFn, NextItemFn, Request, Seed
                                prepare, read_shop, subset, target_ranks)
 from contract.fusion import FusionModel
 from gateway.config import GatewaySettings, load_settings
-from gateway.learned_fusion import LearnedFusion, model_relevance
+from gateway.learned_fusion import LearnedFusion, LearnedFusionError, model_relevance
 from gateway.scoring import weight_vector
 from scorer.eval.interest_eval import ndcg_per_example
 from scorer.eval.next_item import metrics_from_ranks
@@ -66,6 +66,9 @@ class FusionTraining:
     curve: list[tuple[int, float]]
     best_epoch: int
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    # The new fit against the learned fusion served now, on the confirm half's lists from today's models
+    # (None: no incumbent; `recsys retrain` refitting after a promotion passes the file in place).
+    over_incumbent: PairedGain | None = None
 
     @property
     def learned_anything(self) -> bool:
@@ -74,7 +77,8 @@ class FusionTraining:
 
     @property
     def keeps(self) -> bool:
-        return self.learned_anything and self.confirm.gain.beyond_noise
+        return (self.learned_anything and self.confirm.gain.beyond_noise
+                and (self.over_incumbent is None or self.over_incumbent.beyond_noise))
 
 
 def learned(model: FusionModel):
@@ -191,11 +195,14 @@ def onnx_next_item(path: Path) -> NextItemFn:
 
 def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, margin: float = 0.0,
                  config: Path | None = None, interest_model: Path | None = None,
-                 encoder: Path | None = None, next_item_model: Path | None = None) -> FusionTraining:
+                 encoder: Path | None = None, next_item_model: Path | None = None,
+                 incumbent: Path | None = None) -> FusionTraining:
     """Fit, choose the scale, judge; write `out` only when the confirm half says so. `interest_model`:
     the ONNX file of the interest model the gateway serves (None: it serves its untrained formula);
     `encoder`: the fine-tuned encoder checkpoint whose item vectors the gateway's index holds (None:
-    the zero-shot encoder's)."""
+    the zero-shot encoder's). `incumbent`: the learned fusion file the gateway serves now; when it
+    can be read, the new fit must also beat it on the confirm half (paired, beyond its standard error
+    + margin), both scoring the same lists from the models given here."""
     if out.exists() and not out.is_file():
         raise CannotTune(f"{out} is not a file: --out names the model file to write")
     settings = load_settings(config)
@@ -228,10 +235,12 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn, next_fn)
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
+    over_incumbent = versus_incumbent(confirm_reqs, model, incumbent, settings, margin) if incumbent else None
     test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test",
                         interest_fn, next_fn)
     test = judge(test_reqs, model, settings, margin)
-    t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve)
+    t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve,
+                       over_incumbent)
     console.print(result_table(t))
     plot = out.with_name(out.stem + "_curve.png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +248,13 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     console.print(f"early-stopping curve: {plot} (best epoch {t.best_epoch})")
     if not t.keeps:
         left = f"; {out} left as it was" if out.exists() else ""
-        why = (f"{confirm.gain.says()} on the confirm half of validation" if t.learned_anything
-               else "the fit never beat the untrained network on its early-stopping users")
-        console.print(f"[yellow]not kept[/]: {why}: the gateway keeps the rank fusion, nothing written{left}")
+        if not t.learned_anything:
+            why = "the fit never beat the untrained network on its early-stopping users"
+        else:
+            binding = over_incumbent if confirm.gain.beyond_noise and over_incumbent is not None else confirm.gain
+            why = f"{binding.says()} on the confirm half of validation"
+        keeps = "the learned fusion in place" if over_incumbent is not None else "the rank fusion"
+        console.print(f"[yellow]not kept[/]: {why}: the gateway keeps {keeps}, nothing written{left}")
         return t
     about = {"trained_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "data": data_note(repo, shop), "max_users": max_users, "seed": seed,
@@ -250,6 +263,9 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
              "interest": str(interest_model) if interest_model else "the gateway's untrained formula",
              "next_item": str(next_item_model) if next_item_model else "none",
              "encoder": str(encoder) if encoder else "zero-shot",
+             **({"over_incumbent_ndcg10": {"incumbent": over_incumbent.baseline, "learned": over_incumbent.candidate,
+                                          "gain": over_incumbent.gain, "se": over_incumbent.se,
+                                          "users": over_incumbent.examples}} if over_incumbent is not None else {}),
              **{f"{name}_ndcg10": {"rank_fusion": j.rank_fusion["NDCG@10"], "learned": j.learned["NDCG@10"],
                                     "gain": j.gain.gain, "se": j.gain.se, "users": j.gain.examples}
                 for name, j in (("fit_half", fit_half), ("confirm_half", confirm), ("test", test))}}
@@ -263,6 +279,31 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     console.print(f"[green]wrote[/] {out} ({confirm.gain.says()} on the confirm half of validation); serve it with "
                   f"RECSYS_LEARNED_FUSION={out} (or `learned_fusion = \"{out}\"` in the --config file)")
     return t
+
+
+def versus_incumbent(reqs: list[Request], model: FusionModel, incumbent: Path, settings: GatewaySettings,
+                     margin: float) -> PairedGain | None:
+    """The new model's NDCG@10 gain over the incumbent file's on the same lists, paired per user; None
+    when there is no file to beat or it cannot be served (the gateway would not load it either)."""
+    if not incumbent.is_file():
+        return None
+    try:
+        old = LearnedFusion.load(incumbent)
+    except LearnedFusionError as e:
+        console.print(f"[yellow]the learned fusion in place cannot be served[/] ({e}): judged against the rank "
+                      "fusion only")
+        return None
+    w = weight_vector(settings.weights)
+    theirs = ndcg_per_example(target_ranks(reqs, learned(old.model), w))
+    gain = PairedGain.of(ndcg_per_example(target_ranks(reqs, learned(model), w)), theirs, margin,
+                         versus=f"the learned fusion in place ({old.version})", unit="users")
+    console.print(f"against the learned fusion in place on the confirm half, on today's models' lists: {gain.says()}")
+    held = PairedGain.of(theirs, ndcg_per_example(target_ranks(reqs, fused(settings.fusion), w)), unit="users")
+    if held.gain + held.se < 0:  # what serves now has fallen below the rank fusion: an operator should know
+        console.print(f"[yellow]the learned fusion in place now scores below the rank fusion[/] on these lists "
+                      f"(NDCG@10 {held.candidate:.4f} vs {held.baseline:.4f}, {held.examples:,} users); if no new fit "
+                      "replaces it, remove `learned_fusion` from the gateway settings")
+    return gain
 
 
 def _scaled(model: FusionModel, scale: float) -> FusionModel:

@@ -506,14 +506,18 @@ def rollback(model_repo: Path, triton_url: str, registry: Registry, model: str =
 
 
 def run_loop(repo: Path, model_repo: Path, triton_url: str | None, registry_path: Path, work_dir: Path,
-             min_new_labels: int, every_s: float | None, models: tuple[str, ...] = MODELS, **train_kwargs) -> None:
+             min_new_labels: int, every_s: float | None, models: tuple[str, ...] = MODELS,
+             after_round: Callable[[list[RetrainResult]], object] | None = None, **train_kwargs) -> None:
     """Retrain whenever `min_new_labels` positive labels arrived since the last run; check every
-    `every_s` seconds (None: check once)."""
+    `every_s` seconds (None: check once). `after_round` gets each round's results (the CLI refits
+    the learned fusion there: it is a gateway setting, not a model this package publishes)."""
     while True:
         registry = Registry.load(registry_path)
         fresh = new_labels_since(repo / "data" / "offline", registry.last_trained_at)
         if fresh >= min_new_labels:
-            retrain_models(repo, model_repo, triton_url, registry, work_dir, models, **train_kwargs)
+            results = retrain_models(repo, model_repo, triton_url, registry, work_dir, models, **train_kwargs)
+            if after_round is not None:
+                after_round(results)
         else:
             print(f"retrain: {fresh} new positive labels (< {min_new_labels}); nothing to do", flush=True)
         if every_s is None:

@@ -131,8 +131,16 @@ def test_ranker_and_interest_model_retrain_promote_and_roll_back_under_traffic(f
 
 def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_repo, tmp_path):
     """The loop's fourth model: trained afresh on the shop's log, judged against popularity and the
-    serving version's own ONNX file, published with no failed request, rolled back."""
+    serving version's own ONNX file, published with no failed request, rolled back; then `recsys
+    retrain --gateway-config` promotes again and refits the learned fusion the gateway serves on the
+    new version's lists, and the gateway serves the new file without a restart."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
     from cli.background import BackgroundGateway
+    from cli.fusion_learning import served_next_item_model, train_fusion
+    from gateway.learned_fusion import LearnedFusion
+    from rpc.clients import GatewayClient
     from gateway.config import GatewaySettings
     from modelrepo.layout import copy_repository_configs, read_validation
     from scorer.export.encoder_export import export_encoder
@@ -155,11 +163,19 @@ def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_r
     registry = Registry.load(tmp_path / "registry.json")
     adopt_serving(registry, 1, None, "next_item")
     user = feature_repo.shop.events.loc[feature_repo.shop.events["event_type"] == "CLICK", "user_id"].iloc[-1]
+    # A learned fusion fitted on v1's lists, served (margin -1: this test is about the loop, not the gate).
+    fusion_file = tmp_path / "fusion" / "learned_fusion.json"
+    assert train_fusion(feature_repo.path, fusion_file, margin=-1.0,
+                        next_item_model=served_next_item_model(model_repo)).keeps
+    first_fusion = LearnedFusion.load(fusion_file).version
+    gateway_config = tmp_path / "gateway.toml"
+    gateway_config.write_text(f'learned_fusion = "{fusion_file}"\n')
     try:
         settings = GatewaySettings(port=0, feature_repo=feature_repo.path, triton_url=server.grpc_url,
                                    embedding_cache_dir=tmp_path / "cache", request_timeout_ms=10_000,
                                    embed_timeout_ms=5_000, interest_timeout_ms=5_000, rank_timeout_ms=5_000,
-                                   next_item_timeout_ms=5_000, refresh_interval_s=0.5, feature_timeout_ms=5_000)
+                                   next_item_timeout_ms=5_000, refresh_interval_s=0.5, feature_timeout_ms=5_000,
+                                   learned_fusion=fusion_file)
         with BackgroundGateway(settings) as gw, \
                 RecommendTraffic(gw.address, "trail running shoes", degraded_is_failure=True, user_id=user) as traffic:
             wait_for_answer(traffic, "next_item", "1")  # the user has a history: the source is in use
@@ -181,11 +197,34 @@ def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_r
             wait_for_answer(traffic, "next_item", "2")
             assert rollback(model_repo, server.grpc_url, registry, "next_item") == 1
             wait_for_answer(traffic, "next_item", "1")
+
+            # The command operators run: a promotion (v3), then the fusion refit on v3's lists, judged
+            # against the file in place, written, and picked up by the gateway.
+            ran = CliRunner().invoke(app, [
+                "retrain", "--repo", str(feature_repo.path), "--model-repo", str(model_repo), "--url", server.grpc_url,
+                "--registry", str(registry.path), "--work-dir", str(tmp_path / "work"), "--model", "next_item",
+                "--next-item-epochs", "3", "--next-item-seconds", "60", "--margin", "-1",
+                "--gateway-config", str(gateway_config)])
+            said = " ".join(ran.output.split())
+            assert ran.exit_code == 0, ran.output
+            assert "next_item promoted: fitting the learned fusion" in said and "in place" in said, said
+            assert "retrain fusion: replaced" in said, said
+            wait_for_answer(traffic, "next_item", "3")
+            refit_fusion = LearnedFusion.load(fusion_file)
+            assert refit_fusion.version != first_fusion
+            assert refit_fusion.model.about["next_item"].endswith("next_item_onnx/3/model.onnx")
+            with GatewayClient(gw.address, 30) as c:
+                deadline = time.monotonic() + 10  # the refresh interval here is 0.5 s
+                while (home := c.recommend("", user_id=user, num_results=10)).model_versions.get("fusion") \
+                        != refit_fusion.version:
+                    assert time.monotonic() < deadline, f"the refit fusion was not served: {home.model_versions}"
+                    time.sleep(0.2)
+                assert not home.degraded and home.model_versions["next_item"] == "3"
             time.sleep(0.5)
         assert traffic.failures == []
-        assert {"1", "2"} <= {a["next_item"] for a in traffic.answers if "next_item" in a}
+        assert {"1", "2", "3"} <= {a["next_item"] for a in traffic.answers if "next_item" in a}
         reloaded = Registry.load(registry.path)
-        assert reloaded.entry("next_item").serving == 1 and reloaded.entry("next_item").history == [1]
+        assert reloaded.entry("next_item").serving == 3 and reloaded.entry("next_item").history == [1, 3]
         assert reloaded.last_trained_at is not None
     finally:
         server.stop()

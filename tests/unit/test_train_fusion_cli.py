@@ -52,3 +52,36 @@ def test_a_shop_without_imported_data_is_told_what_to_run(tmp_path):
     assert result.exit_code == 1
     assert "recsys data import" in " ".join(result.output.split())
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_refit_is_judged_against_the_learned_fusion_in_place_on_the_same_lists(imported_tiny_shop, tmp_path):
+    """What `recsys retrain` does after a promotion: the file in place is read on the confirm half's
+    new lists and the new fit must beat it too; the verdict is in the file written."""
+    out = tmp_path / "model.json"
+    first = train_fusion(imported_tiny_shop, out, margin=-1.0)
+    assert first.keeps and first.over_incumbent is None
+    before = out.read_text()
+    t = train_fusion(imported_tiny_shop, out, margin=-1.0, incumbent=out)
+    vs = t.over_incumbent
+    assert vs is not None and vs.examples == t.confirm.gain.examples and "in place" in vs.versus
+    # The same lists as the first run's confirm half: the incumbent scores what it scored there.
+    assert vs.baseline == pytest.approx(json.loads(before)["about"]["confirm_half_ndcg10"]["learned"])
+    assert vs.candidate == pytest.approx(t.confirm.learned["NDCG@10"])
+    assert t.keeps and json.loads(out.read_text())["about"]["over_incumbent_ndcg10"]["users"] == vs.examples
+
+
+def test_a_fit_that_does_not_beat_the_file_in_place_is_not_kept(imported_tiny_shop, tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "model.json"
+    t = train_fusion(imported_tiny_shop, out, margin=-1.0)
+    assert t.keeps
+    gain = t.confirm.gain
+    behind = replace(gain, candidate=gain.baseline - 0.01, margin=0.0, versus="the learned fusion in place")
+    assert not replace(t, over_incumbent=behind).keeps  # beats the rank fusion, not the file in place
+    assert replace(t, over_incumbent=replace(behind, candidate=gain.baseline + 1.0, se=0.0)).keeps
+    # A file in place the gateway could not serve is no incumbent: judged against the rank fusion only.
+    broken = tmp_path / "broken.json"
+    broken.write_text("not a model")
+    again = train_fusion(imported_tiny_shop, broken, margin=-1.0, incumbent=broken)
+    assert again.over_incumbent is None and again.keeps and LearnedFusion.load(broken)

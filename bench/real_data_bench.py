@@ -90,8 +90,8 @@ class Result:
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
-def load_data(source: Path, workdir: Path, limit: int | None) -> Data:
-    counts = convert(source, workdir, limit)
+def load_data(source: Path, workdir: Path, limit: int | None, last: int | None = None) -> Data:
+    counts = convert(source, workdir, limit, last)
     console.print(f"converted {counts['source_rows']:,} source rows: {counts['items']:,} items, "
                   f"{counts['users']:,} customers, {counts['events']:,} purchase lines")
     items = pd.read_parquet(workdir / "items.parquet").reset_index(drop=True)
@@ -380,7 +380,7 @@ SERVED_BEFORE_ENV = {"RECSYS_FUSION__K": "30", "RECSYS_FUSION__INTEREST": "1", "
 
 
 def served_path(data: Data, generic: Path, interest_model, progress: Progress, before: bool = False,
-                next_item_seconds: float = 0.0) -> list[Result]:
+                next_item_seconds: float = 0.0, next_item_refit: bool = False) -> list[Result]:
     """The gateway's own retrieval + fusion + ranking for the no-query case, through the real stack
     (bench/real_data_served.py): never a copy of its code, and never a number it did not answer.
     With `before`, also the settings before the fusion was tuned (first row)."""
@@ -390,7 +390,8 @@ def served_path(data: Data, generic: Path, interest_model, progress: Progress, b
                 {**SERVED_BEFORE_ENV, "RECSYS_RANKER_MODE": "always"},
                 "settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
     got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants,
-                              learned_fusion=LEARNED, next_item_seconds=next_item_seconds)
+                              learned_fusion=LEARNED, next_item_seconds=next_item_seconds,
+                              next_item_refit=next_item_refit)
     return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 
 
@@ -446,7 +447,9 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
 
     lines = [f"# Real data: Online Retail, next purchase", "",
              f"{meta['machine']}, {meta['date']}; {meta['source_rows']:,} source rows"
-             f"{' (limit)' if meta['limit'] else ''}, {meta['users']:,} customers with >= 3 purchases, "
+             f"{' (limit)' if meta['limit'] else ''}"
+             f"{f', each customer cut to the last {n} interactions (a sparse shop)' if (n := meta.get('last')) else ''}"
+             f", {meta['users']:,} customers with >= 3 purchases, "
              f"{meta['items']:,} items, {meta['train_interactions']:,} training interactions; {meta['seconds']:.0f} s "
              f"(SASRec budget {meta['sasrec_budget']}; interest steps {meta['interest_steps']}).",
              "Leave-one-out (last purchase = test, previous = validation), full ranking over the catalog, "
@@ -470,16 +473,17 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
 def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float | None = 300.0,
         served: bool = False, interest_max_steps: int | None = None, sasrec_epochs: int | None = None,
         threads: int = 1, served_before: bool = False, served_fallback_interest: bool = False,
-        served_next_item: float = 0.0) -> Path:
+        served_next_item: float = 0.0, last: int | None = None, served_next_item_refit: bool = False) -> Path:
     """The whole benchmark; returns report.md. `sasrec_epochs` / `interest_max_steps` cap the two
-    trainings (CI: fixed caps, so the result does not depend on the machine's load)."""
+    trainings (CI: fixed caps, so the result does not depend on the machine's load). `last`: each
+    customer's last `last` interactions only (a sparse shop, bench/online_retail.py keep_last)."""
     import torch
 
     # The models here are small: on a shared 2-core machine a second intra-op thread mostly waits
     # (SASRec epochs ran 4x slower with 2 threads than with 1 there).
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    data = load_data(source, out / "generic", limit)
+    data = load_data(source, out / "generic", limit, last)
     console.print(f"{len(data.test_target):,} customers with >= 3 purchases, {data.n_items:,} items, "
                   f"{sum(map(len, data.train_seqs)):,} training interactions")
     results: list[Result] = []
@@ -545,7 +549,7 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
                       console=console) as progress:
             try:
                 results.extend(served_path(data, out / "generic", served_interest, progress, served_before,
-                                           served_next_item))
+                                           served_next_item, served_next_item_refit))
             except Exception as e:  # the offline table is still worth writing; the row says what failed
                 import traceback
 
@@ -556,7 +560,7 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
         results.append(NOT_SERVED)
 
     meta = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "source_rows": data.source_rows, "limit": limit, "users": len(data.test_target),
+            "source_rows": data.source_rows, "limit": limit, "last": last, "users": len(data.test_target),
             "items": data.n_items, "train_interactions": int(sum(map(len, data.train_seqs))),
             "seconds": time.perf_counter() - t0,
             "sasrec_budget": ", ".join(x for x in (f"{sasrec_seconds:.0f} s" if sasrec_seconds else "",
@@ -579,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --served: serve no interest model (the gateway's untrained formula) even when one was kept")
     ap.add_argument("--served-next-item", type=float, default=0.0, metavar="SECONDS",
                     help="with --served: train the next-item model on the history (this budget) and serve it as a source")
+    ap.add_argument("--served-next-item-refit", action="store_true",
+                    help="with --served-next-item: serve the next-item model refit on every interaction (--refit)")
+    ap.add_argument("--last", type=int, default=None, metavar="N",
+                    help="each customer's last N interactions only: a sparse shop (most public data sets are)")
     ap.add_argument("--served-before", action="store_true",
                     help="with --served: also the served path with the fusion settings before tuning (a second gateway)")
     args = ap.parse_args(argv)
@@ -587,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run(args.source, args.out, args.limit, args.sasrec_seconds, args.served, args.interest_max_steps,
                  args.sasrec_epochs, args.threads, args.served_before, args.served_fallback_interest,
-                 args.served_next_item)
+                 args.served_next_item, args.last, args.served_next_item_refit)
     console.print(f"[green]report[/] {report}")
     print(report.read_text())
     return 0

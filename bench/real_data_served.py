@@ -121,7 +121,8 @@ async def recommend_all(address: str, users: list[str], on_done) -> tuple[list[l
 def measure_served_path(generic: Path, split: Split, interest_model, log, progress,
                         variants: dict[str, dict[str, str]] | None = None, repo: Path | None = None,
                         ranker=None, ranker_validation: dict | None = None,
-                        learned_fusion: str = "", next_item_seconds: float = 0.0) -> dict[str, tuple[dict[str, float], str]]:
+                        learned_fusion: str = "", next_item_seconds: float = 0.0,
+                        next_item_refit: bool = False) -> dict[str, tuple[dict[str, float], str]]:
     """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
     per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only;
     RECSYS_RERANK_DEPTH there sets the variant's depth). One import (none when `repo` is a feature
@@ -131,7 +132,9 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
     and, when its gate keeps the model, one more variant serves it (RECSYS_LEARNED_FUSION). With
     `next_item_seconds`, `recsys train next-item` runs on the imported history first (that budget) and
     exports what its gate keeps into the served repository: every variant then has the next-item
-    source, and the learned fusion is fitted with it."""
+    source, and the learned fusion is fitted with it (`next_item_refit`: the model served is the
+    refit on every interaction, the fusion fitted on its judged graph, as `recsys train next-item
+    --refit` leaves them)."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
@@ -155,9 +158,10 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
 
             log(f"recsys train next-item on the imported history ({next_item_seconds:.0f} s budget)")
             kept = train_next_item(repo, models, workdir / "next_item_report", next_item_seconds, 200, 0, 0.0,
-                                   Console(stderr=True))
+                                   Console(stderr=True), refit=next_item_refit)
             log(f"next-item model: {'v' + str(kept) + ' exported' if kept else 'not kept by its gate (no such source)'}")
-            served_models += ", next-item model " + ("served (`recsys train next-item` on the history)" if kept
+            how = "`recsys train next-item --refit`" if next_item_refit else "`recsys train next-item`"
+            served_models += ", next-item model " + (f"served ({how} on the history)" if kept
                                                      else "not kept by its gate")
         if learned_fusion:
             from cli.fusion_learning import served_interest_model, served_next_item_model, train_fusion

@@ -268,4 +268,9 @@ def train_all(plan: Plan, console: Console) -> Trained:
              else f"start Triton on the model repository (`recsys triton serve --repo {plan.model_repo}`: a fresh "
                   "start serves the newest versions)")
     console.print(f"to serve: {start}, then `recsys serve --config {settings}`")
+    # The retrain loop's registry starts from what Triton serves; it must know which checkpoints made it.
+    serving = "".join(f" --serving-{flag}checkpoint {path}" for flag, path in (("", encoder), ("interest-", interest))
+                      if path is not None)
+    console.print(f"to keep them fresh: `recsys retrain --repo {plan.repo} --model-repo {plan.model_repo}{serving} "
+                  f"--gateway-config {settings}` (it also refits the learned fusion after a promotion)")
     return Trained(results, exported, encoder, fusion, settings)

@@ -74,3 +74,14 @@ def test_each_customer_ends_just_before_now_with_its_spacing_kept():
     assert (last == now - pd.Timedelta(minutes=2)).all()
     u = shifted[shifted["user_id"] == "u"]["timestamp"]
     assert u.iloc[1] - u.iloc[0] == pd.Timedelta(hours=5)
+
+
+def test_keep_last_cuts_each_customer_to_their_last_interactions_as_the_split_counts_them():
+    from bench.online_retail import keep_last
+
+    ev = pd.DataFrame({"user_id": ["a"] * 6 + ["b"] * 2, "item_id": ["x", "y", "y", "z", "w", "v", "p", "q"],
+                       "timestamp": pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-02", "2020-01-03",
+                                                    "2020-01-04", "2020-01-05", "2020-01-01", "2020-01-02"])})
+    assert keep_last(ev, 3)["item_id"].tolist() == ["z", "w", "v", "p", "q"]
+    # The repeated line of y is one interaction: both lines stay, with the three after them.
+    assert keep_last(ev, 4)["item_id"].tolist() == ["y", "y", "z", "w", "v", "p", "q"]

@@ -445,11 +445,11 @@ def write_report(results: list[Result], data: Data, out: Path, meta: dict) -> Pa
         fig.savefig(out / "curves.png", dpi=110)
         plt.close(fig)
 
+    cut = f", each customer cut to the last {meta['last']} interactions (a sparse shop)" if meta.get("last") else ""
     lines = [f"# Real data: Online Retail, next purchase", "",
              f"{meta['machine']}, {meta['date']}; {meta['source_rows']:,} source rows"
              f"{' (limit)' if meta['limit'] else ''}"
-             f"{f', each customer cut to the last {n} interactions (a sparse shop)' if (n := meta.get('last')) else ''}"
-             f", {meta['users']:,} customers with >= 3 purchases, "
+             f"{cut}, {meta['users']:,} customers with >= 3 purchases, "
              f"{meta['items']:,} items, {meta['train_interactions']:,} training interactions; {meta['seconds']:.0f} s "
              f"(SASRec budget {meta['sasrec_budget']}; interest steps {meta['interest_steps']}).",
              "Leave-one-out (last purchase = test, previous = validation), full ranking over the catalog, "
@@ -488,13 +488,13 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
                   f"{sum(map(len, data.train_seqs)):,} training interactions")
     results: list[Result] = []
 
-    last = [time.perf_counter()]
+    lap = [time.perf_counter()]  # when the previous measurement ended
 
     def measure(name: str, scorer: Scorer, note: str = "", curves: dict | None = None) -> None:
         with console.status(f"ranking the catalog for every test user: {name}"):
             m = evaluate(scorer, data.test_hist, data.test_target)
         results.append(Result(name, m, note, curves or {}))
-        took, last[0] = time.perf_counter() - last[0], time.perf_counter()
+        took, lap[0] = time.perf_counter() - lap[0], time.perf_counter()
         console.print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) + f"  ({took:.0f} s to fit and rank)")
 
     pop = train_popularity(data)

@@ -10,7 +10,7 @@ demo: setup
 	.venv/bin/recsys demo
 
 test: setup
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	.venv/bin/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 # Regenerate the committed gRPC code after editing protos/ (a test fails when it is stale).
 protos: setup

@@ -54,6 +54,9 @@ class Judged:
     rank_fusion: dict[str, float]
     learned: dict[str, float]
     gain: PairedGain
+    # NDCG@10 per user, in the lists' order (for further paired comparisons on the same users).
+    rank_fusion_ndcg: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    learned_ndcg: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -89,9 +92,9 @@ def judge(reqs: list[Request], model: FusionModel, settings: GatewaySettings, ma
     w = weight_vector(settings.weights)
     before = target_ranks(reqs, fused(settings.fusion), w)
     after = target_ranks(reqs, learned(model), w)
-    gain = PairedGain.of(ndcg_per_example(after), ndcg_per_example(before), margin, versus="the rank fusion",
-                         unit="users")
-    return Judged(metrics_from_ranks(before), metrics_from_ranks(after), gain)
+    ours, theirs = ndcg_per_example(after), ndcg_per_example(before)
+    gain = PairedGain.of(ours, theirs, margin, versus="the rank fusion", unit="users")
+    return Judged(metrics_from_ranks(before), metrics_from_ranks(after), gain, theirs, ours)
 
 
 def lists_of(reqs: list[Request]) -> tuple[list[np.ndarray], list[int]]:
@@ -235,7 +238,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     confirm_reqs = prepare(confirm_pages, per_source, seeds, "confirm half: candidates and features", interest_fn, next_fn)
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
-    over_incumbent = versus_incumbent(confirm_reqs, model, incumbent, settings, margin) if incumbent else None
+    over_incumbent = versus_incumbent(confirm_reqs, confirm, incumbent, settings, margin) if incumbent else None
     test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test",
                         interest_fn, next_fn)
     test = judge(test_reqs, model, settings, margin)
@@ -281,10 +284,11 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     return t
 
 
-def versus_incumbent(reqs: list[Request], model: FusionModel, incumbent: Path, settings: GatewaySettings,
+def versus_incumbent(reqs: list[Request], judged: Judged, incumbent: Path, settings: GatewaySettings,
                      margin: float) -> PairedGain | None:
-    """The new model's NDCG@10 gain over the incumbent file's on the same lists, paired per user; None
-    when there is no file to beat or it cannot be served (the gateway would not load it either)."""
+    """The new model's NDCG@10 gain over the incumbent file's on the same lists (`judged`: the new
+    model and the rank fusion on `reqs`), paired per user; None when there is no file to beat or it
+    cannot be served (the gateway would not load it either)."""
     if not incumbent.is_file():
         return None
     try:
@@ -295,10 +299,10 @@ def versus_incumbent(reqs: list[Request], model: FusionModel, incumbent: Path, s
         return None
     w = weight_vector(settings.weights)
     theirs = ndcg_per_example(target_ranks(reqs, learned(old.model), w))
-    gain = PairedGain.of(ndcg_per_example(target_ranks(reqs, learned(model), w)), theirs, margin,
-                         versus=f"the learned fusion in place ({old.version})", unit="users")
+    gain = PairedGain.of(judged.learned_ndcg, theirs, margin, versus=f"the learned fusion in place ({old.version})",
+                         unit="users")
     console.print(f"against the learned fusion in place on the confirm half, on today's models' lists: {gain.says()}")
-    held = PairedGain.of(theirs, ndcg_per_example(target_ranks(reqs, fused(settings.fusion), w)), unit="users")
+    held = PairedGain.of(theirs, judged.rank_fusion_ndcg, unit="users")
     if held.gain + held.se < 0:  # what serves now has fallen below the rank fusion: an operator should know
         console.print(f"[yellow]the learned fusion in place now scores below the rank fusion[/] on these lists "
                       f"(NDCG@10 {held.candidate:.4f} vs {held.baseline:.4f}, {held.examples:,} users); if no new fit "

@@ -315,6 +315,26 @@ def train_interest_models(data: Data, vectors: np.ndarray, max_steps: int | None
     return fits, sel.summary(), keep
 
 
+def judged_interest_model(data: Data, vectors: np.ndarray, max_steps: int | None = None):
+    """The interest model the served path's learned fusion is fitted with: the same recipe on every
+    training sequence without its last interaction, validated on that one. The served model was
+    trained on those last interactions, and they are the validation targets of the fusion's own
+    leave-one-out over the imported history: fitted on the served model's lists, the fusion learns
+    to trust answers the model recalls (docs/models.md, the learned fusion). The product knows its
+    interest model's window from its time split (modelrepo.layout TRAINED_BEFORE); this benchmark's
+    split is per customer, so it trains the judged model instead, as next-item does (judged.onnx).
+    Its winner, or its best fit when none beats the fallback (the fusion needs the lists of a
+    trained model like the served one)."""
+    from dataclasses import replace
+
+    judged = replace(data, train_seqs=[s[:-1] for s in data.train_seqs], valid_hist=[h[:-1] for h in data.valid_hist],
+                     valid_target=np.array([h[-1] for h in data.valid_hist]))
+    console.print("the learned fusion's interest model: the recipe again without each training sequence's last "
+                  "interaction (the fusion's validation target)")
+    fits, _, keep = train_interest_models(judged, vectors, max_steps)
+    return fits[keep if keep is not None else 0].model
+
+
 def interest_scorer(model, vectors: np.ndarray, item_ids: list[str]) -> Scorer:
     import torch
 
@@ -380,10 +400,12 @@ SERVED_BEFORE_ENV = {"RECSYS_FUSION__K": "30", "RECSYS_FUSION__INTEREST": "1", "
 
 
 def served_path(data: Data, generic: Path, interest_model, progress: Progress, before: bool = False,
-                next_item_seconds: float = 0.0, next_item_refit: bool = False) -> list[Result]:
+                next_item_seconds: float = 0.0, next_item_refit: bool = False,
+                fusion_interest_model=None) -> list[Result]:
     """The gateway's own retrieval + fusion + ranking for the no-query case, through the real stack
     (bench/real_data_served.py): never a copy of its code, and never a number it did not answer.
-    With `before`, also the settings before the fusion was tuned (first row)."""
+    With `before`, also the settings before the fusion was tuned (first row). `fusion_interest_model`:
+    the one the learned fusion is fitted with (judged_interest_model)."""
     from bench.real_data_served import measure_served_path
 
     variants = {"settings before tuning, untrained ranker applied (the old harness)":
@@ -391,7 +413,7 @@ def served_path(data: Data, generic: Path, interest_model, progress: Progress, b
                 "settings before tuning": SERVED_BEFORE_ENV, "": {}} if before else {"": {}}
     got = measure_served_path(generic, data.split, interest_model, lambda msg: console.print(msg), progress, variants,
                               learned_fusion=LEARNED, next_item_seconds=next_item_seconds,
-                              next_item_refit=next_item_refit)
+                              next_item_refit=next_item_refit, fusion_interest_model=fusion_interest_model)
     return [Result(SERVED + (f", {label}" if label else ""), metrics, note) for label, (metrics, note) in got.items()]
 
 
@@ -545,11 +567,12 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
             f"k = {RRF_K:.0f}")
 
     if served:
+        fusion_interest = judged_interest_model(data, vectors, interest_max_steps) if served_interest is not None else None
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             try:
                 results.extend(served_path(data, out / "generic", served_interest, progress, served_before,
-                                           served_next_item, served_next_item_refit))
+                                           served_next_item, served_next_item_refit, fusion_interest))
             except Exception as e:  # the offline table is still worth writing; the row says what failed
                 import traceback
 

@@ -122,7 +122,8 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
                         variants: dict[str, dict[str, str]] | None = None, repo: Path | None = None,
                         ranker=None, ranker_validation: dict | None = None,
                         learned_fusion: str = "", next_item_seconds: float = 0.0,
-                        next_item_refit: bool = False) -> dict[str, tuple[dict[str, float], str]]:
+                        next_item_refit: bool = False,
+                        fusion_interest_model=None) -> dict[str, tuple[dict[str, float], str]]:
     """Metrics of the gateway's answers for every test user, and a note (settings, degraded share),
     per variant: label -> the gateway's environment overrides ({"": {}} : its defaults only;
     RECSYS_RERANK_DEPTH there sets the variant's depth). One import (none when `repo` is a feature
@@ -134,7 +135,9 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
     exports what its gate keeps into the served repository: every variant then has the next-item
     source, and the learned fusion is fitted with it (`next_item_refit`: the model served is the
     refit on every interaction, the fusion fitted on its judged graph, as `recsys train next-item
-    --refit` leaves them)."""
+    --refit` leaves them). `fusion_interest_model`: the interest model the fusion is fitted with
+    (default: the served one), exported into a repository of its own: one that has not seen the
+    fusion's validation targets (bench/real_data_bench.py judged_interest_model)."""
     from bench.common import auth_on
     from bench.gateway_bench import GatewayProcess
     from gateway.config import GatewaySettings
@@ -168,7 +171,14 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
 
             log("recsys train fusion on the imported history (validation users of the history's own split)")
             model_file = workdir / "learned_fusion.json"
-            fit = train_fusion(repo, model_file, max_users=10**6, interest_model=served_interest_model(models),
+            fit_with = models
+            if fusion_interest_model is not None:
+                from modelrepo.layout import copy_repository_configs
+                from scorer.export.interest_export import export_interest
+
+                fit_with = copy_repository_configs(workdir / "fusion_models")
+                export_interest(fit_with, fusion_interest_model)
+            fit = train_fusion(repo, model_file, max_users=10**6, interest_model=served_interest_model(fit_with),
                                next_item_model=served_next_item_model(models))
             if fit.keeps:
                 variants = {**variants, learned_fusion: {"RECSYS_LEARNED_FUSION": str(model_file)}}

@@ -368,10 +368,11 @@ def export_interest_cmd(
     repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
 ) -> None:
     """Write the interest model as a new version of interest_onnx."""
+    from modelrepo.layout import read_validation
     from scorer.export.interest_export import export_interest
     from scorer.models.interest import load_interest_model
 
-    version = export_interest(repo, load_interest_model(checkpoint))
+    version = export_interest(repo, load_interest_model(checkpoint), validation=read_validation(checkpoint))
     console.print(f"[green]exported[/] interest_onnx/{version} into {repo}")
 
 
@@ -683,7 +684,10 @@ def train_interest_cmd(
         console.print(f"[red]not saved[/]: no candidate beats the untrained fallback on validation, so there is "
                       f"nothing worth serving (the gateway's fallback stays); report: {path}")
         raise typer.Exit(1)
+    from modelrepo.layout import write_validation
+
     winner.model.save(out)
+    write_validation(out, data.training_window())  # exported beside each version: a fusion is judged after it
     console.print(f"[green]saved[/] {winner.kind} model to {out}; report: {path}")
 
 

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -132,6 +133,25 @@ def served_interest_model(model_repo: Path) -> Path | None:
     return max(versions, key=lambda d: int(d.name)) / "model.onnx" if versions else None
 
 
+def interest_window(interest_model: Path | None) -> tuple[pd.Timestamp | None, str]:
+    """From when on the fusion's targets are clean for this interest model's ONNX file (None: every
+    target is), and a line that says why, from the validation record beside it."""
+    from modelrepo.layout import TRAINED_BEFORE, UNTRAINED, read_validation
+
+    if interest_model is None:
+        return None, ""
+    record = read_validation(interest_model.parent) or {}
+    if record.get(UNTRAINED):
+        return None, "untrained, so every target judges the fusion"
+    if record.get(TRAINED_BEFORE):
+        since = pd.Timestamp(record[TRAINED_BEFORE])
+        since = since.tz_localize("UTC") if since.tzinfo is None else since.tz_convert("UTC")
+        return since, (f"trained on targets before {since:%Y-%m-%d %H:%M} UTC, so only validation and test targets "
+                       "from then on judge the fusion (on earlier ones it recalls what it was taught)")
+    return None, ("[yellow]its training window is unknown[/] (no validation.json with trained_before beside it): "
+                  "if it was trained on this log's recent interactions, the gate below is optimistic")
+
+
 def onnx_interest(path: Path, recent_items: int) -> InterestFn:
     """The served interest model (its ONNX file, on onnxruntime's CPU) called as the gateway calls it
     without a query (gateway/pipeline/retrieve.py interest_vector: the history padded to
@@ -213,15 +233,18 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     per_source = settings.candidates_per_source
     shop = read_shop(repo)
     interest_fn = onnx_interest(interest_model, settings.interest_recent_items) if interest_model else None
-    console.print("interest vectors: " + (f"the served interest model ({interest_model})" if interest_model
+    since, window = interest_window(interest_model)
+    console.print("interest vectors: " + (f"the served interest model ({interest_model}), {window}" if interest_model
                                           else "the gateway's untrained formula (no interest model served)"))
     next_fn = onnx_next_item(next_item_model) if next_item_model else None
     console.print("next-item source: " + (f"the served next-item model ({next_item_model})" if next_item_model
                                           else "none (no next-item model served)"))
     vectors: dict[str, np.ndarray] = {}
-    loaded = load(shop, "valid", max_users, seed, vectors=vectors, encoder=encoder)
+    loaded = load(shop, "valid", max_users, seed, vectors=vectors, encoder=encoder, targets_from=since)
     if len(loaded.pages) < 10:
-        raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions: need 10 (a half to fit on, "
+        after = (f" and a validation interaction from {since:%Y-%m-%d %H:%M} UTC on (the served interest model was "
+                 "trained on earlier ones)" if since is not None else "")
+        raise CannotTune(f"{len(loaded.pages)} users with at least 3 interactions{after}: need 10 (a half to fit on, "
                          "split again for early stopping, and a half to confirm on)")
     fit_pages, confirm_pages = (subset(loaded, h) for h in split_halves(len(loaded.pages), seed))
     console.print(f"validation users split in two (seed {seed}): {len(fit_pages.pages):,} to fit on, "
@@ -239,8 +262,8 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
     fit_half = judge(fit_reqs, model, settings, margin)
     confirm = judge(confirm_reqs, model, settings, margin)
     over_incumbent = versus_incumbent(confirm_reqs, confirm, incumbent, settings, margin) if incumbent else None
-    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder), per_source, seeds, "test",
-                        interest_fn, next_fn)
+    test_reqs = prepare(load(shop, "test", max_users, seed, vectors=vectors, encoder=encoder, targets_from=since),
+                        per_source, seeds, "test", interest_fn, next_fn)
     test = judge(test_reqs, model, settings, margin)
     t = FusionTraining(shop.name, model, fit_half, confirm, test, result.curve, result.best_epoch, result.loss_curve,
                        over_incumbent)
@@ -264,6 +287,7 @@ def train_fusion(repo: Path, out: Path, max_users: int = 5000, seed: int = 0, ma
              "candidates_per_source": per_source, "covisit_recent_items": seeds.covisit_recent_items,
              "covisit_seed_decay": seeds.covisit_seed_decay, "best_epoch": t.best_epoch,
              "interest": str(interest_model) if interest_model else "the gateway's untrained formula",
+             "targets_from": since.isoformat() if since is not None else "any time",
              "next_item": str(next_item_model) if next_item_model else "none",
              "encoder": str(encoder) if encoder else "zero-shot",
              **({"over_incumbent_ndcg10": {"incumbent": over_incumbent.baseline, "learned": over_incumbent.candidate,

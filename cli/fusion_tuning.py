@@ -189,15 +189,21 @@ def _live_session(events: pd.DataFrame, targets: pd.DataFrame) -> dict[str, dict
 
 
 def load(shop: ShopData, which: str, max_users: int, seed: int = 0, vectors: dict[str, np.ndarray] | None = None,
-         covisit_neighbours: int = COVISIT_NEIGHBOURS, encoder: Path | None = None) -> Loaded:
+         covisit_neighbours: int = COVISIT_NEIGHBOURS, encoder: Path | None = None,
+         targets_from: pd.Timestamp | None = None) -> Loaded:
     """The gateway's catalog (co-visitation, popularity) over every user's history before their
-    `which` ("valid" or "test") target, and each sampled target's user as the gateway reads them."""
+    `which` ("valid" or "test") target, and each sampled target's user as the gateway reads them.
+    `targets_from`: only targets at or after this time (UTC) are sampled (the users whose target a
+    model in the path was trained on would judge it on what it recalls)."""
     from scorer.data.feature_tables import item_features, item_popularity
 
     interactions = shop.events[shop.events["event_type"].isin(INTERACTIONS) & shop.events["item_id"].notna()]
     split = leave_one_out(interactions)
     history = history_events(shop.events, split, which)
     targets = getattr(split, which)
+    if targets_from is not None:
+        times = pd.to_datetime(targets["timestamp"], utc=True)
+        targets = targets[(times >= targets_from).to_numpy()].reset_index(drop=True)
     if len(targets) > max_users:
         targets = targets.sample(max_users, random_state=seed).reset_index(drop=True)
     source = InMemoryCatalogSource(item_features(shop.items), item_popularity(history), history)

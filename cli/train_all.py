@@ -100,7 +100,7 @@ def _interest(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path 
 
 def _export(plan: Plan, encoder: Path | None, interest: Path | None, console: Console) -> dict[str, int]:
     from contract.tensors import RANKER_ONNX
-    from modelrepo.layout import versions
+    from modelrepo.layout import read_validation, versions
     from scorer.export.encoder_export import export_encoder
     from scorer.export.interest_export import export_interest
     from scorer.export.ranker_export import export_ranker
@@ -111,7 +111,8 @@ def _export(plan: Plan, encoder: Path | None, interest: Path | None, console: Co
     with console.status("exporting the encoder (int8) and the interest model into the model repository"):
         out["encoder"] = export_encoder(plan.model_repo, TextEncoder(EncoderConfig(model_path=str(encoder)))
                                         if encoder else TextEncoder(), int8=True)
-        out["interest"] = export_interest(plan.model_repo, load_interest_model(interest) if interest else None)
+        out["interest"] = export_interest(plan.model_repo, load_interest_model(interest) if interest else None,
+                                          validation=read_validation(interest) if interest else None)
         if not versions(plan.model_repo, RANKER_ONNX.name):
             out["ranker"] = export_ranker(plan.model_repo, int8=True)
     console.print("exported " + ", ".join(f"{m} v{v}" for m, v in out.items()) + f" into {plan.model_repo}")

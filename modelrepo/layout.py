@@ -19,6 +19,15 @@ TOKENIZER_MODEL = Path(__file__).resolve().with_name("tokenizer_model.py")
 VALIDATION_FILE = "validation.json"
 
 
+# In an interest model's record (its checkpoint's and each exported version's): every example it was
+# trained on predicts an interaction strictly earlier than this time (ISO 8601, UTC). A learned fusion
+# fitted on that model's lists is judged on later targets only: on earlier ones the model recalls
+# what it was taught, and the gate would keep a fusion that trusts it too much (docs/models.md, the
+# learned fusion). The untrained model's record says UNTRAINED instead: it has seen nothing.
+TRAINED_BEFORE = "trained_before"
+UNTRAINED = "untrained"
+
+
 # Beside a refit next-item version's model.onnx (what Triton serves): the judged model's graph, the
 # one trained without each user's last two interactions. A learned fusion is fitted on its lists:
 # the refit has seen the fusion's validation targets, and a fusion fitted on its lists would learn

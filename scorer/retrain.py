@@ -367,6 +367,7 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     from dataclasses import replace
 
     from scorer.eval.interest_eval import evaluate_interest
+    from modelrepo.layout import write_validation
     from scorer.export.interest_export import export_interest
     from scorer.models.interest import InterestConfig, InterestModel, load_interest_model
     from scorer.train.interest_data import embed_catalog_and_queries, load_interest_examples
@@ -386,6 +387,8 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
     candidate = sel.best.model
     candidate_dir = work_dir / f"interest-{stamp}"
     candidate.save(candidate_dir)
+    window = data.training_window()  # the serving checkpoint it started from was trained on an earlier log
+    write_validation(candidate_dir, window)
     fallback = InterestModel(InterestConfig(dim=table.items.shape[1])).eval()
     serving = load_interest_model(serving_ckpt).eval() if serving_ckpt else fallback
     # The validation examples train_candidates chose on (the same usable, capped sample).
@@ -401,7 +404,7 @@ def retrain_interest(repo: Path, model_repo: Path, triton_url: str | None, regis
                                result.round(4), "validation NDCG@10", gain.baseline, gain.candidate, decision)
     registry.last_trained_at = max(registry.last_trained_at or "", str(data.rows["event_timestamp"].max()))
     return _gate("interest", registry, gain, "validation NDCG@10", report, candidate_dir,
-                 _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate)), log)
+                 _publisher("interest", model_repo, triton_url, lambda: export_interest(model_repo, candidate, validation=window)), log)
 
 
 def retrain_next_item(repo: Path, model_repo: Path, triton_url: str | None, registry: Registry, work_dir: Path,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from contract.tensors import INTEREST_MODEL, names
-from modelrepo.layout import MODEL_REPOSITORY, next_version
+from modelrepo.layout import MODEL_REPOSITORY, UNTRAINED, next_version, write_validation
 from scorer.export.encoder_export import OPSET, quiet_export
 from scorer.models.interest import InterestModel
 
@@ -31,14 +31,21 @@ def export_interest_onnx(model: nn.Module, path: Path) -> None:
         )
 
 
-def export_interest(repo: Path = MODEL_REPOSITORY, model: nn.Module | None = None, version: int | None = None) -> int:
+def export_interest(repo: Path = MODEL_REPOSITORY, model: nn.Module | None = None, version: int | None = None,
+                    validation: dict | None = None) -> int:
     """Write a new interest-model version into `repo`; return its number (no model: the untrained
-    attention model, i.e. the gateway's fallback formula)."""
+    attention model, i.e. the gateway's fallback formula). `validation`: the checkpoint's record
+    (modelrepo.layout TRAINED_BEFORE: its training window), written beside the version so that a
+    learned fusion fitted on its lists is judged after that window; the untrained model's says so."""
+    if model is None:
+        validation = {UNTRAINED: True}
     model = model or InterestModel()
     v = version or next_version(repo, "interest_onnx")
     out = repo / "interest_onnx" / str(v)
     try:
         export_interest_onnx(model, out / "model.onnx")
+        if validation is not None:
+            write_validation(out, validation)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

@@ -43,6 +43,14 @@ class LabelledRequests:
     def holdout(self) -> pd.DataFrame:
         return self.rows[self.rows["event_timestamp"] >= self.cutoff]
 
+    def training_window(self) -> dict:
+        """The validation record of a model trained on `train` (or part of it): every target it
+        learned from is before the cutoff (modelrepo.layout TRAINED_BEFORE)."""
+        from modelrepo.layout import TRAINED_BEFORE
+
+        at = pd.Timestamp(self.cutoff)
+        return {TRAINED_BEFORE: (at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")).isoformat()}
+
 
 def graded_labels(events: pd.DataFrame) -> pd.DataFrame:
     """Per (request, item): the best interaction grade, with the request's query and time.

@@ -105,6 +105,12 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     done = run("export", "interest", "--checkpoint", str(tmp_path / "interest"), "--repo", str(models))
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "interest_onnx") == [1]
+    # Its training window travels with the version: a learned fusion over it is judged after it.
+    from modelrepo.layout import TRAINED_BEFORE, read_validation
+
+    window = read_validation(tmp_path / "interest")
+    assert window is not None and pd.Timestamp(window[TRAINED_BEFORE]).tzinfo is not None
+    assert read_validation(models / "interest_onnx" / "1") == window
 
 
 def test_train_next_item_exports_only_what_beats_popularity(feature_repo, tmp_path):

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -300,3 +301,23 @@ def test_the_fusion_is_fitted_on_the_interest_vectors_the_gateway_serves(tmp_pat
     for history in ([4], [3, 9, 27], list(range(12))):
         want = fallback_interest(snap, history[:10], None)
         assert np.allclose(interest(snap, history), want, atol=1e-4)
+
+
+def test_the_interest_models_training_window_travels_with_its_exported_version(tmp_path):
+    """`recsys export interest` copies the checkpoint's record beside the version; train_fusion reads
+    it there: the untrained model has seen nothing; a version without a record is said to be unknown."""
+    from cli.fusion_learning import interest_window
+    from modelrepo.layout import TRAINED_BEFORE, UNTRAINED, read_validation
+    from scorer.export.interest_export import export_interest
+    from scorer.models.interest import InterestModel
+
+    untrained = export_interest(tmp_path)
+    assert read_validation(tmp_path / "interest_onnx" / str(untrained)) == {UNTRAINED: True}
+    assert interest_window(tmp_path / "interest_onnx" / str(untrained) / "model.onnx")[0] is None
+    trained = export_interest(tmp_path, InterestModel(), validation={TRAINED_BEFORE: "2026-03-01T12:00:00+00:00"})
+    since, says = interest_window(tmp_path / "interest_onnx" / str(trained) / "model.onnx")
+    assert since == pd.Timestamp("2026-03-01 12:00", tz="UTC") and "2026-03-01 12:00 UTC" in says
+    unknown = export_interest(tmp_path, InterestModel())
+    since, says = interest_window(tmp_path / "interest_onnx" / str(unknown) / "model.onnx")
+    assert since is None and "unknown" in says
+    assert interest_window(None) == (None, "")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -85,3 +86,48 @@ def test_a_fit_that_does_not_beat_the_file_in_place_is_not_kept(imported_tiny_sh
     broken.write_text("not a model")
     again = train_fusion(imported_tiny_shop, broken, margin=-1.0, incumbent=broken)
     assert again.over_incumbent is None and again.keeps and LearnedFusion.load(broken)
+
+
+def _valid_and_test_times(repo: Path):
+    from cli.fusion_tuning import INTERACTIONS, read_shop
+    from scorer.eval.next_item import leave_one_out
+
+    events = read_shop(repo).events
+    split = leave_one_out(events[events["event_type"].isin(INTERACTIONS) & events["item_id"].notna()])
+    return (pd.to_datetime(split.valid["timestamp"], utc=True), pd.to_datetime(split.test["timestamp"], utc=True))
+
+
+def _interest_trained_before(models: Path, when: pd.Timestamp) -> Path:
+    """An interest model exported as `recsys export interest` does, with its checkpoint's record."""
+    from modelrepo.layout import TRAINED_BEFORE
+    from scorer.export.interest_export import export_interest
+    from scorer.models.interest import InterestModel
+
+    v = export_interest(models, InterestModel(), validation={TRAINED_BEFORE: when.isoformat()})
+    return models / "interest_onnx" / str(v) / "model.onnx"
+
+
+def test_only_targets_after_the_interest_models_training_window_judge_the_fusion(imported_tiny_shop, tmp_path):
+    """An interest model trained on the interactions before T has seen every validation target
+    before T with the history that led to it: on those users it recalls, and a gate judged there
+    keeps a fusion that trusts it too much (docs/models.md, the learned fusion). So only users whose
+    target is from T on fit and judge the fusion, and the file says from when."""
+    valid, test = _valid_and_test_times(imported_tiny_shop)
+    since = valid.sort_values().iloc[len(valid) // 2]
+    model = _interest_trained_before(tmp_path / "models", since)
+    out = tmp_path / "model.json"
+    t = train_fusion(imported_tiny_shop, out, margin=-1.0, interest_model=model)
+    assert t.fit_half.gain.examples + t.confirm.gain.examples == int((valid >= since).sum()) < len(valid)
+    assert t.test.gain.examples == int((test >= since).sum())
+    if t.keeps:
+        assert pd.Timestamp(json.loads(out.read_text())["about"]["targets_from"]) == since
+
+
+def test_a_window_that_leaves_too_few_validation_users_says_so(imported_tiny_shop, tmp_path):
+    from cli.fusion_tuning import CannotTune
+
+    valid, _ = _valid_and_test_times(imported_tiny_shop)
+    model = _interest_trained_before(tmp_path / "models", valid.max() + pd.Timedelta(seconds=1))
+    with pytest.raises(CannotTune, match="validation interaction from .* UTC on"):
+        train_fusion(imported_tiny_shop, tmp_path / "model.json", margin=-1.0, interest_model=model)
+    assert not (tmp_path / "model.json").exists()

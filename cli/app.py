@@ -955,18 +955,32 @@ def rollback_cmd(
     url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address."),
     model_repo: Path = typer.Option(PROJECT_ROOT / "triton_models", help="Triton model repository."),
     registry: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "registry.json"),
+    repo: Path = typer.Option(FEATURE_REPO, help="Feature repo whose log the learned fusion is fitted on again."),
+    gateway_config: Optional[Path] = typer.Option(None, help="Settings file the gateway serves with: when it names a "
+                                                  "learned fusion and the model rolled back is one of its inputs "
+                                                  "(encoder, interest, next_item), that fusion is fitted again on the "
+                                                  "lists of the version serving now and replaced only if the new fit "
+                                                  "beats it and the rank fusion."),
+    margin: float = typer.Option(0.005, help="The learned fusion refit's margin (as `recsys retrain --margin`)."),
 ) -> None:
-    """Serve a model's previously promoted version again (zero downtime)."""
+    """Serve a model's previously promoted version again (zero downtime); then refit the learned
+    fusion on its lists (with --gateway-config)."""
+    from cli.fusion_refresh import FUSION_INPUTS, refit_fusion
     from scorer.retrain import MODELS, Registry, rollback
 
     if model not in MODELS:
         raise typer.BadParameter(f"choose from {', '.join(MODELS)}", param_hint="--model")
+    if gateway_config is not None and not gateway_config.is_file():
+        raise typer.BadParameter(f"{gateway_config} is not a file", param_hint="--gateway-config")
     try:
         version = rollback(model_repo, url, Registry.load(registry), model)
     except RuntimeError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(1) from None
     console.print(f"[green]serving {model} v{version}[/] again")
+    if model in FUSION_INPUTS:
+        refit_fusion(f"{model} rolled back to v{version}", repo, model_repo, registry, gateway_config, margin,
+                     log=console.print)
 
 
 @app.command("serve")

@@ -124,13 +124,25 @@ def fit(reqs: list[Request], seed: int):
         return fit_fusion(lists, targets, seed=seed, max_epochs=MAX_EPOCHS, on_epoch=on_epoch)
 
 
-def served_interest_model(model_repo: Path) -> Path | None:
-    """The newest version's ONNX file of the interest model in a Triton model repository (what a
-    gateway over that repository serves), or None when it holds none (the gateway's formula then)."""
+def _version_dir(model_repo: Path, model: str, version: int | None) -> Path | None:
+    """`version`'s folder of `model` (None: the newest, what a fresh Triton over the repository
+    serves; after a rollback the registry's serving version is not the newest), or None when it
+    has no model file."""
+    if version is not None:
+        d = model_repo / model / str(version)
+        return d if (d / "model.onnx").is_file() else None
+    versions = [d for d in (model_repo / model).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
+    return max(versions, key=lambda d: int(d.name)) if versions else None
+
+
+def served_interest_model(model_repo: Path, version: int | None = None) -> Path | None:
+    """The ONNX file of the interest model's `version` (None: the newest, what a gateway over a
+    fresh Triton serves) in a Triton model repository, or None when there is none (the gateway's
+    formula then)."""
     from contract.tensors import INTEREST_MODEL
 
-    versions = [d for d in (model_repo / INTEREST_MODEL.name).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
-    return max(versions, key=lambda d: int(d.name)) / "model.onnx" if versions else None
+    d = _version_dir(model_repo, INTEREST_MODEL.name, version)
+    return d / "model.onnx" if d else None
 
 
 def interest_window(interest_model: Path | None) -> tuple[pd.Timestamp | None, str]:
@@ -177,19 +189,19 @@ def onnx_interest(path: Path, recent_items: int) -> InterestFn:
     return interest
 
 
-def served_next_item_model(model_repo: Path) -> Path | None:
-    """The ONNX file to fit a fusion on for the newest next-item version in a Triton model repository
-    (None: none): its judged graph when the version is a refit (the refit has seen the validation
-    users' targets the fusion is fitted on: modelrepo/layout.py JUDGED_NEXT_ITEM_FILE), else what serves."""
+def served_next_item_model(model_repo: Path, version: int | None = None) -> Path | None:
+    """The ONNX file to fit a fusion on for the next-item model's `version` (None: the newest) in a
+    Triton model repository (None: none): its judged graph when the version is a refit (the refit has
+    seen the validation users' targets the fusion is fitted on: modelrepo/layout.py
+    JUDGED_NEXT_ITEM_FILE), else what serves."""
     from contract.tensors import NEXT_ITEM_MODEL
     from modelrepo.layout import JUDGED_NEXT_ITEM_FILE
 
-    versions = [d for d in (model_repo / NEXT_ITEM_MODEL.name).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()]
-    if not versions:
+    d = _version_dir(model_repo, NEXT_ITEM_MODEL.name, version)
+    if d is None:
         return None
-    newest = max(versions, key=lambda d: int(d.name))
-    judged = newest / JUDGED_NEXT_ITEM_FILE
-    return judged if judged.is_file() else newest / "model.onnx"
+    judged = d / JUDGED_NEXT_ITEM_FILE
+    return judged if judged.is_file() else d / "model.onnx"
 
 
 def onnx_next_item(path: Path) -> NextItemFn:

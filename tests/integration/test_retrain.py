@@ -220,11 +220,24 @@ def test_next_item_model_retrain_promotes_and_rolls_back_under_traffic(feature_r
                     assert time.monotonic() < deadline, f"the refit fusion was not served: {home.model_versions}"
                     time.sleep(0.2)
                 assert not home.degraded and home.model_versions["next_item"] == "3"
+
+            # Rolled back with the operators' command: v1 serves again and the fusion is refit on v1's
+            # lists (the registry's serving version, not v3, the newest in the repository).
+            ran = CliRunner().invoke(app, [
+                "rollback", "--model", "next_item", "--url", server.grpc_url, "--model-repo", str(model_repo),
+                "--registry", str(registry.path), "--repo", str(feature_repo.path), "--margin", "-1",
+                "--gateway-config", str(gateway_config)])
+            said = " ".join(ran.output.split())
+            assert ran.exit_code == 0, ran.output
+            assert "serving next_item v1 again" in said and "next_item rolled back to v1" in said, said
+            assert "retrain fusion: replaced" in said, said
+            wait_for_answer(traffic, "next_item", "1")
+            assert LearnedFusion.load(fusion_file).model.about["next_item"].endswith("next_item_onnx/1/model.onnx")
             time.sleep(0.5)
         assert traffic.failures == []
         assert {"1", "2", "3"} <= {a["next_item"] for a in traffic.answers if "next_item" in a}
         reloaded = Registry.load(registry.path)
-        assert reloaded.entry("next_item").serving == 3 and reloaded.entry("next_item").history == [1, 3]
+        assert reloaded.entry("next_item").serving == 1 and reloaded.entry("next_item").history == [1]
         assert reloaded.last_trained_at is not None
     finally:
         server.stop()

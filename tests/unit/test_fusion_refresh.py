@@ -64,3 +64,51 @@ def test_the_file_the_gateway_serves_is_refit_against_itself_on_the_serving_mode
     assert call["encoder"] == tmp_path / "encoder-v3" and call["margin"] == 0.005
     assert call["interest_model"] is None and call["next_item_model"] is None  # nothing exported in models/
     assert "interest promoted" in said[0] and "replaced" in said[-1]
+
+
+def test_after_a_rollback_the_fusion_is_refit_on_the_serving_versions_not_the_newest(calls, tmp_path):
+    """After `recsys rollback` the newest version in the repository is the one taken out of service:
+    the refit reads the registry's serving versions (a refit next-item version: its judged graph)."""
+    from cli.fusion_refresh import refit_fusion
+
+    models = tmp_path / "models"
+    for model, version in (("interest_onnx", 1), ("interest_onnx", 2), ("next_item_onnx", 1), ("next_item_onnx", 2)):
+        (models / model / str(version)).mkdir(parents=True)
+        (models / model / str(version) / "model.onnx").write_bytes(b"onnx")
+    (models / "next_item_onnx" / "1" / "judged.onnx").write_bytes(b"onnx")
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'learned_fusion = "{tmp_path / "fusion.json"}"\n')
+    registry = Registry.load(tmp_path / "registry.json")
+    adopt_serving(registry, 1, None, "interest")
+    adopt_serving(registry, 1, None, "next_item")
+    registry.save()
+    said: list[str] = []
+    refit_fusion("interest rolled back to v1", tmp_path / "repo", models, registry.path, config, log=said.append)
+    assert calls[0]["interest_model"] == models / "interest_onnx" / "1" / "model.onnx"
+    assert calls[0]["next_item_model"] == models / "next_item_onnx" / "1" / "judged.onnx"
+    assert "interest rolled back to v1" in said[0]
+    # A model the registry does not track: what a fresh Triton serves, the newest.
+    refit_fusion("encoder rolled back", tmp_path / "repo", models, tmp_path / "other.json", config, log=said.append)
+    assert calls[1]["interest_model"] == models / "interest_onnx" / "2" / "model.onnx"
+
+
+def test_rollback_refits_the_fusion_only_for_its_inputs(calls, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import scorer.retrain as retrain
+    from cli.app import app
+
+    monkeypatch.setattr(retrain, "rollback", lambda model_repo, url, registry, model: 4)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'learned_fusion = "{tmp_path / "fusion.json"}"\n')
+    args = ["rollback", "--registry", str(tmp_path / "registry.json"), "--model-repo", str(tmp_path / "models"),
+            "--repo", str(tmp_path / "repo"), "--gateway-config", str(config)]
+    ran = CliRunner().invoke(app, [*args, "--model", "ranker"])
+    assert ran.exit_code == 0, ran.output
+    assert "serving ranker v4 again" in ran.output and calls == []
+    ran = CliRunner().invoke(app, [*args, "--model", "interest"])
+    assert ran.exit_code == 0, ran.output
+    assert len(calls) == 1 and calls[0]["out"] == tmp_path / "fusion.json" and calls[0]["margin"] == 0.005
+    assert "interest rolled back to v4" in " ".join(ran.output.split())
+    ran = CliRunner().invoke(app, [*args[:-2], "--gateway-config", str(tmp_path / "missing.toml"), "--model", "interest"])
+    assert ran.exit_code == 2 and len(calls) == 1

@@ -1,13 +1,14 @@
 """Does the cross-encoder ranker add over the retrieval + features blend on a real shop's log?
 
-    python -m bench.ranker_real_data [--limit 20000] [--steps 100 | --checkpoint DIR] [--depths 10 20] [--out DIR]
+    python -m bench.ranker_real_data [--limit 20000] [--steps 100 [--layers N] | --checkpoint DIR] [--depths 10 20]
+                                     [--out DIR]
 
 On the real-data benchmark's split of Online Retail (bench/real_data_bench.py `load_data`; purchases
 only, so the ranker's lists are interactions with sampled negatives, scorer/train/ranker_data.py):
 1. the history (never a test purchase) is imported once into a private feature repo, exactly as the
    served bench does (bench/real_data_served.py `import_history`);
-2. `recsys train ranker` (the default recipe, `--steps` of it) fine-tunes on that repo and writes
-   its verdict (`beats_blend`) beside the checkpoint;
+2. `recsys train ranker` (the default recipe, `--steps` of it, `--layers` of the transformer) fine-tunes
+   on that repo and writes its verdict (`beats_blend`) beside the checkpoint;
 3. the served path (bench/real_data_served.py `measure_served_path`: real Feast, Triton, gateway, one
    Recommend per test customer, no query) answers with the ranker off (depth 0), the untrained
    ranker forced at the largest depth, and the fine-tuned ranker forced at every `--depths`.
@@ -48,12 +49,15 @@ def fine_tuned_variants(depths: list[int]) -> dict[str, dict[str, str]]:
     return {f"fine-tuned ranker forced, depth {d}": forced(d) for d in sorted(set(depths))}
 
 
-def train_ranker_cli(repo: Path, out: Path, steps: int) -> dict:
-    """`recsys train ranker` itself (its default recipe, `steps` steps); its validation record."""
+def train_ranker_cli(repo: Path, out: Path, steps: int, layers: int | None = None) -> dict:
+    """`recsys train ranker` itself (its default recipe, `steps` steps, `layers` layers or the default); its
+    validation record."""
     from modelrepo.layout import read_validation
 
     cmd = [sys.executable, "-m", "cli.app", "train", "ranker", "--repo", str(repo), "--out", str(out / "ranker"),
            "--steps", str(steps), "--report", str(out / "ranker_report")]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
     console.print("$ " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True, cwd=ROOT)
     record = read_validation(out / "ranker")
@@ -68,7 +72,8 @@ def write_report(out: Path, rows: dict[str, tuple[dict[str, float], str]], verdi
     lines = [f"# Ranker on Online Retail ({meta['users']} customers, {meta['items']} items; {meta['date']})", "",
              f"Machine: {meta['machine']}; {meta['seconds']:.0f} s.", ""]
     if verdict is not None:
-        lines += [f"`recsys train ranker --steps {meta['steps']}`: {verdict['metric']} ranker {verdict['ranker']:.4f} vs "
+        layers = f" --layers {meta['layers']}" if meta.get("layers") is not None else ""
+        lines += [f"`recsys train ranker --steps {meta['steps']}{layers}`: {verdict['metric']} ranker {verdict['ranker']:.4f} vs "
                   f"logged order {verdict['blend']:.4f} on {verdict['lists']} validation lists: beats_blend "
                   f"{verdict['beats_blend']}", "", "```", json.dumps(verdict, indent=2), "```", ""]
     lines += ["| served path (no query, 50 results) | Recall@10 | NDCG@10 | Recall@50 | NDCG@50 | note |",
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--limit", type=int, default=20000, help="first N source rows (20000: CI's sample)")
     ap.add_argument("--steps", type=int, default=100, help="`recsys train ranker --steps`; 0: no fine-tuning")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="`recsys train ranker --layers` (transformer layers kept; default: the recipe's)")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="serve this `recsys train ranker` checkpoint (its validation.json) instead of training one")
     ap.add_argument("--depths", type=int, nargs="+", default=[10, 20], help="rerank depths for the fine-tuned ranker")
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt, verdict = args.checkpoint, read_validation(args.checkpoint)
     else:
-        ckpt, verdict = args.out / "ranker", (train_ranker_cli(repo, args.out, args.steps) if args.steps else None)
+        ckpt, verdict = args.out / "ranker", (train_ranker_cli(repo, args.out, args.steps, args.layers)
+                                               if args.steps else None)
     rows: dict[str, tuple[dict[str, float], str]] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                             ranker_validation=verdict))
     meta = {"machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "limit": args.limit, "users": len(data.test_target), "items": data.n_items, "steps": args.steps,
-            "seconds": time.perf_counter() - t0}
+            "layers": args.layers, "seconds": time.perf_counter() - t0}
     report = write_report(args.out, rows, verdict, meta)
     console.print(f"[green]report[/] {report}")
     print(report.read_text())

@@ -584,7 +584,8 @@ def train_next_item_cmd(
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "next_item", help="Report folder (report.md, curve.png)."),
     refit: bool = typer.Option(False, help="Export the recipe refit on every interaction for the chosen epoch count "
                                "instead of the judged model (trained without each user's last two; the refit is not "
-                               "judged itself, and its gain is not measured yet: docs/models.md)."),
+                               "judged itself; served on Online Retail it gained +0.002 NDCG@10, within noise: "
+                               "docs/models.md)."),
 ) -> None:
     """Train the next-item model (SASRec over item ids) on the shop's interactions, early-stopped on
     validation NDCG@10; export it to Triton only when it beats popularity on validation beyond noise."""
@@ -620,20 +621,24 @@ def train_all_cmd(
     encoder_steps: int = typer.Option(0, help="Cap on encoder steps; 0: `recsys train encoder`'s default budget."),
     interest_steps: int = typer.Option(0, help="Cap on interest-model steps; 0: `recsys train interest`'s default."),
     next_item_seconds: float = typer.Option(600.0, min=1.0, help="Wall-clock budget of the next-item training."),
+    ranker_steps: int = typer.Option(200, min=0, help="`recsys train ranker` steps (0: do not train the ranker). "
+                                     "Exported only if it beats the blend's order on the holdout's shown lists; "
+                                     "not trained on a log without impressions."),
     seed: int = typer.Option(0),
     url: str = typer.Option("", help="A running Triton (or replicas, comma-separated) to publish each new version to "
                             "with zero downtime; '' = export only (a fresh `recsys triton serve` serves the newest)."),
 ) -> None:
     """Train every model the shop's log can train, in dependency order (encoder, interest model,
-    export, next-item model, rank-fusion weights, learned fusion), each kept only by its own gate;
-    write the gateway settings that serve what was kept and print a table of it."""
+    export, next-item model, rank-fusion weights, learned fusion, ranker), each kept only by its own
+    gate; write the gateway settings that serve what was kept and print a table of it."""
     from cli.train_all import Plan, train_all
 
     _quiet_transformers()
     if config is not None and not config.is_file():
         raise typer.BadParameter(f"{config} is not a file", param_hint="--config")
-    train_all(Plan(repo, model_repo, models, reports, settings_out, config, tune, encoder, encoder_steps,
-                   interest_steps, next_item_seconds, seed, url), console)
+    train_all(Plan(repo, model_repo, models, reports, settings_out, config=config, tune=tune, encoder=encoder,
+                   encoder_steps=encoder_steps, interest_steps=interest_steps, next_item_seconds=next_item_seconds,
+                   ranker_steps=ranker_steps, seed=seed, url=url), console)
 
 
 @train_app.command("interest")

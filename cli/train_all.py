@@ -13,6 +13,9 @@ gateway settings that serve them and a table of what was kept.
                     only if they beat the defaults (skipped when --config gives the settings served)
     6. fusion       `recsys train fusion` through the gateway's own retrieval code, with the served
                     interest and next-item models: kept only if it beats that rank fusion
+    7. ranker       `recsys train ranker` on the shown lists: exported only if it beats the blend's
+                    (logged) order on the holdout lists, and then applied (ranker_mode auto); not
+                    trained on a log without impressions (no served order to beat)
     then            a gateway settings file (`recsys serve --config FILE`): the rank fusion's
                     settings, plus the learned fusion when it was kept
 
@@ -55,6 +58,7 @@ class Plan:
     encoder_steps: int = 0  # 0: the command's default budget
     interest_steps: int = 0
     next_item_seconds: float = 600.0
+    ranker_steps: int = 200  # 0: do not train the ranker
     seed: int = 0
     url: str = ""  # a running Triton to publish each new version to ('' : export only)
 
@@ -141,6 +145,51 @@ def _next_item(plan: Plan, console: Console) -> tuple[int | None, StepResult]:
     return version, StepResult("next-item model", True, f"next_item_onnx v{version} (a candidate source)",
                                f"confirm half NDCG@10 {v.get('model', float('nan')):.4f} vs popularity "
                                f"{v.get('popularity', float('nan')):.4f}; report: {report / 'report.md'}")
+
+
+def _ranker(plan: Plan, console: Console) -> tuple[int | None, StepResult]:
+    """`recsys train ranker`, exported only when its verdict says it beat the blend (the gateway's
+    ranker_mode auto then applies it; one that lost would be served but never applied, so it is
+    not exported, as the next-item model that loses to popularity is not)."""
+    from cli.app import train_ranker_cmd
+    from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
+    from contract.tensors import RANKER_ONNX
+    from modelrepo.layout import read_validation, versions
+    from scorer.export.ranker_export import export_ranker
+    from scorer.models.ranker import CrossEncoderRanker
+    from scorer.train.data import SHOWN_LISTS, CannotTrain, require_source
+
+    earlier = versions(plan.model_repo, RANKER_ONNX.name)
+    proven = bool(earlier) and (read_validation(plan.model_repo / RANKER_ONNX.name / str(earlier[-1])) or {}).get(
+        RANKER_VERDICT_PARAMETER) is True
+    without = (f"ranker_onnx v{earlier[-1]}, applied (its verdict: it beat the blend)" if proven
+               else "no ranker applied: the blend's order (ranker_mode auto)")
+    if plan.ranker_steps == 0:
+        return None, StepResult("ranker", None, without, "skipped (--ranker-steps 0)")
+    try:
+        source = require_source(plan.repo, "ranker")
+    except CannotTrain as e:
+        return None, StepResult("ranker", None, without, str(e))
+    if source.source != SHOWN_LISTS:
+        console.print("[yellow]not training the ranker[/]: the log has no impressions, so its lists would be "
+                      "sampled (an interaction against random items) and there is no served order to beat; "
+                      "ranker_mode auto would not apply it (docs/models.md)")
+        return None, StepResult("ranker", None, without, "no impressions: no served order to beat (not trained)")
+    out = plan.models / "ranker"
+    try:
+        train_ranker_cmd(repo=plan.repo, out=out, steps=plan.ranker_steps, seed=plan.seed,
+                         report=plan.reports / "ranker", layers=None)
+    except typer.Exit:  # the command said why
+        return None, StepResult("ranker", None, without, "the data cannot train it (see above)")
+    verdict = read_validation(out) or {}
+    detail = (f"holdout {verdict.get('metric', '?')} {verdict.get('ranker', float('nan')):.4f} vs the logged order "
+              f"{verdict.get('blend', float('nan')):.4f} ({verdict.get('lists', 0)} lists)")
+    if verdict.get(RANKER_VERDICT_PARAMETER) is not True:
+        return None, StepResult("ranker", False, without, detail)
+    with console.status("exporting the fine-tuned ranker (int8)"):
+        version = export_ranker(plan.model_repo, CrossEncoderRanker.load(out).eval(), int8=True, validation=verdict)
+    console.print(f"exported {RANKER_ONNX.name}/{version} (it beat the blend) into {plan.model_repo}")
+    return version, StepResult("ranker", True, f"ranker_onnx v{version}, applied (it beat the blend)", detail)
 
 
 def confirm_says(g: PairedGain, versus: str) -> str:
@@ -238,7 +287,7 @@ def summary_table(results: list[StepResult]) -> Table:
 @dataclass
 class Trained:
     results: list[StepResult]  # one per model, in training order
-    exported: dict[str, int]  # model -> the version exported by this run (next_item: only when kept)
+    exported: dict[str, int]  # model -> the version exported by this run (next_item, a fine-tuned ranker: only when kept)
     encoder: Path | None  # the encoder checkpoint served (None: the packaged zero-shot weights)
     fusion: Path | None  # the learned fusion file (None: not kept; the rank fusion serves)
     settings: Path  # the gateway settings file that serves what was kept
@@ -246,31 +295,36 @@ class Trained:
 
 def train_all(plan: Plan, console: Console) -> Trained:
     """The steps in order; prints what each gate kept and how to serve it."""
-    console.rule("train all 1/6: the encoder")
+    console.rule("train all 1/7: the encoder")
     encoder, enc = _encoder(plan, console)
-    console.rule("train all 2/6: the interest model")
+    console.rule("train all 2/7: the interest model")
     interest, inter = _interest(plan, encoder, console)
-    console.rule("train all 3/6: export to Triton's model repository")
+    console.rule("train all 3/7: export to Triton's model repository")
     exported = _export(plan, encoder, interest, console)
-    console.rule("train all 4/6: the next-item model")
+    console.rule("train all 4/7: the next-item model")
     next_item, nxt = _next_item(plan, console)
     if next_item is not None:
         exported["next_item"] = next_item
-    console.rule("train all 5/6: the rank fusion's weights for this shop")
+    console.rule("train all 5/7: the rank fusion's weights for this shop")
     rank_fusion, rank = _rank_fusion(plan, console)
-    console.rule("train all 6/6: the learned fusion of the no-query sources")
+    console.rule("train all 6/7: the learned fusion of the no-query sources")
     fusion, fus = _fusion(plan, encoder, rank_fusion, console)
+    console.rule("train all 7/7: the ranker")
+    ranker, rnk = _ranker(plan, console)
+    if ranker is not None:
+        exported["ranker"] = ranker
     settings = write_settings(plan.settings_out, fusion, rank_fusion)
     if plan.url:
         _publish(plan, exported, console)
-    results = [enc, inter, nxt, rank, fus]
+    results = [enc, inter, nxt, rank, fus, rnk]
     console.print(summary_table(results))
     start = (f"Triton at {plan.url} serves the new versions" if plan.url
              else f"start Triton on the model repository (`recsys triton serve --repo {plan.model_repo}`: a fresh "
                   "start serves the newest versions)")
     console.print(f"to serve: {start}, then `recsys serve --config {settings}`")
     # The retrain loop's registry starts from what Triton serves; it must know which checkpoints made it.
-    serving = "".join(f" --serving-{flag}checkpoint {path}" for flag, path in (("", encoder), ("interest-", interest))
+    serving = "".join(f" --serving-{flag}checkpoint {path}" for flag, path in
+                      (("", encoder), ("interest-", interest), ("ranker-", plan.models / "ranker" if ranker else None))
                       if path is not None)
     console.print(f"to keep them fresh: `recsys retrain --repo {plan.repo} --model-repo {plan.model_repo}{serving} "
                   f"--gateway-config {settings}` (it also refits the learned fusion after a promotion)")

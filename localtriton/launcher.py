@@ -249,7 +249,17 @@ class TritonServer:
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         self.launch()
         self.wait_ready(timeout_s)
+        self.pin_verdicts()
         return self
+
+    def pin_verdicts(self) -> dict[str, int]:
+        """Give each loaded ensemble its served version's validation verdict (the ranker's
+        `beats_blend`, modelrepo/publish.py `pin_verdicts`): a fresh start loads the committed
+        configs, which carry none, and the gateway's ranker_mode auto would never apply a proven
+        ranker that was exported but not published."""
+        from modelrepo.publish import pin_verdicts
+
+        return pin_verdicts(self.grpc_url, self.model_repository, self.admin_key)
 
     def is_ready(self) -> bool:
         try:

@@ -206,6 +206,7 @@ class TritonSupervisor:
         """Start the server (errors of the first start are raised: a bad repository or a busy
         port is not something a restart fixes) and begin watching it."""
         self._launch_and_wait()
+        self.server.pin_verdicts()
         self._healthy_since = time.monotonic()
         self._poll_versions()
         self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
@@ -364,9 +365,12 @@ class TritonSupervisor:
         state = self.serving
         if state is None:  # never read (no successful poll): the configs' defaults
             self._launch_and_wait()
-            return []
+            return [f"{m} pinned to v{v} (its verdict)" for m, v in self.server.pin_verdicts().items()]
         self._launch_and_wait([])
-        return restore_serving_state(self.server.grpc_url, self.server.model_repository, state, self.server.admin_key)
+        restored = restore_serving_state(self.server.grpc_url, self.server.model_repository, state, self.server.admin_key)
+        # A restored pin carries its version's verdict (pin_ensemble); an ensemble restored unpinned
+        # gets it as on a fresh start.
+        return restored + [f"{m} pinned to v{v} (its verdict)" for m, v in self.server.pin_verdicts().items()]
 
     def _emit(self, event: SupervisorEvent) -> None:
         if self.on_event is not None:

@@ -42,14 +42,15 @@ def load_with_versions(client: grpcclient.InferenceServerClient, repo: Path, mod
     client.load_model(model, config=json_format.MessageToJson(config))
 
 
-def pin_ensemble(client: grpcclient.InferenceServerClient, repo: Path, ensemble: str, version: int,
-                 parameters: dict[str, str] | None = None) -> None:
-    """Re-load `ensemble` with every step pinned to `version` and `parameters` set in its config
-    (the committed config's parameters otherwise: a version without a verdict carries none)."""
+def pin_ensemble(client: grpcclient.InferenceServerClient, repo: Path, ensemble: str, version: int) -> None:
+    """Re-load `ensemble` with every step pinned to `version` and the verdict of that version's
+    weights set in its config (`ensemble_verdict`; a version without one carries none). Every pin
+    goes through here (publish, rollback, a restarted server's restore, a fresh start's
+    `pin_verdicts`), so the gateway's ranker_mode auto sees the same verdict after each."""
     config = read_config(repo, ensemble)
     for step in config.ensemble_scheduling.step:
         step.model_version = version
-    for key, value in (parameters or {}).items():
+    for key, value in ensemble_verdict(repo, config, version).items():
         config.parameters[key].string_value = value
     client.load_model(ensemble, config=json_format.MessageToJson(config))
 
@@ -60,6 +61,46 @@ def verdict_parameters(repo: Path, weights_model: str, version: int) -> dict[str
     if validation is None or RANKER_VERDICT_PARAMETER not in validation:
         return {}
     return {RANKER_VERDICT_PARAMETER: "true" if validation[RANKER_VERDICT_PARAMETER] is True else "false"}
+
+
+def ensemble_verdict(repo: Path, config: model_config_pb2.ModelConfig, version: int) -> dict[str, str]:
+    """The verdict parameters of an ensemble served at `version`: those its steps' version folders
+    carry (the ranker's `beats_blend`, beside ranker_onnx/<version>)."""
+    params: dict[str, str] = {}
+    for step in config.ensemble_scheduling.step:
+        params.update(verdict_parameters(repo, step.model_name, version))
+    return params
+
+
+def pin_verdicts(url: str, repo: Path, admin_key: str | None = None) -> dict[str, int]:
+    """After a fresh start: pin each loaded ensemble whose served version has a verdict to that
+    version, with the verdict in its config; return {ensemble: version} for what was pinned.
+
+    Why: a fresh server loads each ensemble with the committed config.pbtxt (unpinned: the newest
+    version), which carries no verdict, so a ranker exported with `beats_blend` true (`recsys export
+    ranker`, `recsys train all` without --url) would never be applied by ranker_mode auto until
+    someone published it. Writing the verdict into the committed config instead would edit a
+    tracked file and go stale at the next export. Only ensembles with a verdict are re-loaded."""
+    client = AdminClient(url, admin_key)
+    pinned: dict[str, int] = {}
+    try:
+        for model in client.get_model_repository_index(as_json=True).get("models", []):
+            name = model["name"]
+            if model.get("state") != "READY" or not (repo / name / "config.pbtxt").is_file():
+                continue
+            config = read_config(repo, name)
+            if config.platform != "ensemble" or serving_version(client, name) is not None:
+                continue  # a bare model, or an ensemble already pinned (its verdict came with the pin)
+            # Unpinned, each step serves its newest loaded version; one version for all of them
+            # (the exporters version a model's components together) is the one to pin.
+            newest = {max(ready_versions(client, s.model_name), default=0) for s in config.ensemble_scheduling.step}
+            version = newest.pop() if len(newest) == 1 else 0
+            if version and ensemble_verdict(repo, config, version):
+                pin_ensemble(client, repo, name, version)
+                pinned[name] = version
+        return pinned
+    finally:
+        client.close()
 
 
 def serving_version(client: grpcclient.InferenceServerClient, ensemble: str = "encoder") -> int | None:
@@ -91,7 +132,7 @@ def publish_model(url: str, repo: Path, version: int, components: tuple[str, ...
         for model in components:
             load_with_versions(client, repo, model, keep)
         if ensemble:
-            pin_ensemble(client, repo, ensemble, version, verdict_parameters(repo, components[-1], version))
+            pin_ensemble(client, repo, ensemble, version)
         for model in components:
             load_with_versions(client, repo, model, keep if keep_previous else [version])
         return old

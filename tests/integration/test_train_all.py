@@ -30,15 +30,19 @@ def test_train_all_then_serve_what_its_gates_kept(feature_repo, tmp_path):
     done = subprocess.run([RECSYS, "train", "all", "--repo", str(feature_repo.path), "--model-repo", str(model_repo),
                            "--models", str(checkpoints), "--reports", str(tmp_path / "reports"),
                            "--settings", str(settings_file), "--no-encoder", "--interest-steps", "40",
-                           "--next-item-seconds", "40"], capture_output=True, text=True, timeout=900,
+                           "--next-item-seconds", "40", "--ranker-steps", "20"], capture_output=True, text=True,
+                          timeout=900,
                           env={**os.environ, "COLUMNS": "200"})
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    assert all(f"train all {n}/6" in out for n in range(1, 7)) and "what each gate kept" in out, out[-3000:]
+    assert all(f"train all {n}/7" in out for n in range(1, 8)) and "what each gate kept" in out, out[-3000:]
     assert "Traceback" not in out + done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]
-    # One version of each served model; the packaged ranker because the repository had none.
+    # One version of each served model; the packaged ranker because the repository had none, and
+    # the fine-tuned one beside it only if it beat the blend (the tiny shop has shown lists).
     assert versions(model_repo, "encoder_onnx") == [1] and versions(model_repo, "interest_onnx") == [1]
-    assert versions(model_repo, "ranker_onnx") == [1]
+    assert "training the ranker model on shown lists" in out, out[-3000:]
+    ranker_kept = "exported ranker_onnx/2 (it beat the blend)" in out
+    assert versions(model_repo, "ranker_onnx") == ([1, 2] if ranker_kept else [1])
     next_item_kept = versions(model_repo, "next_item_onnx") == [1]
     assert next_item_kept == ("exported next_item_onnx/1" in out)
     fusion = checkpoints / "fusion" / "learned_fusion.json"
@@ -61,6 +65,8 @@ def test_train_all_then_serve_what_its_gates_kept(feature_repo, tmp_path):
         assert len(home.items) == 10 and not home.degraded, home.degraded_reasons
         assert home.model_versions["interest"] == "1"
         assert ("next_item" in home.model_versions) == next_item_kept, dict(home.model_versions)
+        # ranker_mode auto applies the ranker exactly when its verdict (read on Triton's fresh start) says so.
+        assert ("ranker" in home.model_versions) == ranker_kept, dict(home.model_versions)
         if fusion.is_file():
             assert home.model_versions["fusion"] == LearnedFusion.load(fusion).version
         else:

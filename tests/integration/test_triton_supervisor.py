@@ -230,3 +230,55 @@ def test_gateway_answers_ranked_again_after_tritonserver_is_sigkilled(feature_re
             assert "ranker" in response.model_versions
     finally:
         sup.stop()
+
+
+RANKER_MODELS = ("pair_tokenizer", "ranker_onnx", "ranker")
+
+
+def test_a_proven_rankers_verdict_is_served_after_a_fresh_start_and_after_a_restart(models, tmp_path):
+    """A ranker exported with `beats_blend` true and never published (`recsys export ranker`,
+    `recsys train all` without --url): a fresh start serves its verdict in the `ranker` ensemble's
+    config (what the gateway's ranker_mode auto reads), and so does the server the supervisor
+    restarts after a SIGKILL. Before, only a publish set it: a fresh start or a restart served the
+    committed config, and auto never applied the ranker."""
+    from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
+    from gateway.triton_client import TritonClient
+    from localtriton.supervisor import TritonSupervisor
+    from modelrepo.layout import write_validation
+
+    repo = tmp_path / "models"
+    for model in RANKER_MODELS:
+        _link_copy(models / model, repo / model)
+    for component in RANKER_MODELS[:2]:  # v2: the same files, plus a verdict (a new file, not a linked one)
+        _link_copy(repo / component / "1", repo / component / "2")
+    write_validation(repo / "ranker_onnx" / "2", {RANKER_VERDICT_PARAMETER: True, "metric": "snips_ndcg@5",
+                                                  "ranker": 0.61, "blend": 0.58, "lists": 40})
+
+    async def served(url: str) -> tuple[str, str | None]:
+        c = TritonClient(url)
+        try:
+            return (await c.serving_version("ranker", "ranker_onnx"),
+                    await c.config_parameter("ranker", RANKER_VERDICT_PARAMETER))
+        finally:
+            await c.close()
+
+    events = []
+    server = TritonServer(model_repository=repo, workdir=tmp_path / "run")
+    sup = TritonSupervisor(server, version_poll_s=1.0, on_event=events.append).start()
+    try:
+        assert asyncio.run(served(server.grpc_url)) == ("2", "true")
+        deadline = time.monotonic() + 15
+        while not (sup.serving and sup.serving.pinned.get("ranker") == 2):
+            assert time.monotonic() < deadline, f"supervisor never saw the pin: {sup.serving}"
+            time.sleep(0.2)
+        os.kill(server.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + RESTART_BUDGET_S
+        while sup.restarts < 1:
+            assert time.monotonic() < deadline, f"no restart; events: {[e.message for e in events]}"
+            time.sleep(0.2)
+        assert asyncio.run(served(server.grpc_url)) == ("2", "true"), [e.message for e in events]
+    finally:
+        sup.stop()
+    # A bare fresh start (no supervisor: tests, benchmarks, the demo) pins it too.
+    with TritonServer(model_repository=repo, workdir=tmp_path / "run2") as bare:
+        assert asyncio.run(served(bare.grpc_url)) == ("2", "true")

@@ -18,6 +18,7 @@ In production the NGC `tritonserver` container serves the same `triton_models/` 
 from __future__ import annotations
 
 import filecmp
+import logging
 import os
 import secrets
 import signal
@@ -34,6 +35,8 @@ import psutil
 
 from modelrepo.admin import admin_key as load_admin_key, restriction_flags
 from modelrepo.layout import MODEL_REPOSITORY, PROJECT_ROOT, loadable_models
+
+log = logging.getLogger(__name__)
 
 TRITON_VENV = PROJECT_ROOT / ".venv-triton"
 SHIM = Path(__file__).with_name("onnxruntime_shim.py")
@@ -259,7 +262,12 @@ class TritonServer:
         ranker that was exported but not published."""
         from modelrepo.publish import pin_verdicts
 
-        return pin_verdicts(self.grpc_url, self.model_repository, self.admin_key)
+        try:
+            return pin_verdicts(self.grpc_url, self.model_repository, self.admin_key)
+        except Exception as e:  # the server serves; without the verdict only ranker_mode auto is off, as before
+            log.warning("could not give the ensembles their versions' verdicts (a proven ranker stays off in "
+                        "ranker_mode auto until it is published): %s", e)
+            return {}
 
     def is_ready(self) -> bool:
         try:

@@ -84,16 +84,19 @@ def pin_verdicts(url: str, repo: Path, admin_key: str | None = None) -> dict[str
     client = AdminClient(url, admin_key)
     pinned: dict[str, int] = {}
     try:
-        for model in client.get_model_repository_index(as_json=True).get("models", []):
-            name = model["name"]
-            if model.get("state") != "READY" or not (repo / name / "config.pbtxt").is_file():
+        ready: dict[str, list[int]] = {}  # one index read: model -> its READY versions
+        for m in client.get_model_repository_index(as_json=True).get("models", []):
+            if m.get("state") == "READY" and m.get("version", "").isdigit():
+                ready.setdefault(m["name"], []).append(int(m["version"]))
+        for name in ready:
+            if not (repo / name / "config.pbtxt").is_file():
                 continue
             config = read_config(repo, name)
             if config.platform != "ensemble" or serving_version(client, name) is not None:
                 continue  # a bare model, or an ensemble already pinned (its verdict came with the pin)
             # Unpinned, each step serves its newest loaded version; one version for all of them
             # (the exporters version a model's components together) is the one to pin.
-            newest = {max(ready_versions(client, s.model_name), default=0) for s in config.ensemble_scheduling.step}
+            newest = {max(ready.get(s.model_name, []), default=0) for s in config.ensemble_scheduling.step}
             version = newest.pop() if len(newest) == 1 else 0
             if version and ensemble_verdict(repo, config, version):
                 pin_ensemble(client, repo, name, version)

@@ -49,8 +49,8 @@ def write_results(path: Path, benchmark: str, rows: list[dict]) -> dict:
 
 
 def start_service(module: str, port: int, env: dict[str, str], log_path: Path, cwd: Path, what: str,
-                  timeout_s: float = 900.0):
-    """`python -m module` as its own process; returns it once its grpc health says SERVING."""
+                  timeout_s: float = 900.0, args: tuple[str, ...] = ()):
+    """`python -m module *args` as its own process; returns it once its grpc health says SERVING."""
     import subprocess
     import sys
     import time
@@ -58,7 +58,7 @@ def start_service(module: str, port: int, env: dict[str, str], log_path: Path, c
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    process = subprocess.Popen([sys.executable, "-m", module], cwd=cwd, env=env, stdout=log_path.open("w"),
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=log_path.open("w"),
                                stderr=subprocess.STDOUT)
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     deadline = time.monotonic() + timeout_s

@@ -110,7 +110,7 @@ def sample_requests(repo: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 class GatewayProcess:
     def __init__(self, repo: Path, triton_url: str, depth: int, env: dict[str, str], workdir: Path, yaml: str,
-                 port: int = 0, name: str = ""):
+                 port: int = 0, name: str = "", config: Path | None = None):
         from localtriton.launcher import free_port
 
         self.port = port or free_port()
@@ -122,9 +122,11 @@ class GatewayProcess:
                     "RECSYS_LOG_LEVEL": "WARNING"}
         self.log_path = workdir / f"gateway-{name or depth}.log"
         self.process: subprocess.Popen | None = None
+        self.config = config  # a settings file (`python -m gateway FILE`); the environment above overrides it
 
     def __enter__(self) -> "GatewayProcess":
-        self.process = start_service("gateway", self.port, self.env, self.log_path, ROOT, "gateway")
+        self.process = start_service("gateway", self.port, self.env, self.log_path, ROOT, "gateway",
+                                     args=(str(self.config),) if self.config else ())
         return self
 
     def __exit__(self, *exc) -> None:

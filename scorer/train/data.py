@@ -5,8 +5,9 @@ The label log is Feast's `labels_source` (feature_repo/data/offline/labels.parqu
 interactions attributed to shown items: purchase 3 > cart 2 > click 1. Item text comes from Feast's `item_attributes` joined at the
 request's time, so an item's text is what it was when the shopper saw it.
 
-The split is by time: the last `holdout_fraction` of the period is held out, so evaluation asks
-"trained on the past, how well do we rank the future?" (new items and new users included).
+The split is by time: the last `holdout_fraction` of the events (in time order) is held out, so
+evaluation asks "trained on the past, how well do we rank the future?" (new items and new users
+included).
 
 A log without impressions (most shops' order exports) has no shown lists and so no label log.
 Training then learns from the interactions themselves (`interaction_labels`: one example per click,
@@ -71,12 +72,28 @@ def graded_labels(events: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def time_cut(timestamps: pd.Series, fraction: float) -> pd.Timestamp:
+    """The moment from which the last `fraction` of the events lie, counted in events, not in time:
+    everything before it is earlier than everything from it on (events at the cut itself, ties, go
+    after it), and the share after it does not depend on how the events spread over the period.
+
+    A cut at a share of the *period* did: a shop's log grows (Online Retail holds 34% of its events
+    in the last fifth of its year), a public log spans years with most of it in the last few, one
+    stray old timestamp moves the cut, and a backfill shifted to end now (bench/real_data_served.py)
+    crowds the last fifth of the period with ~90% of the events. The models then trained on a small,
+    old part of the log and never learned from the newest events.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    ts = timestamps.sort_values(ignore_index=True)
+    return ts.iloc[min(len(ts) - 1, int(len(ts) * (1 - fraction)))]
+
+
 def time_cutoff(events: pd.DataFrame, holdout_fraction: float) -> pd.Timestamp:
-    """The moment after which the last `holdout_fraction` of the logged period lies."""
+    """The moment from which the last `holdout_fraction` of the logged events lie (`time_cut`)."""
     if events.empty:
         raise CannotTrain("no examples to split: the data holds no labelled interactions")
-    start, end = events["timestamp"].min(), events["timestamp"].max()
-    return start + (end - start) * (1 - holdout_fraction)
+    return time_cut(events["timestamp"], holdout_fraction)
 
 
 # --- what the data holds, and what each model can learn from it ----------------------------------

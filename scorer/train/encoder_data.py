@@ -18,7 +18,7 @@ from scorer.eval.encoder_validation import NextItemValidation, QueryValidation
 from scorer.eval.retrieval_eval import build_eval_set
 from scorer.models.interest import InterestConfig
 from scorer.train.data import (INTERACTIONS, ITEM_FEATURES, CannotTrain, LabelledRequests, interaction_log, join_features,
-                               load_labelled_requests, require_source)
+                               load_labelled_requests, require_source, time_cut)
 
 HISTORY_LEN = InterestConfig.max_items  # the recent items a user vector reads (as the interest model does)
 
@@ -122,10 +122,12 @@ def shopper_validation_split(pairs: pd.DataFrame, fraction: float = 0.1, min_use
 
 
 def time_validation_split(rows: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.Timestamp]:
-    """(rows, cut) for query pairs: validation is the last `fraction` of the rows' period (after
-    everything trained on, as the holdout follows the training period)."""
+    """(rows, cut) for query pairs: validation is the last `fraction` of the rows in time order
+    (after everything trained on, as the holdout follows the training period; `time_cut`)."""
     ts = rows["event_timestamp"]
-    cut = ts.min() + (ts.max() - ts.min()) * (1 - fraction)
+    if ts.empty:
+        raise CannotTrain("no searches to hold out a validation split from")
+    cut = time_cut(ts, fraction)
     if (ts < cut).sum() < 2 or not (ts >= cut).any():
         raise CannotTrain(f"too few searches to hold out a validation split ({int((ts < cut).sum())} before the cut)")
     return rows, cut

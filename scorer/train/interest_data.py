@@ -21,7 +21,7 @@ import pandas as pd
 
 from scorer.models.interest import InterestConfig
 from scorer.train.data import (INTERACTIONS, CannotTrain, LabelledRequests, interaction_log, join_features, label_log,
-                               require_source)
+                               require_source, time_cutoff)
 
 HISTORY_FEATURES = ["user_session:recent_clicked_item_ids", "user_session:recent_carted_item_ids",
                     "user_profile:recent_item_ids"]
@@ -62,6 +62,9 @@ def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig()
         labels = labels[(labels["history"].map(len) > 0) | labels["query"].notna()].reset_index(drop=True)
         if labels.empty:
             raise CannotTrain("no interaction has an earlier one of the same user within the profile's TTL")
+        # The cut is a share of the *examples*: the interactions left out above (no history yet) are
+        # mostly early ones, so a cut over all interactions held out ~half of the examples.
+        cutoff = time_cutoff(labels.rename(columns={"event_timestamp": "timestamp"}), holdout_fraction)
     return LabelledRequests(labels, cutoff)
 
 

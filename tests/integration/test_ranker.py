@@ -114,6 +114,7 @@ def test_a_published_rankers_verdict_is_in_its_ensemble_config(trained, encoder_
     leaves the parameter out. Real tritonserver, explicit model control with the admin key."""
     from contract.ranker_inputs import RANKER_VERDICT_PARAMETER
     from gateway.triton_client import TritonClient
+    from modelrepo.admin import AdminClient
     from modelrepo.publish import publish
     from scorer.export.ranker_export import export_ranker
 
@@ -121,6 +122,11 @@ def test_a_published_rankers_verdict_is_in_its_ensemble_config(trained, encoder_
     repo = encoder_repo[0]
     proven = export_ranker(repo, model, validation={RANKER_VERDICT_PARAMETER: True, "metric": "ndcg@5",
                                                     "ranker": 0.61, "blend": 0.58, "lists": 40})
+    # Loaded here, not left to an earlier test: explicit model control starts with the encoder only.
+    client = AdminClient(triton.grpc_url, triton.admin_key)
+    for name in ("pair_tokenizer", "ranker_onnx", "ranker"):
+        client.load_model(name)
+    client.close()
     publish(triton.grpc_url, repo, "ranker", proven)
 
     async def read() -> tuple[str, str | None]:

@@ -1,7 +1,7 @@
 """The product's own pipeline on Online Retail, served: what a shop gets from `recsys train all`.
 
     python -m bench.train_all_served [--last N] [--limit N] [--next-item-seconds S] [--interest-steps N]
-                                     [--no-encoder] [--out DIR]
+                                     [--no-encoder] [--out DIR] [--workdir DIR]
 
 bench/real_data_bench.py measures every method on one leave-one-out split, and its served row serves
 an interest model the *bench* trains on that split. A shop has no such split: it imports its log and

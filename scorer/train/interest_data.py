@@ -63,7 +63,7 @@ def load_interest_examples(repo: Path, config: InterestConfig = InterestConfig()
         if labels.empty:
             raise CannotTrain("no interaction has an earlier one of the same user within the profile's TTL")
         # The cut is a share of the *examples*: the interactions left out above (no history yet) are
-        # mostly early ones, so a cut over all interactions held out ~half of the examples.
+        # mostly early ones, so a cut over all interactions holds out more than its share of them.
         cutoff = time_cutoff(labels.rename(columns={"event_timestamp": "timestamp"}), holdout_fraction)
     return LabelledRequests(labels, cutoff)
 

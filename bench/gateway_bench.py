@@ -116,7 +116,10 @@ class GatewayProcess:
         self.port = port or free_port()
         self.env = {**os.environ, **env, "RECSYS_PORT": str(self.port), "RECSYS_FEATURE_REPO": str(repo),
                     "RECSYS_FEATURE_STORE_YAML": yaml, "RECSYS_TRITON_URL": triton_url,
-                    "RECSYS_RERANK_DEPTH": str(depth), "RECSYS_RANKER_MODE": "always" if depth else "never",
+                    "RECSYS_RERANK_DEPTH": str(depth),
+                    # The load bench measures the ranker's cost: applied at any depth > 0, unless the
+                    # caller names the mode (a served-quality bench serves the configured one).
+                    "RECSYS_RANKER_MODE": env.get("RECSYS_RANKER_MODE", "always" if depth else "never"),
                     "RECSYS_REQUEST_TIMEOUT_MS": "2000",
                     "RECSYS_EMBED_TIMEOUT_MS": "1000", "RECSYS_EMBEDDING_CACHE_DIR": str(workdir / "embeddings"),
                     "RECSYS_LOG_LEVEL": "WARNING"}

@@ -171,6 +171,14 @@ def covisitation_scorer(covisit: sparse.csr_matrix, depth: int, pop: np.ndarray)
     return score
 
 
+def covisitation_on_validation(data: Data, pop: np.ndarray) -> tuple[str, Scorer]:
+    """The co-visitation baseline: window in {1, 3, 10} x depth in {1, 3, 10}, chosen on validation."""
+    covisit = {w: covisitation_matrix(data.train_seqs, data.n_items, w) for w in (1, 3, 10)}
+    return best_on_validation("co-visitation", {
+        f"window {w}, last {d} items": (lambda c=c, d=d: covisitation_scorer(c, d, pop))
+        for w, c in covisit.items() for d in (1, 3, 10)}, data)
+
+
 def item_knn_similarity(seqs: Sequence[Sequence[int]], n_items: int, neighbours: int | None) -> np.ndarray:
     """Cosine between items' binary customer vectors, self-similarity 0, the top `neighbours` per item kept."""
     rows = np.concatenate([[u] * len(set(s)) for u, s in enumerate(seqs)])
@@ -523,10 +531,7 @@ def run(source: Path, out: Path, limit: int | None = None, sasrec_seconds: float
     measure("popularity", popularity_scorer(pop))
 
     with console.status("co-visitation: counting pairs, choosing window and depth on validation"):
-        covisit = {w: covisitation_matrix(data.train_seqs, data.n_items, w) for w in (1, 3, 10)}
-        label, covis = best_on_validation("co-visitation", {
-            f"window {w}, last {d} items": (lambda c=c, d=d: covisitation_scorer(c, d, pop))
-            for w, c in covisit.items() for d in (1, 3, 10)}, data)
+        label, covis = covisitation_on_validation(data, pop)
     measure("co-visitation", covis, label)
 
     with console.status("item-kNN: cosine similarities, choosing the neighbourhood on validation"):

@@ -190,11 +190,12 @@ def measure_served_path(generic: Path, split: Split, interest_model, log, progre
         for n, (label, env) in enumerate(variants.items()):
             t0 = time.perf_counter()
             depth = int(env.get("RECSYS_RERANK_DEPTH", default_depth))
-            gw = GatewayProcess(repo, triton.grpc_url, depth, env, workdir, "feature_store.yaml", name=f"bench{n}")
-            # GatewayProcess forces ranker_mode "always" for a depth > 0 (the load bench measures the
-            # ranker's cost); the served path is measured as deployed: the default mode (auto), in
-            # which the untrained ranker is not applied. Before, the untrained ranker re-sorted the head.
-            gw.env["RECSYS_RANKER_MODE"] = env.get("RECSYS_RANKER_MODE", GatewaySettings.model_fields["ranker_mode"].default)
+            # The served path is measured as deployed: the default ranker mode (auto, in which the
+            # untrained ranker is not applied), not GatewayProcess's "always" of the load bench.
+            # Before, the untrained ranker re-sorted the head.
+            mode = env.get("RECSYS_RANKER_MODE", GatewaySettings.model_fields["ranker_mode"].default)
+            gw = GatewayProcess(repo, triton.grpc_url, depth, {**env, "RECSYS_RANKER_MODE": mode}, workdir,
+                                "feature_store.yaml", name=f"bench{n}")
             with gw:
                 task = progress.add_task(f"served path{' (' + label + ')' if label else ''}: Recommend per test user",
                                          total=len(users))

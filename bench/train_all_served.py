@@ -23,7 +23,6 @@ import asyncio
 import json
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
@@ -38,14 +37,10 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "var" / "reports" / "train_a
 
 def baselines(data) -> dict[str, dict[str, float]]:
     """Popularity and co-visitation (window and depth chosen on validation), as in real_data_bench."""
-    from bench.real_data_bench import (best_on_validation, covisitation_matrix, covisitation_scorer, evaluate,
-                                       popularity_scorer, train_popularity)
+    from bench.real_data_bench import covisitation_on_validation, evaluate, popularity_scorer, train_popularity
 
     pop = train_popularity(data)
-    covisit = {w: covisitation_matrix(data.train_seqs, data.n_items, w) for w in (1, 3, 10)}
-    label, covis = best_on_validation("co-visitation", {
-        f"window {w}, last {d} items": (lambda c=c, d=d: covisitation_scorer(c, d, pop))
-        for w, c in covisit.items() for d in (1, 3, 10)}, data)
+    label, covis = covisitation_on_validation(data, pop)
     return {"popularity": evaluate(popularity_scorer(pop), data.test_hist, data.test_target),
             f"co-visitation ({label})": evaluate(covis, data.test_hist, data.test_target)}
 
@@ -63,15 +58,14 @@ def serve_and_score(repo: Path, model_repo: Path, settings: Path, data, workdir:
     served = load_settings(settings)  # what the file says (the environment below sets only what it must)
     users = data.split.test["user_id"].tolist()
     t0 = time.perf_counter()
-    with TritonServer(model_repository=model_repo, workdir=workdir / "triton") as triton, ExitStack() as stack:
-        gw = GatewayProcess(repo, triton.grpc_url, served.rerank_depth, {}, workdir, "feature_store.yaml",
-                            name="train_all", config=settings)
-        # GatewayProcess pins the ranker mode for the load bench ("always" at a depth > 0); a shop serves
-        # the file's mode (default auto: a ranker is applied only with a winning verdict).
-        gw.env["RECSYS_RANKER_MODE"] = served.ranker_mode
-        stack.enter_context(gw)
-        progress = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                        console=console))
+    # The file's ranker mode, not GatewayProcess's "always" of the load bench (default auto: a ranker
+    # is applied only with a winning verdict).
+    env = {"RECSYS_RANKER_MODE": served.ranker_mode}
+    with TritonServer(model_repository=model_repo, workdir=workdir / "triton") as triton, \
+            GatewayProcess(repo, triton.grpc_url, served.rerank_depth, env, workdir, "feature_store.yaml",
+                           name="train_all", config=settings) as gw, \
+            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                     console=console) as progress:
         task = progress.add_task("served path: Recommend per test customer", total=len(users))
         lists, degraded, errors = asyncio.run(recommend_all(f"127.0.0.1:{gw.port}", users, lambda: progress.advance(task)))
     ranks = topk_ranks(lists, data.split.test["item_id"].tolist())
@@ -107,9 +101,9 @@ def run(source: Path, out: Path, limit: int | None, last: int | None, next_item_
     from bench.real_data_bench import load_data
     from bench.real_data_served import import_history
     from cli.train_all import Plan, train_all
-    from modelrepo.layout import copy_repository_configs
-
     from transformers.utils import logging as hf_logging
+
+    from modelrepo.layout import copy_repository_configs
 
     hf_logging.disable_progress_bar()  # "Loading weights" of a local file says nothing (as `recsys train all`)
     torch.set_num_threads(threads)  # small models on a 2-core VM: a second thread mostly waits

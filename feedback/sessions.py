@@ -24,13 +24,34 @@ from sources.interface import CatalogSource
 
 log = logging.getLogger(__name__)
 
+# One step of a session row's timestamp (Python datetimes, and so Feast's rows, hold microseconds).
+ROW_TICK = pd.Timedelta(microseconds=1)
+
+
+def row_timestamp(newest_event: pd.Timestamp, event_count: int, last_row: pd.Timestamp | None) -> pd.Timestamp:
+    """The timestamp a user's session row is pushed with.
+
+    Feast's Redis online store writes a row only if its timestamp is strictly newer than the stored
+    one (feast/infra/online_stores/redis.py skips `new <= latest`), and events reach the updater out
+    of time order (several producers and their clocks, resends, a takeover's claimed entries): a row
+    stamped with its newest event's time alone would be dropped whenever a batch's events are no
+    newer than the last row's, and the session would lose them. So the row is stamped with the
+    newest event's time plus one tick per event the session holds: it grows with every event applied,
+    and it is a function of the events alone, so a replica that rebuilt the session from the stream
+    stamps what the previous owner would have. `last_row` (this process's last push for the user)
+    keeps it growing across a session change too (the count starts again)."""
+    stamped = newest_event + event_count * ROW_TICK
+    return stamped if last_row is None else max(stamped, last_row + ROW_TICK)
+
+
 class SessionUpdater:
     def __init__(self, store, categories: dict[str, str], ttl: timedelta = timedelta(hours=1)):
         self.store = store
         self.categories = categories
         self.ttl = ttl
         self.states: dict[str, SessionState] = {}
-        self.updated_at: dict[str, pd.Timestamp] = {}
+        self.newest_event: dict[str, pd.Timestamp] = {}  # user -> their newest event's time
+        self.updated_at: dict[str, pd.Timestamp] = {}  # user -> their session row's last timestamp
         self.last_push_ms = 0.0
         # One push at a time: concurrent Log calls would otherwise write from several threads, and
         # Feast's SQLite online store shares one connection ("cannot start a transaction within a
@@ -49,10 +70,10 @@ class SessionUpdater:
                 state = self.states[user] = SessionState(session)
             state.apply(e["event_type"], e.get("item_id"), e.get("query"), self.categories.get(e.get("item_id") or ""))
             ts = pd.Timestamp(datetime.fromisoformat(e["timestamp"]))
-            # Never older than what this user's session row already has: Redis refuses older writes.
-            touched[user] = max(ts, touched.get(user, ts), self.updated_at.get(user, ts))
+            newest = self.newest_event[user] = max(ts, self.newest_event.get(user, ts))
+            touched[user] = row_timestamp(newest, state.event_count, self.updated_at.get(user))
+            self.updated_at[user] = touched[user]
         rows = [{"user_id": u, **self.states[u].features(), "event_timestamp": ts} for u, ts in touched.items()]
-        self.updated_at.update(touched)
         return pd.DataFrame(rows)
 
     def push(self, rows: pd.DataFrame) -> None:
@@ -71,6 +92,7 @@ class SessionUpdater:
         for user_id in user_ids:
             removed += self.states.pop(user_id, None) is not None
             self.updated_at.pop(user_id, None)
+            self.newest_event.pop(user_id, None)
         return removed
 
     @property

@@ -188,6 +188,25 @@ def test_session_push_through_the_feedback_updater_is_visible(feature_repo, clus
     assert reader.read("u-cluster-live", [], now=time.time() + 3700).user.status["user_session"] is ViewStatus.EXPIRED
 
 
+def test_a_batch_no_newer_than_the_session_row_still_reaches_the_cluster(feature_repo, cluster_store, reader):
+    """Feast's Redis store keeps a row only if it is strictly newer than the stored one; events come
+    out of time order (several producers): a later batch whose events are older than the row's must
+    still land (feedback/sessions.py row_timestamp). It was lost before, flaking the replica test."""
+    from feedback.sessions import SessionUpdater
+
+    first, second, third = feature_repo.shop.items["item_id"].iloc[:3]
+    updater = SessionUpdater(cluster_store, {})
+    now = datetime.now(timezone.utc)
+    click = lambda item, at: {"event_type": "CLICK", "user_id": "u-cluster-late", "session_id": "s1",  # noqa: E731
+                              "item_id": item, "timestamp": at.isoformat()}
+    updater.push(updater.apply([click(first, now)]))
+    updater.push(updater.apply([click(second, now)]))  # the same instant
+    updater.push(updater.apply([click(third, now - timedelta(seconds=5))]))  # an older clock
+    got = reader.read("u-cluster-late", [])
+    assert got.user.values["session_event_count"] == 3
+    assert got.user.values["recent_clicked_item_ids"] == (third, second, first)
+
+
 def test_erasing_a_user_reaches_the_cluster(feature_repo, cluster_store, reader):
     """feedback/erase.py through Feast's cluster client: the user's hash goes, whatever its slot."""
     from feedback.erase import erase_online_store

@@ -3,7 +3,7 @@ the new default (validation split + early stopping, both kinds, the winner kept)
 
 Two data sets:
 - `synthetic`: a synthetic shop through the project's own path (import -> feast apply/materialize
-  -> Feast point-in-time examples, `load_interest_examples`); holdout = the last 20% of the period,
+  -> Feast point-in-time examples, `load_interest_examples`); holdout = the last 20% of the examples,
   validation = the end of the training period (as `recsys train interest`).
 - `online-retail`: UCI Online Retail converted by bench/online_retail.py, next-item examples built
   from the purchase sequences with the benchmark's leave-one-out split (scorer/eval/next_item.py:

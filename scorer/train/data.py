@@ -214,13 +214,16 @@ def interaction_labels(events: pd.DataFrame) -> pd.DataFrame:
     first seen in this very event exists by then); user features must be joined at `features_at`,
     just before it, so the interaction is not in its own features (the session snapshot at its
     time includes it). The same item twice at one time (duplicate order lines) is one row with the
-    best grade. request_id is "interaction:<event_id>" (nothing was shown, so no request).
+    best grade. request_id is "interaction:<event_id>" (nothing was shown, so no request). Rows at
+    one time keep the log's order (an order's lines as exported: the order the basket was filled
+    in), as scorer/eval/next_item.py `ordered_interactions` keeps it.
     """
     cols = ["event_id", "user_id", "session_id", "item_id", "query", "event_type", "timestamp"]
     acts = events[events["event_type"].isin(list(GRADE)) & events["item_id"].notna()]
-    acts = acts.reindex(columns=cols).assign(grade=lambda d: d["event_type"].map(GRADE).astype("int64"))
+    acts = acts.reindex(columns=cols).assign(grade=lambda d: d["event_type"].map(GRADE).astype("int64"),
+                                             _order=range(len(acts)))
     acts = (acts.sort_values(["grade", "timestamp"], ascending=[False, True], kind="stable")
-            .drop_duplicates(["user_id", "item_id", "timestamp"]).sort_values(["timestamp", "event_id"], kind="stable"))
+            .drop_duplicates(["user_id", "item_id", "timestamp"]).sort_values(["timestamp", "_order"], kind="stable"))
     out = pd.DataFrame({
         "request_id": "interaction:" + acts["event_id"].astype(str), "user_id": acts["user_id"],
         "session_id": acts["session_id"], "item_id": acts["item_id"],

@@ -160,8 +160,19 @@ def test_training_examples_come_from_the_interactions(retail) -> None:
     examples = load_interest_examples(retail.repo, store=retail.store)
     assert len(examples.train) > 100 and len(examples.holdout) > 10
     assert (examples.rows["history"].map(len) > 0).all()
-    for user, hist, ts in examples.rows[["user_id", "history", "event_timestamp"]].head(3000).itertuples(index=False):
-        assert all(first[(user, h)] < ts for h in hist)  # only what was bought before, never the basket itself
+    # Only what was bought before, or earlier in the same order (its lines share one time, and the
+    # gateway serves the shopper with them in the live session): never the line itself, never a
+    # later line of its order.
+    line: dict[tuple, int] = {}  # (user, item, time) -> its first line in the log
+    for n, key in enumerate(zip(events["user_id"], events["item_id"], events["timestamp"])):
+        line.setdefault(key, n)
+    in_baskets = 0
+    for user, item, hist, ts in examples.rows[["user_id", "item_id", "history", "event_timestamp"]].head(3000).itertuples(index=False):
+        assert all(first[(user, h)] <= ts for h in hist)
+        basket = [h for h in hist if first[(user, h)] == ts]  # first bought in this very order
+        assert all(line[(user, h, ts)] < line[(user, item, ts)] for h in basket)
+        in_baskets += bool(basket)
+    assert in_baskets > 100
 
     pairs, source = encoder_pairs(retail.repo, store=retail.store)
     assert source == INTERACTIONS and (pairs.rows["anchor"] == ANCHOR_ITEM).all() and len(pairs.train) > 100

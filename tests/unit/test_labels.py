@@ -125,3 +125,24 @@ def test_sampled_lists_hold_the_interaction_and_negatives_from_the_catalog_of_it
     u1 = lists[lists["user_id"] == "u1"]
     assert not (set(u1.loc[u1["grade"] == 0, "item_id"]) & {"i1", "i2"})  # a basket's items are not its negatives
     assert len(sampled_lists(interaction_labels(ev), items, negatives=4, max_lists=1)) == 5
+
+
+def test_an_orders_earlier_lines_lead_the_history_of_each_line_newest_first():
+    """An order export stamps all of an order's lines with one time: the join just before a line
+    sees none of them, the gateway a moment later sees them all (the live session). So each line's
+    history starts with the lines before it in the log (scorer/train/interest_data.py basket_before)."""
+    from scorer.train.data import interaction_labels
+    from scorer.train.interest_data import basket_before
+
+    order = [row("PURCHASE", 0, item=i) for i in ("i3", "i1", "i2", "i9")]  # the log's order, not the ids'
+    ev = _events(*order, row("PURCHASE", 0, item="i5", user="u2"), row("PURCHASE", 90, item="i4"),
+                 row("PURCHASE", 90, item="i6"))
+    for n, r in enumerate(order):
+        ev.loc[n, "event_id"] = f"z{9 - n}"  # ids that sort against the log: the log's order wins
+    got = interaction_labels(ev)
+    assert list(got["item_id"]) == ["i3", "i1", "i2", "i9", "i5", "i4", "i6"]
+    baskets = dict(zip(zip(got["user_id"], got["item_id"]), basket_before(got, max_items=2)))
+    assert baskets[("u1", "i3")] == [] and baskets[("u1", "i1")] == ["i3"] and baskets[("u1", "i2")] == ["i1", "i3"]
+    assert baskets[("u1", "i9")] == ["i2", "i1"]  # at most max_items, the newest
+    assert baskets[("u2", "i5")] == []  # another user's line at the same time is not this user's basket
+    assert baskets[("u1", "i4")] == [] and baskets[("u1", "i6")] == ["i4"]  # a later order starts again

@@ -123,6 +123,9 @@ class DataHolds:
     next_item_examples: int  # interactions that have an earlier interaction of the same user
     start: pd.Timestamp | None
     end: pd.Timestamp | None
+    # interactions after an earlier one of the same user, an earlier line of the same order included
+    # (the interest model's examples: scorer/train/interest_data.py basket_before)
+    interest_examples: int = 0
 
     @property
     def interactions(self) -> int:
@@ -137,12 +140,14 @@ def what_data_holds(repo: Path) -> DataHolds:
     labels = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["grade", "query"])
     positive = labels[labels["grade"] > 0]
     kinds = events["event_type"].value_counts()
+    interactions = interaction_labels(events)
     return DataHolds(
         events={k: int(kinds.get(k, 0)) for k in ("IMPRESSION", "CLICK", "ADD_TO_CART", "PURCHASE", "QUERY")},
         users=int(events["user_id"].nunique()), items=len(items), items_without_price=int(items["price"].isna().sum()),
         labels=len(labels), positive_labels=len(positive), positive_query_labels=int(positive["query"].notna().sum()),
-        next_item_examples=int(_has_earlier(interaction_labels(events)).sum()),
+        next_item_examples=int(_has_earlier(interactions).sum()),
         start=events["timestamp"].min() if len(events) else None, end=events["timestamp"].max() if len(events) else None,
+        interest_examples=int((interactions.groupby("user_id").cumcount() > 0).sum()),
     )
 
 
@@ -167,9 +172,11 @@ def training_source(holds: DataHolds, model: str) -> TrainingSource:
     if model == "interest":
         if pos >= MIN_EXAMPLES:
             return TrainingSource(model, SHOWN_LISTS, f"next interaction after a shown list ({pos:,} labelled)")
-        if nxt >= MIN_EXAMPLES:
+        examples = max(nxt, holds.interest_examples)
+        if examples >= MIN_EXAMPLES:
             return TrainingSource(model, INTERACTIONS, f"no impressions: next item after each user's earlier "
-                                                       f"interactions ({nxt:,} examples)")
+                                                       f"interactions, an order's earlier lines included "
+                                                       f"({examples:,} examples)")
         return TrainingSource(model, None, f"cannot be trained: {_missing(holds)}; it needs users with at least two "
                                            "clicks, carts or purchases (or impressions with interactions)")
     if model == "encoder":

@@ -23,7 +23,7 @@ Methods (all in one run; docs/models.md "Real data: Online Retail" has the table
 - interest, untrained fallback: gateway/retrieval.py `fallback_interest` itself, over a real gateway
   Snapshot of this catalog (what the gateway serves with no interest model in Triton);
 - interest, trained: scorer/train/interest_train.py `train_candidates` (what `recsys train interest`
-  calls: every model kind, early stopping, the validation winner kept) with its default recipe on
+  calls: every model kind, early stopping, the simpler kept unless beaten beyond noise) with its default recipe on
   next-item examples of the training sequences, validated on this split's validation targets; one
   row per model kind, the kept one marked;
 - RRF co-visitation + interest: reciprocal-rank fusion (k = 60) of co-visitation and the kept model;
@@ -291,7 +291,7 @@ class InterestFit:
 
 def train_interest_models(data: Data, vectors: np.ndarray, max_steps: int | None = None) -> tuple[list[InterestFit], str, int | None]:
     """The project's interest models, trained as `recsys train interest` trains them (its default
-    recipe: every model kind, early stopping, the validation winner kept) on next-item examples of
+    recipe: every model kind, early stopping, the simpler kept unless beaten beyond noise) on next-item examples of
     the training sequences, validated on this split's validation targets. Returns the fits, the
     trainer's own summary, and the index of the fit it keeps (None: none beats the fallback, so the
     gateway would keep serving its untrained formula)."""

@@ -646,7 +646,7 @@ def train_interest_cmd(
     repo: Path = typer.Option(FEATURE_REPO, help="Feature repo (applied; its data/offline holds the label log)."),
     out: Path = typer.Option(PROJECT_ROOT / "var" / "models" / "interest", help="Checkpoint folder."),
     encoder: Optional[Path] = typer.Option(None, help="Serving encoder checkpoint whose vectors the model reads (default: packaged)."),
-    model: str = typer.Option("auto", help="attention | sequential | auto (train both, keep the validation winner)."),
+    model: str = typer.Option("auto", help="attention | sequential | auto (train both, keep the simpler unless the other beats it beyond noise)."),
     steps: int = typer.Option(0, help="Cap on optimizer steps (batch 128); 0: the default budget (20 passes "
                                       "over the examples, 200-20,000 steps), stopped early on validation."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 3e-3 attention, 1e-3 sequential)."),
@@ -654,7 +654,8 @@ def train_interest_cmd(
     report: Path = typer.Option(PROJECT_ROOT / "var" / "reports" / "interest", help="Evaluation report folder."),
 ) -> None:
     """Train the interest model(s) (next interaction) with early stopping on a validation split, keep
-    the validation winner if it beats the untrained fallback, and evaluate on the holdout."""
+    the simpler one unless the other beats it beyond noise, if it beats the untrained fallback, and evaluate on
+    the holdout."""
     from dataclasses import replace
 
     from scorer.eval.interest_eval import evaluate_interest, write_interest_report

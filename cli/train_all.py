@@ -99,7 +99,9 @@ def _interest(plan: Plan, encoder: Path | None, console: Console) -> tuple[Path 
         shutil.rmtree(out, ignore_errors=True)
         return None, StepResult("interest model", False, "the untrained formula (the gateway's fallback)",
                                 says() or "the data cannot train it (see above)")
-    return out, StepResult("interest model", True, "trained (the validation winner)", says())
+    from scorer.models.interest import load_interest_model
+
+    return out, StepResult("interest model", True, f"trained: the {load_interest_model(out).kind} model", says())
 
 
 def _export(plan: Plan, encoder: Path | None, interest: Path | None, console: Console) -> dict[str, int]:

@@ -88,8 +88,8 @@ def test_train_and_export_ranker_and_interest_model(feature_repo, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert versions(models, "ranker_onnx") == [1] and versions(models, "pair_tokenizer") == [1]
 
-    # The default recipe (both kinds, early stopping): it keeps the validation winner if it beats the
-    # fallback by more than the gain's standard error; on this tiny shop (~100 validation examples)
+    # The default recipe (both kinds, early stopping): it keeps the simpler candidate (unless beaten
+    # beyond noise) if it beats the fallback by more than the gain's standard error; on this tiny shop (~100 validation examples)
     # that is often not so, and then it says so, saves nothing and exits 1 (the fallback serves).
     done = run("train", "interest", "--repo", str(feature_repo.path), "--out", str(tmp_path / "interest"),
                "--report", str(tmp_path / "interest_report"))

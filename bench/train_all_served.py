@@ -166,4 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from rpc.process_exit import exit_without_teardown
+
+    exit_without_teardown(main())  # no duckdb nanobind teardown report after the results

@@ -50,8 +50,7 @@ KINDS = (ATTENTION, SEQUENTIAL)
 # A transformer wants a gentler step than the attention model's handful of parameters.
 DEFAULT_LR = {ATTENTION: 3e-3, SEQUENTIAL: 1e-3}
 
-__all__ = ["KINDS", "FitResult", "InterestTrainConfig", "PairedGain", "Selection", "fit_interest", "gain_standard_error",
-           "prefer_simpler",
+__all__ = ["KINDS", "FitResult", "InterestTrainConfig", "PairedGain", "Selection", "fit_interest", "prefer_simpler",
            "new_model", "paired_gain", "train_candidates", "train_interest", "usable", "validation_rows",
            "validation_split", "with_max_steps"]
 
@@ -337,11 +336,6 @@ def paired_gain(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table:
     ours = ndcg_per_example(validation_ranks(model, val, table))
     theirs = ndcg_per_example(validation_ranks(baseline, val, table))
     return PairedGain.of(ours, theirs, margin, versus)
-
-
-def gain_standard_error(model: nn.Module, baseline: nn.Module, val: pd.DataFrame, table: VectorTable) -> float:
-    """Standard error of mean(NDCG@10 of `model` - of `baseline`), paired over the examples of `val`."""
-    return paired_gain(model, baseline, val, table).se
 
 
 def train_interest(train: pd.DataFrame, table: VectorTable, out_dir: Path | None = None,
